@@ -1,0 +1,128 @@
+"""The DSRAN network: SSR on grid and region nodes, JSR over both, a text encoder with its
+own GAT; returns L2-normalised image and text embeddings."""
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from dsran_jax.models.bert import BertConfig
+from dsran_jax.models.gat import GAT
+from dsran_jax.models.image import JSR, GridEncoder, RegionEncoder
+from dsran_jax.models.layers import l2norm, masked_mean
+from dsran_jax.models.text import BertTextEncoder, GruTextEncoder
+
+GRID_NODES = 49
+
+
+@dataclasses.dataclass(frozen=True)
+class DSRANConfig:
+  """Hashable model description (built from `config.model` by `models.build_model`)."""
+  embed_size: int = 1024
+  K: int = 2
+  text_encoder: str = "bert"
+  image_inputs: str = "grid+regions"
+  img_dim: int = 2048
+  pos_dim: int = 1607
+  use_region_pos: bool = True
+  gat_heads: int = 8
+  gat_dropout: float = 0.2
+  gat_layers: int = 1
+  text_padding: str = "masked"
+  dtype: str = "float32"
+  bert: Optional[BertConfig] = None
+  vocab_size: int = 0
+  word_dim: int = 300
+
+  def __post_init__(self):
+    checks = {
+        "text_encoder": (self.text_encoder, ("bert", "gru")),
+        "image_inputs": (self.image_inputs, ("grid+regions", "regions")),
+        "text_padding": (self.text_padding, ("masked", "reference")),
+        "dtype": (self.dtype, ("float32", "bfloat16")),
+        "K": (self.K, (1, 2, 4)),
+    }
+    for key, (value, allowed) in checks.items():
+      if value not in allowed:
+        raise ValueError(f"config.model.{key}={value!r}; expected one of {allowed}")
+    if self.text_encoder == "bert" and self.bert is None:
+      raise ValueError("the BERT build needs a BertConfig (config.model.bert_path)")
+    if self.text_encoder == "gru" and self.vocab_size <= 0:
+      raise ValueError("the GRU build needs a vocabulary size > 0")
+    if self.embed_size % self.gat_heads:
+      raise ValueError(f"model.embed_size={self.embed_size} must divide by {self.gat_heads} heads")
+
+  @property
+  def bert_build(self) -> bool:
+    return self.text_encoder == "bert"
+
+  @property
+  def compute_dtype(self):
+    return jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
+
+
+class DSRAN(nn.Module):
+  """Dual Semantic Relations Attention Network.
+
+  `__call__(batch, train)` embeds both sides of a training batch; `embed_images` and
+  `embed_texts` (use with `apply(..., method=...)`) embed one side, so a gallery is
+  encoded once. Batch keys are listed in docs/architecture.md.
+  """
+  config: DSRANConfig
+
+  def setup(self):
+    c = self.config
+    dt = c.compute_dtype
+    gat = lambda name: GAT(c.gat_layers, c.gat_heads, c.gat_dropout, dt, name=name)
+    if c.image_inputs == "grid+regions":
+      self.grid_enc = GridEncoder(c.embed_size, c.bert_build, dt)
+      self.gat_grid = gat("gat_grid")
+    self.region_enc = RegionEncoder(c.embed_size, c.bert_build,
+                                    c.use_region_pos and c.bert_build, dt)
+    self.gat_region = gat("gat_region")
+    self.jsr = JSR(c.embed_size, c.K, c.gat_layers, c.gat_heads, c.gat_dropout, dt)
+    reference = c.text_padding == "reference"
+    if c.bert_build:
+      self.text_enc = BertTextEncoder(c.bert, c.embed_size, reference, dt)
+    else:
+      self.text_enc = GruTextEncoder(c.vocab_size, c.word_dim, c.embed_size, reference, dt)
+    self.gat_text = gat("gat_text")
+
+  def embed_images(self, grid=None, regions=None, region_pos=None, region_mask=None,
+                   train: bool = False):
+    """(B, E) L2-normalised image embeddings."""
+    c = self.config
+    if regions is None:
+      raise ValueError("embed_images needs `regions` (B, R, img_dim)")
+    b, r, _ = regions.shape
+    if c.text_padding == "reference" or region_mask is None:
+      region_mask = None
+    else:
+      region_mask = region_mask.astype(bool)
+    if region_pos is None:
+      region_pos = jnp.zeros((b, r, c.pos_dim), regions.dtype)
+    nodes = self.gat_region(self.region_enc(regions, region_pos, train), region_mask, train)
+    node_mask = region_mask
+    if c.image_inputs == "grid+regions":
+      if grid is None:
+        raise ValueError("model.image_inputs='grid+regions' needs `grid` (B, 49, img_dim)")
+      grid_nodes = self.gat_grid(self.grid_enc(grid, train), None, train)
+      nodes = jnp.concatenate([grid_nodes, nodes], axis=1)
+      if node_mask is not None:
+        node_mask = jnp.concatenate([jnp.ones((b, grid.shape[1]), bool), node_mask], axis=1)
+    return l2norm(self.jsr(nodes, node_mask, train))
+
+  def embed_texts(self, input_ids, attention_mask=None, train: bool = False):
+    """(B, E) L2-normalised caption embeddings."""
+    if attention_mask is None:
+      attention_mask = (input_ids != 0).astype(jnp.int32)
+    tokens, node_mask = self.text_enc(input_ids, attention_mask, train)
+    tokens = self.gat_text(tokens, node_mask, train)
+    return l2norm(masked_mean(tokens.astype(jnp.float32), node_mask))
+
+  def __call__(self, batch, train: bool = False):
+    img = self.embed_images(batch.get("grid"), batch["regions"], batch.get("region_pos"),
+                            batch.get("region_mask"), train)
+    txt = self.embed_texts(batch["input_ids"], batch.get("attention_mask"), train)
+    return img, txt
+
