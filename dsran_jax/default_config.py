@@ -90,3 +90,48 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.save_sims = False
   c.eval.chunk_size = 1000         # images per block of the sims matrix when ranking
   return c
+
+
+CONFIG_FILE = "config.json"
+
+
+def save_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes the resolved config to `{workdir}/config.json` (eval and inference rebuild
+  the model from it)."""
+  import json
+  import os
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+  return path
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config saved in a workdir, laid over the defaults so keys added since still exist.
+
+  Raises a FileNotFoundError naming the file if the workdir has no config, and a KeyError
+  naming any key the defaults do not know.
+  """
+  import json
+  import os
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} a dsran_jax workdir?")
+  with open(path) as f:
+    saved = json.load(f)
+  config = get_base_config()
+
+  def merge(dst, src, prefix):
+    for key, value in src.items():
+      if key not in dst:
+        raise KeyError(f"{path}: unknown config key {prefix}{key}")
+      if isinstance(value, dict):
+        merge(dst[key], value, f"{prefix}{key}.")
+      else:
+        dst[key] = value
+
+  merge(config, saved, "")
+  return config

@@ -120,13 +120,25 @@ class H5Reader:
 
   COCO's VLP features are spread over 1000+ shards: opening a file per image is slow and
   keeping all open exceeds the usual 1024 file-descriptor limit, so the most recently
-  used `max_open` files stay open. Safe to share between threads.
+  used `max_open` files stay open. Safe to share between threads; a forked child or an
+  unpickled copy reopens files itself (HDF5 handles must not cross processes).
   """
 
   def __init__(self, max_open: int = 32):
     self._max_open = max_open
+    self._reset()
+
+  def _reset(self):
     self._files = collections.OrderedDict()
     self._lock = threading.Lock()
+    self._pid = os.getpid()
+
+  def __getstate__(self):
+    return {"_max_open": self._max_open}
+
+  def __setstate__(self, state):
+    self._max_open = state["_max_open"]
+    self._reset()
 
   def _open(self, path: str, what: str):
     f = self._files.get(path)
@@ -149,12 +161,14 @@ class H5Reader:
 
   def keys(self, path: str, what: str) -> set:
     """All top-level keys of an HDF5 file."""
+    self._after_fork()
     with self._lock:
       return set(self._open(path, what).keys())
 
   def read(self, path: str, key: str, expected_shape=None, what: str = "features"
            ) -> np.ndarray:
     """Dataset `key` of HDF5 file `path` as an array, checked like `load_npy`."""
+    self._after_fork()
     with self._lock:
       f = self._open(path, what)
       if key not in f:
@@ -172,8 +186,14 @@ class H5Reader:
       check_shape(arr.shape, expected_shape, f"{path}: key {key!r}", what)
     return arr
 
+  def _after_fork(self):
+    if self._pid != os.getpid():
+      self._reset()  # the parent's handles are dropped, not closed: they are the parent's
+
   def close(self) -> None:
     """Closes every open file."""
+    if self._pid != os.getpid():
+      return
     with self._lock:
       while self._files:
         self._files.popitem()[1].close()

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsran_jax.models.dsran import DSRAN, GRID_NODES, DSRANConfig
+from dsran_jax.models.glove import load_glove
 
 
 def bert_config_from(model_config):
@@ -82,4 +83,4 @@ def load_pretrained_bert(variables: dict, model_config) -> dict:
 
 
 __all__ = ["DSRAN", "DSRANConfig", "build_model", "model_config_from", "dummy_batch",
-           "init_variables", "load_pretrained_bert", "GRID_NODES"]
+           "init_variables", "load_pretrained_bert", "load_glove", "GRID_NODES"]

@@ -1,0 +1,603 @@
+"""A synthetic image-text world: learnable in minutes on a CPU, not solvable by shortcuts.
+
+`read_raw_split(config, split_name)` (for `data.format == "synthetic"`) returns a
+`raw.RawSplit` whose features look like the real inputs (grid (49, img_dim), regions
+(R, img_dim), region_pos (R, 1607) from real-looking boxes and 1601-way class
+distributions, region_mask) and whose captions are short lowercase English.
+
+The world
+---------
+An image is a *scene* (beach, street, kitchen, ...) plus 2-4 *objects*, each with a class
+(dog, bus, lamp, ...), a colour, a size and a cell of a 7x7 layout. Captions are
+generated from that description; features are generated from it with noise:
+
+* Regions carry object identity and attributes only: an object's region is
+  `a_cls * (class + supercategory direction) + a_col * colour + a_size * size + noise`
+  in fixed random img_dim-d directions. Detector imperfections: the class signal is
+  sometimes mixed with a same-supercategory class (`class_confusion`), objects have part
+  regions (wheel, head, ...) and there are scene-neutral background regions (shadow,
+  reflection, ...). Regions never carry the scene.
+* region_pos carries the box (the object's layout cell, jittered, sized by its size
+  attribute and class aspect) and a noisy class distribution (the detector's top class is
+  sometimes a wrong class of the same supercategory, `detector_error`).
+* Grid cells carry the scene everywhere (a scene direction plus a sky/middle/ground band
+  direction) and only weak evidence of the objects at the cells their boxes cover
+  (`grid_object_evidence`), in directions unrelated to the region ones. So the scene is
+  only in the grid branch, and positions are in region_pos and (weakly) in the grid.
+* Hard negatives: images come in pairs (2g, 2g+1). With probability `twin_fraction` the
+  second is a *twin* of the first: the same objects and attributes with two objects'
+  positions swapped ("relation" twin: only spatial relations tell them apart), or with a
+  different scene ("scene" twin: only the grid tells them apart), or with two objects'
+  colours swapped ("binding" twin: a bag of attributes cannot tell them apart).
+* Captions (5 per image, at most ~19 wordpieces with [CLS]/[SEP]) name a subset of the
+  objects with colour (and sometimes size), a spatial relation between two of them (left
+  of / right of / above / below, "next to" for horizontal neighbours) derived from their
+  cells, and the scene, with synonyms (puppy/dog, bike/bicycle, in the woods/in the
+  forest, ...) and several templates ("a red dog to the left of a blue cat on the beach",
+  "a kitchen with a white cup and a green vase", "there is a small bus above a car").
+
+Everything is a pure function of (`data.synthetic.seed`, split name, image index): image
+i of a split is the same whatever the split size, so a smaller split is a prefix of a
+larger one. Layouts and captions (a few bytes per image) are built when the split is
+read; features are generated on demand per index (64 images of width 2048 take ~30 ms),
+so nothing large is held in memory (the fixed random directions and a noise bank: ~10 MB
+at img_dim 2048).
+
+Difficulty knobs (fields of `Difficulty`; pass `difficulty=` to `read_raw_split`)
+--------------------------------------------------------------------------------
+Composition: `min_objects`, `max_objects` (objects per image), `num_classes`,
+`num_colours`, `num_scenes` (vocabulary in use, at most the lists below).
+Hard negatives: `twin_fraction` (fraction of image pairs that are twins), `twin_kinds`
+(relative weights of relation / scene / binding twins).
+Captions: `p_caption_scene` (a caption names the scene), `p_caption_relation` (a caption
+uses a spatial relation instead of a list), `p_caption_colour`, `p_caption_size` (an
+object mention carries its colour / size), `p_next_to` (a horizontal relation is said
+"next to", which loses the direction).
+Features: `region_noise`, `grid_noise`, `iso_noise` (noise std, in units of a signal's
+per-dimension std), `class_confusion`, `detector_error`, `grid_object_evidence` (strength
+of object evidence in grid cells), `scene_strength`, `supercategory_share` (how similar
+classes of one supercategory are), `p_part` (part region per object), `max_background`.
+Setting `twin_fraction=0` and `p_caption_relation=0` gives an easy world; raising the
+noise, `class_confusion` and `detector_error` makes recall saturate lower.
+"""
+import dataclasses
+import functools
+import zlib
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from dsran_jax.data import raw as raw_lib
+from dsran_jax.data import region_pos as region_pos_lib
+
+CAPTIONS_PER_IMAGE = 5
+GRID_SIDE = 7
+NUM_CELLS = GRID_SIDE * GRID_SIDE
+NUM_VG_CLASSES = region_pos_lib.NUM_CLASSES  # 1601 Visual Genome classes, 0 = background
+SPLITS = ("train", "dev", "test")
+
+SUPERCATEGORIES = ("animal", "vehicle", "furniture", "object")
+# (caption names (first is canonical), supercategory, box aspect w/h).
+CLASSES = (
+    (("dog", "puppy"), 0, 1.3), (("cat", "kitten"), 0, 1.2), (("horse", "pony"), 0, 1.2),
+    (("bird",), 0, 1.0), (("cow",), 0, 1.4), (("sheep",), 0, 1.3),
+    (("car",), 1, 1.8), (("bus",), 1, 2.0), (("bicycle", "bike"), 1, 1.5),
+    (("motorcycle",), 1, 1.5), (("truck",), 1, 1.9), (("boat",), 1, 1.7),
+    (("chair",), 2, 0.8), (("table", "desk"), 2, 1.6), (("bench",), 2, 2.0),
+    (("lamp",), 2, 0.5), (("sofa", "couch"), 2, 2.0), (("bed",), 2, 1.6),
+    (("ball",), 3, 1.0), (("umbrella",), 3, 1.0), (("kite",), 3, 0.9),
+    (("bag", "backpack"), 3, 0.9), (("bottle",), 3, 0.4), (("cup", "mug"), 3, 0.9),
+    (("box", "crate"), 3, 1.2), (("clock",), 3, 1.0), (("vase",), 3, 0.6),
+    (("book",), 3, 1.3),
+)
+COLOURS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple",
+           "brown", "pink")
+SIZES = (("small", "little"), ("large", "big"))
+# (prepositional phrases, noun phrases for "<scene> with ...").
+SCENES = (
+    (("on the beach", "at the beach", "by the sea"), ("a beach", "a sandy beach")),
+    (("on the street", "on a city street", "in the street"), ("a city street", "a street")),
+    (("in a kitchen", "in the kitchen"), ("a kitchen",)),
+    (("in the forest", "in the woods"), ("a forest",)),
+    (("in a park", "at the park"), ("a park",)),
+    (("in an office", "in the office"), ("an office",)),
+    (("in the snow", "on a snowy hill"), ("a snowy hill", "a snowy field")),
+    (("in a living room", "in the lounge"), ("a living room",)),
+)
+SCENE_NAMES = ("beach", "street", "kitchen", "forest", "park", "office", "snow",
+               "living room")
+# Relation ids: relation(i, j) describes object i relative to object j.
+LEFT, RIGHT, ABOVE, BELOW = 0, 1, 2, 3
+RELATIONS = (("to the left of", "left of", "on the left of"),
+             ("to the right of", "right of", "on the right of"),
+             ("above", "over"), ("below", "under", "beneath"))
+NEXT_TO = ("next to", "beside", "near")
+# Detector classes that are never captioned: parts (per supercategory) and
+# scene-neutral background "stuff" (scene-specific stuff would leak the scene).
+PARTS = ("head", "leg", "wheel", "window", "handle", "top")
+SUPERCATEGORY_PARTS = ((0, 1), (2, 3), (1, 5), (4, 5))
+STUFF = ("shadow", "spot", "line", "edge", "light", "reflection")
+CANVASES = ((640, 480), (500, 375), (480, 640), (500, 333), (640, 427), (375, 500))
+TWIN_KINDS = ("relation", "scene", "binding")
+
+_REGION_NOISE_DIMS = 32
+_GRID_NOISE_DIMS = 32
+_NOISE_BANK_ROWS = 1024
+# rng stream tags, so that layout, caption and feature draws never share a stream.
+_STREAM_GROUP, _STREAM_LAYOUT, _STREAM_CAPTION, _STREAM_FEATURES, _STREAM_WORLD = range(5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Difficulty:
+  """Knobs of the synthetic world (see the module docstring)."""
+  min_objects: int = 2
+  max_objects: int = 4
+  num_classes: int = len(CLASSES)
+  num_colours: int = len(COLOURS)
+  num_scenes: int = len(SCENES)
+  twin_fraction: float = 0.5
+  twin_kinds: Tuple[float, float, float] = (0.45, 0.4, 0.15)  # relation, scene, binding
+  p_caption_scene: float = 0.7
+  p_caption_relation: float = 0.6
+  p_caption_colour: float = 0.9
+  p_caption_size: float = 0.15
+  p_next_to: float = 0.2
+  region_noise: float = 0.5
+  grid_noise: float = 0.4
+  iso_noise: float = 0.5
+  class_confusion: float = 0.15
+  detector_error: float = 0.1
+  grid_object_evidence: float = 0.35
+  scene_strength: float = 0.8
+  supercategory_share: float = 0.35
+  p_part: float = 0.5
+  max_background: int = 3
+
+  def validate(self, num_regions: int) -> None:
+    """Raises ValueError naming the knob that is out of range."""
+    checks = [
+        (1 <= self.min_objects <= self.max_objects, "min_objects <= max_objects, >= 1"),
+        (self.max_objects <= min(num_regions, 6),
+         f"max_objects <= min(data.synthetic.num_regions={num_regions}, 6)"),
+        (2 <= self.num_classes <= len(CLASSES), f"2 <= num_classes <= {len(CLASSES)}"),
+        (self.max_objects <= self.num_classes, "max_objects <= num_classes"),
+        (2 <= self.num_colours <= len(COLOURS), f"2 <= num_colours <= {len(COLOURS)}"),
+        (2 <= self.num_scenes <= len(SCENES), f"2 <= num_scenes <= {len(SCENES)}"),
+        (0 <= self.twin_fraction <= 1, "0 <= twin_fraction <= 1"),
+        (len(self.twin_kinds) == 3 and min(self.twin_kinds) >= 0 and sum(self.twin_kinds) > 0,
+         "twin_kinds: 3 non-negative weights, not all 0"),
+        (self.max_background >= 0, "max_background >= 0"),
+    ]
+    for ok, what in checks:
+      if not ok:
+        raise ValueError(f"synthetic Difficulty: need {what}, got {self}")
+
+
+DEFAULT_DIFFICULTY = Difficulty()
+
+
+@dataclasses.dataclass
+class Layouts:
+  """The symbolic content of a split's images (arrays over images, objects padded with -1).
+
+  `cls`, `colour`, `size`, `row`, `col` are (N, max_objects); `twin_kind` is -1 for an
+  image that is not a twin, else an index into TWIN_KINDS, `twin_of` the other image of
+  the pair.
+  """
+  split: str
+  scene: np.ndarray
+  num_objects: np.ndarray
+  cls: np.ndarray
+  colour: np.ndarray
+  size: np.ndarray
+  row: np.ndarray
+  col: np.ndarray
+  canvas: np.ndarray
+  twin_of: np.ndarray
+  twin_kind: np.ndarray
+
+  def __len__(self):
+    return len(self.scene)
+
+  def objects(self, i: int):
+    """[(class, colour, size, row, col)] of image i."""
+    n = int(self.num_objects[i])
+    return [(int(self.cls[i, k]), int(self.colour[i, k]), int(self.size[i, k]),
+             int(self.row[i, k]), int(self.col[i, k])) for k in range(n)]
+
+
+def relation(obj_a, obj_b) -> int:
+  """Spatial relation of object a to object b (tuples (..., row, col)): LEFT..BELOW."""
+  dr, dc = obj_a[-2] - obj_b[-2], obj_a[-1] - obj_b[-1]
+  if abs(dc) > abs(dr):
+    return LEFT if dc < 0 else RIGHT
+  return ABOVE if dr < 0 else BELOW
+
+
+def _split_code(split_name: str) -> int:
+  return zlib.crc32(split_name.encode("utf-8"))
+
+
+def _rng(*key) -> np.random.Generator:
+  return np.random.default_rng([int(k) for k in key])
+
+
+class SyntheticWorld:
+  """The fixed part of the world (directions, vocabulary ids) for one seed and width."""
+
+  def __init__(self, seed: int, img_dim: int, num_regions: int,
+               difficulty: Difficulty = DEFAULT_DIFFICULTY):
+    difficulty.validate(num_regions)
+    if img_dim < 1:
+      raise ValueError(f"data.img_dim must be positive, got {img_dim}")
+    self.seed = int(seed)
+    self.img_dim = int(img_dim)
+    self.num_regions = int(num_regions)
+    self.d = difficulty
+    d = difficulty
+    nc, ncol, nsc = d.num_classes, d.num_colours, d.num_scenes
+    # Region coefficient layout: classes, supercategories, colours, sizes, parts, stuff,
+    # noise directions.
+    self._r_cls = 0
+    self._r_sup = self._r_cls + nc
+    self._r_col = self._r_sup + len(SUPERCATEGORIES)
+    self._r_size = self._r_col + ncol
+    self._r_part = self._r_size + 2
+    self._r_stuff = self._r_part + len(PARTS)
+    self._r_noise = self._r_stuff + len(STUFF)
+    self._k_region = self._r_noise + _REGION_NOISE_DIMS
+    # Grid coefficient layout: scenes, scene x band (sky / middle / ground), object
+    # classes, colours, noise directions.
+    self._g_scene = 0
+    self._g_band = nsc
+    self._g_cls = self._g_band + 3 * nsc
+    self._g_col = self._g_cls + nc
+    self._g_noise = self._g_col + ncol
+    self._k_grid = self._g_noise + _GRID_NOISE_DIMS
+    rng = _rng(self.seed, _STREAM_WORLD)
+    # Unit per-dimension std, so coefficients are per-dimension stds.
+    self.region_basis = rng.standard_normal((self._k_region, img_dim), dtype=np.float32)
+    self.grid_basis = rng.standard_normal((self._k_grid, img_dim), dtype=np.float32)
+    self.noise_bank = rng.standard_normal((_NOISE_BANK_ROWS, img_dim), dtype=np.float32)
+    # Detector vocabulary: every world class / part / stuff gets a distinct VG index.
+    vg = rng.choice(np.arange(1, NUM_VG_CLASSES), nc + len(PARTS) + len(STUFF), replace=False)
+    self.vg_class = vg[:nc]
+    self.vg_part = vg[nc:nc + len(PARTS)]
+    self.vg_stuff = vg[nc + len(PARTS):]
+    self.supercat = np.array([CLASSES[c][1] for c in range(nc)])
+    self.aspect = np.array([CLASSES[c][2] for c in range(nc)])
+    # A same-supercategory "confusable" class per class (itself if it has none).
+    self.confusable = np.array([
+        next((o for o in list(range(c + 1, nc)) + list(range(c))
+              if self.supercat[o] == self.supercat[c]), c) for c in range(nc)])
+    self.part_of_supercat = np.array(SUPERCATEGORY_PARTS)
+    cells = np.arange(NUM_CELLS)
+    self.cell_row = cells // GRID_SIDE
+    self.cell_col = cells % GRID_SIDE
+    self.cell_band = np.where(self.cell_row < 2, 0, np.where(self.cell_row < 5, 1, 2))
+
+  # ---------------------------------------------------------------- layouts and captions
+
+  def _sample_layout(self, rng):
+    d = self.d
+    n = int(rng.integers(d.min_objects, d.max_objects + 1))
+    cls = rng.choice(d.num_classes, n, replace=False)
+    colour = rng.integers(d.num_colours, size=n)
+    size = rng.integers(2, size=n)
+    scene = int(rng.integers(d.num_scenes))
+    canvas = int(rng.integers(len(CANVASES)))
+    for _ in range(100):
+      cells = rng.choice(NUM_CELLS, n, replace=False)
+      r, c = cells // GRID_SIDE, cells % GRID_SIDE
+      dr = np.abs(r[:, None] - r[None, :])
+      dc = np.abs(c[:, None] - c[None, :])
+      off = ~np.eye(n, dtype=bool)
+      # Every pair has one clearly dominant axis, so its relation is unambiguous.
+      if np.all((np.maximum(dr, dc) >= 2)[off]) and np.all((dr != dc)[off]):
+        break
+    else:  # unreachable for <= 6 objects on 7x7; keep the last draw rather than loop
+      pass
+    return dict(scene=scene, cls=cls, colour=colour, size=size, row=r, col=c,
+                canvas=canvas)
+
+  def _twin(self, base, kind: int, rng):
+    t = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in base.items()}
+    n = len(t["cls"])
+    if TWIN_KINDS[kind] == "relation" and n >= 2:
+      a, b = rng.choice(n, 2, replace=False)
+      t["row"][[a, b]] = t["row"][[b, a]]
+      t["col"][[a, b]] = t["col"][[b, a]]
+    elif TWIN_KINDS[kind] == "binding" and n >= 2:
+      a, b = rng.choice(n, 2, replace=False)
+      if t["colour"][a] == t["colour"][b]:
+        t["colour"][a] = (t["colour"][a] + 1 + rng.integers(self.d.num_colours - 1)
+                          ) % self.d.num_colours
+      else:
+        t["colour"][[a, b]] = t["colour"][[b, a]]
+    else:  # scene twin (also the fallback for a single object)
+      t["scene"] = int((t["scene"] + 1 + rng.integers(self.d.num_scenes - 1))
+                       % self.d.num_scenes)
+      kind = TWIN_KINDS.index("scene")
+    return t, kind
+
+  def layouts(self, split_name: str, num_images: int) -> Layouts:
+    """The symbolic content of the first `num_images` images of a split."""
+    code = _split_code(split_name)
+    m = self.d.max_objects
+    out = dict(scene=np.zeros(num_images, np.int32),
+               num_objects=np.zeros(num_images, np.int32),
+               canvas=np.zeros(num_images, np.int32),
+               twin_of=np.full(num_images, -1, np.int32),
+               twin_kind=np.full(num_images, -1, np.int32),
+               **{k: np.full((num_images, m), -1, np.int32)
+                  for k in ("cls", "colour", "size", "row", "col")})
+    kinds_p = np.asarray(self.d.twin_kinds, np.float64) / np.sum(self.d.twin_kinds)
+
+    def put(i, lay):
+      n = len(lay["cls"])
+      out["scene"][i], out["num_objects"][i], out["canvas"][i] = lay["scene"], n, lay["canvas"]
+      for k in ("cls", "colour", "size", "row", "col"):
+        out[k][i, :n] = lay[k]
+
+    for g in range((num_images + 1) // 2):
+      i0, i1 = 2 * g, 2 * g + 1
+      base = self._sample_layout(_rng(self.seed, code, i0, _STREAM_LAYOUT))
+      put(i0, base)
+      if i1 >= num_images:
+        break
+      grng = _rng(self.seed, code, g, _STREAM_GROUP)
+      if grng.random() < self.d.twin_fraction:
+        lay, kind = self._twin(base, int(grng.choice(3, p=kinds_p)), grng)
+        out["twin_of"][[i0, i1]] = (i1, i0)
+        out["twin_kind"][[i0, i1]] = kind
+      else:
+        lay = self._sample_layout(_rng(self.seed, code, i1, _STREAM_LAYOUT))
+      put(i1, lay)
+    return Layouts(split=split_name, **out)
+
+  def _noun_phrase(self, rng, obj) -> str:
+    cls, colour, size = obj[:3]
+    words = []
+    if rng.random() < self.d.p_caption_size:
+      words.append(SIZES[size][rng.integers(len(SIZES[size]))])
+    if rng.random() < self.d.p_caption_colour:
+      words.append(COLOURS[colour])
+    names = CLASSES[cls][0]
+    words.append(names[rng.integers(len(names))])
+    article = "an" if words[0][0] in "aeiou" else "a"
+    return " ".join([article] + words)
+
+  def _caption(self, rng, objs, scene: int) -> str:
+    d = self.d
+    n = len(objs)
+    want_scene = rng.random() < d.p_caption_scene
+    scene_pps, scene_nps = SCENES[scene]
+    if n >= 2 and rng.random() < d.p_caption_relation:
+      i, j = rng.choice(n, 2, replace=False)
+      rel = relation(objs[i], objs[j])
+      if rel in (LEFT, RIGHT) and rng.random() < d.p_next_to:
+        rel_words = NEXT_TO[rng.integers(len(NEXT_TO))]
+      else:
+        rel_words = RELATIONS[rel][rng.integers(len(RELATIONS[rel]))]
+      text = (f"{self._noun_phrase(rng, objs[i])} {rel_words} "
+              f"{self._noun_phrase(rng, objs[j])}")
+      prefix = rng.choice(["", "", "", "a photo of ", "there is ", "an image of "])
+      text = prefix + text
+      if want_scene:
+        text += " " + scene_pps[rng.integers(len(scene_pps))]
+      return text
+    k = int(rng.choice(np.arange(1, min(n, 3) + 1),
+                       p=np.array([1, 3, 2][:min(n, 3)], float) / [1, 4, 6][min(n, 3) - 1]))
+    nps = [self._noun_phrase(rng, objs[o]) for o in rng.choice(n, k, replace=False)]
+    listed = nps[0] if k == 1 else ", ".join(nps[:-1]) + " and " + nps[-1]
+    if want_scene and rng.random() < 0.5:
+      return f"{scene_nps[rng.integers(len(scene_nps))]} with {listed}"
+    prefix = rng.choice(["", "", "a photo of ", "there is ", "an image of "])
+    text = prefix + listed
+    if want_scene:
+      text += " " + scene_pps[rng.integers(len(scene_pps))]
+    return text
+
+  def captions(self, layouts: Layouts) -> list:
+    """`CAPTIONS_PER_IMAGE` distinct captions per image, image-major."""
+    code = _split_code(layouts.split)
+    texts = []
+    for i in range(len(layouts)):
+      rng = _rng(self.seed, code, i, _STREAM_CAPTION)
+      objs, scene = layouts.objects(i), int(layouts.scene[i])
+      caps = []
+      for _ in range(20 * CAPTIONS_PER_IMAGE):
+        cap = self._caption(rng, objs, scene)
+        if cap not in caps:
+          caps.append(cap)
+          if len(caps) == CAPTIONS_PER_IMAGE:
+            break
+      while len(caps) < CAPTIONS_PER_IMAGE:  # a tiny vocabulary: repeats are allowed
+        caps.append(self._caption(rng, objs, scene))
+      texts.extend(caps)
+    return texts
+
+  # ------------------------------------------------------------------------ features
+
+  def read_images(self, layouts: Layouts, indices) -> dict:
+    """Image-side arrays for `indices` of a split: grid, regions, region_pos, region_mask.
+
+    Each image is drawn from an rng keyed by (seed, split, index) and computed with
+    per-image matmuls of fixed shape, so its features are bit-identical in any batch.
+    """
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if indices.size and (indices.min() < 0 or indices.max() >= len(layouts)):
+      raise IndexError(
+          f"synthetic split {layouts.split!r}: image indices must be in "
+          f"[0, {len(layouts)}), got min {indices.min()} max {indices.max()}")
+    b, r, dim = len(indices), self.num_regions, self.img_dim
+    out = dict(grid=np.empty((b, NUM_CELLS, dim), np.float32),
+               regions=np.zeros((b, r, dim), np.float32),
+               region_pos=np.zeros((b, r, region_pos_lib.POS_DIM), np.float32),
+               region_mask=np.zeros((b, r), bool))
+    code = _split_code(layouts.split)
+    for row, i in enumerate(indices):
+      self._image(layouts, int(i), _rng(self.seed, code, i, _STREAM_FEATURES), out, row)
+    return out
+
+  def _image(self, L: Layouts, i: int, rng, out, row):
+    d = self.d
+    n = int(L.num_objects[i])
+    cls, colour, size = L.cls[i, :n], L.colour[i, :n], L.size[i, :n]
+    w, h = CANVASES[L.canvas[i]]
+    cw, ch = w / GRID_SIDE, h / GRID_SIDE
+    # ---- boxes: objects, then one optional part per object, then background stuff.
+    cx = (L.col[i, :n] + 0.5 + rng.uniform(-0.3, 0.3, n)) * cw
+    cy = (L.row[i, :n] + 0.5 + rng.uniform(-0.3, 0.3, n)) * ch
+    extent = np.where(size == 1, rng.uniform(2.2, 3.2, n), rng.uniform(1.2, 1.8, n))
+    sq = np.sqrt(self.aspect[cls])
+    bw, bh = extent * cw * sq, extent * ch / sq
+    obj_boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
+    has_part = rng.random(n) < d.p_part
+    pf = rng.uniform(0.3, 0.6, (n, 2))
+    po = rng.random((n, 2))
+    px1 = obj_boxes[:, 0] + po[:, 0] * (1 - pf[:, 0]) * bw
+    py1 = obj_boxes[:, 1] + po[:, 1] * (1 - pf[:, 1]) * bh
+    part_boxes = np.stack([px1, py1, px1 + pf[:, 0] * bw, py1 + pf[:, 1] * bh], 1)[has_part]
+    part_cls = self.part_of_supercat[self.supercat[cls], rng.integers(2, size=n)][has_part]
+    n_bg = int(rng.integers(1, d.max_background + 1)) if d.max_background else 0
+    bg_wh = rng.uniform(0.1, 0.5, (n_bg, 2)) * (w, h)
+    bg_xy = rng.random((n_bg, 2)) * ((w, h) - bg_wh)
+    bg_boxes = np.concatenate([bg_xy, bg_xy + bg_wh], 1)
+    bg_cls = rng.integers(len(STUFF), size=n_bg)
+    boxes = np.concatenate([obj_boxes, part_boxes, bg_boxes])
+    boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, w - 1)
+    boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, h - 1)
+    n_part = len(part_boxes)
+    kind = np.repeat([0, 1, 2], [n, n_part, n_bg])
+    score = np.concatenate([rng.uniform(0.6, 0.99, n), rng.uniform(0.3, 0.7, n_part),
+                            rng.uniform(0.15, 0.6, n_bg)])
+    # ---- region coefficients (rows in slot order: objects, parts, background).
+    s = len(kind)
+    coef = np.zeros((s, self._k_region), np.float32)
+    strength = rng.uniform(0.7, 1.2, s)
+    obj_rows = np.arange(n)
+    confused = rng.random(n) < d.class_confusion
+    mix = np.where(confused, rng.uniform(0.25, 0.5, n), 0.0)
+    own = np.sqrt(1 - d.supercategory_share)
+    coef[obj_rows, self._r_cls + cls] += strength[:n] * own * (1 - mix)
+    coef[obj_rows, self._r_cls + self.confusable[cls]] += strength[:n] * own * mix
+    coef[obj_rows, self._r_sup + self.supercat[cls]] += (
+        strength[:n] * np.sqrt(d.supercategory_share))
+    coef[obj_rows, self._r_col + colour] += 0.8 * strength[:n]
+    coef[obj_rows, self._r_size + size] += 0.3 * strength[:n]
+    part_rows = np.arange(n, n + n_part)
+    # A part looks a bit like its object (class and colour) and mostly like a part.
+    coef[part_rows] = 0.4 * coef[np.flatnonzero(has_part)]
+    coef[part_rows, self._r_part + part_cls] += strength[part_rows]
+    bg_rows = np.arange(n + n_part, s)
+    coef[bg_rows, self._r_stuff + bg_cls] += strength[bg_rows]
+    coef[:, self._r_noise:] = rng.standard_normal((s, _REGION_NOISE_DIMS)) * (
+        d.region_noise / np.sqrt(_REGION_NOISE_DIMS))
+    # ---- detector class distributions (logits: the detected class, its confusable
+    # class, a few random classes, a flat floor).
+    top = np.concatenate([self.vg_class[cls], self.vg_part[part_cls], self.vg_stuff[bg_cls]])
+    err = np.flatnonzero(rng.random(n) < d.detector_error)
+    second = top.copy()
+    second[:n] = self.vg_class[self.confusable[cls]]
+    top[err], second[err] = second[err], top[err]
+    logits = np.full((s, NUM_VG_CLASSES), -4.0)
+    logits[np.arange(s)[:, None], rng.integers(1, NUM_VG_CLASSES, (s, 8))] = rng.uniform(
+        -1, 1, (s, 8))
+    logits[np.arange(s), second] = rng.uniform(0.5, 2.5, s)
+    logits[np.arange(s), top] = 2.0 + 4.0 * score
+    logits[:, 0] = rng.uniform(-1, 1, s)  # VG background class
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    # ---- detector order (score descending), cut to num_regions.
+    order = np.argsort(-score, kind="stable")[:self.num_regions]
+    k = len(order)
+    det = np.concatenate([boxes, np.zeros((s, 1)), score[:, None]], 1)[order]
+    out["region_pos"][row, :k] = region_pos_lib.region_pos(
+        det.astype(np.float32), probs[order].astype(np.float32))
+    out["region_mask"][row, :k] = True
+    iso = rng.integers(_NOISE_BANK_ROWS, size=NUM_CELLS + self.num_regions)
+    regions = coef[order] @ self.region_basis
+    regions += d.iso_noise * self.noise_bank[iso[NUM_CELLS:NUM_CELLS + k]]
+    out["regions"][row, :k] = regions
+    # ---- grid: the scene everywhere (plus a sky / middle / ground band), weak object
+    # evidence where the object's box covers the cell centre, image-level and cell noise.
+    g = np.zeros((NUM_CELLS, self._k_grid), np.float32)
+    sc = int(L.scene[i])
+    sst = d.scene_strength * rng.uniform(0.7, 1.1)
+    g[:, self._g_scene + sc] = sst
+    g[np.arange(NUM_CELLS), self._g_band + 3 * sc + self.cell_band] = 0.6 * sst
+    ccx = (self.cell_col + 0.5) * cw
+    ccy = (self.cell_row + 0.5) * ch
+    ob = boxes[:n]
+    inside = ((ccx[None] >= ob[:, 0:1]) & (ccx[None] <= ob[:, 2:3]) &
+              (ccy[None] >= ob[:, 1:2]) & (ccy[None] <= ob[:, 3:4])).astype(np.float32)
+    ev = d.grid_object_evidence * strength[:n, None] * inside  # (n, 49)
+    np.add.at(g.T, self._g_cls + cls, ev)
+    np.add.at(g.T, self._g_col + colour, 0.6 * ev)
+    noise = rng.standard_normal((NUM_CELLS + 1, _GRID_NOISE_DIMS)) * (
+        d.grid_noise / np.sqrt(_GRID_NOISE_DIMS))
+    g[:, self._g_noise:] = noise[1:] + noise[:1]  # cell noise + image-level noise
+    # (np.matmul with out= falls off the BLAS path: ~15x slower.)
+    grid = g @ self.grid_basis
+    grid += d.iso_noise * self.noise_bank[iso[:NUM_CELLS]]
+    out["grid"][row] = grid
+
+  def describe(self, layouts: Layouts, i: int) -> dict:
+    """Human-readable content of image i (for tests, debugging and demos)."""
+    return dict(
+        scene=SCENE_NAMES[layouts.scene[i]],
+        objects=[dict(cls=CLASSES[c][0][0], colour=COLOURS[co], size=SIZES[s][0],
+                      row=r, col=cc) for c, co, s, r, cc in layouts.objects(i)],
+        twin_of=int(layouts.twin_of[i]),
+        twin_kind=TWIN_KINDS[layouts.twin_kind[i]] if layouts.twin_kind[i] >= 0 else None)
+
+
+@functools.lru_cache(maxsize=8)
+def get_world(seed: int, img_dim: int, num_regions: int,
+              difficulty: Difficulty = DEFAULT_DIFFICULTY) -> SyntheticWorld:
+  """The (cached) world of a seed: its random directions are built once per process."""
+  return SyntheticWorld(seed, img_dim, num_regions, difficulty)
+
+
+def split_size(config, split_name: str) -> int:
+  """Number of images of a synthetic split, from `data.synthetic.num_{train,dev,test}_images`."""
+  if split_name not in SPLITS:
+    raise ValueError(
+        f"synthetic data has splits {SPLITS}, got {split_name!r} "
+        "(data.train_split / data.dev_split / data.test_split)")
+  n = int(config.data.synthetic[f"num_{split_name}_images"])
+  if n < 1:
+    raise ValueError(f"data.synthetic.num_{split_name}_images must be >= 1, got {n}")
+  return n
+
+
+def world_and_layouts(config, split_name: str,
+                      difficulty: Optional[Difficulty] = None):
+  """(SyntheticWorld, Layouts) of a split, for tests and analysis."""
+  world = get_world(int(config.data.synthetic.seed), int(config.data.img_dim),
+                    int(config.data.synthetic.num_regions), difficulty or DEFAULT_DIFFICULTY)
+  return world, world.layouts(split_name, split_size(config, split_name))
+
+
+def read_raw_split(config, split_name: str,
+                   difficulty: Optional[Difficulty] = None) -> raw_lib.RawSplit:
+  """A synthetic split: captions now, image features generated on demand.
+
+  Args:
+    config: the full config; uses `data.synthetic.{seed, num_regions,
+      num_{split}_images}` and `data.img_dim`.
+    split_name: "train", "dev" or "test".
+    difficulty: world knobs (module docstring); default `DEFAULT_DIFFICULTY`.
+
+  Returns:
+    A `RawSplit` with 5 captions per image and a `read_images` that returns grid
+    (B, 49, img_dim), regions (B, R, img_dim), region_pos (B, R, 1607) float32 and
+    region_mask (B, R) bool.
+  """
+  world, layouts = world_and_layouts(config, split_name, difficulty)
+  return raw_lib.RawSplit(
+      image_ids=[f"synthetic-{split_name}-{i:06d}" for i in range(len(layouts))],
+      texts=world.captions(layouts),
+      captions_per_image=CAPTIONS_PER_IMAGE,
+      read_images=functools.partial(world.read_images, layouts))

@@ -1,0 +1,100 @@
+"""Optimisers and learning-rate schedules of the authors' two recipes, in optax.
+
+- BERT build ("bertadam"): BertAdam as in pytorch_pretrained_bert: each tensor's gradient
+  clipped to norm 1.0, Adam moments without bias correction, eps 1e-6, no weight decay
+  (the authors put every parameter in a decay-0 group); lr = base * 0.1^(epoch //
+  lr_update) * warmup_linear(step / total, warmup), where warmup_linear rises linearly to
+  1 over the first `warmup` fraction and then falls linearly to 0 at the last step.
+- GRU build ("adam"): torch.optim.Adam (bias-corrected, eps 1e-8) after global-norm
+  clipping at `grad_clip`, lr = base * 0.1^(epoch // lr_update).
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def learning_rate_schedule(train_config, steps_per_epoch: int, total_steps: int):
+  """step -> lr, the product of the step decay and (BertAdam) the warmup-linear factor."""
+  base = train_config.learning_rate
+  decay_every = max(1, train_config.lr_update * steps_per_epoch)
+  warmup = train_config.warmup if train_config.optimizer == "bertadam" else 0.0
+  total = max(1, total_steps)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    lr = base * 0.1 ** jnp.floor(step / decay_every)
+    if warmup > 0:
+      x = step / total
+      lr = lr * jnp.where(x < warmup, x / warmup, jnp.maximum((x - 1.0) / (warmup - 1.0), 0.0))
+    return lr
+
+  return schedule
+
+
+def clip_each_by_norm(max_norm: float) -> optax.GradientTransformation:
+  """Clips every tensor's gradient to `max_norm` separately (torch clip_grad_norm_ on one
+  parameter at a time, as BertAdam does)."""
+
+  def update_fn(updates, state, params=None):
+    del params
+
+    def clip(g):
+      norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+      coef = max_norm / (norm + 1e-6)
+      return jnp.where(coef < 1.0, g * coef, g)
+
+    return jax.tree_util.tree_map(clip, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+class BertAdamState(NamedTuple):
+  mu: optax.Updates
+  nu: optax.Updates
+
+
+def scale_by_bert_adam(b1=0.9, b2=0.999, eps=1e-6) -> optax.GradientTransformation:
+  """Adam direction m / (sqrt(v) + eps) with no bias correction (BertAdam's)."""
+
+  def init_fn(params):
+    zeros = lambda p: jnp.zeros_like(p, jnp.float32)
+    return BertAdamState(jax.tree_util.tree_map(zeros, params),
+                         jax.tree_util.tree_map(zeros, params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    mu = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+    nu = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, updates)
+    out = jax.tree_util.tree_map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
+    return out, BertAdamState(mu, nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _is_bert(path) -> bool:
+  return any(getattr(k, "key", None) == "bert" for k in path)
+
+
+def make_optimizer(train_config, schedule) -> optax.GradientTransformation:
+  """The optax chain for `config.train` (see module docstring); BERT weights can get a
+  smaller lr (`bert_lr_scale`) or be frozen (`freeze_bert`)."""
+  t = train_config
+  if t.optimizer == "bertadam":
+    chain = [clip_each_by_norm(1.0), scale_by_bert_adam()]
+  elif t.optimizer == "adam":
+    chain = [optax.scale_by_adam(eps=1e-8)]
+  else:
+    raise ValueError(f"config.train.optimizer={t.optimizer!r}; expected 'bertadam' or 'adam'")
+  if t.grad_clip > 0:
+    chain.insert(0, optax.clip_by_global_norm(t.grad_clip))
+  chain.append(optax.scale_by_schedule(lambda step: -schedule(step)))
+  tx = optax.chain(*chain)
+  if t.freeze_bert or t.bert_lr_scale != 1.0:
+    bert_tx = (optax.set_to_zero() if t.freeze_bert
+               else optax.chain(tx, optax.scale(t.bert_lr_scale)))
+    labels = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: "bert" if _is_bert(path) else "rest", params)
+    tx = optax.multi_transform({"bert": bert_tx, "rest": tx}, labels)
+  return tx

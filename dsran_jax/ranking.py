@@ -1,0 +1,420 @@
+"""The image-text retrieval protocol on similarity matrices (pure numpy).
+
+A similarity matrix `sims` has one row per image and one column per caption, shape
+`(N_img, cpi * N_img)` with `cpi` captions per image (5 for Flickr30K and MS-COCO);
+caption `c` belongs to image `c // cpi`. Higher scores rank first.
+
+Ranks are 0-based positions in a *stable descending sort*: the rank of a positive is the
+number of scores strictly greater than it plus the number of equal scores at a smaller
+index (caption index for i2t, image index for t2i). Ties are therefore broken by index
+and results are deterministic. (The authors' `numpy.argsort(d)[::-1]` breaks ties in an
+unspecified order, so exact ties are the only place where the two can differ.) NaN scores
+rank below every number; a NaN at a positive pair is an error.
+
+- i2t rank of image i: the best (smallest) rank among its `cpi` captions in row i.
+- t2i rank of caption c: the rank of image `c // cpi` in column c.
+- `recall_metrics`: R@1/5/10 = 100 * mean(rank < K), medr = floor(median) + 1,
+  meanr = mean + 1, rsum = the sum of the six recalls.
+- COCO 1K (`fold5=True`): 5 sequential folds of N/5 images (rows `f*N/5 ...`, captions
+  `f*cpi*N/5 ...`); every metric is the mean over folds.
+- i2t re-rank (`rerank=True`, the authors' `rerank.py`, K1 = 15): each image's top-15
+  captions are re-ordered (stably) by the rank of that image in each caption's t2i
+  ordering; t2i is unchanged.
+
+Everything works on row blocks, never on the whole matrix at once, so a 5000 x 25000
+COCO 5K matrix (or a memory-mapped one) is ranked in well under a second per direction.
+`RankAccumulator` is the streaming form used by `dsran_jax.evaluation`: it takes row
+blocks one at a time and never needs more than one block in memory.
+"""
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+DEFAULT_CHUNK_SIZE = 256
+RERANK_K = 15
+METRIC_KEYS = ("r1_i2t", "r5_i2t", "r10_i2t", "medr_i2t", "meanr_i2t",
+               "r1_t2i", "r5_t2i", "r10_t2i", "medr_t2i", "meanr_t2i", "rsum")
+
+
+def _check_sims_shape(shape, captions_per_image: int) -> Tuple[int, int]:
+  """Returns (num_images, num_captions) after checking `shape` is (N, cpi * N)."""
+  if len(shape) != 2:
+    raise ValueError(f"sims must be 2-D (images x captions), got shape {tuple(shape)}")
+  if captions_per_image < 1:
+    raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
+  n_img, n_cap = shape
+  if n_cap != captions_per_image * n_img:
+    raise ValueError(
+        f"sims has shape {tuple(shape)}: expected {captions_per_image} * {n_img} = "
+        f"{captions_per_image * n_img} caption columns for {n_img} images "
+        f"(captions_per_image={captions_per_image})")
+  return n_img, n_cap
+
+
+def positive_scores(sims, captions_per_image: int = 5) -> np.ndarray:
+  """Returns the (N_cap,) scores of the matching pairs, `sims[c // cpi, c]`."""
+  _check_sims_shape(np.shape(sims), captions_per_image)
+  cols = np.arange(np.shape(sims)[1])
+  return np.asarray(sims[cols // captions_per_image, cols])
+
+
+def _count_true(mask: np.ndarray, axis: int) -> np.ndarray:
+  """`np.count_nonzero(mask, axis)` as int64, about 4x faster (uint8 view summed in
+  uint16 when the axis is short enough not to overflow)."""
+  dtype = np.uint16 if mask.shape[axis] < (1 << 16) else np.int64
+  return np.add.reduce(mask.view(np.uint8), axis=axis, dtype=dtype).astype(np.int64)
+
+
+def _i2t_block(block: np.ndarray, row_offset: int, cpi: int) -> np.ndarray:
+  """i2t ranks of the images in `block` (rows `row_offset...` of sims, all captions).
+
+  The best-ranked positive p of a row is the one with the highest score, the smallest
+  caption index among equal scores (`argmax` returns the first maximum). Its rank is
+  #(scores >= v left of p) + #(scores > v right of p), the stable tie rule in one pass:
+  the columns left of the block's diagonal band are all left of p, those right of the
+  band all right of it, and only the (b, b * cpi) band needs a per-element mask.
+  """
+  b = block.shape[0]
+  rows = np.arange(b)
+  first = (row_offset + rows) * cpi
+  pos_vals = block[rows[:, None], first[:, None] + np.arange(cpi)[None, :]]
+  best = np.argmax(pos_vals, axis=1)
+  v = pos_vals[rows, best]
+  if np.isnan(v).any():
+    bad = row_offset + int(np.flatnonzero(np.isnan(v))[0])
+    raise ValueError(f"sims has NaN at a positive pair (image row {bad})")
+  p = first + best
+  vv = v[:, None]
+  c0, c1 = row_offset * cpi, (row_offset + b) * cpi
+  ranks = _count_true(block[:, :c0] >= vv, 1) + _count_true(block[:, c1:] > vv, 1)
+  band = block[:, c0:c1]
+  cols = np.arange(c0, c1)[None, :]
+  ahead = ((cols < p[:, None]) & (band >= vv)) | ((cols > p[:, None]) & (band > vv))
+  ranks += _count_true(ahead, 1)
+  return ranks
+
+
+def _t2i_block(block: np.ndarray, row_offset: int, pos: np.ndarray, cpi: int) -> np.ndarray:
+  """Contribution of image rows `row_offset...` (`block`) to every caption's t2i rank.
+
+  `pos` holds the (N_cap,) positive scores. Row r is ahead of caption c's image
+  g = c // cpi when `block[r, c] >= pos[c]` and r < g, or `block[r, c] > pos[c]` and
+  r > g (stable tie rule). Columns left of the block's diagonal band have g below every
+  row of the block, those right of it g above, so one comparison per element suffices;
+  only the band needs a per-element mask.
+  """
+  b, n_cap = block.shape
+  c0, c1 = row_offset * cpi, min(n_cap, (row_offset + b) * cpi)
+  out = np.empty(n_cap, np.int64)
+  out[:c0] = _count_true(block[:, :c0] > pos[None, :c0], 0)
+  out[c1:] = _count_true(block[:, c1:] >= pos[None, c1:], 0)
+  band, pband = block[:, c0:c1], pos[None, c0:c1]
+  r = (row_offset + np.arange(b))[:, None]
+  g = (np.arange(c0, c1) // cpi)[None, :]
+  ahead = ((r < g) & (band >= pband)) | ((r > g) & (band > pband))
+  out[c0:c1] = _count_true(ahead, 0)
+  return out
+
+
+class RankAccumulator:
+  """Streaming i2t/t2i ranks from row blocks of a (N_img, cpi * N_img) sims matrix.
+
+  Feed blocks with `add(row_offset, block)`, where `block` holds rows
+  `row_offset ... row_offset + len(block) - 1` against *all* caption columns, in any
+  order; then read `ranks()`. Only one block is needed in memory at a time.
+
+  i2t ranks need only the block's own rows. t2i ranks need every caption's positive
+  score before any row can be counted; a block only reveals the positives of its own
+  images. So:
+  - with `positive_scores` given (e.g. `positive_scores(sims)` of an in-memory matrix),
+    one pass over the blocks is enough;
+  - otherwise the first pass collects i2t ranks and positive scores, and the blocks must
+    be fed a second time (`complete` is False until then; `needs_rows` tells which
+    blocks are still needed). The block in hand when the last positive arrives is
+    counted at once, so a single whole-matrix block also needs one pass.
+  `add` is idempotent per row: rows already counted are skipped.
+  """
+
+  def __init__(self, num_images: int, captions_per_image: int = 5,
+               positive_scores: Optional[np.ndarray] = None):
+    self.num_images = int(num_images)
+    self.captions_per_image = int(captions_per_image)
+    self.num_captions = self.num_images * self.captions_per_image
+    self._i2t = np.zeros(self.num_images, np.int64)
+    self._t2i = np.zeros(self.num_captions, np.int64)
+    self._i2t_done = np.zeros(self.num_images, bool)
+    self._t2i_done = np.zeros(self.num_images, bool)
+    if positive_scores is None:
+      self._pos = None
+      self._pos_known = np.zeros(self.num_images, bool)
+    else:
+      pos = np.asarray(positive_scores)
+      if pos.shape != (self.num_captions,):
+        raise ValueError(f"positive_scores has shape {pos.shape}, expected "
+                         f"({self.num_captions},)")
+      if np.isnan(pos).any():
+        raise ValueError("positive_scores contain NaN")
+      self._pos = pos
+      self._pos_known = np.ones(self.num_images, bool)
+
+  @property
+  def positives_known(self) -> bool:
+    """True once every caption's positive score is known (t2i rows can be counted)."""
+    return bool(self._pos_known.all())
+
+  @property
+  def complete(self) -> bool:
+    """True when every row has contributed to both directions."""
+    return bool(self._i2t_done.all() and self._t2i_done.all())
+
+  def needs_rows(self, row_offset: int, num_rows: int) -> bool:
+    """Whether `add` of rows [row_offset, row_offset + num_rows) would still do work."""
+    s = slice(row_offset, row_offset + num_rows)
+    return bool((~self._i2t_done[s]).any() or (~self._t2i_done[s]).any())
+
+  def add(self, row_offset: int, block) -> None:
+    """Adds rows `row_offset ... row_offset + len(block) - 1` of the sims matrix."""
+    block = np.asarray(block)
+    if block.ndim != 2 or block.shape[1] != self.num_captions:
+      raise ValueError(f"block has shape {block.shape}, expected (rows, "
+                       f"{self.num_captions})")
+    b = block.shape[0]
+    row_offset = int(row_offset)
+    if row_offset < 0 or row_offset + b > self.num_images:
+      raise ValueError(f"rows [{row_offset}, {row_offset + b}) are outside "
+                       f"[0, {self.num_images})")
+    if b == 0:
+      return
+    s = slice(row_offset, row_offset + b)
+    cpi = self.captions_per_image
+    if not self._i2t_done[s].all():
+      self._i2t[s] = _i2t_block(block, row_offset, cpi)
+      self._i2t_done[s] = True
+    if not self.positives_known:
+      if self._pos is None:
+        self._pos = np.zeros(self.num_captions, block.dtype)
+      own = np.arange(row_offset * cpi, (row_offset + b) * cpi)
+      self._pos[own] = block[own // cpi - row_offset, own]
+      self._pos_known[s] = True
+      if not self.positives_known:
+        return
+    todo = ~self._t2i_done[s]
+    if todo.all():
+      self._t2i += _t2i_block(block, row_offset, self._pos, cpi)
+    elif todo.any():
+      # Count only the rows not yet counted, as contiguous runs.
+      idx = np.flatnonzero(todo)
+      runs = np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1)
+      for run in runs:
+        lo, hi = run[0], run[-1] + 1
+        self._t2i += _t2i_block(block[lo:hi], row_offset + lo, self._pos, cpi)
+    self._t2i_done[s] = True
+
+  def ranks(self) -> Tuple[np.ndarray, np.ndarray]:
+    """Returns (i2t_ranks (N_img,), t2i_ranks (N_cap,)), both int64 and 0-based."""
+    missing_i2t = int((~self._i2t_done).sum())
+    if missing_i2t:
+      raise ValueError(f"RankAccumulator: {missing_i2t} of {self.num_images} image rows "
+                       "were never added")
+    missing_t2i = int((~self._t2i_done).sum())
+    if missing_t2i:
+      raise ValueError(
+          f"RankAccumulator: t2i counts missing for {missing_t2i} image rows; the "
+          "positive scores were not known when they were added: add the blocks again "
+          "(second pass) or pass positive_scores")
+    return self._i2t.copy(), self._t2i.copy()
+
+
+def iter_row_blocks(sims, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[Tuple[int, np.ndarray]]:
+  """Yields (row_offset, block) for consecutive blocks of `chunk_size` rows of `sims`."""
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  for o in range(0, np.shape(sims)[0], chunk_size):
+    yield o, np.asarray(sims[o:o + chunk_size])
+
+
+def ranks(sims, captions_per_image: int = 5,
+          chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tuple[np.ndarray, np.ndarray]:
+  """Returns (i2t_ranks, t2i_ranks) of a whole matrix in one pass over row blocks."""
+  n_img, _ = _check_sims_shape(np.shape(sims), captions_per_image)
+  acc = RankAccumulator(n_img, captions_per_image, positive_scores(sims, captions_per_image))
+  for o, block in iter_row_blocks(sims, chunk_size):
+    acc.add(o, block)
+  return acc.ranks()
+
+
+def i2t_ranks(sims, captions_per_image: int = 5,
+              chunk_size: int = DEFAULT_CHUNK_SIZE) -> np.ndarray:
+  """Returns (N_img,) int64: per image, the best 0-based rank among its captions."""
+  n_img, _ = _check_sims_shape(np.shape(sims), captions_per_image)
+  out = np.zeros(n_img, np.int64)
+  for o, block in iter_row_blocks(sims, chunk_size):
+    out[o:o + len(block)] = _i2t_block(block, o, captions_per_image)
+  return out
+
+
+def t2i_ranks(sims, captions_per_image: int = 5,
+              chunk_size: int = DEFAULT_CHUNK_SIZE) -> np.ndarray:
+  """Returns (N_cap,) int64: per caption, the 0-based rank of its image in its column."""
+  _check_sims_shape(np.shape(sims), captions_per_image)
+  pos = positive_scores(sims, captions_per_image)
+  if np.isnan(pos).any():
+    raise ValueError("sims has NaN at a positive pair")
+  out = np.zeros(pos.shape[0], np.int64)
+  for o, block in iter_row_blocks(sims, chunk_size):
+    out += _t2i_block(block, o, pos, captions_per_image)
+  return out
+
+
+def _topk_stable(block: np.ndarray, k: int) -> np.ndarray:
+  """(B, k) column indices of each row's k best scores, in stable descending order."""
+  b, n = block.shape
+  kth = -np.partition(-block, k - 1, axis=1)[:, k - 1]   # k-th largest per row
+  if np.isnan(kth).any():
+    raise ValueError(f"sims rows have fewer than {k} non-NaN scores")
+  kv = kth[:, None]
+  gt = block > kv
+  eq = block == kv
+  need = k - np.count_nonzero(gt, axis=1)
+  sel = gt | eq
+  crowded = np.flatnonzero(np.count_nonzero(eq, axis=1) > need)
+  if crowded.size:
+    # More ties at the k-th value than places left: keep the smallest indices.
+    eqc = eq[crowded]
+    sel[crowded] = gt[crowded] | (eqc & (np.cumsum(eqc, axis=1) <= need[crowded, None]))
+  idx = np.nonzero(sel)[1].reshape(b, k)   # row-major: ascending index within a row
+  vals = np.take_along_axis(block, idx, axis=1)
+  order = np.argsort(-vals, axis=1, kind="stable")
+  return np.take_along_axis(idx, order, axis=1)
+
+
+def rerank_i2t_ranks(sims, i2t: np.ndarray, captions_per_image: int = 5,
+                     k: int = RERANK_K, chunk_size: int = DEFAULT_CHUNK_SIZE) -> np.ndarray:
+  """i2t ranks after the authors' re-rank (`rerank.py: i2t_rerank`, K1 = k).
+
+  For image i, its top-k captions t_1..t_k (stable descending order of row i) are
+  re-ordered, stably, by `address_j` = the rank of image i in caption t_j's t2i ordering
+  (column t_j, stable descending). Positions beyond k keep their order. `i2t` are the
+  plain i2t ranks of `sims`, used where no positive is in the top k.
+  """
+  n_img, n_cap = _check_sims_shape(np.shape(sims), captions_per_image)
+  k = min(k, n_cap)
+  i2t = np.asarray(i2t)
+  out = i2t.astype(np.int64).copy()
+  # Rows per block: bound the (N_img, rows * k) gathered columns to ~16M scores.
+  step = max(1, min(chunk_size, (1 << 24) // max(1, n_img * k)))
+  for o in range(0, n_img, step):
+    block = np.asarray(sims[o:o + step])
+    b = block.shape[0]
+    rows = o + np.arange(b)
+    top = _topk_stable(block, k)                       # (b, k)
+    flat = top.ravel()
+    v = np.take_along_axis(block, top, axis=1).ravel()  # (b * k,)
+    img = np.repeat(rows, k)
+    cols = np.take(sims, flat, axis=1)                 # (n_img, b * k) full columns
+    gt = np.count_nonzero(cols > v[None, :], axis=0)
+    ties = np.count_nonzero(cols >= v[None, :], axis=0) - gt - 1
+    address = gt.astype(np.int64)
+    tied = np.flatnonzero(ties > 0)   # exact ties, resolved by image index
+    if tied.size:
+      before = np.arange(n_img)[:, None] < img[None, tied]
+      address[tied] += np.count_nonzero((cols[:, tied] == v[None, tied]) & before, axis=0)
+    order = np.argsort(address.reshape(b, k), axis=1, kind="stable")
+    reranked = np.take_along_axis(top, order, axis=1)
+    is_pos = (reranked // captions_per_image) == rows[:, None]
+    hit = is_pos.any(axis=1)
+    out[o:o + b] = np.where(hit, np.argmax(is_pos, axis=1), out[o:o + b])
+  return out
+
+
+def recall_metrics(i2t_ranks: np.ndarray, t2i_ranks: np.ndarray) -> Dict[str, float]:
+  """R@1/5/10, medr, meanr both ways and rsum from 0-based ranks (plain floats)."""
+  out = {}
+  for name, r in (("i2t", np.asarray(i2t_ranks)), ("t2i", np.asarray(t2i_ranks))):
+    if r.size == 0:
+      raise ValueError(f"no {name} ranks")
+    for kk in (1, 5, 10):
+      out[f"r{kk}_{name}"] = float(100.0 * np.mean(r < kk))
+    out[f"medr_{name}"] = float(np.floor(np.median(r)) + 1)
+    out[f"meanr_{name}"] = float(np.mean(r) + 1)
+  out["rsum"] = float(sum(out[f"r{kk}_{d}"] for d in ("i2t", "t2i") for kk in (1, 5, 10)))
+  return {key: out[key] for key in METRIC_KEYS}
+
+
+def mean_metrics(metrics: Sequence[Dict[str, float]]) -> Dict[str, float]:
+  """Key-wise mean of several metric dicts (COCO 1K: the mean over the 5 folds)."""
+  if not metrics:
+    raise ValueError("no metrics to average")
+  return {key: float(np.mean([m[key] for m in metrics])) for key in metrics[0]}
+
+
+def fold_slices(num_images: int, captions_per_image: int = 5,
+                num_folds: int = 5) -> List[Tuple[slice, slice]]:
+  """(rows, cols) slices of the COCO 1K folds: sequential blocks of N/num_folds images."""
+  if num_images % num_folds:
+    raise ValueError(
+        f"5-fold evaluation needs a number of images divisible by {num_folds} (COCO 1K: "
+        f"5000 test images in 5 folds of 1000); got {num_images}")
+  fs = num_images // num_folds
+  return [(slice(f * fs, (f + 1) * fs),
+           slice(f * fs * captions_per_image, (f + 1) * fs * captions_per_image))
+          for f in range(num_folds)]
+
+
+def _evaluate_single(sims, cpi: int, rerank: bool, chunk_size: int) -> Dict[str, float]:
+  r_i2t, r_t2i = ranks(sims, cpi, chunk_size)
+  if rerank:
+    r_i2t = rerank_i2t_ranks(sims, r_i2t, cpi, RERANK_K, chunk_size)
+  return recall_metrics(r_i2t, r_t2i)
+
+
+def evaluate_sims(sims, captions_per_image: int = 5, fold5: bool = False,
+                  rerank: bool = False,
+                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> Dict[str, float]:
+  """Metrics of a (N_img, cpi * N_img) sims matrix (an array or a read-only memmap).
+
+  fold5: the COCO 1K protocol, the mean of every metric over 5 sequential folds of N/5
+  images (requires N % 5 == 0; N = 5000 for COCO). rerank: the authors' i2t re-rank
+  (K1 = 15) applied within each evaluated matrix (each fold when fold5).
+  """
+  n_img, _ = _check_sims_shape(np.shape(sims), captions_per_image)
+  if not fold5:
+    return _evaluate_single(sims, captions_per_image, rerank, chunk_size)
+  return mean_metrics([
+      _evaluate_single(sims[rs, cs], captions_per_image, rerank, chunk_size)
+      for rs, cs in fold_slices(n_img, captions_per_image)])
+
+
+def sum_sims(arrays: Sequence, names: Optional[Sequence[str]] = None) -> np.ndarray:
+  """Sums several models' sims matrices (an ensemble); checks they have one shape.
+
+  `names` (e.g. file paths) label the arrays in error messages. A single array is
+  returned as is (no copy); otherwise the sum is a new array in the inputs' result
+  dtype (float32 for float32 inputs, as the authors sum them).
+  """
+  arrays = list(arrays)
+  if not arrays:
+    raise ValueError("sum_sims: no sims matrices given")
+  if names is None:
+    names = [f"sims[{i}]" for i in range(len(arrays))]
+  names = list(names)
+  if len(names) != len(arrays):
+    raise ValueError(f"sum_sims: {len(names)} names for {len(arrays)} arrays")
+  for a, n in zip(arrays, names):
+    if np.ndim(a) != 2:
+      raise ValueError(f"{n}: sims must be 2-D (images x captions), got shape "
+                       f"{tuple(np.shape(a))}")
+  shape0 = tuple(np.shape(arrays[0]))
+  for a, n in zip(arrays[1:], names[1:]):
+    if tuple(np.shape(a)) != shape0:
+      raise ValueError(f"{n} has shape {tuple(np.shape(a))}, but {names[0]} has shape "
+                       f"{shape0}: ensembled sims must have one shape")
+  if len(arrays) == 1:
+    return np.asarray(arrays[0])
+  dtype = np.result_type(*[np.asarray(a).dtype for a in arrays])
+  if not np.issubdtype(dtype, np.floating):
+    dtype = np.float64
+  out = np.array(arrays[0], dtype=dtype, copy=True)
+  for a in arrays[1:]:
+    np.add(out, a, out=out)
+  return out

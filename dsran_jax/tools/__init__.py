@@ -1,0 +1,1 @@
+"""Command-line tools of dsran_jax (run as `python -m dsran_jax.tools.<name>`)."""

@@ -1,0 +1,79 @@
+"""Retrieval metrics of saved similarity matrices, alone or summed as an ensemble.
+
+    python -m dsran_jax.tools.rank --sims=a.npy [--sims=b.npy ...] [--fold5] [--rerank]
+
+Each file is a float (N_img, 5 * N_img) .npy matrix (rows = images, columns = captions,
+caption c belongs to image c // 5), e.g. written by `evaluation.evaluate(sims_path=...)`.
+Several files are summed (the authors' ensemble). `--fold5`: the COCO 1K protocol (mean
+over 5 folds of N/5 images); `--rerank`: the authors' i2t re-rank (top 15). Prints one
+JSON object with r1_i2t, r5_i2t, r10_i2t, medr_i2t, meanr_i2t, the same for t2i, and rsum.
+"""
+import json
+import os
+import sys
+from typing import Dict, List, Sequence
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from dsran_jax import ranking
+
+_SIMS = flags.DEFINE_multi_string(
+    "sims", None, "A (N_img, cpi * N_img) .npy sims matrix; repeat to sum an ensemble.")
+_FOLD5 = flags.DEFINE_bool("fold5", False, "COCO 1K: mean over 5 folds of N/5 images.")
+_RERANK = flags.DEFINE_bool("rerank", False, "Apply the authors' i2t re-rank (top 15).")
+_CPI = flags.DEFINE_integer("captions_per_image", 5, "Captions per image.")
+
+
+def load_sims(paths: Sequence[str]) -> List[np.ndarray]:
+  """Memory-maps the .npy files, checking that each exists and is a 2-D number array."""
+  out = []
+  for p in paths:
+    if not os.path.isfile(p):
+      raise FileNotFoundError(f"sims file not found: {p}")
+    try:
+      a = np.load(p, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # not an .npy file, object arrays, truncated file, ...
+      raise ValueError(f"cannot read {p} as a .npy array: {e}") from e
+    if not isinstance(a, np.ndarray):
+      raise ValueError(f"{p} is not a single .npy array")
+    if a.ndim != 2:
+      raise ValueError(f"{p}: sims must be 2-D (images x captions), got shape {a.shape}")
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+      raise ValueError(f"{p}: sims must hold numbers, got dtype {a.dtype}")
+    out.append(a)
+  return out
+
+
+def rank_files(paths: Sequence[str], fold5: bool = False, rerank: bool = False,
+               captions_per_image: int = 5) -> Dict[str, float]:
+  """Loads, sums and evaluates sims files; returns the `ranking.recall_metrics` dict."""
+  if not paths:
+    raise ValueError("no sims files given (--sims=FILE.npy)")
+  arrays = load_sims(paths)
+  sims = ranking.sum_sims(arrays, names=list(paths))
+  n_img, n_cap = sims.shape
+  if n_cap != captions_per_image * n_img:
+    raise ValueError(
+        f"{paths[0] if len(paths) == 1 else 'the summed sims'} has shape {sims.shape}: "
+        f"expected {captions_per_image} * {n_img} = {captions_per_image * n_img} caption "
+        f"columns (captions_per_image={captions_per_image})")
+  return ranking.evaluate_sims(sims, captions_per_image, fold5=fold5, rerank=rerank)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not _SIMS.value:
+    raise app.UsageError("give at least one --sims=FILE.npy")
+  try:
+    metrics = rank_files(_SIMS.value, _FOLD5.value, _RERANK.value, _CPI.value)
+  except (OSError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+  app.run(main)
