@@ -30,32 +30,33 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-DEFAULT_CHUNK_SIZE = 256
+DEFAULT_CHUNK_SIZE = 128
+KERNEL_ROWS = 128   # rows ranked at once inside RankAccumulator (larger blocks are cut)
 RERANK_K = 15
 METRIC_KEYS = ("r1_i2t", "r5_i2t", "r10_i2t", "medr_i2t", "meanr_i2t",
                "r1_t2i", "r5_t2i", "r10_t2i", "medr_t2i", "meanr_t2i", "rsum")
 
 
-def _check_sims_shape(shape, captions_per_image: int) -> Tuple[int, int]:
+def _check_sims_shape(shape, cpi: int) -> Tuple[int, int]:
   """Returns (num_images, num_captions) after checking `shape` is (N, cpi * N)."""
   if len(shape) != 2:
     raise ValueError(f"sims must be 2-D (images x captions), got shape {tuple(shape)}")
-  if captions_per_image < 1:
-    raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
+  if cpi < 1:
+    raise ValueError(f"captions per image (cpi) must be >= 1, got {cpi}")
   n_img, n_cap = shape
-  if n_cap != captions_per_image * n_img:
+  if n_cap != cpi * n_img:
     raise ValueError(
-        f"sims has shape {tuple(shape)}: expected {captions_per_image} * {n_img} = "
-        f"{captions_per_image * n_img} caption columns for {n_img} images "
-        f"(captions_per_image={captions_per_image})")
+        f"sims has shape {tuple(shape)}: expected {cpi} * {n_img} = "
+        f"{cpi * n_img} caption columns for {n_img} images "
+        f"(captions per image: {cpi})")
   return n_img, n_cap
 
 
-def positive_scores(sims, captions_per_image: int = 5) -> np.ndarray:
+def positive_scores(sims, cpi: int = 5) -> np.ndarray:
   """Returns the (N_cap,) scores of the matching pairs, `sims[c // cpi, c]`."""
-  _check_sims_shape(np.shape(sims), captions_per_image)
+  _check_sims_shape(np.shape(sims), cpi)
   cols = np.arange(np.shape(sims)[1])
-  return np.asarray(sims[cols // captions_per_image, cols])
+  return np.asarray(sims[cols // cpi, cols])
 
 
 def _count_true(mask: np.ndarray, axis: int) -> np.ndarray:
@@ -116,6 +117,17 @@ def _t2i_block(block: np.ndarray, row_offset: int, pos: np.ndarray, cpi: int) ->
   return out
 
 
+def _pieces(todo: np.ndarray) -> Iterator[Tuple[int, int]]:
+  """[lo, hi) runs of True in `todo`, cut into pieces of at most KERNEL_ROWS rows."""
+  rows = KERNEL_ROWS
+  idx = np.flatnonzero(todo)
+  if not idx.size:
+    return
+  for run in np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1):
+    for lo in range(run[0], run[-1] + 1, rows):
+      yield int(lo), int(min(lo + rows, run[-1] + 1))
+
+
 class RankAccumulator:
   """Streaming i2t/t2i ranks from row blocks of a (N_img, cpi * N_img) sims matrix.
 
@@ -135,11 +147,11 @@ class RankAccumulator:
   `add` is idempotent per row: rows already counted are skipped.
   """
 
-  def __init__(self, num_images: int, captions_per_image: int = 5,
+  def __init__(self, num_images: int, cpi: int = 5,
                positive_scores: Optional[np.ndarray] = None):
     self.num_images = int(num_images)
-    self.captions_per_image = int(captions_per_image)
-    self.num_captions = self.num_images * self.captions_per_image
+    self.cpi = int(cpi)
+    self.num_captions = self.num_images * self.cpi
     self._i2t = np.zeros(self.num_images, np.int64)
     self._t2i = np.zeros(self.num_captions, np.int64)
     self._i2t_done = np.zeros(self.num_images, bool)
@@ -186,10 +198,11 @@ class RankAccumulator:
     if b == 0:
       return
     s = slice(row_offset, row_offset + b)
-    cpi = self.captions_per_image
-    if not self._i2t_done[s].all():
-      self._i2t[s] = _i2t_block(block, row_offset, cpi)
-      self._i2t_done[s] = True
+    cpi = self.cpi
+    for lo, hi in _pieces(~self._i2t_done[s]):
+      self._i2t[row_offset + lo:row_offset + hi] = _i2t_block(block[lo:hi], row_offset + lo,
+                                                              cpi)
+    self._i2t_done[s] = True
     if not self.positives_known:
       if self._pos is None:
         self._pos = np.zeros(self.num_captions, block.dtype)
@@ -198,16 +211,8 @@ class RankAccumulator:
       self._pos_known[s] = True
       if not self.positives_known:
         return
-    todo = ~self._t2i_done[s]
-    if todo.all():
-      self._t2i += _t2i_block(block, row_offset, self._pos, cpi)
-    elif todo.any():
-      # Count only the rows not yet counted, as contiguous runs.
-      idx = np.flatnonzero(todo)
-      runs = np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1)
-      for run in runs:
-        lo, hi = run[0], run[-1] + 1
-        self._t2i += _t2i_block(block[lo:hi], row_offset + lo, self._pos, cpi)
+    for lo, hi in _pieces(~self._t2i_done[s]):
+      self._t2i += _t2i_block(block[lo:hi], row_offset + lo, self._pos, cpi)
     self._t2i_done[s] = True
 
   def ranks(self) -> Tuple[np.ndarray, np.ndarray]:
@@ -225,7 +230,8 @@ class RankAccumulator:
     return self._i2t.copy(), self._t2i.copy()
 
 
-def iter_row_blocks(sims, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[Tuple[int, np.ndarray]]:
+def iter_row_blocks(sims, chunk_size: int = DEFAULT_CHUNK_SIZE
+                    ) -> Iterator[Tuple[int, np.ndarray]]:
   """Yields (row_offset, block) for consecutive blocks of `chunk_size` rows of `sims`."""
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -233,42 +239,44 @@ def iter_row_blocks(sims, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[Tupl
     yield o, np.asarray(sims[o:o + chunk_size])
 
 
-def ranks(sims, captions_per_image: int = 5,
+def ranks(sims, cpi: int = 5,
           chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tuple[np.ndarray, np.ndarray]:
   """Returns (i2t_ranks, t2i_ranks) of a whole matrix in one pass over row blocks."""
-  n_img, _ = _check_sims_shape(np.shape(sims), captions_per_image)
-  acc = RankAccumulator(n_img, captions_per_image, positive_scores(sims, captions_per_image))
+  n_img, _ = _check_sims_shape(np.shape(sims), cpi)
+  acc = RankAccumulator(n_img, cpi, positive_scores(sims, cpi))
   for o, block in iter_row_blocks(sims, chunk_size):
     acc.add(o, block)
   return acc.ranks()
 
 
-def i2t_ranks(sims, captions_per_image: int = 5,
+def i2t_ranks(sims, cpi: int = 5,
               chunk_size: int = DEFAULT_CHUNK_SIZE) -> np.ndarray:
   """Returns (N_img,) int64: per image, the best 0-based rank among its captions."""
-  n_img, _ = _check_sims_shape(np.shape(sims), captions_per_image)
+  n_img, _ = _check_sims_shape(np.shape(sims), cpi)
   out = np.zeros(n_img, np.int64)
   for o, block in iter_row_blocks(sims, chunk_size):
-    out[o:o + len(block)] = _i2t_block(block, o, captions_per_image)
+    out[o:o + len(block)] = _i2t_block(block, o, cpi)
   return out
 
 
-def t2i_ranks(sims, captions_per_image: int = 5,
+def t2i_ranks(sims, cpi: int = 5,
               chunk_size: int = DEFAULT_CHUNK_SIZE) -> np.ndarray:
   """Returns (N_cap,) int64: per caption, the 0-based rank of its image in its column."""
-  _check_sims_shape(np.shape(sims), captions_per_image)
-  pos = positive_scores(sims, captions_per_image)
+  _check_sims_shape(np.shape(sims), cpi)
+  pos = positive_scores(sims, cpi)
   if np.isnan(pos).any():
     raise ValueError("sims has NaN at a positive pair")
   out = np.zeros(pos.shape[0], np.int64)
   for o, block in iter_row_blocks(sims, chunk_size):
-    out += _t2i_block(block, o, pos, captions_per_image)
+    out += _t2i_block(block, o, pos, cpi)
   return out
 
 
 def _topk_stable(block: np.ndarray, k: int) -> np.ndarray:
   """(B, k) column indices of each row's k best scores, in stable descending order."""
-  b, n = block.shape
+  if not np.issubdtype(block.dtype, np.floating):
+    block = block.astype(np.float64)   # negation below must not wrap around
+  b = block.shape[0]
   kth = -np.partition(-block, k - 1, axis=1)[:, k - 1]   # k-th largest per row
   if np.isnan(kth).any():
     raise ValueError(f"sims rows have fewer than {k} non-NaN scores")
@@ -288,43 +296,77 @@ def _topk_stable(block: np.ndarray, k: int) -> np.ndarray:
   return np.take_along_axis(idx, order, axis=1)
 
 
-def rerank_i2t_ranks(sims, i2t: np.ndarray, captions_per_image: int = 5,
-                     k: int = RERANK_K, chunk_size: int = DEFAULT_CHUNK_SIZE) -> np.ndarray:
-  """i2t ranks after the authors' re-rank (`rerank.py: i2t_rerank`, K1 = k).
+def rerank_i2t_topk(sims, k: int = RERANK_K, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                    column_width: Optional[int] = None) -> np.ndarray:
+  """(N_img, k) caption indices: every image's top k after the authors' i2t re-rank.
 
-  For image i, its top-k captions t_1..t_k (stable descending order of row i) are
-  re-ordered, stably, by `address_j` = the rank of image i in caption t_j's t2i ordering
-  (column t_j, stable descending). Positions beyond k keep their order. `i2t` are the
-  plain i2t ranks of `sims`, used where no positive is in the top k.
+  `rerank.py: i2t_rerank` with K1 = k: for image i, its top-k captions t_1..t_k (stable
+  descending order of row i) are re-ordered, stably, by `address_j` = the rank of image
+  i in caption t_j's t2i ordering (column t_j, stable descending). Positions beyond k
+  are not changed by the re-rank.
+
+  Equal addresses are common (several captions rank image i first) and keep their
+  score order. That is what the authors' `np.argsort(address)` did with the numpy of
+  their time (insertion sort below 17 elements); numpy >= 2 on AVX-512/AVX2 machines
+  uses an unstable SIMD argsort there, so their script now gives machine-dependent
+  re-ranked results.
+
+  Two sweeps: row blocks find every image's top k; then column blocks of sims (all
+  rows, `column_width` columns, default ~4M scores, so the gathers stay in cache) give
+  the addresses of all the (image, caption) pairs whose caption falls in the block.
   """
-  n_img, n_cap = _check_sims_shape(np.shape(sims), captions_per_image)
+  if np.ndim(sims) != 2:
+    raise ValueError(f"sims must be 2-D (images x captions), got shape {np.shape(sims)}")
+  n_img, n_cap = np.shape(sims)
   k = min(k, n_cap)
-  i2t = np.asarray(i2t)
-  out = i2t.astype(np.int64).copy()
-  # Rows per block: bound the (N_img, rows * k) gathered columns to ~16M scores.
-  step = max(1, min(chunk_size, (1 << 24) // max(1, n_img * k)))
-  for o in range(0, n_img, step):
-    block = np.asarray(sims[o:o + step])
-    b = block.shape[0]
-    rows = o + np.arange(b)
-    top = _topk_stable(block, k)                       # (b, k)
-    flat = top.ravel()
-    v = np.take_along_axis(block, top, axis=1).ravel()  # (b * k,)
-    img = np.repeat(rows, k)
-    cols = np.take(sims, flat, axis=1)                 # (n_img, b * k) full columns
-    gt = np.count_nonzero(cols > v[None, :], axis=0)
-    ties = np.count_nonzero(cols >= v[None, :], axis=0) - gt - 1
-    address = gt.astype(np.int64)
+  top = np.empty((n_img, k), np.int64)
+  vals = None
+  for o, block in iter_row_blocks(sims, chunk_size):
+    t = _topk_stable(block, k)
+    if vals is None:
+      vals = np.empty((n_img, k), block.dtype)
+    top[o:o + len(block)] = t
+    vals[o:o + len(block)] = np.take_along_axis(block, t, axis=1)
+
+  cap, val = top.ravel(), vals.ravel()
+  img = np.repeat(np.arange(n_img), k)
+  by_cap = np.argsort(cap, kind="stable")
+  width = column_width or max(1, (1 << 22) // n_img)
+  edges = np.searchsorted(cap[by_cap], np.arange(0, n_cap + width, width))
+  address = np.zeros(n_img * k, np.int64)
+  row_index = np.arange(n_img)[:, None]
+  for j, c0 in enumerate(range(0, n_cap, width)):
+    pairs = by_cap[edges[j]:edges[j + 1]]
+    if not pairs.size:
+      continue
+    sub = np.ascontiguousarray(sims[:, c0:c0 + width])
+    cols = np.take(sub, cap[pairs] - c0, axis=1)                     # (n_img, m)
+    v = val[pairs][None, :]
+    gt = _count_true(cols > v, 0)
+    ties = _count_true(cols >= v, 0) - gt - 1                        # besides image i
     tied = np.flatnonzero(ties > 0)   # exact ties, resolved by image index
     if tied.size:
-      before = np.arange(n_img)[:, None] < img[None, tied]
-      address[tied] += np.count_nonzero((cols[:, tied] == v[None, tied]) & before, axis=0)
-    order = np.argsort(address.reshape(b, k), axis=1, kind="stable")
-    reranked = np.take_along_axis(top, order, axis=1)
-    is_pos = (reranked // captions_per_image) == rows[:, None]
-    hit = is_pos.any(axis=1)
-    out[o:o + b] = np.where(hit, np.argmax(is_pos, axis=1), out[o:o + b])
-  return out
+      gt[tied] += _count_true((cols[:, tied] == v[:, tied])
+                              & (row_index < img[pairs[tied]][None, :]), 0)
+    address[pairs] = gt
+  order = np.argsort(address.reshape(n_img, k), axis=1, kind="stable")
+  return np.take_along_axis(top, order, axis=1)
+
+
+def rerank_i2t_ranks(sims, i2t: np.ndarray, cpi: int = 5,
+                     k: int = RERANK_K, chunk_size: int = DEFAULT_CHUNK_SIZE) -> np.ndarray:
+  """i2t ranks after the authors' re-rank (see `rerank_i2t_topk`, K1 = k).
+
+  `i2t` are the plain i2t ranks of `sims` (`i2t_ranks`), kept for images with no
+  positive in their top k (the re-rank does not move anything beyond k).
+  """
+  n_img, _ = _check_sims_shape(np.shape(sims), cpi)
+  out = np.asarray(i2t).astype(np.int64)
+  if out.shape != (n_img,):
+    raise ValueError(f"i2t ranks have shape {out.shape}, expected ({n_img},)")
+  reranked = rerank_i2t_topk(sims, k, chunk_size)
+  is_pos = (reranked // cpi) == np.arange(n_img)[:, None]
+  return np.where(is_pos.any(axis=1), np.argmax(is_pos, axis=1), out)
 
 
 def recall_metrics(i2t_ranks: np.ndarray, t2i_ranks: np.ndarray) -> Dict[str, float]:
@@ -334,7 +376,8 @@ def recall_metrics(i2t_ranks: np.ndarray, t2i_ranks: np.ndarray) -> Dict[str, fl
     if r.size == 0:
       raise ValueError(f"no {name} ranks")
     for kk in (1, 5, 10):
-      out[f"r{kk}_{name}"] = float(100.0 * np.mean(r < kk))
+      # 100 * count / n, as the authors compute it (exact for whole percentages).
+      out[f"r{kk}_{name}"] = 100.0 * int(np.count_nonzero(r < kk)) / r.size
     out[f"medr_{name}"] = float(np.floor(np.median(r)) + 1)
     out[f"meanr_{name}"] = float(np.mean(r) + 1)
   out["rsum"] = float(sum(out[f"r{kk}_{d}"] for d in ("i2t", "t2i") for kk in (1, 5, 10)))
@@ -348,7 +391,7 @@ def mean_metrics(metrics: Sequence[Dict[str, float]]) -> Dict[str, float]:
   return {key: float(np.mean([m[key] for m in metrics])) for key in metrics[0]}
 
 
-def fold_slices(num_images: int, captions_per_image: int = 5,
+def fold_slices(num_images: int, cpi: int = 5,
                 num_folds: int = 5) -> List[Tuple[slice, slice]]:
   """(rows, cols) slices of the COCO 1K folds: sequential blocks of N/num_folds images."""
   if num_images % num_folds:
@@ -357,7 +400,7 @@ def fold_slices(num_images: int, captions_per_image: int = 5,
         f"5000 test images in 5 folds of 1000); got {num_images}")
   fs = num_images // num_folds
   return [(slice(f * fs, (f + 1) * fs),
-           slice(f * fs * captions_per_image, (f + 1) * fs * captions_per_image))
+           slice(f * fs * cpi, (f + 1) * fs * cpi))
           for f in range(num_folds)]
 
 
@@ -368,7 +411,7 @@ def _evaluate_single(sims, cpi: int, rerank: bool, chunk_size: int) -> Dict[str,
   return recall_metrics(r_i2t, r_t2i)
 
 
-def evaluate_sims(sims, captions_per_image: int = 5, fold5: bool = False,
+def evaluate_sims(sims, cpi: int = 5, fold5: bool = False,
                   rerank: bool = False,
                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> Dict[str, float]:
   """Metrics of a (N_img, cpi * N_img) sims matrix (an array or a read-only memmap).
@@ -377,12 +420,12 @@ def evaluate_sims(sims, captions_per_image: int = 5, fold5: bool = False,
   images (requires N % 5 == 0; N = 5000 for COCO). rerank: the authors' i2t re-rank
   (K1 = 15) applied within each evaluated matrix (each fold when fold5).
   """
-  n_img, _ = _check_sims_shape(np.shape(sims), captions_per_image)
+  n_img, _ = _check_sims_shape(np.shape(sims), cpi)
   if not fold5:
-    return _evaluate_single(sims, captions_per_image, rerank, chunk_size)
+    return _evaluate_single(sims, cpi, rerank, chunk_size)
   return mean_metrics([
-      _evaluate_single(sims[rs, cs], captions_per_image, rerank, chunk_size)
-      for rs, cs in fold_slices(n_img, captions_per_image)])
+      _evaluate_single(sims[rs, cs], cpi, rerank, chunk_size)
+      for rs, cs in fold_slices(n_img, cpi)])
 
 
 def sum_sims(arrays: Sequence, names: Optional[Sequence[str]] = None) -> np.ndarray:

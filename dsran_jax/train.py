@@ -51,14 +51,14 @@ def check_batch_size(config, mesh):
                      f"by the {n} devices of the mesh")
 
 
-def create_state(model, tx, config, rng, sharding) -> TrainState:
+def create_state(model, tx, config, rng, sharding, workdir=None) -> TrainState:
   """Fresh replicated state: random init, then the pretrained BERT (or GloVe) weights."""
   variables = models.init_variables(model, rng)
   if model.config.text_encoder == "bert" and not config.model.bert_random_init:
     variables = models.load_pretrained_bert(variables, config.model)
   elif model.config.text_encoder == "gru" and config.model.glove_path:
     variables = models.load_glove(variables, config.model.glove_path,
-                                  data.vocabulary_words(config))
+                                  data.gru_vocabulary(config, workdir).word2idx)
   variables = jax.device_put(variables, sharding)
   opt_state = jax.jit(tx.init, out_shardings=sharding)(variables["params"])
   return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), sharding),
@@ -259,7 +259,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx = optim.make_optimizer(config.train, schedule)
 
   replicated = NamedSharding(mesh, P())
-  state = create_state(model, tx, config, jax.random.PRNGKey(config.train.seed), replicated)
+  state = create_state(model, tx, config, jax.random.PRNGKey(config.train.seed), replicated,
+                       workdir)
   best = {"rsum": -1.0, "step": -1}
   history = []
   if checkpointing.latest_step(workdir, checkpointing.LATEST) is not None:

@@ -32,19 +32,23 @@ def _brute_t2i(sims, cpi=5):
   return np.array(out)
 
 
-def _brute_rerank_i2t(sims, cpi=5, k1=15):
-  """The authors' `i2t_rerank` + `acc_i2t2`, with stable sorts."""
+def _brute_rerank(sims, k1=15):
+  """The authors' `i2t_rerank` with stable sorts: the full re-ranked lists (N, N_cap)."""
   n_img, n_cap = sims.shape
   sort_i2t = np.stack([_order(r) for r in sims])
   sort_t2i = np.stack([_order(c) for c in sims.T], axis=1)
-  out = []
   for i in range(n_img):
-    top = sort_i2t[i, :k1]
+    top = sort_i2t[i, :k1].copy()
     address = [int(np.flatnonzero(sort_t2i[:, t] == i)[0]) for t in top]
-    full = sort_i2t[i].copy()
-    full[:k1] = top[np.argsort(address, kind="stable")]
-    out.append(min(int(np.flatnonzero(full == c)[0]) for c in range(i * cpi, (i + 1) * cpi)))
-  return np.array(out)
+    sort_i2t[i, :k1] = top[np.argsort(address, kind="stable")]
+  return sort_i2t
+
+
+def _brute_rerank_i2t(sims, cpi=5, k1=15):
+  """The authors' `i2t_rerank` + `acc_i2t2` (best positive position), stable sorts."""
+  full = _brute_rerank(sims, k1)
+  return np.array([min(int(np.flatnonzero(row == c)[0]) for c in range(i * cpi, (i + 1) * cpi))
+                   for i, row in enumerate(full)])
 
 
 def _tied_sims(rng, n_img, cpi=5, levels=7):
@@ -90,6 +94,13 @@ def test_other_captions_per_image():
                                 _brute_t2i(sims, 3))
 
 
+def test_integer_sims():
+  rng = np.random.default_rng(11)
+  sims = _tied_sims(rng, 20)
+  as_int = sims.astype(np.uint8)
+  assert ranking.evaluate_sims(as_int, rerank=True) == ranking.evaluate_sims(sims, rerank=True)
+
+
 def test_nan_is_lowest_and_nan_positive_is_error():
   rng = np.random.default_rng(4)
   sims = _gauss_sims(rng, 8)
@@ -112,7 +123,8 @@ def test_shape_errors():
 
 
 @pytest.mark.parametrize("make", [_tied_sims, _gauss_sims])
-def test_accumulator_two_passes_any_order(make):
+def test_accumulator_two_passes_any_order(make, monkeypatch):
+  monkeypatch.setattr(ranking, "KERNEL_ROWS", 3)   # blocks are cut into kernel pieces
   rng = np.random.default_rng(5)
   sims = make(rng, 29)
   want = (_brute_i2t(sims), _brute_t2i(sims))
@@ -132,6 +144,15 @@ def test_accumulator_two_passes_any_order(make):
   # Re-adding is a no-op (rows are never counted twice).
   acc.add(*blocks[0])
   np.testing.assert_array_equal(acc.ranks()[1], want[1])
+  # Overlapping blocks in the second pass count each row once.
+  acc = ranking.RankAccumulator(29)
+  for o in (0, 10, 20):
+    acc.add(o, sims[o:o + 10])
+  acc.add(5, sims[5:25])
+  assert not acc.complete and not acc.needs_rows(20, 9) and acc.needs_rows(0, 1)
+  acc.add(0, sims)
+  for got, w in zip(acc.ranks(), want):
+    np.testing.assert_array_equal(got, w)
 
 
 def test_accumulator_one_pass_cases():
@@ -196,6 +217,16 @@ def test_rerank_matches_authors_procedure(make):
                                 _brute_t2i(sims[6 * f:6 * f + 6, 30 * f:30 * f + 30]))
          for f in range(5)]
   assert folds["rsum"] == pytest.approx(np.mean([p["rsum"] for p in per]))
+
+
+@pytest.mark.parametrize("width,levels", [(None, 4), (1, 4), (7, 4), (None, 40), (5, 40)])
+def test_rerank_topk_lists(width, levels):
+  rng = np.random.default_rng(10)
+  sims = _tied_sims(rng, 24, levels=levels)
+  got = ranking.rerank_i2t_topk(sims, 15, chunk_size=5, column_width=width)
+  np.testing.assert_array_equal(got, _brute_rerank(sims)[:, :15])
+  np.testing.assert_array_equal(ranking.rerank_i2t_topk(sims[:, :8], 15),
+                                _brute_rerank(sims[:, :8])[:, :8])   # k > N_cap
 
 
 def test_rerank_changes_order_as_intended():

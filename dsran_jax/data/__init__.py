@@ -15,7 +15,8 @@ from dsran_jax.data.raw import DataError, MissingDataError, RawSplit
 FORMATS = ("synthetic", "precomp", "vlp")
 
 __all__ = ["FORMATS", "IMAGE_KEYS", "TEXT_KEYS", "DataError", "MissingDataError",
-           "RawSplit", "Split", "format_module", "load_split", "read_raw_split"]
+           "RawSplit", "Split", "format_module", "gru_vocabulary", "load_split", "read_raw_split",
+           "vocab_size"]
 
 
 def format_module(config):
@@ -59,3 +60,21 @@ def load_split(config, split_name: str, workdir: Optional[str] = None) -> Split:
                attention_mask=attention_mask,
                captions_per_image=raw_split.captions_per_image,
                read_images=raw_split.read_images)
+
+
+def gru_vocabulary(config, workdir: Optional[str] = None):
+  """The GRU build's `Vocabulary` (built from the training captions on first use and
+  saved in the workdir); None for the BERT build."""
+  if config.model.text_encoder != "gru":
+    return None
+  from dsran_jax.data import tokenize  # pylint: disable=g-import-not-at-top
+  tokenizer = tokenize.make_tokenizer(
+      config, workdir, lambda: read_raw_split(config, config.data.train_split).texts)
+  return tokenizer.vocab
+
+
+def vocab_size(config, workdir: Optional[str] = None) -> Optional[int]:
+  """Size of the GRU vocabulary (`model.vocab_size` if set); None for the BERT build."""
+  if config.model.text_encoder != "gru":
+    return None
+  return config.model.vocab_size or len(gru_vocabulary(config, workdir))

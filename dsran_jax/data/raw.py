@@ -78,6 +78,11 @@ def load_npy(path: str, expected_shape=None, what: str = "features",
     The array (a read-only memmap when `mmap`).
   """
   require_file(path, what)
+  with open(path, "rb") as f:
+    magic = f.read(6)
+  if magic != b"\x93NUMPY":
+    raise DataError(f"{path}: not a .npy file ({what}): no NUMPY header "
+                    f"({os.path.getsize(path)} bytes)")
   try:
     arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
   except (ValueError, OSError, EOFError) as e:

@@ -35,12 +35,11 @@ def layer_norm(x: np.ndarray, eps: float = _EPS) -> np.ndarray:
   1e-6 at most); float64 inputs agree to double precision.
   """
   dt = x.dtype.type
-  x64 = x.astype(np.float64)
-  mean = x64.mean(axis=-1, keepdims=True)
-  var = np.mean(np.square(x64 - mean), axis=-1, keepdims=True)
-  mean = mean.astype(dt)
+  mean = x.mean(axis=-1, dtype=np.float64, keepdims=True).astype(dt)
+  d = x - mean
+  var = np.einsum("...i,...i->...", d, d, dtype=np.float64)[..., None] / x.shape[-1]
   rstd = (dt(1) / np.sqrt(var.astype(dt) + dt(eps))).astype(dt)
-  return (x - mean) * rstd
+  return d * rstd
 
 
 def region_pos(boxes, cls_prob, dtype=np.float32) -> np.ndarray:

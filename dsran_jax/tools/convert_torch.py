@@ -268,7 +268,6 @@ def convert_state_dict(state_dict: Mapping[str, Any], build: Optional[str] = Non
   expected = expected_shapes(overrides)
 
   flat: Dict[str, np.ndarray] = {}
-  source: Dict[str, str] = {}
   bert_state: Dict[str, np.ndarray] = {}
   unexpected, bad_shapes, problems = [], [], []
   for key, value in state.items():
@@ -300,7 +299,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], build: Optional[str] = Non
     if value.shape != expected[path]:
       bad_shapes.append(f"{key} -> {path}: checkpoint {tuple(value.shape)} (after mapping), "
                         f"model expects {expected[path]}")
-    flat[path], source[path] = value, key
+    flat[path] = value
 
   if build == "bert":
     bert_prefix = "params/text_enc/bert/"
@@ -471,10 +470,11 @@ def make_config(overrides: Mapping[str, Any], info: Mapping[str, Any],
       c.train.grad_clip = float(opt["grad_clip"])
   # Their recipe, for fine-tuning from here; eval.batch_size also fixes the GRU build's
   # reference padding (each eval batch is padded to its longest caption).
-  for src, (section, key, cast) in {
-      "batch_size": ("train", "batch_size", int), "learning_rate": ("train", "learning_rate", float),
-      "num_epochs": ("train", "num_epochs", int), "lr_update": ("train", "lr_update", int),
-      "margin": ("train", "margin", float)}.items():
+  recipe = {"batch_size": ("train", "batch_size", int),
+            "learning_rate": ("train", "learning_rate", float),
+            "num_epochs": ("train", "num_epochs", int), "lr_update": ("train", "lr_update", int),
+            "margin": ("train", "margin", float)}
+  for src, (section, key, cast) in recipe.items():
     if src in opt:
       c[section][key] = cast(opt[src])
   if "batch_size" in opt:
@@ -577,6 +577,9 @@ def main(argv: Sequence[str]) -> None:
   if summary["build"] == "gru" and not summary["vocab_json"]:
     print("note: no --vocab given; encode_texts(texts=...) will need "
           f"{os.path.join(f.workdir, 'vocab.json')} (convert with --vocab=...pkl)")
+  if summary["build"] == "bert" and not summary["bert_path"]:
+    print("note: no --bert_path given; encode_texts(texts=...) needs model.bert_path (a BERT "
+          "directory with vocab.txt) set in config.json")
   print(json.dumps(summary))
 
 

@@ -59,7 +59,7 @@ def rank_files(paths: Sequence[str], fold5: bool = False, rerank: bool = False,
         f"{paths[0] if len(paths) == 1 else 'the summed sims'} has shape {sims.shape}: "
         f"expected {captions_per_image} * {n_img} = {captions_per_image * n_img} caption "
         f"columns (captions_per_image={captions_per_image})")
-  return ranking.evaluate_sims(sims, captions_per_image, fold5=fold5, rerank=rerank)
+  return ranking.evaluate_sims(sims, cpi=captions_per_image, fold5=fold5, rerank=rerank)
 
 
 def main(argv):
