@@ -39,9 +39,15 @@ class TrainState:
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def make_mesh() -> jax.sharding.Mesh:
-  """A 1-D mesh over every device of every host, axis `data`."""
-  return jax.make_mesh((jax.device_count(),), ("data",))
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+  """A 1-D mesh, axis `data`, over `devices` (default: every device of every host).
+
+  Auto axis types: the step is written single-device style and XLA's partitioner inserts
+  the cross-device reductions (BatchNorm statistics, the loss over the global batch).
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), ("data",), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def check_batch_size(config, mesh):
@@ -95,7 +101,7 @@ def make_train_step(model, tx, config, schedule):
     (loss, new_stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
     return TrainState(state.step + 1, params, new_stats, opt_state), metrics
 
   return step_fn
@@ -240,15 +246,24 @@ def build(config, workdir: str):
   return model, train_split
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       mesh: Optional[jax.sharding.Mesh] = None,
+                       stop_at: Optional[int] = None) -> dict:
   """Trains, keeps the best dev-rsum checkpoint, then evaluates it on the test split.
 
   Resumes from `{workdir}/checkpoints/latest` when present. Returns the test results
   (also written to `{workdir}/eval_results.json`).
+
+  Args:
+    config: the full config (see dsran_jax/default_config.py).
+    workdir: output directory.
+    mesh: device mesh with a `data` axis (default: every device).
+    stop_at: save and return after this global step, as a preemption would (to split a
+      run over time-limited sessions); the next call resumes from there.
   """
   os.makedirs(workdir, exist_ok=True)
   save_workdir_config(config, workdir)
-  mesh = make_mesh()
+  mesh = mesh or make_mesh()
   check_batch_size(config, mesh)
   model, train_split = build(config, workdir)
   dev_split = data.load_split(config, config.data.dev_split, workdir).subset_images(
@@ -310,13 +325,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         window_t, window_n = time.time(), 0
       if done % eval_every == 0 or done == total_steps:
         validate(done)
-      if done % config.train.checkpoint_every == 0 or done == total_steps or preempt.requested:
+      stop = preempt.requested or done == stop_at
+      if done % config.train.checkpoint_every == 0 or done == total_steps or stop:
         save_latest(done)
-      if preempt.requested:
-        logging.warning("SIGTERM: saved step %d to %s; exiting", done, workdir)
+      if stop:
+        logging.warning("stopped at step %d (%s); saved to %s", done,
+                        "SIGTERM" if preempt.requested else "stop_at", workdir)
         if bar is not None:
           bar.close()
-        return {"preempted_at": done}
+        return {"stopped_at": done}
   if bar is not None:
     bar.close()
   try:

@@ -48,19 +48,24 @@ def init(model_cfg, vocab_size=50):
 
 def embed_images(model, variables, batch):
   keys = ("grid", "regions", "region_pos", "region_mask")
-  return np.asarray(model.apply(variables, **{k: batch[k] for k in keys if k in batch},
-                                method=model.embed_images))
+  fn = jax.jit(lambda v, b: model.apply(v, **b, method=model.embed_images))
+  return np.asarray(fn(variables, {k: batch[k] for k in keys if k in batch}))
 
 
 def embed_texts(model, variables, batch):
-  return np.asarray(model.apply(variables, batch["input_ids"], batch["attention_mask"],
-                                method=model.embed_texts))
+  fn = jax.jit(lambda v, ids, mask: model.apply(v, ids, mask, method=model.embed_texts))
+  return np.asarray(fn(variables, batch["input_ids"], batch["attention_mask"]))
+
+
+def apply(model, variables, batch):
+  """Jitted eval-mode `model.apply` (one compile instead of op-by-op dispatch)."""
+  return jax.jit(lambda v, b: model.apply(v, b))(variables, batch)
 
 
 @pytest.mark.parametrize("K", [1, 2, 4])
 def test_embeddings_are_unit_norm_and_keys(K):
   model, variables = init(tiny_config(K=K))
-  img, txt = model.apply(variables, random_batch(np.random.default_rng(0)))
+  img, txt = apply(model, variables, random_batch(np.random.default_rng(0)))
   np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1.0, atol=1e-5)
   jsr = set(variables["params"]["jsr"])
@@ -128,11 +133,12 @@ def test_batchnorm_and_dropout_modes_match_pytorch():
 
   model, variables = init(tiny_config())
   batch = random_batch(rng)
-  run = lambda seed: model.apply(variables, batch, train=True, rngs={"dropout": jax.random.PRNGKey(seed)},
-                                 mutable=["batch_stats"])[0][0]
+  train_fn = jax.jit(lambda r: model.apply(variables, batch, train=True, rngs={"dropout": r},
+                                           mutable=["batch_stats"])[0][0])
+  run = lambda seed: train_fn(jax.random.PRNGKey(seed))
   assert np.abs(np.asarray(run(0)) - np.asarray(run(1))).max() > 1e-4
   np.testing.assert_array_equal(np.asarray(run(0)), np.asarray(run(0)))
-  eval_img = lambda: np.asarray(model.apply(variables, batch, train=False)[0])
+  eval_img = lambda: np.asarray(apply(model, variables, batch)[0])
   np.testing.assert_array_equal(eval_img(), eval_img())
 
 
@@ -154,7 +160,7 @@ def test_gru_matches_pytorch_packed_sequences():
 def test_regions_only_build_and_bad_config():
   model, variables = init(tiny_config(image_inputs="regions"))
   batch = random_batch(np.random.default_rng(5), grid=False)
-  img, _ = model.apply(variables, batch)
+  img, _ = apply(model, variables, batch)
   assert img.shape == (3, 32) and "grid_enc" not in variables["params"]
   with pytest.raises(ValueError, match="model.K"):
     models.build_model(tiny_config(K=3))

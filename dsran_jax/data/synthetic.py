@@ -24,11 +24,12 @@ generated from that description; features are generated from it with noise:
   direction) and only weak evidence of the objects at the cells their boxes cover
   (`grid_object_evidence`), in directions unrelated to the region ones. So the scene is
   only in the grid branch, and positions are in region_pos and (weakly) in the grid.
-* Hard negatives: images come in pairs (2g, 2g+1). With probability `twin_fraction` the
-  second is a *twin* of the first: the same objects and attributes with two objects'
-  positions swapped ("relation" twin: only spatial relations tell them apart), or with a
-  different scene ("scene" twin: only the grid tells them apart), or with two objects'
-  colours swapped ("binding" twin: a bag of attributes cannot tell them apart).
+* Hard negatives: consecutive images form *families* of `family_layouts x family_scenes`
+  images (4 by default). With probability `family_fraction` a family's images share
+  their objects and attributes exactly and differ only in the arrangement (layout variant
+  k > 0 swaps two objects' positions, so their relation flips) and/or in the scene: only a
+  model that reads spatial relations and the grid tells all members apart, a bag of
+  regions sees one image four times. Other families are independent images.
 * Captions (5 per image, at most ~19 wordpieces with [CLS]/[SEP]) name a subset of the
   objects with colour (and sometimes size), a spatial relation between two of them (left
   of / right of / above / below, "next to" for horizontal neighbours) derived from their
@@ -47,8 +48,9 @@ Difficulty knobs (fields of `Difficulty`; pass `difficulty=` to `read_raw_split`
 --------------------------------------------------------------------------------
 Composition: `min_objects`, `max_objects` (objects per image), `num_classes`,
 `num_colours`, `num_scenes` (vocabulary in use, at most the lists below).
-Hard negatives: `twin_fraction` (fraction of image pairs that are twins), `twin_kinds`
-(relative weights of relation / scene / binding twins).
+Hard negatives: `family_fraction` (fraction of families that are hard-negative
+families), `family_layouts`, `family_scenes` (arrangements and scenes per family; family
+size is their product; 1 switches that kind of hard negative off).
 Captions: `p_caption_scene` (a caption names the scene), `p_caption_relation` (a caption
 uses a spatial relation instead of a list), `p_caption_colour`, `p_caption_size` (an
 object mention carries its colour / size), `p_next_to` (a horizontal relation is said
@@ -57,13 +59,13 @@ Features: `region_noise`, `grid_noise`, `iso_noise` (noise std, in units of a si
 per-dimension std), `class_confusion`, `detector_error`, `grid_object_evidence` (strength
 of object evidence in grid cells), `scene_strength`, `supercategory_share` (how similar
 classes of one supercategory are), `p_part` (part region per object), `max_background`.
-Setting `twin_fraction=0` and `p_caption_relation=0` gives an easy world; raising the
+Setting `family_fraction=0` and `p_caption_relation=0` gives an easy world; raising the
 noise, `class_confusion` and `detector_error` makes recall saturate lower.
 """
 import dataclasses
 import functools
 import zlib
-from typing import Optional, Sequence, Tuple
+from typing import Optional
 
 import numpy as np
 
@@ -118,7 +120,6 @@ PARTS = ("head", "leg", "wheel", "window", "handle", "top")
 SUPERCATEGORY_PARTS = ((0, 1), (2, 3), (1, 5), (4, 5))
 STUFF = ("shadow", "spot", "line", "edge", "light", "reflection")
 CANVASES = ((640, 480), (500, 375), (480, 640), (500, 333), (640, 427), (375, 500))
-TWIN_KINDS = ("relation", "scene", "binding")
 
 _REGION_NOISE_DIMS = 32
 _GRID_NOISE_DIMS = 32
@@ -135,8 +136,9 @@ class Difficulty:
   num_classes: int = len(CLASSES)
   num_colours: int = len(COLOURS)
   num_scenes: int = len(SCENES)
-  twin_fraction: float = 0.5
-  twin_kinds: Tuple[float, float, float] = (0.45, 0.4, 0.15)  # relation, scene, binding
+  family_fraction: float = 0.75
+  family_layouts: int = 2
+  family_scenes: int = 2
   p_caption_scene: float = 0.7
   p_caption_relation: float = 0.6
   p_caption_colour: float = 0.9
@@ -163,9 +165,11 @@ class Difficulty:
         (self.max_objects <= self.num_classes, "max_objects <= num_classes"),
         (2 <= self.num_colours <= len(COLOURS), f"2 <= num_colours <= {len(COLOURS)}"),
         (2 <= self.num_scenes <= len(SCENES), f"2 <= num_scenes <= {len(SCENES)}"),
-        (0 <= self.twin_fraction <= 1, "0 <= twin_fraction <= 1"),
-        (len(self.twin_kinds) == 3 and min(self.twin_kinds) >= 0 and sum(self.twin_kinds) > 0,
-         "twin_kinds: 3 non-negative weights, not all 0"),
+        (0 <= self.family_fraction <= 1, "0 <= family_fraction <= 1"),
+        # Two objects have only 4 distinct relations, hence at most 4 arrangements.
+        (1 <= self.family_layouts <= 4 and (self.family_layouts == 1 or self.min_objects >= 2),
+         "1 <= family_layouts <= 4 (and min_objects >= 2 if > 1)"),
+        (1 <= self.family_scenes <= self.num_scenes, "1 <= family_scenes <= num_scenes"),
         (self.max_background >= 0, "max_background >= 0"),
     ]
     for ok, what in checks:
@@ -180,9 +184,9 @@ DEFAULT_DIFFICULTY = Difficulty()
 class Layouts:
   """The symbolic content of a split's images (arrays over images, objects padded with -1).
 
-  `cls`, `colour`, `size`, `row`, `col` are (N, max_objects); `twin_kind` is -1 for an
-  image that is not a twin, else an index into TWIN_KINDS, `twin_of` the other image of
-  the pair.
+  `cls`, `colour`, `size`, `row`, `col` are (N, max_objects). `family` is the image's
+  family index if it belongs to a hard-negative family (same objects as the other
+  members), else -1; `variant` is (layout variant, scene variant) within the family.
   """
   split: str
   scene: np.ndarray
@@ -193,8 +197,8 @@ class Layouts:
   row: np.ndarray
   col: np.ndarray
   canvas: np.ndarray
-  twin_of: np.ndarray
-  twin_kind: np.ndarray
+  family: np.ndarray
+  variant: np.ndarray
 
   def __len__(self):
     return len(self.scene)
@@ -286,9 +290,10 @@ class SyntheticWorld:
 
   # ---------------------------------------------------------------- layouts and captions
 
-  def _sample_layout(self, rng):
+  def _sample_layout(self, rng, n=None):
     d = self.d
-    n = int(rng.integers(d.min_objects, d.max_objects + 1))
+    if n is None:
+      n = int(rng.integers(d.min_objects, d.max_objects + 1))
     cls = rng.choice(d.num_classes, n, replace=False)
     colour = rng.integers(d.num_colours, size=n)
     size = rng.integers(2, size=n)
@@ -308,38 +313,51 @@ class SyntheticWorld:
     return dict(scene=scene, cls=cls, colour=colour, size=size, row=r, col=c,
                 canvas=canvas)
 
-  def _twin(self, base, kind: int, rng):
-    t = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in base.items()}
-    n = len(t["cls"])
-    if TWIN_KINDS[kind] == "relation" and n >= 2:
-      a, b = rng.choice(n, 2, replace=False)
-      t["row"][[a, b]] = t["row"][[b, a]]
-      t["col"][[a, b]] = t["col"][[b, a]]
-    elif TWIN_KINDS[kind] == "binding" and n >= 2:
-      a, b = rng.choice(n, 2, replace=False)
-      if t["colour"][a] == t["colour"][b]:
-        t["colour"][a] = (t["colour"][a] + 1 + rng.integers(self.d.num_colours - 1)
-                          ) % self.d.num_colours
-      else:
-        t["colour"][[a, b]] = t["colour"][[b, a]]
-    else:  # scene twin (also the fallback for a single object)
-      t["scene"] = int((t["scene"] + 1 + rng.integers(self.d.num_scenes - 1))
-                       % self.d.num_scenes)
-      kind = TWIN_KINDS.index("scene")
-    return t, kind
+  @staticmethod
+  def _relations(row, col):
+    n = len(row)
+    return tuple(relation((row[a], col[a]), (row[b], col[b]))
+                 for a in range(n) for b in range(a + 1, n))
+
+  def _layout_variants(self, base, rng):
+    """`family_layouts` arrangements of base's objects with pairwise different relations."""
+    n = len(base["cls"])
+    variants = [(base["row"], base["col"])]
+    seen = {self._relations(*variants[0])}
+    pairs = [tuple(p) for p in rng.permutation(
+        [(a, b) for a in range(n) for b in range(a + 1, n)])]
+    for _ in range(1000):
+      if len(variants) == self.d.family_layouts:
+        return variants
+      if pairs:  # swapping two objects flips their relation: the minimal hard negative
+        a, b = pairs.pop()
+        row, col = base["row"].copy(), base["col"].copy()
+        row[[a, b]], col[[a, b]] = row[[b, a]], col[[b, a]]
+      else:  # more variants than pairs: a fresh arrangement of the same objects
+        fresh = self._sample_layout(rng, n=n)
+        row, col = fresh["row"], fresh["col"]
+      rel = self._relations(row, col)
+      if rel not in seen:
+        seen.add(rel)
+        variants.append((row, col))
+    raise RuntimeError(f"no {self.d.family_layouts} distinct arrangements of {n} objects")
 
   def layouts(self, split_name: str, num_images: int) -> Layouts:
-    """The symbolic content of the first `num_images` images of a split."""
+    """The symbolic content of the first `num_images` images of a split.
+
+    Image i depends only on (seed, split, i // family size, i), so a split is a prefix of
+    any larger split of the same name.
+    """
+    d = self.d
     code = _split_code(split_name)
-    m = self.d.max_objects
+    m = d.max_objects
     out = dict(scene=np.zeros(num_images, np.int32),
                num_objects=np.zeros(num_images, np.int32),
                canvas=np.zeros(num_images, np.int32),
-               twin_of=np.full(num_images, -1, np.int32),
-               twin_kind=np.full(num_images, -1, np.int32),
+               family=np.full(num_images, -1, np.int32),
+               variant=np.zeros((num_images, 2), np.int32),
                **{k: np.full((num_images, m), -1, np.int32)
                   for k in ("cls", "colour", "size", "row", "col")})
-    kinds_p = np.asarray(self.d.twin_kinds, np.float64) / np.sum(self.d.twin_kinds)
 
     def put(i, lay):
       n = len(lay["cls"])
@@ -347,20 +365,24 @@ class SyntheticWorld:
       for k in ("cls", "colour", "size", "row", "col"):
         out[k][i, :n] = lay[k]
 
-    for g in range((num_images + 1) // 2):
-      i0, i1 = 2 * g, 2 * g + 1
-      base = self._sample_layout(_rng(self.seed, code, i0, _STREAM_LAYOUT))
-      put(i0, base)
-      if i1 >= num_images:
-        break
-      grng = _rng(self.seed, code, g, _STREAM_GROUP)
-      if grng.random() < self.d.twin_fraction:
-        lay, kind = self._twin(base, int(grng.choice(3, p=kinds_p)), grng)
-        out["twin_of"][[i0, i1]] = (i1, i0)
-        out["twin_kind"][[i0, i1]] = kind
-      else:
-        lay = self._sample_layout(_rng(self.seed, code, i1, _STREAM_LAYOUT))
-      put(i1, lay)
+    size = d.family_layouts * d.family_scenes
+    for f in range((num_images + size - 1) // size):
+      members = range(f * size, min(num_images, (f + 1) * size))
+      frng = _rng(self.seed, code, f, _STREAM_GROUP)
+      if size == 1 or frng.random() >= d.family_fraction:
+        for i in members:
+          put(i, self._sample_layout(_rng(self.seed, code, i, _STREAM_LAYOUT)))
+        continue
+      base = self._sample_layout(frng)
+      arrangements = self._layout_variants(base, frng)
+      scenes = frng.choice(d.num_scenes, d.family_scenes, replace=False)
+      for i in members:
+        li, si = divmod(i - f * size, d.family_scenes)
+        lay = dict(base, row=arrangements[li][0], col=arrangements[li][1],
+                   scene=int(scenes[si]))
+        put(i, lay)
+        out["family"][i] = f
+        out["variant"][i] = (li, si)
     return Layouts(split=split_name, **out)
 
   def _noun_phrase(self, rng, obj) -> str:
@@ -562,8 +584,7 @@ class SyntheticWorld:
         scene=SCENE_NAMES[layouts.scene[i]],
         objects=[dict(cls=CLASSES[c][0][0], colour=COLOURS[co], size=SIZES[s][0],
                       row=r, col=cc) for c, co, s, r, cc in layouts.objects(i)],
-        twin_of=int(layouts.twin_of[i]),
-        twin_kind=TWIN_KINDS[layouts.twin_kind[i]] if layouts.twin_kind[i] >= 0 else None)
+        family=int(layouts.family[i]), variant=tuple(int(v) for v in layouts.variant[i]))
 
 
 @functools.lru_cache(maxsize=8)

@@ -41,6 +41,7 @@ class MultiHeadAttention(nn.Module):
     if node_mask is not None:
       logits = jnp.where(node_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
+    self.sow("intermediates", "attention", probs)  # no-op unless "intermediates" is mutable
     probs = nn.Dropout(self.dropout, deterministic=not train)(probs)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
     return out.reshape(b, n, d)

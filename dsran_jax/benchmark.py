@@ -1,0 +1,337 @@
+"""Throughput of the real DSRAN train step (and of COCO 5K encoding + ranking).
+
+    python -m dsran_jax.benchmark --batch_size=32 --embed_size=1024 --bert_layers=6 \
+        --bert_hidden=384 --K=2 --regions=100 --seq_len=32 --steps=10 [--bf16]
+    python -m dsran_jax.benchmark --eval --eval_images=500 [same model flags]
+
+Train mode builds the model at the given shape (BERT with random weights), random
+inputs, and the step `dsran_jax.train` trains with (`make_train_step` + `jit_train_step`
+over a mesh of every device, donated state, BertAdam with the recipe's schedule). It
+times `--steps` steps after compilation, each waited for with `block_until_ready`, and
+prints one JSON line:
+
+  pairs_per_s         batch_size / step_s
+  step_s              median step time (s); step_s_min / step_s_max beside it
+  compile_s           lowering + XLA compilation of the step
+  flops_per_step      XLA cost analysis of the compiled step (forward, backward, update)
+  matmul_peak_gflops  best rate of a large fp32 matmul timed in this process
+  mfu                 flops_per_step / step_s / matmul peak
+  peak_memory_bytes   device memory_stats()["peak_bytes_in_use"] where the backend keeps
+                      it, else the process's max RSS (`peak_memory_source` says which)
+
+Eval mode (`--eval`) encodes `--eval_images` images and 5x as many captions with the
+jitted eval-mode `embed_images` / `embed_texts` (batches of `--eval_batch_size`), reports
+items/s and the time extrapolated to COCO 5K (5000 images, 25000 captions), then scores
+and ranks a full 5000 x 25000 matrix with `dsran_jax.ranking` (i2t and t2i ranks, R@K).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dsran_jax import models, optim, ranking, train
+from dsran_jax.default_config import get_base_config
+from dsran_jax.models import GRID_NODES
+
+COCO5K_IMAGES = 5000
+CAPTIONS_PER_IMAGE = 5
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  """Command-line flags (see the module docstring)."""
+  p = argparse.ArgumentParser(prog="python -m dsran_jax.benchmark", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--embed_size", type=int, default=1024)
+  p.add_argument("--bert_layers", type=int, default=6)
+  p.add_argument("--bert_hidden", type=int, default=384)
+  p.add_argument("--bert_heads", type=int, default=0, help="0: bert_hidden // 64")
+  p.add_argument("--bert_intermediate", type=int, default=0, help="0: 4 * bert_hidden")
+  p.add_argument("--K", type=int, default=2)
+  p.add_argument("--regions", type=int, default=100)
+  p.add_argument("--seq_len", type=int, default=32)
+  p.add_argument("--img_dim", type=int, default=2048)
+  p.add_argument("--pos_dim", type=int, default=1607)
+  p.add_argument("--text_padding", default="masked", choices=("masked", "reference"))
+  p.add_argument("--steps", type=int, default=10, help="timed steps (after 1 warm-up step)")
+  p.add_argument("--warmup_steps", type=int, default=1)
+  p.add_argument("--bf16", action="store_true", help="model.dtype='bfloat16'")
+  p.add_argument("--peak_size", type=int, default=0,
+                 help="matmul size for the peak; 0: best of 2048 and 4096")
+  p.add_argument("--eval", action="store_true", help="time encoding + COCO 5K ranking")
+  p.add_argument("--eval_images", type=int, default=COCO5K_IMAGES)
+  p.add_argument("--eval_batch_size", type=int, default=128)
+  p.add_argument("--rank_images", type=int, default=COCO5K_IMAGES,
+                 help="images of the ranked sims matrix (captions: 5x)")
+  p.add_argument("--seed", type=int, default=0)
+  return p.parse_args(argv)
+
+
+def make_config(args: argparse.Namespace):
+  """The full config (authors' F30K BERT recipe) at the benchmark's shape."""
+  c = get_base_config()
+  m = c.model
+  m.text_encoder = "bert"
+  m.embed_size = args.embed_size
+  m.K = args.K
+  m.img_dim = args.img_dim
+  m.pos_dim = args.pos_dim
+  m.text_padding = args.text_padding
+  m.dtype = "bfloat16" if args.bf16 else "float32"
+  m.bert_random_init = True
+  m.bert.hidden_size = args.bert_hidden
+  m.bert.num_layers = args.bert_layers
+  m.bert.num_heads = args.bert_heads or max(1, args.bert_hidden // 64)
+  m.bert.intermediate_size = args.bert_intermediate or 4 * args.bert_hidden
+  m.bert.max_position = max(512, args.seq_len)
+  c.data.num_regions = args.regions
+  c.data.max_len = args.seq_len
+  c.train.batch_size = args.batch_size
+  c.train.seed = args.seed
+  c.train.optimizer = "bertadam"
+  c.train.bf16 = bool(args.bf16)
+  return c
+
+
+def random_batch(rng: np.random.Generator, batch_size: int, args, with_text=True,
+                 with_images=True) -> dict:
+  """Random inputs of the model's shapes; captions of random length (>= 8 tokens)."""
+  b = {}
+  if with_images:
+    b["grid"] = rng.random((batch_size, GRID_NODES, args.img_dim), np.float32)
+    b["regions"] = rng.random((batch_size, args.regions, args.img_dim), np.float32)
+    b["region_pos"] = rng.standard_normal((batch_size, args.regions, args.pos_dim),
+                                          np.float32)
+    b["region_mask"] = np.ones((batch_size, args.regions), bool)
+  if with_text:
+    lengths = rng.integers(min(8, args.seq_len), args.seq_len + 1, size=batch_size)
+    mask = (np.arange(args.seq_len)[None, :] < lengths[:, None]).astype(np.int32)
+    ids = rng.integers(1000, 30000, size=(batch_size, args.seq_len), dtype=np.int32)
+    b["input_ids"] = ids * mask
+    b["attention_mask"] = mask
+  return b
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", 0.0))
+
+
+def matmul_peak_gflops(sizes: Sequence[int] = (2048, 4096), min_time_s: float = 1.0) -> dict:
+  """Best GFLOP/s of an fp32 (n, n) @ (n, n) jitted matmul over `sizes` (the roofline).
+
+  Each size is timed for at least `min_time_s` after a warm-up call; the best single
+  call counts, as a roofline should.
+  """
+  f = jax.jit(jnp.matmul)
+  best = {}
+  for n in sizes:
+    key = jax.random.key(n)
+    a = jax.random.normal(key, (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.float32)
+    f(a, b).block_until_ready()
+    times, start = [], time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - start < min_time_s:
+      t = time.perf_counter()
+      f(a, b).block_until_ready()
+      times.append(time.perf_counter() - t)
+    best[n] = 2.0 * n ** 3 / min(times) / 1e9
+  return {"matmul_peak_gflops": max(best.values()),
+          "matmul_gflops_by_size": {str(n): round(g, 1) for n, g in best.items()}}
+
+
+def peak_memory() -> dict:
+  """Peak device memory where the backend tracks it, else the process's max RSS."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return {"peak_memory_bytes": int(stats["peak_bytes_in_use"]),
+            "peak_memory_source": "device.memory_stats"}
+  rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+  return {"peak_memory_bytes": int(rss_kb) * 1024, "peak_memory_source": "process_max_rss"}
+
+
+def _device_info() -> dict:
+  d = jax.devices()[0]
+  cpu = ""
+  if d.platform == "cpu":
+    try:
+      with open("/proc/cpuinfo") as f:
+        cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+      pass
+  return {"device_kind": d.device_kind, "platform": d.platform,
+          "num_devices": jax.device_count(), "cpu_model": cpu, "cpu_count": os.cpu_count()}
+
+
+def _shape_info(args) -> dict:
+  keys = ("batch_size", "embed_size", "bert_layers", "bert_hidden", "K", "regions",
+          "seq_len", "bf16")
+  return {k: getattr(args, k) for k in keys}
+
+
+def benchmark_train(args: argparse.Namespace) -> dict:
+  """Times the jitted train step at `args`' shape; returns the result dict."""
+  config = make_config(args)
+  model = models.build_model(config.model)
+  mesh = train.make_mesh()
+  train.check_batch_size(config, mesh)
+  # A realistic schedule (F30K: ~1133 steps per epoch, 12 epochs); its value is irrelevant
+  # to speed, but it is computed inside the step as in training.
+  steps_per_epoch = 1133
+  schedule = optim.learning_rate_schedule(config.train, steps_per_epoch,
+                                          config.train.num_epochs * steps_per_epoch)
+  tx = optim.make_optimizer(config.train, schedule)
+  replicated = NamedSharding(mesh, P())
+  state = train.create_state(model, tx, config, jax.random.PRNGKey(args.seed), replicated)
+  state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
+  step_fn = train.jit_train_step(train.make_train_step(model, tx, config, schedule), mesh,
+                                 state_sharding)
+  rng = np.random.default_rng(args.seed)
+  batches = [train.global_batch(random_batch(rng, args.batch_size, args), mesh)
+             for _ in range(2)]
+
+  t = time.perf_counter()
+  compiled = step_fn.lower(state, batches[0]).compile()
+  compile_s = time.perf_counter() - t
+  flops = _flops(compiled)
+
+  for i in range(args.warmup_steps):
+    state, metrics = compiled(state, batches[i % 2])
+    jax.block_until_ready((state, metrics))
+  times = []
+  for i in range(args.steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batches[i % 2])
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t)
+  loss = float(metrics["loss"])
+  if not np.isfinite(loss):
+    raise FloatingPointError(f"non-finite loss {loss} in the benchmark step")
+  step_s = statistics.median(times)
+  del state, batches
+
+  peak = matmul_peak_gflops((args.peak_size,) if args.peak_size else (2048, 4096))
+  achieved = flops / step_s / 1e9
+  return {
+      "mode": "train",
+      **_shape_info(args),
+      "pairs_per_s": args.batch_size / step_s,
+      "step_s": step_s,
+      "step_s_min": min(times),
+      "step_s_max": max(times),
+      "steps_timed": len(times),
+      "compile_s": compile_s,
+      "flops_per_step": flops,
+      "achieved_gflops": achieved,
+      **peak,
+      "mfu": achieved / peak["matmul_peak_gflops"],
+      "loss": loss,
+      **_device_info(),
+      **peak_memory(),
+  }
+
+
+def _timed_encode(fn, variables, batches) -> float:
+  """Seconds to encode `batches` (host arrays -> host embeddings), after one warm-up."""
+  np.asarray(fn(variables, batches[0]))
+  t = time.perf_counter()
+  for b in batches:
+    np.asarray(fn(variables, b))
+  return time.perf_counter() - t
+
+
+def benchmark_eval(args: argparse.Namespace) -> dict:
+  """Times eval-mode encoding (extrapolated to COCO 5K) and full COCO 5K ranking."""
+  config = make_config(args)
+  model = models.build_model(config.model)
+  variables = models.init_variables(model, jax.random.PRNGKey(args.seed))
+
+  @jax.jit
+  def image_fn(v, b):
+    return model.apply(v, **b, train=False, method=model.embed_images)
+
+  @jax.jit
+  def text_fn(v, b):
+    return model.apply(v, **b, train=False, method=model.embed_texts)
+
+  rng = np.random.default_rng(args.seed)
+  bs = args.eval_batch_size
+  n_img = args.eval_images
+  n_cap = CAPTIONS_PER_IMAGE * n_img
+  img_batches = [random_batch(rng, bs, args, with_text=False) for _ in range(-(-n_img // bs))]
+  cap_batches = [random_batch(rng, bs, args, with_images=False)
+                 for _ in range(-(-n_cap // bs))]
+  t = time.perf_counter()
+  image_fn.lower(variables, img_batches[0]).compile()
+  text_fn.lower(variables, cap_batches[0]).compile()
+  compile_s = time.perf_counter() - t
+  img_s = _timed_encode(image_fn, variables, img_batches)
+  cap_s = _timed_encode(text_fn, variables, cap_batches)
+  img_per_s = len(img_batches) * bs / img_s
+  cap_per_s = len(cap_batches) * bs / cap_s
+
+  # Ranking on a realistic full-size matrix: captions near their image's embedding.
+  n = args.rank_images
+  e = args.embed_size
+  key = jax.random.key(args.seed)
+  img = jax.random.normal(key, (n, e), jnp.float32)
+  txt = jnp.repeat(img, CAPTIONS_PER_IMAGE, axis=0) + 1.5 * jax.random.normal(
+      jax.random.fold_in(key, 1), (n * CAPTIONS_PER_IMAGE, e), jnp.float32)
+  norm = lambda x: x / jnp.linalg.norm(x, axis=1, keepdims=True)
+  img, txt = norm(img), norm(txt)
+  score = jax.jit(lambda a, b: jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST))
+  np.asarray(score(img[:8], txt[:8]))
+  t = time.perf_counter()
+  sims = np.asarray(score(img, txt))
+  score_s = time.perf_counter() - t
+  t = time.perf_counter()
+  i2t, t2i = ranking.ranks(sims, CAPTIONS_PER_IMAGE)
+  metrics = ranking.recall_metrics(i2t, t2i)
+  rank_s = time.perf_counter() - t
+
+  extrapolated = (COCO5K_IMAGES / img_per_s + CAPTIONS_PER_IMAGE * COCO5K_IMAGES / cap_per_s)
+  return {
+      "mode": "eval",
+      **_shape_info(args),
+      "eval_batch_size": bs,
+      "encoded_images": len(img_batches) * bs,
+      "encoded_captions": len(cap_batches) * bs,
+      "compile_s": compile_s,
+      "images_per_s": img_per_s,
+      "captions_per_s": cap_per_s,
+      "encode_images_s": img_s,
+      "encode_captions_s": cap_s,
+      "coco5k_encode_s_extrapolated": extrapolated,
+      "rank_images": n,
+      "rank_captions": n * CAPTIONS_PER_IMAGE,
+      "score_s": score_s,
+      "rank_s": rank_s,
+      "rsum_random": metrics["rsum"],
+      **_device_info(),
+      **peak_memory(),
+  }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+  """Runs the benchmark `argv` asks for, prints one JSON line and returns the dict."""
+  args = parse_args(argv)
+  result = benchmark_eval(args) if args.eval else benchmark_train(args)
+  result["jax_version"] = jax.__version__
+  result["date"] = time.strftime("%Y-%m-%d")
+  print(json.dumps(result), flush=True)
+  return result
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,282 @@
+"""tf.data input pipelines over a `Split`: endless training batches and padded eval batches.
+
+Training: one example is one caption and its image. The order is a pure function of
+(`train.seed`, epoch): each epoch permutes the caption indices (numpy, keyed by
+(seed, epoch)), cuts them into global batches of `train.batch_size` (the incomplete
+last one is dropped), and process p of P takes rows [p*B/P, (p+1)*B/P) of every global
+batch, so the hosts together see exactly the global batch one host would. Global step s
+reads batch s % steps_per_epoch of epoch s // steps_per_epoch, so resuming at
+`start_step` costs nothing and replays the same data. Only caption indices are shuffled;
+features are read per batch by a parallel, order-preserving map calling
+`split.images` / `split.captions`, so host RAM is bounded by the in-flight batches and
+`data.prefetch`.
+
+Evaluation: every image (or caption) exactly once, in order, in batches of `batch_size`;
+the last batch is padded by repeating the last example and flagged by `valid`.
+"""
+import threading
+from typing import Iterator, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from dsran_jax.data import base
+
+try:
+  # TensorFlow only feeds numpy to JAX: it must never take the accelerator's memory.
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TF devices already initialised by someone else: nothing we can do
+  pass
+
+TRAIN_INDEX_KEYS = ("image_index", "caption_index")
+
+
+def steps_per_epoch(split: base.Split, config) -> int:
+  """Global steps per epoch: full global batches of `train.batch_size` captions."""
+  batch_size = int(config.train.batch_size)
+  steps = split.num_captions // batch_size
+  if steps < 1:
+    raise ValueError(
+        f"split {split.name!r} has {split.num_captions} captions, fewer than one global "
+        f"batch (train.batch_size={batch_size})")
+  return steps
+
+
+def epoch_order(num_captions: int, seed: int, epoch: int, shuffle_buffer: int = 0
+                ) -> np.ndarray:
+  """The caption order of one epoch, a pure function of (seed, epoch).
+
+  Args:
+    num_captions: size of the split.
+    seed: `train.seed`.
+    epoch: epoch number (0-based).
+    shuffle_buffer: 0 (or >= num_captions): a full permutation. b > 0: consecutive
+      windows of b captions are each shuffled and the windows visited in random order,
+      the locality of a b-element shuffle buffer (for storage that prefers nearby reads)
+      but exactly reproducible. Captions of one image are consecutive, so a small b
+      puts an image's captions in the same batch (false negatives for the hinge loss).
+
+  Returns:
+    int64 (num_captions,) permutation of the caption indices.
+  """
+  rng = np.random.default_rng([int(seed), int(epoch), 0x7261696E])  # "rain"
+  if shuffle_buffer <= 0 or shuffle_buffer >= num_captions:
+    return rng.permutation(num_captions).astype(np.int64)
+  window = np.arange(num_captions) // shuffle_buffer
+  window_rank = rng.permutation(window[-1] + 1)
+  # Integer part: the window's rank; fractional part: the place inside the window.
+  key = window_rank[window] + rng.random(num_captions)
+  return np.argsort(key, kind="stable").astype(np.int64)
+
+
+class _TrainOrder:
+  """Caption indices of (global step, process): cached per epoch, safe across threads."""
+
+  def __init__(self, num_captions, global_batch, local_batch, process_index, seed,
+               shuffle_buffer):
+    self.num_captions = num_captions
+    self.global_batch = global_batch
+    self.local_batch = local_batch
+    self.process_index = process_index
+    self.seed = seed
+    self.shuffle_buffer = shuffle_buffer
+    self.steps_per_epoch = num_captions // global_batch
+    self._lock = threading.Lock()
+    self._cache = {}
+
+  def _epoch(self, epoch: int) -> np.ndarray:
+    with self._lock:
+      order = self._cache.get(epoch)
+      if order is None:
+        order = epoch_order(self.num_captions, self.seed, epoch, self.shuffle_buffer)
+        order = order[:self.steps_per_epoch * self.global_batch].reshape(
+            self.steps_per_epoch, self.global_batch)
+        lo = self.process_index * self.local_batch
+        order = np.ascontiguousarray(order[:, lo:lo + self.local_batch])
+        # The map runs a few steps ahead at most: two epochs cover the boundary.
+        if len(self._cache) >= 2:
+          self._cache.pop(min(self._cache))
+        self._cache[epoch] = order
+      return order
+
+  def __call__(self, step) -> np.ndarray:
+    epoch, within = divmod(int(step), self.steps_per_epoch)
+    return self._epoch(epoch)[within]
+
+
+def _probe(split: base.Split, keys):
+  """Shapes (without batch) and dtypes of the image-side arrays `keys`, from image 0."""
+  arrays = split.images(np.zeros(1, np.int64))
+  missing = [k for k in keys if k not in arrays]
+  if missing:
+    hint = ("; model.image_inputs='grid+regions' needs grid features (data.grid_file)"
+            if "grid" in missing else "")
+    raise KeyError(
+        f"split {split.name!r}: images() has no {missing} (it returns {sorted(arrays)})"
+        + hint)
+  return {k: (tuple(arrays[k].shape[1:]), arrays[k].dtype) for k in keys}
+
+
+def _image_keys(image_inputs: str):
+  if image_inputs == "grid+regions":
+    return base.IMAGE_KEYS
+  if image_inputs == "regions":
+    return tuple(k for k in base.IMAGE_KEYS if k != "grid")
+  raise ValueError(
+      f"model.image_inputs must be 'grid+regions' or 'regions', got {image_inputs!r}")
+
+
+def _checked(arrays: dict, key: str, batch: int, spec, split_name: str) -> np.ndarray:
+  shape, dtype = spec
+  value = np.asarray(arrays[key])
+  if value.shape != (batch,) + shape:
+    raise ValueError(
+        f"split {split_name!r}: {key} has shape {value.shape}, expected "
+        f"{(batch,) + shape} (the shape of image 0's {key})")
+  return value.astype(dtype, copy=False)
+
+
+def _numpy_map(ds, fn, specs: dict, num_parallel_calls):
+  """`ds.map` of a numpy function returning a dict with fixed shapes and dtypes."""
+  keys = list(specs)
+
+  def wrapped(x):
+    out = fn(x)
+    return tuple(out[k] for k in keys)
+
+  def tf_fn(x):
+    values = tf.numpy_function(
+        wrapped, [x], [tf.as_dtype(specs[k][1]) for k in keys], stateful=False)
+    return {k: tf.ensure_shape(v, specs[k][0]) for k, v in zip(keys, values)}
+
+  return ds.map(tf_fn, num_parallel_calls=num_parallel_calls, deterministic=True)
+
+
+def _options(ds):
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options)
+
+
+def train_batches(split: base.Split, config, start_step: int = 0,
+                  process_index: Optional[int] = None,
+                  process_count: Optional[int] = None,
+                  num_parallel_calls: Optional[int] = None) -> Iterator[dict]:
+  """Endless iterator of this host's training batches, starting at global `start_step`.
+
+  Args:
+    split: the training split.
+    config: uses `train.batch_size` (global), `train.seed`, `data.shuffle_buffer`,
+      `data.prefetch`, `model.image_inputs`.
+    start_step: the first global step to produce (resuming replays the same stream).
+    process_index, process_count: this host and the number of hosts; default
+      `jax.process_index()` / `jax.process_count()`.
+    num_parallel_calls: feature reads in flight (default: tf.data autotuning).
+
+  Yields:
+    numpy dicts of `train.batch_size // process_count` (image, caption) pairs: grid
+    (only for image_inputs "grid+regions"), regions, region_pos, region_mask,
+    input_ids, attention_mask, image_index, caption_index.
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  global_batch = int(config.train.batch_size)
+  if global_batch % process_count:
+    raise ValueError(
+        f"train.batch_size={global_batch} is not divisible by the {process_count} hosts")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}")
+  steps_per_epoch(split, config)  # raises if the split is smaller than one batch
+  local_batch = global_batch // process_count
+  order = _TrainOrder(split.num_captions, global_batch, local_batch, process_index,
+                      int(config.train.seed), int(config.data.shuffle_buffer))
+  image_specs = _probe(split, _image_keys(config.model.image_inputs))
+  specs = dict(image_specs)
+  specs["input_ids"] = (tuple(split.input_ids.shape[1:]), np.dtype(np.int32))
+  specs["attention_mask"] = (tuple(split.attention_mask.shape[1:]), np.dtype(np.int32))
+  specs = {k: ((local_batch,) + shape, dtype) for k, (shape, dtype) in specs.items()}
+  for k in TRAIN_INDEX_KEYS:
+    specs[k] = ((local_batch,), np.dtype(np.int32))
+
+  def read(step):
+    captions = order(step)
+    images = split.caption_image(captions)
+    arrays = split.images(images)
+    out = {k: _checked(arrays, k, local_batch, image_specs[k], split.name)
+           for k in image_specs}
+    out.update({k: v.astype(np.int32, copy=False)
+                for k, v in split.captions(captions).items()})
+    out["image_index"] = images.astype(np.int32)
+    out["caption_index"] = captions.astype(np.int32)
+    return out
+
+  ds = tf.data.Dataset.counter(start=int(start_step), dtype=tf.int64)
+  ds = _numpy_map(ds, read, specs, num_parallel_calls or tf.data.AUTOTUNE)
+  ds = _options(ds.prefetch(int(config.data.prefetch)))
+  return ds.as_numpy_iterator()
+
+
+def _eval_batches(num_examples: int, batch_size: int, read, specs: dict,
+                  index_key: str, prefetch: int) -> Iterator[dict]:
+  if batch_size < 1:
+    raise ValueError(f"eval batch_size must be >= 1, got {batch_size}")
+  specs = {k: ((batch_size,) + shape, dtype) for k, (shape, dtype) in specs.items()}
+  specs[index_key] = ((batch_size,), np.dtype(np.int32))
+  specs["valid"] = ((batch_size,), np.dtype(bool))
+
+  def block(b):
+    start = int(b) * batch_size
+    n = min(batch_size, num_examples - start)
+    # Padding repeats the last real example: real inputs, never NaN-prone zeros.
+    indices = np.minimum(np.arange(start, start + batch_size), start + n - 1)
+    out = read(indices)
+    out[index_key] = indices.astype(np.int32)
+    out["valid"] = np.arange(batch_size) < n
+    return out
+
+  num_batches = -(-num_examples // batch_size)
+  ds = tf.data.Dataset.range(num_batches)
+  ds = _numpy_map(ds, block, specs, tf.data.AUTOTUNE)
+  ds = _options(ds.prefetch(prefetch))
+  return ds.as_numpy_iterator()
+
+
+def eval_image_batches(split: base.Split, batch_size: int,
+                       image_inputs: str = "grid+regions", prefetch: int = 2
+                       ) -> Iterator[dict]:
+  """Every image of `split` once, in order, in padded batches.
+
+  Yields:
+    numpy dicts with the image-side arrays (grid only for "grid+regions"),
+    `image_index` int32 (B,) and `valid` bool (B,) (False on the last batch's padding).
+  """
+  specs = _probe(split, _image_keys(image_inputs))
+
+  def read(indices):
+    arrays = split.images(indices)
+    return {k: _checked(arrays, k, len(indices), specs[k], split.name) for k in specs}
+
+  return _eval_batches(split.num_images, int(batch_size), read, specs, "image_index",
+                       prefetch)
+
+
+def eval_caption_batches(split: base.Split, batch_size: int, prefetch: int = 2
+                         ) -> Iterator[dict]:
+  """Every caption of `split` once, in order, in padded batches.
+
+  Yields:
+    numpy dicts with input_ids, attention_mask int32 (B, L), `caption_index` int32 (B,)
+    and `valid` bool (B,).
+  """
+  specs = {k: (tuple(getattr(split, k).shape[1:]), np.dtype(np.int32))
+           for k in base.TEXT_KEYS}
+
+  def read(indices):
+    return {k: v.astype(np.int32, copy=False) for k, v in split.captions(indices).items()}
+
+  return _eval_batches(split.num_captions, int(batch_size), read, specs, "caption_index",
+                       prefetch)
