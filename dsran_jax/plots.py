@@ -309,8 +309,8 @@ def _wrap(text: str, width: int) -> str:
 # ------------------------------------------------------------------------- together
 
 
-def evaluation_figures(workdir: str, config=None, num_attention_images: int = 3
-                       ) -> Dict[str, str]:
+def evaluation_figures(workdir: str, config=None, num_attention_images: int = 3,
+                       encoder=None) -> Dict[str, str]:
   """Recall curves (and, on synthetic data, an attention map) of a workdir's best
   checkpoint on its test split; returns {figure name: PNG path}.
 
@@ -321,9 +321,10 @@ def evaluation_figures(workdir: str, config=None, num_attention_images: int = 3
     workdir: a dsran_jax workdir.
     config: config whose `data` section locates the data (default: the workdir's).
     num_attention_images: test images drawn in `attention_map.png` (synthetic data).
+    encoder: an `inference.Encoder` of the workdir (default: loaded).
   """
   from dsran_jax import inference, search  # pylint: disable=g-import-not-at-top
-  encoder = inference.load(workdir)
+  encoder = encoder or inference.load(workdir)
   config = config or encoder.config
   gallery = search.Gallery.load(workdir, encoder=encoder, config=config)
   step = encoder.meta.get("step")

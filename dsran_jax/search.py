@@ -16,6 +16,10 @@ fingerprint (checkpoint step and meta, split name and size, a checksum of its id
 captions), so a new checkpoint or a changed split rebuilds the cache instead of serving
 stale results.
 
+Other flags: `--split` (another split), `--data_root` (the features moved since training),
+`--rebuild` (re-encode), `--nocache`. An unknown `--image_id` exits with status 2 and a
+message naming it and a few valid ids, before the model is loaded.
+
 From Python (notebooks):
 
     gallery = search.Gallery.load(workdir)
@@ -41,6 +45,13 @@ class UnknownImageError(KeyError):
 
   def __str__(self):  # KeyError would show the message quoted
     return str(self.args[0]) if self.args else ""
+
+
+def unknown_image_message(image_id, split_name: str, image_ids: Sequence[str]) -> str:
+  """The error for an id that split `split_name` (with ids `image_ids`) does not hold."""
+  examples = ", ".join(repr(str(i)) for i in list(image_ids)[:3])
+  return (f"unknown image id {str(image_id)!r}: split {split_name!r} has {len(image_ids)} "
+          f"images, with ids such as {examples}")
 
 
 def cache_path(workdir: str, split_name: str) -> str:
@@ -189,7 +200,10 @@ class Gallery:
       image_emb = encode_split_images(encoder, ds, batch_size)
       text_emb = encode_split_texts(encoder, ds)
       if use_cache:
-        _write_cache(path, image_emb, text_emb, fp)
+        try:
+          _write_cache(path, image_emb, text_emb, fp)
+        except OSError as e:  # a read-only workdir still searches, just uncached
+          logging.warning("could not write the gallery cache %s: %s", path, e)
     return cls(split_name, ds.image_ids, ds.texts, ds.captions_per_image, image_emb,
                text_emb, encoder=encoder, split=ds, from_cache=cached is not None)
 
@@ -212,10 +226,7 @@ class Gallery:
       self._index = {str(i): n for n, i in enumerate(self.image_ids)}
     key = str(image_id)
     if key not in self._index:
-      examples = ", ".join(repr(str(i)) for i in self.image_ids[:3])
-      raise UnknownImageError(
-          f"unknown image id {key!r}: split {self.split_name!r} has {self.num_images} "
-          f"images, with ids such as {examples}")
+      raise UnknownImageError(unknown_image_message(key, self.split_name, self.image_ids))
     return self._index[key]
 
   def sims(self) -> np.ndarray:
@@ -304,9 +315,14 @@ def _define_flags():
   flags.mark_flags_as_required(["workdir"])
 
 
+def _fail(message: str, code: int = 2):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
 def main(argv):
   """Entry point of `python -m dsran_jax.search`."""
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
   flags_ = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -315,23 +331,38 @@ def main(argv):
                          "(image -> text)")
   if flags_.top_k < 1:
     raise app.UsageError(f"--top_k must be >= 1, got {flags_.top_k}")
-  from dsran_jax import inference  # pylint: disable=g-import-not-at-top
-  encoder = inference.load(flags_.workdir)
-  config = encoder.config
+  if not flags_["verbosity"].present:
+    # stdout carries the hits; keep stderr to warnings (orbax logs every restore at INFO).
+    logging.set_verbosity(logging.WARNING)
+  from dsran_jax import data, inference  # pylint: disable=g-import-not-at-top
+  from dsran_jax.default_config import load_workdir_config  # pylint: disable=g-import-not-at-top
+  try:
+    config = load_workdir_config(flags_.workdir)
+  except FileNotFoundError as e:
+    _fail(str(e))
   if flags_.data_root:
-    import ml_collections  # pylint: disable=g-import-not-at-top
-    config = ml_collections.ConfigDict(config.to_dict())
     config.data.root = flags_.data_root
-  gallery = Gallery.load(flags_.workdir, flags_.split or None, encoder=encoder,
-                         config=config, use_cache=flags_.cache, rebuild=flags_.rebuild)
+  split_name = flags_.split or config.data.test_split
+  if flags_.image_id is not None:
+    # Checked on the split's ids before the model is loaded: a typo fails in a second.
+    ids = [str(i) for i in data.read_raw_split(config, split_name).image_ids]
+    if str(flags_.image_id) not in set(ids):
+      _fail(unknown_image_message(flags_.image_id, split_name, ids))
+  encoder = inference.load(flags_.workdir)
+  t0 = time.time()
+  gallery = Gallery.load(flags_.workdir, split_name, encoder=encoder, config=config,
+                         use_cache=flags_.cache, rebuild=flags_.rebuild)
+  how = (f"cached in {cache_path(flags_.workdir, split_name)}" if gallery.from_cache
+         else f"encoded in {time.time() - t0:.1f}s")
+  print(f"gallery {split_name}: {gallery.num_images} images, {gallery.num_captions} "
+        f"captions ({how})", file=sys.stderr)
   try:
     if flags_.query is not None:
       hits = search_text(gallery, flags_.query, flags_.top_k)
     else:
       hits = search_image(gallery, flags_.image_id, flags_.top_k)
-  except UnknownImageError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except (UnknownImageError, ValueError) as e:
+    _fail(str(e))
   for h in hits:
     print(json.dumps(h, ensure_ascii=False))
   sys.stdout.flush()

@@ -87,6 +87,11 @@ def make_train_step(model, tx, config, schedule):
     rng = jax.random.fold_in(base_rng, state.step)
 
     def objective(params):
+      if t.freeze_bert:
+        # stop_gradient (not just a zero update) so XLA drops BERT's backward pass.
+        text = dict(params["text_enc"])
+        text["bert"] = jax.lax.stop_gradient(text["bert"])
+        params = {**params, "text_enc": text}
       img, txt, new_stats = loss_fn(params, state.batch_stats, batch, rng)
       max_v = losses.contrastive_loss(img, txt, t.margin, max_violation=True)
       if not t.max_violation:
@@ -336,12 +341,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         return {"stopped_at": done}
   if bar is not None:
     bar.close()
-  try:
+  results = evaluate_workdir(config, workdir, model=model)
+  if jax.process_index() == 0:
     from dsran_jax import plots
-    plots.training_curves(workdir)
-  except Exception as e:  # a missing plot must never cost a finished run
-    logging.warning("could not draw training curves: %s", e)
-  return evaluate_workdir(config, workdir, model=model)
+    for draw in (plots.training_curves, lambda w: plots.evaluation_figures(w, config=config)):
+      try:
+        draw(workdir)
+      except Exception as e:  # a missing plot must never cost a finished run
+        logging.warning("could not draw figures: %s", e)
+  return results
 
 
 def _with_workdir_model(config, workdir: str):

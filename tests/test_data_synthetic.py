@@ -178,3 +178,10 @@ def test_difficulty_knobs():
   assert not any(_REL_RE.search(t) for t in raw.texts)
   with pytest.raises(ValueError, match="max_objects"):
     synthetic.read_raw_split(_config(), "train", synthetic.Difficulty(max_objects=12))
+  # Knobs from an optional config entry (not in default_config).
+  config = _config()
+  config.data.synthetic.difficulty = {"family_fraction": 0.0, "p_caption_relation": 0.0}
+  assert synthetic.difficulty_from_config(config) == easy
+  config.data.synthetic.difficulty = {"family_size": 3}
+  with pytest.raises(ValueError, match="family_size"):
+    synthetic.read_raw_split(config, "train")

@@ -232,7 +232,6 @@ class SyntheticWorld:
   def __init__(self, seed: int, img_dim: int, num_regions: int,
                difficulty: Difficulty = DEFAULT_DIFFICULTY):
     difficulty.validate(num_regions)
-    d = difficulty
     if img_dim < 1:
       raise ValueError(f"data.img_dim must be positive, got {img_dim}")
     self.seed = int(seed)
@@ -606,11 +605,28 @@ def split_size(config, split_name: str) -> int:
   return n
 
 
+def difficulty_from_config(config) -> Difficulty:
+  """`DEFAULT_DIFFICULTY`, overridden by an optional `data.synthetic.difficulty` dict.
+
+  default_config has no such key; a config may add one (e.g. `c.data.synthetic.difficulty
+  = {"family_fraction": 1.0}`) to set knobs without code changes.
+  """
+  overrides = config.data.synthetic.get("difficulty", None)
+  if not overrides:
+    return DEFAULT_DIFFICULTY
+  overrides = dict(overrides)
+  unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(Difficulty)})
+  if unknown:
+    raise ValueError(f"data.synthetic.difficulty: unknown knobs {unknown}")
+  return dataclasses.replace(DEFAULT_DIFFICULTY, **overrides)
+
+
 def world_and_layouts(config, split_name: str,
                       difficulty: Optional[Difficulty] = None):
   """(SyntheticWorld, Layouts) of a split, for tests and analysis."""
   world = get_world(int(config.data.synthetic.seed), int(config.data.img_dim),
-                    int(config.data.synthetic.num_regions), difficulty or DEFAULT_DIFFICULTY)
+                    int(config.data.synthetic.num_regions),
+                    difficulty or difficulty_from_config(config))
   return world, world.layouts(split_name, split_size(config, split_name))
 
 
@@ -622,7 +638,7 @@ def read_raw_split(config, split_name: str,
     config: the full config; uses `data.synthetic.{seed, num_regions,
       num_{split}_images}` and `data.img_dim`.
     split_name: "train", "dev" or "test".
-    difficulty: world knobs (module docstring); default `DEFAULT_DIFFICULTY`.
+    difficulty: world knobs (module docstring); default `difficulty_from_config`.
 
   Returns:
     A `RawSplit` with 5 captions per image and a `read_images` that returns grid

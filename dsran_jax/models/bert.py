@@ -29,6 +29,7 @@ import numpy as np
 from flax import traverse_util
 
 from dsran_jax import hub
+from dsran_jax.models.layers import flat_dot_general
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +100,10 @@ def _layer_norm(config: BertConfig, dtype, name: str) -> nn.LayerNorm:
 
 
 def _dense(features: int, dtype, name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, kernel_init=_init, name=name)
+  # flat_dot_general: one 2-D matmul over (B*L) rows, so the backward needs no transposed
+  # copy of the cotangent (see layers.flat_dot_general).
+  return nn.Dense(features, dtype=dtype, kernel_init=_init, dot_general=flat_dot_general,
+                  name=name)
 
 
 class _Embeddings(nn.Module):
