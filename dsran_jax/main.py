@@ -3,6 +3,7 @@
     python -m dsran_jax.main --config=configs/f30k.py --workdir=DIR [--config.key=value ...]
     python -m dsran_jax.main --config=configs/f30k.py --workdir=DIR --mode=eval
 """
+import logging as py_logging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -27,6 +28,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  # Orbax reports every save/restore at INFO; keep our progress lines readable.
+  logging.get_absl_handler().addFilter(
+      lambda record: "/orbax/" not in record.pathname or record.levelno >= py_logging.WARNING)
   import jax
   if FLAGS.distributed:
     jax.distributed.initialize()

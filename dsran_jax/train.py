@@ -327,6 +327,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         log.write(done, values)
         if bar is not None:
           bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}")
+        else:
+          logging.info("step %d/%d  loss %.4f  lr %.3g  %.1f examples/s", done, total_steps,
+                       values["loss"], values["lr"], values["examples_per_s"])
         window_t, window_n = time.time(), 0
       if done % eval_every == 0 or done == total_steps:
         validate(done)

@@ -29,7 +29,7 @@ import numpy as np
 from flax import traverse_util
 
 from dsran_jax import hub
-from dsran_jax.models.layers import flat_dot_general
+from dsran_jax.models.layers import Dropout, flat_dot_general
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +122,7 @@ class _Embeddings(nn.Module):
          + embed(c.max_position, "position_embeddings")(jnp.arange(length))
          + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids))
     x = _layer_norm(c, self.dtype, "LayerNorm")(x)
-    return nn.Dropout(c.dropout, deterministic=not train)(x)
+    return Dropout(c.dropout, deterministic=not train)(x)
 
 
 class _SelfAttention(nn.Module):
@@ -144,10 +144,10 @@ class _SelfAttention(nn.Module):
       scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     rate = c.dropout if c.attention_dropout is None else c.attention_dropout
-    probs = nn.Dropout(rate, deterministic=not train)(probs)
+    probs = Dropout(rate, deterministic=not train)(probs)
     a = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape)
     a = _dense(c.hidden_size, self.dtype, "output")(a)
-    a = nn.Dropout(c.dropout, deterministic=not train)(a)
+    a = Dropout(c.dropout, deterministic=not train)(a)
     return _layer_norm(c, self.dtype, "LayerNorm")(x + a)
 
 
@@ -162,7 +162,7 @@ class _Layer(nn.Module):
     h = _dense(c.intermediate_size, self.dtype, "intermediate")(x)
     h = jax.nn.gelu(h, approximate=False)
     h = _dense(c.hidden_size, self.dtype, "output")(h)
-    h = nn.Dropout(c.dropout, deterministic=not train)(h)
+    h = Dropout(c.dropout, deterministic=not train)(h)
     return _layer_norm(c, self.dtype, "output_LayerNorm")(x + h)
 
 

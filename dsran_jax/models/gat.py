@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsran_jax.models.layers import Linear, MaskedBatchNorm
+from dsran_jax.models.layers import Dropout, Linear, MaskedBatchNorm
 
 Dtype = Any
 
@@ -42,7 +42,7 @@ class MultiHeadAttention(nn.Module):
       logits = jnp.where(node_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     self.sow("intermediates", "attention", probs)  # no-op unless "intermediates" is mutable
-    probs = nn.Dropout(self.dropout, deterministic=not train)(probs)
+    probs = Dropout(self.dropout, deterministic=not train)(probs)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
     return out.reshape(b, n, d)
 
@@ -56,7 +56,7 @@ class GATLayer(nn.Module):
   @nn.compact
   def __call__(self, x, node_mask: Optional[jnp.ndarray], train: bool):
     d = x.shape[-1]
-    drop = lambda name: nn.Dropout(self.dropout, deterministic=not train, name=name)
+    drop = lambda name: Dropout(self.dropout, deterministic=not train, name=name)
     a = MultiHeadAttention(self.num_heads, self.dropout, self.dtype, name="mha")(
         x, node_mask, train)
     a = drop("dropout_in")(Linear(d, dtype=self.dtype, name="fc_in")(a))

@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dsran_jax.models.gat import GAT
-from dsran_jax.models.layers import Linear, masked_mean
+from dsran_jax.models.layers import Dropout, Linear, masked_mean
 
 Dtype = Any
 
@@ -24,7 +24,7 @@ class GridEncoder(nn.Module):
     if not self.bert_build:
       return Linear(self.embed_size, init="xavier", dtype=self.dtype, name="fc")(grid)
     x = nn.relu(Linear(self.embed_size, dtype=self.dtype, name="fc")(grid))
-    return nn.Dropout(0.1, deterministic=not train)(x)
+    return Dropout(0.1, deterministic=not train)(x)
 
 
 class RegionEncoder(nn.Module):
@@ -40,7 +40,7 @@ class RegionEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, regions, region_pos, train: bool):
-    drop = lambda x: nn.Dropout(0.1, deterministic=not train)(x)
+    drop = lambda x: Dropout(0.1, deterministic=not train)(x)
     if not self.bert_build:
       return Linear(self.embed_size, init="xavier", dtype=self.dtype, name="fc_image")(regions)
     x = nn.relu(Linear(regions.shape[-1], dtype=self.dtype, name="fc_image_0")(regions))

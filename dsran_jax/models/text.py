@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dsran_jax.models.bert import BertConfig, BertEncoder
-from dsran_jax.models.layers import Linear, l2norm
+from dsran_jax.models.layers import Dropout, Linear, l2norm
 
 Dtype = Any
 
@@ -33,7 +33,7 @@ class BertTextEncoder(nn.Module):
     h = BertEncoder(self.bert_config, dtype=self.dtype, name="bert")(
         input_ids, attention_mask=bert_mask, train=train)
     x = nn.relu(Linear(self.embed_size, dtype=self.dtype, name="fc")(h))
-    x = nn.Dropout(0.1, deterministic=not train)(x)
+    x = Dropout(0.1, deterministic=not train)(x)
     node_mask = None if self.reference_padding else attention_mask.astype(bool)
     return x, node_mask
 
@@ -89,7 +89,7 @@ class GruTextEncoder(nn.Module):
   def __call__(self, input_ids, attention_mask, train: bool):
     x = nn.Embed(self.vocab_size, self.word_dim,
                  embedding_init=nn.initializers.normal(1.0), name="embed")(input_ids)
-    x = nn.Dropout(0.1, deterministic=not train)(x)
+    x = Dropout(0.1, deterministic=not train)(x)
     mask = attention_mask.astype(bool)
     out = l2norm(GRU(self.embed_size, dtype=self.dtype, name="gru")(x, mask))
     if self.reference_padding:
