@@ -5,23 +5,8 @@ the 5-fold COCO 1K.
     python -m dsran_jax.main --config=configs/coco.py --workdir=workdirs/coco \
         --config.data.root=/path/to/coco --config.model.bert_path=/path/to/bert-base-uncased
 """
-from dsran_jax.default_config import get_base_config
+from dsran_jax.default_config import authors_recipe
 
 
 def get_config():
-  c = get_base_config()
-  c.data.format = "vlp"
-  c.data.name = "coco"
-  c.data.num_regions = 100
-  c.data.test_split = "testall"
-  c.model.text_encoder = "bert"
-  c.model.bert_path = "bert-base-uncased"
-  c.model.K = 4
-  c.train.batch_size = 320
-  c.train.num_epochs = 18
-  c.train.lr_update = 9
-  c.train.learning_rate = 2e-5
-  c.train.optimizer = "bertadam"
-  c.train.warmup = 0.1
-  c.eval.protocol = "coco"
-  return c
+  return authors_recipe("coco", "bert")

@@ -92,6 +92,40 @@ def get_base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# The authors' README recipes: (epochs, batch, lr_update epoch, K) per dataset and build.
+_RECIPES = {
+    ("f30k", "bert"): (12, 128, 6, 2),
+    ("coco", "bert"): (18, 320, 9, 4),
+    ("f30k", "gru"): (16, 128, 8, 2),
+    ("coco", "gru"): (18, 300, 9, 2),
+}
+
+
+def authors_recipe(dataset: str, text_encoder: str) -> ml_collections.ConfigDict:
+  """The authors' training recipe on their VLP features (BERT: BertAdam 2e-5 with warmup
+  0.1; GRU: Adam 2e-4, global-norm clip 2.0, no region_pos); COCO tests on 5K + 5x1K."""
+  epochs, batch, lr_update, k = _RECIPES[(dataset, text_encoder)]
+  c = get_base_config()
+  c.data.format = "vlp"
+  c.data.name = dataset
+  c.data.num_regions = 100
+  c.model.text_encoder = text_encoder
+  c.model.K = k
+  c.train.batch_size = batch
+  c.train.num_epochs = epochs
+  c.train.lr_update = lr_update
+  if text_encoder == "bert":
+    c.model.bert_path = "bert-base-uncased"
+    c.train.optimizer, c.train.learning_rate, c.train.warmup = "bertadam", 2e-5, 0.1
+  else:
+    c.model.use_region_pos = False
+    c.train.optimizer, c.train.learning_rate, c.train.warmup = "adam", 2e-4, 0.0
+    c.train.grad_clip = 2.0
+  if dataset == "coco":
+    c.data.test_split = "testall"
+    c.eval.protocol = "coco"
+  return c
+
 CONFIG_FILE = "config.json"
 
 

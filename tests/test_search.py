@@ -7,39 +7,14 @@ import sys
 import numpy as np
 import pytest
 
-from dsran_jax import inference, plots, search, train
-from dsran_jax.default_config import get_base_config
+from dsran_jax import inference, plots, search
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(minilm_dir):
-  """A synthetic run that trains in seconds (tiny random BERT, MiniLM tokenizer)."""
-  c = get_base_config()
-  c.data.format = "synthetic"
-  c.data.img_dim = c.model.img_dim = 32
-  c.data.max_len = 16
-  c.data.num_regions = c.data.synthetic.num_regions = 4
-  c.data.synthetic.num_train_images = 16
-  c.data.synthetic.num_dev_images = 6
-  c.data.synthetic.num_test_images = 10
-  c.model.bert_path = minilm_dir
-  c.model.bert_random_init = True
-  c.model.bert.num_layers, c.model.bert.hidden_size = 1, 16
-  c.model.bert.num_heads, c.model.bert.intermediate_size = 2, 32
-  c.model.embed_size = 32
-  c.train.batch_size = 8
-  c.train.num_steps = 2
-  c.train.log_every = 1
-  c.eval.batch_size = 8
-  return c
-
-
 @pytest.fixture(scope="module")
-def workdir(minilm_dir, tmp_path_factory):
-  wd = str(tmp_path_factory.mktemp("search"))
-  train.train_and_evaluate(tiny_config(minilm_dir), wd)
-  return wd
+def workdir(trained_workdir):
+  return trained_workdir[0]
 
 
 @pytest.fixture(scope="module")

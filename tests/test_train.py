@@ -9,34 +9,9 @@ import numpy as np
 import pytest
 
 from dsran_jax import checkpointing, train
-from dsran_jax.default_config import get_base_config
+from conftest import tiny_train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(minilm_dir, num_steps=12):
-  c = get_base_config()
-  c.data.format = "synthetic"
-  c.data.img_dim = c.model.img_dim = 32
-  c.data.max_len = 16
-  c.data.num_regions = c.data.synthetic.num_regions = 4
-  c.data.synthetic.num_train_images = 48
-  c.data.synthetic.num_dev_images = 10
-  c.data.synthetic.num_test_images = 10
-  c.model.bert_path = minilm_dir  # tokenizer only: the BERT below is tiny and random
-  c.model.bert_random_init = True
-  c.model.bert.num_layers, c.model.bert.hidden_size = 1, 16
-  c.model.bert.num_heads, c.model.bert.intermediate_size = 2, 32
-  c.model.embed_size = 32
-  c.model.K = 2
-  c.train.batch_size = 8
-  c.train.num_steps = num_steps
-  c.train.log_every = 1
-  c.train.eval_every = 6
-  c.train.checkpoint_every = 6
-  c.train.learning_rate = 1e-3
-  c.eval.batch_size = 8
-  return c
 
 
 def losses(workdir):
@@ -45,12 +20,9 @@ def losses(workdir):
   return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-@pytest.fixture(scope="module")
-def run8(minilm_dir, tmp_path_factory):
-  """One 12-step run on the 8-device mesh, shared by several tests."""
-  workdir = str(tmp_path_factory.mktemp("run8"))
-  results = train.train_and_evaluate(tiny_config(minilm_dir), workdir)
-  return workdir, results
+@pytest.fixture
+def run8(trained_workdir):
+  return trained_workdir
 
 
 def test_end_to_end_outputs(run8):
@@ -73,7 +45,7 @@ def test_end_to_end_outputs(run8):
 def test_one_device_gives_the_same_losses(run8, minilm_dir, tmp_path):
   workdir8, _ = run8
   mesh1 = train.make_mesh(jax.devices()[:1])
-  train.train_and_evaluate(tiny_config(minilm_dir), str(tmp_path), mesh=mesh1)
+  train.train_and_evaluate(tiny_train_config(minilm_dir), str(tmp_path), mesh=mesh1)
   l8, l1 = losses(workdir8), losses(str(tmp_path))
   assert l8.keys() == l1.keys()
   # Step 1 sees identical parameters: the sharded step must agree to float precision.
@@ -87,9 +59,9 @@ def test_one_device_gives_the_same_losses(run8, minilm_dir, tmp_path):
 def test_resume_replays_the_uninterrupted_run(run8, minilm_dir, tmp_path):
   workdir8, _ = run8
   workdir = str(tmp_path)
-  assert train.train_and_evaluate(tiny_config(minilm_dir), workdir, stop_at=6) == {"stopped_at": 6}
+  assert train.train_and_evaluate(tiny_train_config(minilm_dir), workdir, stop_at=6) == {"stopped_at": 6}
   first_best = checkpointing.restore(workdir, checkpointing.BEST)[1]
-  train.train_and_evaluate(tiny_config(minilm_dir), workdir)
+  train.train_and_evaluate(tiny_train_config(minilm_dir), workdir)
   straight, resumed = losses(workdir8), losses(workdir)
   assert sorted(resumed) == sorted(straight)
   np.testing.assert_allclose([resumed[k] for k in sorted(resumed)],
@@ -108,3 +80,18 @@ def test_mistyped_config_key_is_an_error():
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
   assert "batchsize" in proc.stderr
+
+
+@pytest.mark.parametrize("name,batch,epochs,lr_update,K,optimizer", [
+    ("f30k", 128, 12, 6, 2, "bertadam"), ("coco", 320, 18, 9, 4, "bertadam"),
+    ("f30k_gru", 128, 16, 8, 2, "adam"), ("coco_gru", 300, 18, 9, 2, "adam")])
+def test_configs_hold_the_authors_recipes(name, batch, epochs, lr_update, K, optimizer):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  assert (c.train.batch_size, c.train.num_epochs, c.train.lr_update, c.model.K,
+          c.train.optimizer, c.train.margin) == (batch, epochs, lr_update, K, optimizer, 0.2)
+  assert c.eval.protocol == ("coco" if name.startswith("coco") else "1k")
+  assert f"configs/{name}.py" in module.__doc__
