@@ -16,6 +16,12 @@ prints one JSON line:
   flops_per_step      XLA cost analysis of the compiled step (forward, backward, update)
   matmul_peak_gflops  best rate of a large fp32 matmul timed in this process
   mfu                 flops_per_step / step_s / matmul peak
+  matmul_flops_per_step, matmul_mfu
+                      the same with only the compiled step's dot products counted
+                      (cost analysis also counts elementwise work, e.g. dropout hashing)
+  step_cpu_s          median process CPU time (all threads) per step
+  other_load_cores    CPU used by other processes during the timed steps, in cores:
+                      on a shared machine, timings are only comparable when it is ~0
   peak_memory_bytes   device memory_stats()["peak_bytes_in_use"] where the backend keeps
                       it, else the process's max RSS (`peak_memory_source` says which)
 
@@ -26,7 +32,9 @@ and ranks a full 5000 x 25000 matrix with `dsran_jax.ranking` (i2t and t2i ranks
 """
 import argparse
 import json
+import math
 import os
+import re
 import resource
 import statistics
 import sys
@@ -128,6 +136,56 @@ def _flops(compiled) -> float:
   return float((cost or {}).get("flops", 0.0))
 
 
+_SHAPE_RE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\w+\[([\d,]*)\]")
+_DOT_RE = re.compile(r"\bdot\(%([\w.\-]+),")
+
+
+def dot_flops(hlo_text: str) -> float:
+  """2 * M * N * K summed over every `dot` of an (optimised) HLO module's text."""
+  shapes = {}
+  for line in hlo_text.splitlines():
+    m = _SHAPE_RE.match(line)
+    if m:
+      shapes[m.group(1)] = tuple(int(d) for d in m.group(2).split(",") if d)
+  total = 0.0
+  for line in hlo_text.splitlines():
+    m, dot = _SHAPE_RE.match(line), _DOT_RE.search(line)
+    if not (m and dot):
+      continue
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
+    lhs = shapes.get(dot.group(1))
+    if lhs is None or contracting is None:
+      continue
+    k = math.prod(lhs[int(i)] for i in contracting.group(1).split(",") if i)
+    total += 2.0 * math.prod(shapes[m.group(1)]) * k
+  return total
+
+
+class _CpuMeter:
+  """Wall time, this process's CPU time and the machine's busy time over a region."""
+
+  @staticmethod
+  def _machine_busy_s():
+    try:
+      with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+      return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+  def __enter__(self):
+    self.wall0, self.cpu0 = time.perf_counter(), sum(os.times()[:2])
+    self.busy0 = self._machine_busy_s()
+    return self
+
+  def __exit__(self, *exc):
+    self.wall = time.perf_counter() - self.wall0
+    self.cpu = sum(os.times()[:2]) - self.cpu0
+    busy1 = self._machine_busy_s()
+    self.other_cores = (None if busy1 is None or self.busy0 is None else
+                        max(0.0, (busy1 - self.busy0 - self.cpu) / max(self.wall, 1e-9)))
+
+
 def matmul_peak_gflops(sizes: Sequence[int] = (2048, 4096), min_time_s: float = 1.0) -> dict:
   """Best GFLOP/s of an fp32 (n, n) @ (n, n) jitted matmul over `sizes` (the roofline).
 
@@ -209,12 +267,15 @@ def benchmark_train(args: argparse.Namespace) -> dict:
   for i in range(args.warmup_steps):
     state, metrics = compiled(state, batches[i % 2])
     jax.block_until_ready((state, metrics))
-  times = []
-  for i in range(args.steps):
-    t = time.perf_counter()
-    state, metrics = compiled(state, batches[i % 2])
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - t)
+  times, cpu_times = [], []
+  load0 = os.getloadavg()[0]
+  with _CpuMeter() as total:
+    for i in range(args.steps):
+      with _CpuMeter() as one:
+        state, metrics = compiled(state, batches[i % 2])
+        jax.block_until_ready((state, metrics))
+      times.append(one.wall)
+      cpu_times.append(one.cpu)
   loss = float(metrics["loss"])
   if not np.isfinite(loss):
     raise FloatingPointError(f"non-finite loss {loss} in the benchmark step")
@@ -223,6 +284,7 @@ def benchmark_train(args: argparse.Namespace) -> dict:
 
   peak = matmul_peak_gflops((args.peak_size,) if args.peak_size else (2048, 4096))
   achieved = flops / step_s / 1e9
+  mm_flops = dot_flops(compiled.as_text())
   return {
       "mode": "train",
       **_shape_info(args),
@@ -236,6 +298,11 @@ def benchmark_train(args: argparse.Namespace) -> dict:
       "achieved_gflops": achieved,
       **peak,
       "mfu": achieved / peak["matmul_peak_gflops"],
+      "matmul_flops_per_step": mm_flops,
+      "matmul_mfu": mm_flops / step_s / 1e9 / peak["matmul_peak_gflops"],
+      "step_cpu_s": statistics.median(cpu_times),
+      "other_load_cores": total.other_cores,
+      "loadavg_1m": [load0, os.getloadavg()[0]],
       "loss": loss,
       **_device_info(),
       **peak_memory(),
@@ -286,7 +353,7 @@ def benchmark_eval(args: argparse.Namespace) -> dict:
   e = args.embed_size
   key = jax.random.key(args.seed)
   img = jax.random.normal(key, (n, e), jnp.float32)
-  txt = jnp.repeat(img, CAPTIONS_PER_IMAGE, axis=0) + 1.5 * jax.random.normal(
+  txt = jnp.repeat(img, CAPTIONS_PER_IMAGE, axis=0) + 8.0 * jax.random.normal(
       jax.random.fold_in(key, 1), (n * CAPTIONS_PER_IMAGE, e), jnp.float32)
   norm = lambda x: x / jnp.linalg.norm(x, axis=1, keepdims=True)
   img, txt = norm(img), norm(txt)
@@ -317,7 +384,7 @@ def benchmark_eval(args: argparse.Namespace) -> dict:
       "rank_captions": n * CAPTIONS_PER_IMAGE,
       "score_s": score_s,
       "rank_s": rank_s,
-      "rsum_random": metrics["rsum"],
+      "rsum_synthetic": metrics["rsum"],
       **_device_info(),
       **peak_memory(),
   }

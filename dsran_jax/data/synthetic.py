@@ -114,10 +114,9 @@ RELATIONS = (("to the left of", "left of", "on the left of"),
              ("to the right of", "right of", "on the right of"),
              ("above", "over"), ("below", "under", "beneath"))
 NEXT_TO = ("next to", "beside", "near")
-# Detector classes that are never captioned: parts (per supercategory) and
-# scene-neutral background "stuff" (scene-specific stuff would leak the scene).
+# Detector classes that are never captioned: object parts and scene-neutral background
+# "stuff" (scene-specific stuff would leak the scene).
 PARTS = ("head", "leg", "wheel", "window", "handle", "top")
-SUPERCATEGORY_PARTS = ((0, 1), (2, 3), (1, 5), (4, 5))
 STUFF = ("shadow", "spot", "line", "edge", "light", "reflection")
 CANVASES = ((640, 480), (500, 375), (480, 640), (500, 333), (640, 427), (375, 500))
 
@@ -152,7 +151,8 @@ class Difficulty:
   grid_object_evidence: float = 0.35
   scene_strength: float = 0.8
   supercategory_share: float = 0.35
-  p_part: float = 0.5
+  colour_on_object: float = 0.0
+  grid_colour_evidence: float = 0.0
   max_background: int = 3
 
   def validate(self, num_regions: int) -> None:
@@ -281,7 +281,6 @@ class SyntheticWorld:
     self.confusable = np.array([
         next((o for o in list(range(c + 1, nc)) + list(range(c))
               if self.supercat[o] == self.supercat[c]), c) for c in range(nc)])
-    self.part_of_supercat = np.array(SUPERCATEGORY_PARTS)
     cells = np.arange(NUM_CELLS)
     self.cell_row = cells // GRID_SIDE
     self.cell_col = cells % GRID_SIDE
@@ -477,20 +476,20 @@ class SyntheticWorld:
     cls, colour, size = L.cls[i, :n], L.colour[i, :n], L.size[i, :n]
     w, h = CANVASES[L.canvas[i]]
     cw, ch = w / GRID_SIDE, h / GRID_SIDE
-    # ---- boxes: objects, then one optional part per object, then background stuff.
+    # ---- boxes: objects, then one part per object (inside its box), then background.
     cx = (L.col[i, :n] + 0.5 + rng.uniform(-0.3, 0.3, n)) * cw
     cy = (L.row[i, :n] + 0.5 + rng.uniform(-0.3, 0.3, n)) * ch
     extent = np.where(size == 1, rng.uniform(2.2, 3.2, n), rng.uniform(1.2, 1.8, n))
     sq = np.sqrt(self.aspect[cls])
     bw, bh = extent * cw * sq, extent * ch / sq
     obj_boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
-    has_part = rng.random(n) < d.p_part
     pf = rng.uniform(0.3, 0.6, (n, 2))
     po = rng.random((n, 2))
     px1 = obj_boxes[:, 0] + po[:, 0] * (1 - pf[:, 0]) * bw
     py1 = obj_boxes[:, 1] + po[:, 1] * (1 - pf[:, 1]) * bh
-    part_boxes = np.stack([px1, py1, px1 + pf[:, 0] * bw, py1 + pf[:, 1] * bh], 1)[has_part]
-    part_cls = self.part_of_supercat[self.supercat[cls], rng.integers(2, size=n)][has_part]
+    part_boxes = np.stack([px1, py1, px1 + pf[:, 0] * bw, py1 + pf[:, 1] * bh], 1)
+    # Part types do not depend on the class: a red part says nothing about its object.
+    part_cls = rng.integers(len(PARTS), size=n)
     n_bg = int(rng.integers(1, d.max_background + 1)) if d.max_background else 0
     bg_wh = rng.uniform(0.1, 0.5, (n_bg, 2)) * (w, h)
     bg_xy = rng.random((n_bg, 2)) * ((w, h) - bg_wh)
@@ -501,8 +500,8 @@ class SyntheticWorld:
     boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, h - 1)
     n_part = len(part_boxes)
     kind = np.repeat([0, 1, 2], [n, n_part, n_bg])
-    score = np.concatenate([rng.uniform(0.6, 0.99, n), rng.uniform(0.3, 0.7, n_part),
-                            rng.uniform(0.15, 0.6, n_bg)])
+    score = np.concatenate([rng.uniform(0.6, 0.99, n), rng.uniform(0.45, 0.75, n_part),
+                            rng.uniform(0.15, 0.45, n_bg)])
     # ---- region coefficients (rows in slot order: objects, parts, background).
     s = len(kind)
     coef = np.zeros((s, self._k_region), np.float32)
@@ -515,11 +514,14 @@ class SyntheticWorld:
     coef[obj_rows, self._r_cls + self.confusable[cls]] += strength[:n] * own * mix
     coef[obj_rows, self._r_sup + self.supercat[cls]] += (
         strength[:n] * np.float32(np.sqrt(d.supercategory_share)))
-    coef[obj_rows, self._r_col + colour] += 0.8 * strength[:n]
     coef[obj_rows, self._r_size + size] += 0.3 * strength[:n]
+    # The colour is seen on the object's part region (inside its box), not on the object
+    # region: "red dog" is a relation between two overlapping regions.
     part_rows = np.arange(n, n + n_part)
-    # A part looks a bit like its object (class and colour) and mostly like a part.
-    coef[part_rows] = 0.4 * coef[np.flatnonzero(has_part)]
+    col_obj = np.float32(0.8 * d.colour_on_object)
+    col_part = np.float32(0.8 * (1 - d.colour_on_object))
+    coef[obj_rows, self._r_col + colour] += col_obj * strength[:n]
+    coef[part_rows, self._r_col + colour] += col_part * strength[part_rows]
     coef[part_rows, self._r_part + part_cls] += strength[part_rows]
     bg_rows = np.arange(n + n_part, s)
     coef[bg_rows, self._r_stuff + bg_cls] += strength[bg_rows]
@@ -574,8 +576,10 @@ class SyntheticWorld:
       x1, y1, x2, y2 = boxes[o]
       cells = np.flatnonzero((ccx >= x1) & (ccx <= x2) & (ccy >= y1) & (ccy <= y2))
       ev = np.float32(d.grid_object_evidence) * strength[o]
-      grid[cells] += ev * (self.grid_basis[self._g_cls + cls[o]] +
-                           np.float32(0.6) * self.grid_basis[self._g_col + colour[o]])
+      grid[cells] += ev * self.grid_basis[self._g_cls + cls[o]]
+      if d.grid_colour_evidence:
+        grid[cells] += (ev * np.float32(d.grid_colour_evidence)) * (
+            self.grid_basis[self._g_col + colour[o]])
 
   def describe(self, layouts: Layouts, i: int) -> dict:
     """Human-readable content of image i (for tests, debugging and demos)."""
