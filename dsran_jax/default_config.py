@@ -46,7 +46,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.gat_dropout = 0.2
   c.model.gat_layers = 1
   c.model.text_padding = "masked"  # "masked" | "reference" (authors' behaviour)
-  c.model.dtype = "float32"        # compute dtype: "float32" | "bfloat16" (params stay fp32)
+  c.model.dtype = "float32"        # compute dtype: "float32" | "bfloat16" (params and
+                                   # BatchNorm/softmax/loss stay fp32)
   # BERT build
   c.model.bert_path = ""           # local HF BERT directory or hub name
   c.model.bert_random_init = False # True: BERT of shape model.bert.* with random weights
@@ -81,7 +82,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.margin = 0.2
   c.train.max_violation = True
   c.train.sum_violation_steps = 0  # VSE++ warm-up: sum of violations for this many steps
-  c.train.bf16 = False
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256

@@ -167,3 +167,21 @@ def test_regions_only_build_and_bad_config():
   full, full_vars = init(tiny_config())
   with pytest.raises(ValueError, match="grid"):
     full.apply(full_vars, batch)
+
+
+def test_glove_initialisation_from_a_local_file(tmp_path):
+  model, variables = init(tiny_config("gru"), vocab_size=6)
+  path = tmp_path / "glove.txt"
+  vecs = np.arange(2 * 12, dtype=np.float32).reshape(2, 12) / 10
+  path.write_text("dog " + " ".join(map(str, vecs[0])) + "\n"
+                  "t-shirt " + " ".join(map(str, vecs[1])) + "\n", encoding="utf-8")
+  word2idx = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "dog": 4, "t-shirt": 5}
+  before = np.asarray(variables["params"]["text_enc"]["embed"]["embedding"])
+  after = np.asarray(models.load_glove(variables, str(path), word2idx)
+                     ["params"]["text_enc"]["embed"]["embedding"])
+  np.testing.assert_allclose(after[4], vecs[0], rtol=1e-6)
+  np.testing.assert_allclose(after[5], vecs[1], rtol=1e-6)
+  np.testing.assert_array_equal(after[:4], before[:4])  # words GloVe lacks keep their init
+  path.write_text("dog 1 2 3\n", encoding="utf-8")
+  with pytest.raises(ValueError, match="glove.txt:1"):
+    models.load_glove(variables, str(path), word2idx)

@@ -95,3 +95,24 @@ def test_configs_hold_the_authors_recipes(name, batch, epochs, lr_update, K, opt
           c.train.optimizer, c.train.margin) == (batch, epochs, lr_update, K, optimizer, 0.2)
   assert c.eval.protocol == ("coco" if name.startswith("coco") else "1k")
   assert f"configs/{name}.py" in module.__doc__
+
+
+def test_sigterm_saves_and_exits_cleanly(minilm_dir, tmp_path):
+  import signal
+  import threading
+  import time
+  workdir = str(tmp_path)
+  config = tiny_train_config(minilm_dir, num_steps=500)
+  config.train.eval_every = config.train.checkpoint_every = 1000
+
+  def preempt():
+    # Signal once the loop has logged a step, i.e. while the handler is installed.
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    while not os.path.exists(metrics):
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=preempt, daemon=True).start()
+  out = train.train_and_evaluate(config, workdir, mesh=train.make_mesh(jax.devices()[:1]))
+  assert 1 <= out["stopped_at"] < 500
+  assert checkpointing.latest_step(workdir, checkpointing.LATEST) == out["stopped_at"]
