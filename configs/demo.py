@@ -20,7 +20,7 @@ def get_config():
   c.data.format = "synthetic"
   c.data.name = "synthetic"
   c.data.max_len = 24
-  c.data.synthetic.num_train_images = 1200
+  c.data.synthetic.num_train_images = 1000
   c.data.synthetic.num_dev_images = 200
   c.data.synthetic.num_test_images = 200
   c.data.synthetic.num_regions = 12
