@@ -198,3 +198,22 @@ def test_tfds_builder_omits_all_zero_arrays(tmp_path):
   got = packed.images(np.arange(5))
   np.testing.assert_array_equal(got["region_pos"], np.zeros((5, 3, 1607), np.float32))
   np.testing.assert_array_equal(got["grid"][:, 0, 0], np.arange(5))
+
+
+def test_load_split_reads_the_packed_copy_when_tfds_dir_is_set(tmp_path, minilm_dir):
+  from dsran_jax import data  # pylint: disable=g-import-not-at-top
+  from dsran_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+  config = default_config.get_base_config()
+  config.data.format = "synthetic"
+  config.data.img_dim = 16
+  config.data.synthetic.num_dev_images = 3
+  config.data.synthetic.num_regions = 4
+  config.model.bert_path = minilm_dir
+  direct = data.load_split(config, "dev")
+  tfds_builder.build_split(direct, str(tmp_path), tfds_builder.dataset_config_name(config, "dev"))
+  config.data.tfds_dir = str(tmp_path)
+  packed = data.load_split(config, "dev")
+  assert packed.texts == direct.texts
+  np.testing.assert_array_equal(packed.input_ids, direct.input_ids)
+  for k, v in direct.images([2, 0]).items():
+    np.testing.assert_array_equal(packed.images([2, 0])[k], v, err_msg=k)

@@ -151,31 +151,3 @@ def test_gru_vocabulary_from_train_only(tmp_path):
   c.data.vocab_file = str(tmp_path / "elsewhere" / "v.json")
   tokenize.make_tokenizer(c, None, train_texts)
   assert tokenize.Vocabulary.load(c.data.vocab_file).idx2word == vocab.idx2word
-
-
-def test_vocabulary_from_authors_pickle(tmp_path):
-  import pickle  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  import types  # pylint: disable=g-import-not-at-top
-
-  # A stand-in for the authors' vocab.Vocabulary class, as their pickles reference it.
-  mod = types.ModuleType("vocab")
-
-  class Vocabulary:
-    pass
-
-  Vocabulary.__module__, Vocabulary.__qualname__ = "vocab", "Vocabulary"
-  mod.Vocabulary = Vocabulary
-  sys.modules["vocab"] = mod
-  try:
-    v = Vocabulary()
-    words = ["<pad>", "<start>", "<end>", "<unk>", "raining", "writings"]
-    v.idx2word = dict(enumerate(words))
-    v.word2idx = {w: i for i, w in enumerate(words)}
-    v.idx = len(words)
-    with open(tmp_path / "f30k_vocab.pkl", "wb") as f:
-      pickle.dump(v, f)
-  finally:
-    del sys.modules["vocab"]
-  assert tokenize.Vocabulary.from_authors_pickle(str(tmp_path / "f30k_vocab.pkl")
-                                                 ).idx2word == words

@@ -28,7 +28,11 @@ def format_module(config):
 
 
 def read_raw_split(config, split_name: str) -> RawSplit:
-  """A split's raw captions and feature reader, before tokenisation."""
+  """A split's raw captions and feature reader, before tokenisation: from the TFRecord
+  shards of `dsran_jax.data.tfds_builder` when `data.tfds_dir` is set, else the raw files."""
+  if config.data.tfds_dir:
+    from dsran_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+    return tfds_builder.read_raw_split(config, split_name)
   return format_module(config).read_raw_split(config, split_name)
 
 

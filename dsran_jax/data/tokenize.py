@@ -201,29 +201,6 @@ class Vocabulary:
       raise ValueError(f"{path}: expected a JSON object with format {_VOCAB_FORMAT!r}")
     return cls(obj["words"])
 
-  @classmethod
-  def from_authors_pickle(cls, path: str) -> "Vocabulary":
-    """Reads the authors' `vocab/*_vocab.pkl` (pickled `vocab.Vocabulary`) without their code.
-
-    Their ids must be kept to reuse their GRU checkpoints' word embeddings.
-    """
-    import pickle  # pylint: disable=g-import-not-at-top
-
-    class _Stub:
-      pass
-
-    class _Unpickler(pickle.Unpickler):
-
-      def find_class(self, module, name):
-        if name == "Vocabulary":
-          return _Stub
-        raise pickle.UnpicklingError(f"{path}: unexpected class {module}.{name}")
-
-    with open(path, "rb") as f:
-      obj = _Unpickler(f).load()
-    idx2word = obj.__dict__["idx2word"]
-    return cls([idx2word[i] for i in range(len(idx2word))])
-
   def encode_one(self, text: str) -> list:
     """`<start> word ids <end>`, not truncated."""
     return [self.word2idx[START]] + [self(w) for w in word_tokenize(text)] + [
