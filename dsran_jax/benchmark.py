@@ -106,7 +106,6 @@ def make_config(args: argparse.Namespace):
   c.train.batch_size = args.batch_size
   c.train.seed = args.seed
   c.train.optimizer = "bertadam"
-  c.train.bf16 = bool(args.bf16)
   return c
 
 
