@@ -11,6 +11,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "tensorflow-cpu>=2.17",
     "tensorflow-datasets>=4.9.7",
+    "tensorboard>=2.17",  # tf.summary needs it; tensorflow-cpu no longer pulls it in
     "tokenizers>=0.20",
     "safetensors>=0.4",
     "h5py>=3.10",

@@ -323,13 +323,7 @@ def benchmark_eval(args: argparse.Namespace) -> dict:
   model = models.build_model(config.model)
   variables = models.init_variables(model, jax.random.PRNGKey(args.seed))
 
-  @jax.jit
-  def image_fn(v, b):
-    return model.apply(v, **b, train=False, method=model.embed_images)
-
-  @jax.jit
-  def text_fn(v, b):
-    return model.apply(v, **b, train=False, method=model.embed_texts)
+  image_fn, text_fn = models.jitted_embedders(model)
 
   rng = np.random.default_rng(args.seed)
   bs = args.eval_batch_size

@@ -140,13 +140,7 @@ def make_scorer(model, variables):
   variables = jax.tree_util.tree_map(
       lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, variables)
 
-  @jax.jit
-  def image_fn(variables, batch):
-    return model.apply(variables, **batch, train=False, method=model.embed_images)
-
-  @jax.jit
-  def text_fn(variables, batch):
-    return model.apply(variables, **batch, train=False, method=model.embed_texts)
+  image_fn, text_fn = models.jitted_embedders(model)
 
   def pick(batch, keys):
     return {k: batch[k] for k in keys if k in batch}
@@ -231,10 +225,14 @@ class MetricsLog:
       f.write(json.dumps(row) + "\n")
     if self._tb is not None:
       import tensorflow as tf
-      with self._tb.as_default(step=int(step)):
-        for k, v in values.items():
-          tf.summary.scalar(k, float(v))
-      self._tb.flush()
+      try:
+        with self._tb.as_default(step=int(step)):
+          for k, v in values.items():
+            tf.summary.scalar(k, float(v))
+        self._tb.flush()
+      except Exception as e:  # TensorBoard is a convenience; metrics.jsonl is the record
+        logging.warning("TensorBoard summaries disabled: %s", e)
+        self._tb = None
 
 
 def _progress(total, initial):

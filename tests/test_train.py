@@ -105,14 +105,25 @@ def test_sigterm_saves_and_exits_cleanly(minilm_dir, tmp_path):
   config = tiny_train_config(minilm_dir, num_steps=500)
   config.train.eval_every = config.train.checkpoint_every = 1000
 
-  def preempt():
-    # Signal once the loop has logged a step, i.e. while the handler is installed.
-    metrics = os.path.join(workdir, "metrics.jsonl")
-    while not os.path.exists(metrics):
-      time.sleep(0.05)
-    os.kill(os.getpid(), signal.SIGTERM)
+  default_handler = signal.getsignal(signal.SIGTERM)
+  done = threading.Event()
 
-  threading.Thread(target=preempt, daemon=True).start()
-  out = train.train_and_evaluate(config, workdir, mesh=train.make_mesh(jax.devices()[:1]))
+  def preempt():
+    # Signal once the loop has logged a step, and only while train's handler is installed:
+    # a stray SIGTERM would kill the test runner.
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    while not done.is_set():
+      if os.path.exists(metrics) and signal.getsignal(signal.SIGTERM) is not default_handler:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      time.sleep(0.05)
+
+  thread = threading.Thread(target=preempt, daemon=True)
+  thread.start()
+  try:
+    out = train.train_and_evaluate(config, workdir, mesh=train.make_mesh(jax.devices()[:1]))
+  finally:
+    done.set()
+    thread.join()
   assert 1 <= out["stopped_at"] < 500
   assert checkpointing.latest_step(workdir, checkpointing.LATEST) == out["stopped_at"]

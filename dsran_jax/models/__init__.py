@@ -82,5 +82,12 @@ def load_pretrained_bert(variables: dict, model_config) -> dict:
   return {**variables, "params": params}
 
 
+def jitted_embedders(model: DSRAN):
+  """Jitted eval-mode `(image_fn, text_fn)`, each `(variables, batch dict) -> (B, E)`."""
+  image_fn = jax.jit(lambda v, b: model.apply(v, **b, train=False, method=model.embed_images))
+  text_fn = jax.jit(lambda v, b: model.apply(v, **b, train=False, method=model.embed_texts))
+  return image_fn, text_fn
+
+
 __all__ = ["DSRAN", "DSRANConfig", "build_model", "model_config_from", "dummy_batch",
-           "init_variables", "load_pretrained_bert", "load_glove", "GRID_NODES"]
+           "init_variables", "load_pretrained_bert", "load_glove", "jitted_embedders", "GRID_NODES"]
