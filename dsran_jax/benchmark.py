@@ -16,6 +16,8 @@ prints one JSON line:
   flops_per_step      XLA cost analysis of the compiled step (forward, backward, update)
   matmul_peak_gflops  best rate of a large fp32 matmul timed in this process
   mfu                 flops_per_step / step_s / matmul peak
+  matmul_peak_bf16_gflops, mfu_bf16
+                      with --bf16: the same against a bf16 matmul (fp32 sums) timed here
   matmul_flops_per_step, matmul_mfu
                       the same with only the compiled step's dot products counted
                       (cost analysis also counts elementwise work, e.g. dropout hashing)
@@ -185,18 +187,22 @@ class _CpuMeter:
                         max(0.0, (busy1 - self.busy0 - self.cpu) / max(self.wall, 1e-9)))
 
 
-def matmul_peak_gflops(sizes: Sequence[int] = (2048, 4096), min_time_s: float = 1.0) -> dict:
-  """Best GFLOP/s of an fp32 (n, n) @ (n, n) jitted matmul over `sizes` (the roofline).
+def matmul_peak_gflops(sizes: Sequence[int] = (2048, 4096), min_time_s: float = 1.0,
+                       dtype=jnp.float32) -> dict:
+  """Best GFLOP/s of an (n, n) @ (n, n) jitted matmul over `sizes` (the roofline).
 
-  Each size is timed for at least `min_time_s` after a warm-up call; the best single
-  call counts, as a roofline should.
+  fp32 by default. With dtype=bfloat16 the operands are bf16 and the products are summed
+  in fp32 (the mixed-precision matmul the bf16 model runs), and the keys are
+  `matmul_peak_bf16_gflops` / `matmul_bf16_gflops_by_size`. Each size is timed for at
+  least `min_time_s` after a warm-up call; the best single call counts, as a roofline
+  should.
   """
-  f = jax.jit(jnp.matmul)
+  f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
   best = {}
   for n in sizes:
     key = jax.random.key(n)
-    a = jax.random.normal(key, (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.float32)
+    a = jax.random.normal(key, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.float32).astype(dtype)
     f(a, b).block_until_ready()
     times, start = [], time.perf_counter()
     while len(times) < 3 or time.perf_counter() - start < min_time_s:
@@ -204,8 +210,9 @@ def matmul_peak_gflops(sizes: Sequence[int] = (2048, 4096), min_time_s: float = 
       f(a, b).block_until_ready()
       times.append(time.perf_counter() - t)
     best[n] = 2.0 * n ** 3 / min(times) / 1e9
-  return {"matmul_peak_gflops": max(best.values()),
-          "matmul_gflops_by_size": {str(n): round(g, 1) for n, g in best.items()}}
+  tag = {"float32": "", "bfloat16": "_bf16"}[jnp.dtype(dtype).name]
+  return {f"matmul_peak{tag}_gflops": max(best.values()),
+          f"matmul{tag}_gflops_by_size": {str(n): round(g, 1) for n, g in best.items()}}
 
 
 def peak_memory() -> dict:
@@ -281,9 +288,13 @@ def benchmark_train(args: argparse.Namespace) -> dict:
   step_s = statistics.median(times)
   del state, batches
 
-  peak = matmul_peak_gflops((args.peak_size,) if args.peak_size else (2048, 4096))
+  sizes = (args.peak_size,) if args.peak_size else (2048, 4096)
+  peak = matmul_peak_gflops(sizes)
   achieved = flops / step_s / 1e9
   mm_flops = dot_flops(compiled.as_text())
+  if args.bf16:
+    peak.update(matmul_peak_gflops(sizes, dtype=jnp.bfloat16))
+    peak["mfu_bf16"] = achieved / peak["matmul_peak_bf16_gflops"]
   return {
       "mode": "train",
       **_shape_info(args),

@@ -308,10 +308,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       best = {"rsum": rsum, "step": step, "metrics": headline(results)}
       checkpointing.save(workdir, checkpointing.BEST, step, state.variables, best)
 
-  batches = pipeline.train_batches(train_split, config, start_step=start)
   bar = _progress(total_steps, start)
   window_t, window_n = time.time(), 0
-  with _Preemption() as preempt:
+  # Closing the endless reader stops its background reads before the final evaluation.
+  with pipeline.train_batches(train_split, config, start_step=start) as batches, \
+      _Preemption() as preempt:
     for step in range(start, total_steps):
       state, metrics = step_fn(state, global_batch(next(batches), mesh))
       window_n += config.train.batch_size

@@ -1,6 +1,7 @@
 """The benchmark CLI on tiny shapes (no speed assertions), and the performance rewrites
 in dsran_jax.models.layers giving the same numbers as the code they replace."""
 import json
+import re
 
 import flax.linen as nn
 import jax
@@ -24,8 +25,10 @@ def _last_json_line(capsys):
   return json.loads(lines[-1])
 
 
-def test_train_benchmark_prints_one_json_line(capsys):
-  result = benchmark.main(TINY + ["--steps=2"])
+@pytest.mark.parametrize("precision", [[], ["--bf16"]])
+def test_train_benchmark_prints_one_json_line(capsys, precision):
+  # Runs the real sharded step over the 8 fake devices (bf16: through layers.lowp_dense).
+  result = benchmark.main(TINY + ["--steps=2"] + precision)
   printed = _last_json_line(capsys)
   assert printed == json.loads(json.dumps(result))
   for key in TRAIN_KEYS:
@@ -37,6 +40,12 @@ def test_train_benchmark_prints_one_json_line(capsys):
   assert printed["steps_timed"] == 2 and np.isfinite(printed["loss"])
   assert printed["num_devices"] == jax.device_count()
   assert printed["pairs_per_s"] == pytest.approx(8 / printed["step_s"])
+  assert printed["bf16"] == bool(precision)
+  assert ("mfu_bf16" in printed) == bool(precision)
+  if precision:
+    assert printed["matmul_peak_bf16_gflops"] > 0
+    assert printed["mfu_bf16"] == pytest.approx(
+        printed["achieved_gflops"] / printed["matmul_peak_bf16_gflops"])
 
 
 def test_eval_benchmark(capsys):
@@ -84,3 +93,67 @@ def test_flat_dot_general_matches_dot():
   grads = [jax.grad(lambda w, f=f: jnp.sum(jnp.sin(f(x, w, dims))))(w)
            for f in (layers.flat_dot_general, jax.lax.dot_general)]
   np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_custom_vjp_matches_autodiff():
+  def plain(x, m, s, b, eps=1e-5):
+    n = jnp.maximum(jnp.sum(m), 1.0)
+    mean = jnp.sum(x * m, axis=(0, 1)) / n
+    var = jnp.sum(jnp.square(x - mean) * m, axis=(0, 1)) / n
+    return (x - mean) * jax.lax.rsqrt(var + eps) * s + b, mean, var
+
+  keys = jax.random.split(jax.random.PRNGKey(0), 6)
+  x = jax.random.normal(keys[0], (4, 7, 5)) * 3 + 1
+  lengths = jnp.array([7, 3, 5, 1])
+  m = (jnp.arange(7)[None, :] < lengths[:, None]).astype(jnp.float32)[..., None]
+  s, b = jax.random.normal(keys[1], (5,)), jax.random.normal(keys[2], (5,))
+  cots = [jax.random.normal(k, sh) for k, sh in zip(keys[3:], [(4, 7, 5), (5,), (5,)])]
+  outs = []
+  for f in (plain, lambda *a: layers._bn_train(*a, 1e-5)):
+    loss = lambda x, s, b, f=f: sum(jnp.sum(o * c) for o, c in zip(f(x, m, s, b), cots))
+    outs.append((f(x, m, s, b), jax.grad(loss, argnums=(0, 1, 2))(x, s, b)))
+  for want, got in zip(outs[0][0], outs[1][0]):  # forward: bit-identical
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  for want, got in zip(outs[0][1], outs[1][1]):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def _lowp_reference(x, kernel, bias):
+  # Autodiff through the plain formulation: bf16 operands, fp32 products and sums, and
+  # an fp32 kernel gradient (the kernel's bf16 rounding is kept out of the backward).
+  rounded = kernel.astype(jnp.bfloat16).astype(jnp.float32)
+  y = jnp.dot(x.astype(jnp.float32), kernel + jax.lax.stop_gradient(rounded - kernel))
+  return (y + bias).astype(jnp.bfloat16)
+
+
+def test_lowp_dense_matches_plain_mixed_precision():
+  kx, kk, kb, kg = jax.random.split(jax.random.PRNGKey(0), 4)
+  x = jax.random.normal(kx, (48, 40)).astype(jnp.bfloat16)
+  kernel, bias = jax.random.normal(kk, (40, 24)), jax.random.normal(kb, (24,))
+  cot = jax.random.normal(kg, (48, 24)).astype(jnp.bfloat16)
+  outs = []
+  for f in (layers.lowp_dense, _lowp_reference):
+    y, vjp = jax.vjp(f, x, kernel, bias)
+    outs.append((y,) + vjp(cot))
+  for name, got, want in zip(("y", "dx", "dkernel", "dbias"), *outs):
+    assert got.dtype == want.dtype, name
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    # bf16 results may differ by one rounding step (fp32 sums in another order);
+    # the fp32 parameter gradients only by summation order.
+    tol = 1e-2 if name in ("y", "dx") else 1e-5
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=name)
+
+
+def test_bf16_dense_backward_keeps_every_matmul_in_bf16():
+  # XLA:CPU upcasts a bf16 dot to fp32 unless both operands are row-major and canonical;
+  # layers.dense's backward must not trigger that (it is what makes --bf16 fast on CPU).
+  x = jnp.ones((64, 48), jnp.bfloat16)
+  kernel, bias = jnp.ones((48, 32)), jnp.ones((32,))
+  loss = lambda x, k, b: jnp.sum(jnp.sin(layers.dense(x, k, b, jnp.bfloat16)
+                                         .astype(jnp.float32)))
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, kernel, bias).compile().as_text()
+  shapes = {m.group(1): m.group(2) for m in re.finditer(r"%([\w.\-]+) = (\w+)\[", hlo)}
+  dots = re.findall(r"= \w+\[[\d,]*\]\{[\d,]*\} dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)
+  assert len(dots) == 3, hlo
+  for lhs, rhs in dots:
+    assert shapes[lhs] == shapes[rhs] == "bf16", (lhs, rhs)

@@ -1,4 +1,9 @@
 """tf.data pipelines: exact eval coverage, reproducible training order, host sharding, TFDS."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -137,6 +142,34 @@ def test_windowed_shuffle_and_errors():
   assert len(set(split_order.ravel().tolist())) == 48
   with pytest.raises(ValueError, match="batch_size"):
     pipeline.steps_per_epoch(_fake_split(1), _config(batch_size=8))
+
+
+def test_process_exits_with_open_iterators():
+  # tf.data iterators whose map runs Python deadlock interpreter exit unless closed first.
+  code = textwrap.dedent("""
+      import sys, time
+      sys.path.insert(0, %r)
+      import test_data_pipeline as t
+      from dsran_jax.data import pipeline
+      split = t._fake_split(40)
+      fast = split.read_images
+      def slow(idx):  # reads still in flight at exit are what used to hang
+        time.sleep(0.2)
+        return fast(idx)
+      split.read_images = slow
+      train = pipeline.train_batches(split, t._config(), process_index=0, process_count=1)
+      next(train)
+      evals = pipeline.eval_image_batches(split, 4)
+      next(evals)
+      with pipeline.eval_caption_batches(split, 4) as caps:
+        next(caps)
+      assert next(caps, None) is None  # closed
+      print("ok")
+  """ % os.path.dirname(__file__))
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_tfds_builder_roundtrip(tmp_path):

@@ -14,8 +14,11 @@ features are read per batch by a parallel, order-preserving map calling
 Evaluation: every image (or caption) exactly once, in order, in batches of `batch_size`;
 the last batch is padded by repeating the last example and flagged by `valid`.
 """
+import atexit
+import gc
 import threading
-from typing import Iterator, Optional
+import weakref
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -29,6 +32,46 @@ except RuntimeError:  # TF devices already initialised by someone else: nothing 
   pass
 
 TRAIN_INDEX_KEYS = ("image_index", "caption_index")
+
+_LIVE_ITERATORS = weakref.WeakSet()
+
+
+class Batches:
+  """Iterator of numpy batch dicts over a tf.data pipeline.
+
+  `close()` (or leaving a `with` block) stops its background reads. Iterators still open
+  at interpreter exit are closed by an atexit hook: a tf.data iterator whose map calls
+  Python (tf.numpy_function) otherwise deadlocks the exit.
+  """
+
+  def __init__(self, ds: tf.data.Dataset):
+    self._it = ds.as_numpy_iterator()
+    _LIVE_ITERATORS.add(self)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    if self._it is None:
+      raise StopIteration
+    return next(self._it)
+
+  def close(self) -> None:
+    """Releases the pipeline (its threads and prefetched batches)."""
+    self._it = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+@atexit.register
+def _close_live_iterators():
+  for batches in list(_LIVE_ITERATORS):
+    batches.close()
+  gc.collect()  # drop the tf.data iterators now, while Python can still run their calls
 
 
 def steps_per_epoch(split: base.Split, config) -> int:
@@ -161,7 +204,7 @@ def _options(ds):
 def train_batches(split: base.Split, config, start_step: int = 0,
                   process_index: Optional[int] = None,
                   process_count: Optional[int] = None,
-                  num_parallel_calls: Optional[int] = None) -> Iterator[dict]:
+                  num_parallel_calls: Optional[int] = None) -> "Batches":
   """Endless iterator of this host's training batches, starting at global `start_step`.
 
   Args:
@@ -217,11 +260,11 @@ def train_batches(split: base.Split, config, start_step: int = 0,
   ds = tf.data.Dataset.counter(start=int(start_step), dtype=tf.int64)
   ds = _numpy_map(ds, read, specs, num_parallel_calls or tf.data.AUTOTUNE)
   ds = _options(ds.prefetch(int(config.data.prefetch)))
-  return ds.as_numpy_iterator()
+  return Batches(ds)
 
 
 def _eval_batches(num_examples: int, batch_size: int, read, specs: dict,
-                  index_key: str, prefetch: int) -> Iterator[dict]:
+                  index_key: str, prefetch: int) -> "Batches":
   if batch_size < 1:
     raise ValueError(f"eval batch_size must be >= 1, got {batch_size}")
   specs = {k: ((batch_size,) + shape, dtype) for k, (shape, dtype) in specs.items()}
@@ -242,12 +285,12 @@ def _eval_batches(num_examples: int, batch_size: int, read, specs: dict,
   ds = tf.data.Dataset.range(num_batches)
   ds = _numpy_map(ds, block, specs, tf.data.AUTOTUNE)
   ds = _options(ds.prefetch(prefetch))
-  return ds.as_numpy_iterator()
+  return Batches(ds)
 
 
 def eval_image_batches(split: base.Split, batch_size: int,
                        image_inputs: str = "grid+regions", prefetch: int = 2
-                       ) -> Iterator[dict]:
+                       ) -> "Batches":
   """Every image of `split` once, in order, in padded batches.
 
   Yields:
@@ -265,7 +308,7 @@ def eval_image_batches(split: base.Split, batch_size: int,
 
 
 def eval_caption_batches(split: base.Split, batch_size: int, prefetch: int = 2
-                         ) -> Iterator[dict]:
+                         ) -> "Batches":
   """Every caption of `split` once, in order, in padded batches.
 
   Yields:

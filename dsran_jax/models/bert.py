@@ -29,7 +29,7 @@ import numpy as np
 from flax import traverse_util
 
 from dsran_jax import hub
-from dsran_jax.models.layers import Dropout, flat_dot_general
+from dsran_jax.models.layers import Dropout, Linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,11 +99,10 @@ def _layer_norm(config: BertConfig, dtype, name: str) -> nn.LayerNorm:
                       name=name)
 
 
-def _dense(features: int, dtype, name: str) -> nn.Dense:
-  # flat_dot_general: one 2-D matmul over (B*L) rows, so the backward needs no transposed
-  # copy of the cotangent (see layers.flat_dot_general).
-  return nn.Dense(features, dtype=dtype, kernel_init=_init, dot_general=flat_dot_general,
-                  name=name)
+def _dense(features: int, dtype, name: str) -> Linear:
+  # layers.Linear rather than nn.Dense: one 2-D matmul over (B*L) rows, and bf16 kept on
+  # XLA:CPU's fast matmul path in the backward pass too (see layers.dense).
+  return Linear(features, init="bert", dtype=dtype, name=name)
 
 
 class _Embeddings(nn.Module):
