@@ -84,14 +84,17 @@ def test_dropout_matches_flax(dtype):
   np.testing.assert_array_equal(layers.Dropout(0.2).apply({}, x, deterministic=True), x)
 
 
-def test_flat_dot_general_matches_dot():
+def test_flat_dense_matches_dot():
+  # layers.dense merges the leading axes into one 2-D matmul: same values and gradients
+  # as contracting the 3-D input directly.
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 8))
   w = jax.random.normal(jax.random.PRNGKey(1), (8, 6))
+  b = jnp.zeros((6,))
   dims = (((2,), (0,)), ((), ()))
-  np.testing.assert_allclose(layers.flat_dot_general(x, w, dims),
-                             jax.lax.dot_general(x, w, dims), rtol=1e-6, atol=1e-6)
-  grads = [jax.grad(lambda w, f=f: jnp.sum(jnp.sin(f(x, w, dims))))(w)
-           for f in (layers.flat_dot_general, jax.lax.dot_general)]
+  flat = lambda x, w: layers.dense(x, w, b, jnp.float32)
+  plain = lambda x, w: jax.lax.dot_general(x, w, dims)
+  np.testing.assert_allclose(flat(x, w), plain(x, w), rtol=1e-6, atol=1e-6)
+  grads = [jax.grad(lambda w, f=f: jnp.sum(jnp.sin(f(x, w))))(w) for f in (flat, plain)]
   np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
 

@@ -66,37 +66,19 @@ lowp_dense.defvjp(_lowp_dense_fwd, _lowp_dense_bwd)
 def dense(x, kernel, bias, dtype):
   """`x @ kernel + bias` over x's last axis, computed in `dtype` (fp32 params).
 
-  bf16 on CPU goes through `lowp_dense`; GPUs and TPUs take transposed bf16 operands
-  natively, so they (and fp32) use `flat_dot_general`.
+  The leading axes are merged first, so every dense layer is one 2-D matmul. Why: for a
+  (B, N, D) input the backward's weight gradient would otherwise contract two axes (B and
+  N), and XLA CPU then materialises a transposed copy of the (B, N, E) cotangent fused
+  with its elementwise producers (a slow strided loop); with one axis the cotangent
+  feeds the matmul as it is (about a third of a dense layer's backward time). bf16 on
+  CPU goes through `lowp_dense`; GPUs and TPUs take transposed bf16 operands natively.
   """
+  x2 = x.astype(dtype).reshape(-1, x.shape[-1])
   if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu":
-    y = lowp_dense(x.astype(dtype).reshape(-1, x.shape[-1]), kernel, bias)
-    return y.reshape(x.shape[:-1] + (kernel.shape[1],))
-  y = flat_dot_general(x.astype(dtype), kernel.astype(dtype),
-                       (((x.ndim - 1,), (0,)), ((), ())))
-  return y + bias.astype(dtype)
-
-
-def flat_dot_general(lhs, rhs, dimension_numbers, precision=None,
-                     preferred_element_type=None, **kwargs):
-  """`lax.dot_general` that computes `lhs @ rhs` over lhs's last axis as one 2-D matmul.
-
-  Same products and sums. Why: for a (B, N, D) input the backward's weight gradient
-  would contract two axes (B and N), and XLA CPU then materialises a transposed copy of
-  the (B, N, E) cotangent fused with its elementwise producers (a slow strided loop);
-  with the leading axes merged first it contracts one axis and feeds the cotangent to
-  the matmul as it is (about a third of a dense layer's backward time). Any other
-  contraction goes to `lax.dot_general` unchanged. Usable as `nn.Dense(dot_general=...)`.
-  """
-  (lc, rc), (lb, rb) = dimension_numbers
-  if (lhs.ndim > 2 and rhs.ndim == 2 and tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,)
-      and not lb and not rb):
-    y = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())),
-                            precision=precision,
-                            preferred_element_type=preferred_element_type, **kwargs)
-    return y.reshape(lhs.shape[:-1] + (rhs.shape[1],))
-  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                             preferred_element_type=preferred_element_type, **kwargs)
+    y = lowp_dense(x2, kernel, bias)
+  else:
+    y = jnp.dot(x2, kernel.astype(dtype)) + bias.astype(dtype)
+  return y.reshape(x.shape[:-1] + (kernel.shape[1],))
 
 
 def _rotate_left(x, d: int):
