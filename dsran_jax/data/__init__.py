@@ -67,9 +67,10 @@ def load_split(config, split_name: str, workdir: Optional[str] = None) -> Split:
 
 
 def gru_vocabulary(config, workdir: Optional[str] = None):
-  """The GRU build's `Vocabulary` (built from the training captions on first use and
-  saved in the workdir); None for the BERT build."""
-  if config.model.text_encoder != "gru":
+  """The word `Vocabulary` of models that use one (built from the training captions on
+  first use and saved in the workdir); None for BERT tokenizers."""
+  from dsran_jax import models  # pylint: disable=g-import-not-at-top
+  if models.tokenizer_kind(config) != "vocab":
     return None
   from dsran_jax.data import tokenize  # pylint: disable=g-import-not-at-top
   tokenizer = tokenize.make_tokenizer(
@@ -78,7 +79,8 @@ def gru_vocabulary(config, workdir: Optional[str] = None):
 
 
 def vocab_size(config, workdir: Optional[str] = None) -> Optional[int]:
-  """Size of the GRU vocabulary (`model.vocab_size` if set); None for the BERT build."""
-  if config.model.text_encoder != "gru":
+  """Size of the word vocabulary (`model.vocab_size` if set); None for BERT tokenizers."""
+  from dsran_jax import models  # pylint: disable=g-import-not-at-top
+  if models.tokenizer_kind(config) != "vocab":
     return None
   return config.model.vocab_size or len(gru_vocabulary(config, workdir))

@@ -21,17 +21,13 @@ from typing import Optional
 import numpy as np
 
 from dsran_jax.data import raw
-
-GRID_CELLS = 49
-IMAGE_INPUTS = ("grid+regions", "regions")
+from dsran_jax.data.base import GRID_CELLS
 
 
 def uses_grid(config) -> bool:
-  """Whether `model.image_inputs` asks for grid features."""
-  mode = config.model.image_inputs
-  if mode not in IMAGE_INPUTS:
-    raise ValueError(f"model.image_inputs={mode!r}: expected one of {IMAGE_INPUTS}")
-  return mode == "grid+regions"
+  """Whether the configured model reads grid features."""
+  from dsran_jax import models  # pylint: disable=g-import-not-at-top
+  return "grid" in models.image_keys(config)
 
 
 def grid_path(config, split_name: str) -> str:

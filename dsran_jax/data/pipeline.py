@@ -152,21 +152,20 @@ def _probe(split: base.Split, keys):
   arrays = split.images(np.zeros(1, np.int64))
   missing = [k for k in keys if k not in arrays]
   if missing:
-    hint = ("; model.image_inputs='grid+regions' needs grid features (data.grid_file)"
-            if "grid" in missing else "")
+    hint = ("; the model reads grid features (data.grid_file; DSRAN: "
+            "model.image_inputs='regions' does without)" if "grid" in missing else "")
     raise KeyError(
         f"split {split.name!r}: images() has no {missing} (it returns {sorted(arrays)})"
         + hint)
   return {k: (tuple(arrays[k].shape[1:]), arrays[k].dtype) for k in keys}
 
 
-def _image_keys(image_inputs: str):
-  if image_inputs == "grid+regions":
-    return base.IMAGE_KEYS
-  if image_inputs == "regions":
-    return tuple(k for k in base.IMAGE_KEYS if k != "grid")
-  raise ValueError(
-      f"model.image_inputs must be 'grid+regions' or 'regions', got {image_inputs!r}")
+def _image_keys(keys) -> tuple:
+  keys = tuple(keys)
+  unknown = [k for k in keys if k not in base.IMAGE_KEYS]
+  if isinstance(keys, str) or unknown:
+    raise ValueError(f"image keys {keys!r}: each must be one of {base.IMAGE_KEYS}")
+  return keys
 
 
 def _checked(arrays: dict, key: str, batch: int, spec, split_name: str) -> np.ndarray:
@@ -210,15 +209,15 @@ def train_batches(split: base.Split, config, start_step: int = 0,
   Args:
     split: the training split.
     config: uses `train.batch_size` (global), `train.seed`, `data.shuffle_buffer`,
-      `data.prefetch`, `model.image_inputs`.
+      `data.prefetch`, and the model's image keys (`models.image_keys`).
     start_step: the first global step to produce (resuming replays the same stream).
     process_index, process_count: this host and the number of hosts; default
       `jax.process_index()` / `jax.process_count()`.
     num_parallel_calls: feature reads in flight (default: tf.data autotuning).
 
   Yields:
-    numpy dicts of `train.batch_size // process_count` (image, caption) pairs: grid
-    (only for image_inputs "grid+regions"), regions, region_pos, region_mask,
+    numpy dicts of `train.batch_size // process_count` (image, caption) pairs: the
+    image keys the model reads (grid, regions, region_pos, region_mask, ...),
     input_ids, attention_mask, image_index, caption_index.
   """
   if process_index is None or process_count is None:
@@ -237,7 +236,8 @@ def train_batches(split: base.Split, config, start_step: int = 0,
   local_batch = global_batch // process_count
   order = _TrainOrder(split.num_captions, global_batch, local_batch, process_index,
                       int(config.train.seed), int(config.data.shuffle_buffer))
-  image_specs = _probe(split, _image_keys(config.model.image_inputs))
+  from dsran_jax import models  # pylint: disable=g-import-not-at-top
+  image_specs = _probe(split, _image_keys(models.image_keys(config)))
   specs = dict(image_specs)
   specs["input_ids"] = (tuple(split.input_ids.shape[1:]), np.dtype(np.int32))
   specs["attention_mask"] = (tuple(split.attention_mask.shape[1:]), np.dtype(np.int32))
@@ -289,15 +289,18 @@ def _eval_batches(num_examples: int, batch_size: int, read, specs: dict,
 
 
 def eval_image_batches(split: base.Split, batch_size: int,
-                       image_inputs: str = "grid+regions", prefetch: int = 2
-                       ) -> "Batches":
+                       image_keys=("grid", "regions", "region_pos", "region_mask"),
+                       prefetch: int = 2) -> "Batches":
   """Every image of `split` once, in order, in padded batches.
 
+  Args:
+    image_keys: the image-side arrays to read (`models.image_keys(config)`).
+
   Yields:
-    numpy dicts with the image-side arrays (grid only for "grid+regions"),
-    `image_index` int32 (B,) and `valid` bool (B,) (False on the last batch's padding).
+    numpy dicts with those arrays, `image_index` int32 (B,) and `valid` bool (B,)
+    (False on the last batch's padding).
   """
-  specs = _probe(split, _image_keys(image_inputs))
+  specs = _probe(split, _image_keys(image_keys))
 
   def read(indices):
     arrays = split.images(indices)

@@ -65,7 +65,7 @@ def require_file(path: str, what: str) -> str:
 
 
 def load_npy(path: str, expected_shape=None, what: str = "features",
-             mmap: bool = False) -> np.ndarray:
+             mmap: bool = False, dtype=None) -> np.ndarray:
   """Loads a floating-point `.npy` file, checked.
 
   Args:
@@ -73,6 +73,8 @@ def load_npy(path: str, expected_shape=None, what: str = "features",
     expected_shape: tuple with None for free dimensions, or None to skip the check.
     what: what the file holds, for messages.
     mmap: memory-map instead of reading (large split-level arrays).
+    dtype: if given, the file must store exactly this dtype (a documented format:
+      float16 or int64 features are a conversion gone wrong, not data to cast).
 
   Returns:
     The array (a read-only memmap when `mmap`).
@@ -93,6 +95,11 @@ def load_npy(path: str, expected_shape=None, what: str = "features",
     raise DataError(f"{path}: expected a single array ({what}), got {type(arr).__name__}")
   if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
     raise DataError(f"{path}: expected numeric {what}, got dtype {arr.dtype}")
+  if dtype is not None and arr.dtype != np.dtype(dtype):
+    raise DataError(
+        f"{path}: {what} stored as {arr.dtype}, expected {np.dtype(dtype)} (the documented "
+        f"format); convert the file, e.g. np.save(path, np.load(path).astype("
+        f"np.{np.dtype(dtype)}))")
   if expected_shape is not None:
     check_shape(arr.shape, expected_shape, path, what)
   return arr

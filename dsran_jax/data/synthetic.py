@@ -447,8 +447,11 @@ class SyntheticWorld:
 
   # ------------------------------------------------------------------------ features
 
-  def read_images(self, layouts: Layouts, indices) -> dict:
-    """Image-side arrays for `indices` of a split: grid, regions, region_pos, region_mask.
+  def read_images(self, layouts: Layouts, indices, with_global: bool = False) -> dict:
+    """Image-side arrays for `indices` of a split: grid, regions, region_pos, region_mask
+    and, `with_global`, global_feat (B, img_dim): the mean of the image's 49 grid cells,
+    as the real one is the average pool of ResNet's 7x7 map (data/global_feat.py): the
+    scene, plus weak evidence of the larger objects.
 
     Each image is drawn from an rng keyed by (seed, split, index) and computed with
     per-image matmuls of fixed shape, so its features are bit-identical in any batch.
@@ -468,6 +471,8 @@ class SyntheticWorld:
     for row, i in enumerate(indices):
       self._image(layouts, int(i), _rng(self.seed, code, i, _STREAM_FEATURES), out, row)
     del out["_scratch"]
+    if with_global:
+      out["global_feat"] = out["grid"].mean(axis=1, dtype=np.float32)
     return out
 
   def _image(self, L: Layouts, i: int, rng, out, row):
@@ -647,11 +652,13 @@ def read_raw_split(config, split_name: str,
   Returns:
     A `RawSplit` with 5 captions per image and a `read_images` that returns grid
     (B, 49, img_dim), regions (B, R, img_dim), region_pos (B, R, 1607) float32 and
-    region_mask (B, R) bool.
+    region_mask (B, R) bool, plus global_feat (B, img_dim) when the model reads it.
   """
+  from dsran_jax.data import global_feat  # pylint: disable=g-import-not-at-top
   world, layouts = world_and_layouts(config, split_name, difficulty)
   return raw_lib.RawSplit(
       image_ids=[f"synthetic-{split_name}-{i:06d}" for i in range(len(layouts))],
       texts=world.captions(layouts),
       captions_per_image=CAPTIONS_PER_IMAGE,
-      read_images=functools.partial(world.read_images, layouts))
+      read_images=functools.partial(world.read_images, layouts,
+                                    with_global=global_feat.uses_global(config)))

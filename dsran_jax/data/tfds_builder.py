@@ -25,6 +25,7 @@ import json
 import os
 import re
 import threading
+import types
 from typing import Optional
 
 import numpy as np
@@ -301,30 +302,42 @@ def _source_info(config, split_name: str) -> dict:
   return info
 
 
+def _define_flags() -> types.SimpleNamespace:
+  """Defines the CLI's flags and returns their holders; called under `__main__` only, so
+  the module imports without flag collisions."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  f = types.SimpleNamespace(
+      config=config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py)."),
+      split=flags.DEFINE_string("split", None,
+                                "Split to pack (train, dev, test, testall, ...)."),
+      out_dir=flags.DEFINE_string("out_dir", None,
+                                  "TFDS data directory (later data.tfds_dir)."),
+      workdir=flags.DEFINE_string("workdir", None,
+                                  "Workdir holding the GRU vocabulary, if any."),
+  )
+  flags.mark_flags_as_required(["config", "split", "out_dir"])
+  return f
+
+
 def main(argv):
   """CLI: packs `--split` of `--config` under `--out_dir`."""
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
   from dsran_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  flags_ = flags.FLAGS
-  config = flags_.config
+  f = _FLAGS
+  config = f.config.value
+  split_name = f.split.value
   tfds.disable_progress_bar()
   with config.unlocked():
     config.data.tfds_dir = ""  # pack from the raw files, never from a packed copy
-  split = data_lib.load_split(config, flags_.split, flags_.workdir)
-  path = build_split(split, flags_.out_dir, dataset_config_name(config, flags_.split),
-                     _source_info(config, flags_.split))
+  split = data_lib.load_split(config, split_name, f.workdir.value)
+  path = build_split(split, f.out_dir.value, dataset_config_name(config, split_name),
+                     _source_info(config, split_name))
   print(json.dumps({"dataset_dir": path, "images": split.num_images,
                     "captions": split.num_captions}))
 
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
-  flags.DEFINE_string("split", None, "Split to pack (train, dev, test, testall, ...).")
-  flags.DEFINE_string("out_dir", None, "TFDS data directory (later data.tfds_dir).")
-  flags.DEFINE_string("workdir", None, "Workdir holding the GRU vocabulary, if any.")
-  flags.mark_flags_as_required(["config", "split", "out_dir"])
+  _FLAGS = _define_flags()
   app.run(main)

@@ -7,7 +7,7 @@ exactly as the authors' loaders build their ids:
 - GRU: `<start> words <end>` with the vocabulary ids (`<unk>` for unknown words), cut to
   max_len (the authors pad to the batch's longest caption instead; we need a fixed width).
 
-`make_tokenizer(config, workdir, train_texts_fn)` picks one from `config.model.text_encoder`.
+`make_tokenizer(config, workdir, train_texts_fn)` picks the one the model family asks for.
 """
 import collections
 import itertools
@@ -234,32 +234,41 @@ def vocab_path(config, workdir: Optional[str]) -> Optional[str]:
 
 def make_tokenizer(config, workdir: Optional[str] = None,
                    train_texts_fn: Optional[Callable[[], Sequence[str]]] = None):
-  """The tokenizer for `config.model.text_encoder`: an object with `encode(texts)`.
+  """The tokenizer the configured model family asks for (`models.tokenizer_kind`: BERT
+  WordPiece or a word vocabulary): an object with `encode(texts)`.
 
   Args:
-    config: the full config (`model.text_encoder`, `model.bert_path`, `data.max_len`,
-      `data.vocab_file`).
+    config: the full config (`model.name` and its family's keys, `model.bert_path`,
+      `data.max_len`, `data.vocab_file`).
     workdir: run directory; the GRU vocabulary is kept in `{workdir}/vocab.json` unless
       `data.vocab_file` is set.
     train_texts_fn: returns the training captions; called only when a GRU vocabulary has
       to be built (it is then saved, so every later split and run reuses it).
   """
-  encoder = config.model.text_encoder
-  if encoder == "bert":
+  from dsran_jax import models  # pylint: disable=g-import-not-at-top
+  kind = models.tokenizer_kind(config)
+  if kind == "bert":
     from dsran_jax.hub import resolve_pretrained_dir  # pylint: disable=g-import-not-at-top
     return BertTokenizer(str(resolve_pretrained_dir(config.model.bert_path)),
                          config.data.max_len)
-  if encoder == "gru":
+  if kind == "vocab":
     path = vocab_path(config, workdir)
     if path and os.path.isfile(path):
       vocab = Vocabulary.load(path)
     else:
+      if workdir and os.path.isdir(os.path.join(workdir, "checkpoints")):
+        # A fresh vocabulary's ids would not be the ones the weights were trained with.
+        raise ValueError(
+            f"{workdir} has checkpoints but no word vocabulary at {path}: the word ids its "
+            "embedding was trained with are unknown. For a converted checkpoint, convert "
+            "again with --vocab=<the authors' vocab .json/.pkl>; else set data.vocab_file")
       if train_texts_fn is None:
         raise ValueError(
-            f"no GRU vocabulary at {path or '(no workdir and no data.vocab_file)'} and no "
+            f"no word vocabulary at {path or '(no workdir and no data.vocab_file)'} and no "
             f"training captions to build one from")
       vocab = Vocabulary.build(train_texts_fn())
       if path:
         vocab.save(path)
     return GruTokenizer(vocab, config.data.max_len)
-  raise ValueError(f"model.text_encoder={encoder!r}: expected 'bert' or 'gru'")
+  raise ValueError(f"tokenizer kind {kind!r} of model.name={config.model.name!r}: "
+                   f"expected 'bert' or 'vocab'")

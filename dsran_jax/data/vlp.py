@@ -20,6 +20,7 @@ Features, per image stem S:
   a feature shard (the release's `..._detection_vg_thresh0.2_feat_gvd_checkpoint_trainvaltest.h5`);
   zero or several candidates are an error.
 - Grid features (for `model.image_inputs == "grid+regions"`): `dsran_jax.data.grid`.
+- Global features (for models reading `global_feat`, MLASM): `dsran_jax.data.global_feat`.
 
 Regions are padded or cut to `data.num_regions` (`region_mask` marks real ones);
 `region_pos` is computed on all of an image's boxes before the cut, as the authors do.
@@ -34,6 +35,7 @@ import re
 
 import numpy as np
 
+from dsran_jax.data import global_feat as global_lib
 from dsran_jax.data import grid as grid_lib
 from dsran_jax.data import raw
 from dsran_jax.data.region_pos import BOX_DIM, NUM_CLASSES, POS_DIM, region_pos
@@ -72,6 +74,7 @@ def _karpathy_images(path: str, mtime: float) -> tuple:
   if not isinstance(obj, dict) or not isinstance(obj.get("images"), list):
     raise raw.DataError(f"{path}: expected a Karpathy split JSON with an 'images' list")
   out = []
+  seen = {}  # stem -> index of the first image with it
   for i, im in enumerate(obj["images"]):
     try:
       filename, split = im["filename"], im["split"]
@@ -79,12 +82,27 @@ def _karpathy_images(path: str, mtime: float) -> tuple:
     except (KeyError, TypeError) as e:
       raise raw.DataError(
           f"{path}: images[{i}] lacks filename / split / sentences[].raw ({e!r})") from e
+    if not isinstance(filename, str) or not filename:
+      raise raw.DataError(f"{path}: images[{i}] has filename {filename!r}, expected a "
+                          f"non-empty string")
     if len(sents) < CAPTIONS_PER_IMAGE:
       raise raw.DataError(
           f"{path}: images[{i}] ({filename}) has {len(sents)} sentences, expected "
           f"{CAPTIONS_PER_IMAGE}")
+    for j, sent in enumerate(sents[:CAPTIONS_PER_IMAGE]):
+      # str(None) would train on the caption "None".
+      if not isinstance(sent, str):
+        raise raw.DataError(f"{path}: images[{i}] ({filename}) sentences[{j}].raw is "
+                            f"{sent!r}, expected a string")
     stem = os.path.splitext(os.path.basename(filename))[0]
-    out.append((stem, split, tuple(str(s).strip() for s in sents[:CAPTIONS_PER_IMAGE])))
+    if stem in seen:
+      first = obj["images"][seen[stem]]["filename"]
+      raise raw.DataError(
+          f"{path}: images[{i}] ({filename}) has the file stem {stem!r} of images"
+          f"[{seen[stem]}] ({first}); image ids must be unique (both would read one "
+          f"image's features)")
+    seen[stem] = i
+    out.append((stem, split, tuple(s.strip() for s in sents[:CAPTIONS_PER_IMAGE])))
   return tuple(out)
 
 
@@ -145,6 +163,7 @@ class VlpImages:
                          else None)
     self.h5 = raw.H5Reader()
     self.grid = grid_lib.require_grid(config, split_name, len(self.image_ids))
+    self.global_feat = global_lib.require_global(config, split_name, len(self.image_ids))
     self._pool, self._pool_pid = None, None
     if check_files:
       self.check_files_exist()
@@ -185,12 +204,16 @@ class VlpImages:
     state["_pool"], state["_pool_pid"] = None, None
     # A pickled memmap would carry the whole grid file; the copy maps it again instead.
     state["grid"] = None if self.grid is None else self.grid.filename
+    glob = state.get("global_feat")
+    state["global_feat"] = None if glob is None else glob.filename
     return state
 
   def __setstate__(self, state):
     self.__dict__.update(state)
     if self.grid is not None:
       self.grid = np.load(self.grid, mmap_mode="r")
+    if self.__dict__.get("global_feat") is not None:
+      self.global_feat = np.load(self.global_feat, mmap_mode="r")
 
   def _executor(self):
     # Image reads are I/O bound and np.load releases the GIL (h5py reads serialise). Made
@@ -211,13 +234,28 @@ class VlpImages:
     """All of one image's regions `(R, img_dim)` and their `region_pos` `(R, 1607)`."""
     stem = self.image_ids[index]
     feat_pk, cls_pk = self.feature_paths(stem)
-    feats = self._read(feat_pk, (None, self.img_dim), f"region features of image {stem}")
-    r = feats.shape[0]
+    what_f, what_c = f"region features of image {stem}", f"class probabilities of image {stem}"
+    what_b = f"boxes of image {stem}"
+    feats = self._read(feat_pk, (None, self.img_dim), what_f)
+    cls = self._read(cls_pk, None, what_c)
+    boxes = self.h5.read(self.bbox_file, stem, None, what_b)
+    # The row count the majority of the three files agree on is the image's: a short
+    # feature file is blamed, not its correctly sized class and box files.
+    rows = [a.shape[0] if a.ndim else -1 for a in (feats, cls, boxes)]
+    r = max(set(rows), key=lambda n: (rows.count(n), n == rows[0]))
+    if rows.count(r) == 1:
+      r = rows[0]  # no two agree: the features decide, as before
+    raw.check_shape(feats.shape, (r, self.img_dim), self._where(feat_pk), what_f)
     if r == 0:
       raise raw.DataError(f"{feat_pk[0]}: image {stem} has no regions")
-    cls = self._read(cls_pk, (r, NUM_CLASSES), f"class probabilities of image {stem}")
-    boxes = self.h5.read(self.bbox_file, stem, (r, BOX_DIM), f"boxes of image {stem}")
+    raw.check_shape(cls.shape, (r, NUM_CLASSES), self._where(cls_pk), what_c)
+    raw.check_shape(boxes.shape, (r, BOX_DIM), f"{self.bbox_file}: key {stem!r}", what_b)
     return np.asarray(feats, np.float32), region_pos(boxes, cls)
+
+  @staticmethod
+  def _where(path_key) -> str:
+    path, key = path_key
+    return path if key is None else f"{path}: key {key!r}"
 
   def __call__(self, indices) -> dict:
     indices = np.asarray(indices, np.int64)
@@ -232,6 +270,8 @@ class VlpImages:
       out["region_mask"][row, :k] = True
     if self.grid is not None:
       out["grid"] = grid_lib.read_rows(self.grid, indices)
+    if self.global_feat is not None:
+      out["global_feat"] = global_lib.read_rows(self.global_feat, indices)
     return out
 
 

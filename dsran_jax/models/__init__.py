@@ -1,93 +1,131 @@
-"""DSRAN model: build from a config, initialise, load pretrained BERT weights."""
-import json
-from typing import Optional
+"""The model zoo: a registry of matching-model families chosen by `config.model.name`.
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+A family is a package `dsran_jax/models/<name>/` with
+- `config.py` (imports only ml_collections, so configs and `--help` stay fast):
+    `defaults() -> ConfigDict | None`  options under `config.model.<name>`;
+    `image_keys(model_config)`, `text_keys(model_config)`  the batch keys it reads;
+    `tokenizer(model_config) -> "bert" | "vocab"`  how captions become ids;
+    `recipe(config, dataset)`  the authors' recipe for "f30k" / "coco";
+    `demo(config)`  the synthetic-world settings of `configs/demo.py:<name>`;
+    `validate(config)`  raises ValueError naming the key and its allowed range;
+    `frozen_paths(model_config) -> tuple of regexes`  parameters never trained;
+    `eval_tile(model_config) -> (images, captions)`  default scoring tile;
+- `__init__.py`: `build(model_config, vocab_size) -> flax Module` and
+  `load_pretrained(variables, config, workdir) -> variables` (BERT, GloVe, ...);
+- `params.py`: its PyTorch checkpoint rules for `tools.convert_torch`.
 
-from dsran_jax.models.dsran import DSRAN, GRID_NODES, DSRANConfig
-from dsran_jax.models.glove import load_glove
+Every family's Module implements the `MatchingModel` contract (`common/base.py`):
+`encode_images(batch)`, `encode_texts(batch)`, `score(image_reps, text_reps)` and
+`__call__(batch) -> (B, B)` training scores. Train, evaluation, inference and search use
+only this registry and that contract; none of them names a family.
+"""
+import importlib
+import importlib.util
+import pkgutil
+from typing import Optional, Tuple
 
-
-def bert_config_from(model_config):
-  """The BertConfig a config asks for: model.bert.* if random init, else config.json."""
-  from dsran_jax.models.bert import BertConfig
-  if model_config.bert_random_init:
-    b = model_config.bert
-    return BertConfig(vocab_size=b.vocab_size, hidden_size=b.hidden_size,
-                      num_layers=b.num_layers, num_heads=b.num_heads,
-                      intermediate_size=b.intermediate_size, max_position=b.max_position,
-                      type_vocab_size=b.type_vocab_size)
-  from dsran_jax.hub import resolve_pretrained_dir
-  return BertConfig.from_hf_json(resolve_pretrained_dir(model_config.bert_path) / "config.json")
-
-
-def model_config_from(model_config, vocab_size: Optional[int] = None) -> DSRANConfig:
-  """Turns `config.model` (ml_collections) into the hashable DSRANConfig."""
-  m = model_config
-  bert = bert_config_from(m) if m.text_encoder == "bert" else None
-  return DSRANConfig(
-      embed_size=m.embed_size, K=m.K, text_encoder=m.text_encoder,
-      image_inputs=m.image_inputs, img_dim=m.img_dim, pos_dim=m.pos_dim,
-      use_region_pos=m.use_region_pos, gat_heads=m.gat_heads, gat_dropout=m.gat_dropout,
-      gat_layers=m.gat_layers, text_padding=m.text_padding, dtype=m.dtype, bert=bert,
-      vocab_size=vocab_size or m.vocab_size, word_dim=m.word_dim)
+DEFAULT = "dsran"
+_NOT_FAMILIES = ("common",)
 
 
-def build_model(model_config, vocab_size: Optional[int] = None) -> DSRAN:
-  """The DSRAN module for `config.model` (GRU build: `vocab_size` from the vocabulary)."""
-  cfg = model_config if isinstance(model_config, DSRANConfig) else model_config_from(
-      model_config, vocab_size)
-  return DSRAN(cfg)
+def names() -> Tuple[str, ...]:
+  """Registered family names (every subpackage with a config.py), DSRAN first."""
+  found = []
+  for info in pkgutil.iter_modules(__path__):
+    if info.ispkg and info.name not in _NOT_FAMILIES:
+      if importlib.util.find_spec(f"{__name__}.{info.name}.config") is not None:
+        found.append(info.name)
+  return tuple(sorted(found, key=lambda n: (n != DEFAULT, n)))
 
 
-def dummy_batch(cfg: DSRANConfig, batch_size: int = 2, num_regions: int = 4,
-                max_len: int = 8) -> dict:
-  """A zero batch with every key and shape the model takes (for init and shape checks)."""
-  batch = {
-      "regions": np.zeros((batch_size, num_regions, cfg.img_dim), np.float32),
-      "region_pos": np.zeros((batch_size, num_regions, cfg.pos_dim), np.float32),
-      "region_mask": np.ones((batch_size, num_regions), bool),
-      "input_ids": np.ones((batch_size, max_len), np.int32),
-      "attention_mask": np.ones((batch_size, max_len), np.int32),
-  }
-  if cfg.image_inputs == "grid+regions":
-    batch["grid"] = np.zeros((batch_size, GRID_NODES, cfg.img_dim), np.float32)
-  return batch
+def _check_name(name: str) -> str:
+  known = names()
+  if name not in known:
+    raise ValueError(f"config.model.name={name!r}: expected one of {', '.join(known)}")
+  return name
 
 
-def init_variables(model: DSRAN, rng) -> dict:
-  """Randomly initialised {'params', 'batch_stats'}."""
+def family_config(name: str):
+  """The jax-free config module of family `name`."""
+  return importlib.import_module(f"{__name__}.{_check_name(name)}.config")
+
+
+def family(name: str):
+  """The family package (Flax module builder, pretrained-weight hook)."""
+  return importlib.import_module(f"{__name__}.{_check_name(name)}")
+
+
+def family_params(name: str):
+  """The family's PyTorch converter rules (`params.py`)."""
+  return importlib.import_module(f"{__name__}.{_check_name(name)}.params")
+
+
+def spec(config):
+  """The config module of the family `config` (full or `config.model`) selects."""
+  model_config = config.model if "model" in config else config
+  return family_config(model_config.name)
+
+
+def image_keys(config) -> Tuple[str, ...]:
+  """Image-side batch keys the configured model reads."""
+  return tuple(spec(config).image_keys(config.model if "model" in config else config))
+
+
+def text_keys(config) -> Tuple[str, ...]:
+  """Text-side batch keys the configured model reads."""
+  return tuple(spec(config).text_keys(config.model if "model" in config else config))
+
+
+def tokenizer_kind(config) -> str:
+  """"bert" (WordPiece from model.bert_path) or "vocab" (a word vocabulary)."""
+  return spec(config).tokenizer(config.model)
+
+
+def build_model(model_config, vocab_size: Optional[int] = None):
+  """The Flax module of `config.model` (`vocab_size`: the word vocabulary's, if any)."""
+  return family(model_config.name).build(model_config, vocab_size)
+
+
+def example_batch(model, batch_size: int = 2, num_regions: int = 4, max_len: int = 8):
+  """A batch of every key `model` reads, with valid shapes (for init and shape checks)."""
+  from dsran_jax.data.base import example_arrays  # pylint: disable=g-import-not-at-top
+  return example_arrays(tuple(model.image_keys) + tuple(model.text_keys), model.input_dims,
+                        batch_size, num_regions, max_len)
+
+
+def init_variables(model, rng) -> dict:
+  """Randomly initialised {'params', 'batch_stats'} of any family's module."""
+  import jax  # pylint: disable=g-import-not-at-top
   params_rng, dropout_rng = jax.random.split(rng)
-  return jax.jit(lambda r1, r2: model.init({"params": r1, "dropout": r2},
-                                           dummy_batch(model.config), train=False))(
-                                               params_rng, dropout_rng)
+  batch = example_batch(model)
+  variables = jax.jit(lambda r1, r2: model.init({"params": r1, "dropout": r2}, batch,
+                                                train=False))(params_rng, dropout_rng)
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {}),
+          **{k: v for k, v in variables.items() if k not in ("params", "batch_stats")}}
 
 
-def load_pretrained_bert(variables: dict, model_config) -> dict:
-  """Replaces the BERT weights in `variables` with the pretrained ones at model.bert_path."""
-  from dsran_jax.models.bert import load_hf_bert
-  _, bert_params = load_hf_bert(model_config.bert_path)
-  params = dict(variables["params"])
-  text = dict(params["text_enc"])
-  expected = jax.tree_util.tree_map(jnp.shape, text["bert"])
-  got = jax.tree_util.tree_map(np.shape, bert_params)
-  if expected != got:
-    raise ValueError(f"pretrained BERT at {model_config.bert_path!r} does not match the "
-                     f"model's BERT shapes:\nexpected {json.dumps(expected, default=str)[:500]}"
-                     f"\ngot {json.dumps(got, default=str)[:500]}")
-  text["bert"] = jax.tree_util.tree_map(jnp.asarray, bert_params)
-  params["text_enc"] = text
-  return {**variables, "params": params}
+def variable_shapes(model) -> dict:
+  """{"params/a/b": shape, ...} of `model`, computed without running it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  batch = example_batch(model)
+  shapes = jax.eval_shape(lambda: model.init(
+      {"params": jax.random.key(0), "dropout": jax.random.key(1)}, batch, train=False))
+  flat = traverse_util.flatten_dict(dict(shapes), sep="/")
+  return {k: tuple(v.shape) for k, v in flat.items()}
 
 
-def jitted_embedders(model: DSRAN):
-  """Jitted eval-mode `(image_fn, text_fn)`, each `(variables, batch dict) -> (B, E)`."""
-  image_fn = jax.jit(lambda v, b: model.apply(v, **b, train=False, method=model.embed_images))
-  text_fn = jax.jit(lambda v, b: model.apply(v, **b, train=False, method=model.embed_texts))
-  return image_fn, text_fn
+def load_pretrained(variables: dict, config, workdir: Optional[str] = None) -> dict:
+  """The family's pretrained-weight hook (BERT, GloVe, ...) applied to fresh variables."""
+  return family(config.model.name).load_pretrained(variables, config, workdir)
 
 
-__all__ = ["DSRAN", "DSRANConfig", "build_model", "model_config_from", "dummy_batch",
-           "init_variables", "load_pretrained_bert", "load_glove", "jitted_embedders", "GRID_NODES"]
+def frozen_paths(model_config) -> Tuple[str, ...]:
+  """Regexes of parameter paths ("a/b/kernel") the family never trains."""
+  return tuple(family_config(model_config.name).frozen_paths(model_config))
+
+
+def eval_tile(config) -> Tuple[int, int]:
+  """The (images, captions) scoring tile: `eval.tile_*` when set, else the family's."""
+  ti, tj = family_config(config.model.name).eval_tile(config.model)
+  return (config.eval.tile_images or ti, config.eval.tile_captions or tj)

@@ -4,13 +4,16 @@
 
 Each file is a float (N_img, 5 * N_img) .npy matrix (rows = images, columns = captions,
 caption c belongs to image c // 5), e.g. written by `evaluation.evaluate(sims_path=...)`.
-Several files are summed (the authors' ensemble). `--fold5`: the COCO 1K protocol (mean
+Several files are summed (the authors' ensemble). A NaN or Inf score in any file is an
+error (exit 1) naming the file, how many there are and where. `--fold5`: the COCO 1K protocol (mean
 over 5 folds of N/5 images); `--rerank`: the authors' i2t re-rank (top 15). Prints one
-JSON object with r1_i2t, r5_i2t, r10_i2t, medr_i2t, meanr_i2t, the same for t2i, and rsum.
+JSON object with r1_i2t, r5_i2t, r10_i2t, medr_i2t, meanr_i2t, the same for t2i, and rsum,
+plus `protocol` (`ranking.protocol_info`: sizes, folds, rank and tie rules, the files summed).
 """
 import json
 import os
 import sys
+import types
 from typing import Dict, List, Sequence
 
 from absl import app
@@ -19,15 +22,10 @@ import numpy as np
 
 from dsran_jax import ranking
 
-_SIMS = flags.DEFINE_multi_string(
-    "sims", None, "A (N_img, cpi * N_img) .npy sims matrix; repeat to sum an ensemble.")
-_FOLD5 = flags.DEFINE_bool("fold5", False, "COCO 1K: mean over 5 folds of N/5 images.")
-_RERANK = flags.DEFINE_bool("rerank", False, "Apply the authors' i2t re-rank (top 15).")
-_CPI = flags.DEFINE_integer("captions_per_image", 5, "Captions per image.")
-
 
 def load_sims(paths: Sequence[str]) -> List[np.ndarray]:
-  """Memory-maps the .npy files, checking that each exists and is a 2-D number array."""
+  """Memory-maps the .npy files, checking that each exists and is a 2-D array of finite
+  numbers (a NaN or Inf score is an error naming the file, the count and the place)."""
   out = []
   for p in paths:
     if not os.path.isfile(p):
@@ -42,6 +40,8 @@ def load_sims(paths: Sequence[str]) -> List[np.ndarray]:
       raise ValueError(f"{p}: sims must be 2-D (images x captions), got shape {a.shape}")
     if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
       raise ValueError(f"{p}: sims must hold numbers, got dtype {a.dtype}")
+    # Named per file: in an ensemble sum the culprit could no longer be told apart.
+    ranking.check_finite(a, name=p)
     out.append(a)
   return out
 
@@ -62,18 +62,38 @@ def rank_files(paths: Sequence[str], fold5: bool = False, rerank: bool = False,
   return ranking.evaluate_sims(sims, cpi=captions_per_image, fold5=fold5, rerank=rerank)
 
 
+def _define_flags() -> types.SimpleNamespace:
+  """Defines the CLI's flags and returns their holders; called under `__main__` only, so
+  the module imports without flag collisions."""
+  return types.SimpleNamespace(
+      sims=flags.DEFINE_multi_string(
+          "sims", None,
+          "A (N_img, cpi * N_img) .npy sims matrix; repeat to sum an ensemble."),
+      fold5=flags.DEFINE_bool("fold5", False, "COCO 1K: mean over 5 folds of N/5 images."),
+      rerank=flags.DEFINE_bool("rerank", False, "Apply the authors' i2t re-rank (top 15)."),
+      captions_per_image=flags.DEFINE_integer("captions_per_image", 5, "Captions per image."),
+  )
+
+
 def main(argv):
+  f = _FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _SIMS.value:
+  if not f.sims.value:
     raise app.UsageError("give at least one --sims=FILE.npy")
+  cpi = f.captions_per_image.value
   try:
-    metrics = rank_files(_SIMS.value, _FOLD5.value, _RERANK.value, _CPI.value)
+    metrics = rank_files(f.sims.value, f.fold5.value, f.rerank.value, cpi)
   except (OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  print(json.dumps(metrics))
+  # The conditions travel with the numbers (sizes, folds, tie rule, ensemble).
+  n_img = int(np.load(f.sims.value[0], mmap_mode="r").shape[0])
+  protocol = ranking.protocol_info(n_img, cpi, fold5=f.fold5.value, rerank=f.rerank.value,
+                                   ensemble=list(f.sims.value))
+  print(json.dumps({**metrics, "protocol": protocol}))
 
 
 if __name__ == "__main__":
+  _FLAGS = _define_flags()
   app.run(main)

@@ -29,7 +29,7 @@ import numpy as np
 from flax import traverse_util
 
 from dsran_jax import hub
-from dsran_jax.models.layers import Dropout, Linear
+from dsran_jax.models.common.layers import Dropout, Linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,10 +310,9 @@ def load_hf_state_dict(directory: Union[str, os.PathLike]) -> dict[str, np.ndarr
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     return dict(load_file(str(st)))
   if pt.is_file():
-    import torch  # pylint: disable=g-import-not-at-top  # optional dependency
-    state = torch.load(str(pt), map_location="cpu", weights_only=True)
-    # numpy has no bfloat16; float32 is what the params end up in anyway.
-    return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
+    from dsran_jax.tools import torch_pickle  # pylint: disable=g-import-not-at-top
+    # Read without torch; bfloat16 comes back as float32, what the params end up in.
+    return dict(torch_pickle.load(pt))
   raise FileNotFoundError(
       f"no BERT weights in {directory}: looked for {st.name} and {pt.name}")
 

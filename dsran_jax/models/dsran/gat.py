@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsran_jax.models.layers import Dropout, Linear, MaskedBatchNorm
+from dsran_jax.models.common.layers import Dropout, Linear, MaskedBatchNorm
 
 Dtype = Any
 

@@ -3,16 +3,20 @@ own GAT; returns L2-normalised image and text embeddings."""
 import dataclasses
 from typing import Optional
 
-import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from dsran_jax.models.bert import BertConfig
-from dsran_jax.models.gat import GAT
-from dsran_jax.models.image import JSR, GridEncoder, RegionEncoder
-from dsran_jax.models.layers import l2norm, masked_mean
-from dsran_jax.models.text import BertTextEncoder, GruTextEncoder
+from dsran_jax.data.base import GRID_CELLS
+from dsran_jax.models.common.base import MatchingModel, select
+from dsran_jax.models.common.bert import BertConfig
+from dsran_jax.models.common.layers import l2norm, masked_mean
+from dsran_jax.models.dsran.gat import GAT
+from dsran_jax.models.dsran.image import JSR, GridEncoder, RegionEncoder
+from dsran_jax.models.dsran.text import BertTextEncoder, GruTextEncoder
 
-GRID_NODES = 49
+GRID_NODES = GRID_CELLS
+IMAGE_KEYS = ("grid", "regions", "region_pos", "region_mask")
+TEXT_KEYS = ("input_ids", "attention_mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,14 +65,27 @@ class DSRANConfig:
     return jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
 
 
-class DSRAN(nn.Module):
-  """Dual Semantic Relations Attention Network.
+class DSRAN(MatchingModel):
+  """Dual Semantic Relations Attention Network, an embedding model.
 
-  `__call__(batch, train)` embeds both sides of a training batch; `embed_images` and
-  `embed_texts` (use with `apply(..., method=...)`) embed one side, so a gallery is
-  encoded once. Batch keys are listed in docs/architecture.md.
+  Reps are the L2-normalised (B, E) embeddings and `score` is their dot product (cosine),
+  so `__call__(batch, train)` gives the (B, B) cosine matrix the VSE++ loss takes.
+  `embed_images` / `embed_texts` take the arrays as keywords (use with
+  `apply(..., method=...)`). Batch keys are listed in docs/architecture.md.
   """
   config: DSRANConfig
+
+  @property
+  def image_keys(self):
+    return IMAGE_KEYS if self.config.image_inputs == "grid+regions" else IMAGE_KEYS[1:]
+
+  @property
+  def text_keys(self):
+    return TEXT_KEYS
+
+  @property
+  def input_dims(self):
+    return {"img_dim": self.config.img_dim, "pos_dim": self.config.pos_dim}
 
   def setup(self):
     c = self.config
@@ -120,9 +137,15 @@ class DSRAN(nn.Module):
     tokens = self.gat_text(tokens, node_mask, train)
     return l2norm(masked_mean(tokens.astype(jnp.float32), node_mask))
 
-  def __call__(self, batch, train: bool = False):
-    img = self.embed_images(batch.get("grid"), batch["regions"], batch.get("region_pos"),
-                            batch.get("region_mask"), train)
-    txt = self.embed_texts(batch["input_ids"], batch.get("attention_mask"), train)
-    return img, txt
+  def encode_images(self, batch, train: bool = False):
+    return self.embed_images(**select(batch, self.image_keys), train=train)
+
+  def encode_texts(self, batch, train: bool = False):
+    return self.embed_texts(**select(batch, self.text_keys), train=train)
+
+  def score(self, image_reps, text_reps, train: bool = False):
+    del train
+    # HIGHEST: no bf16 passes on TPU; ranks need full fp32 scores.
+    return jnp.matmul(image_reps, text_reps.T, precision=jax.lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.float32)
 

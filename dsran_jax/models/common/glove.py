@@ -1,4 +1,4 @@
-"""GloVe initialisation of the GRU build's word embedding from a local text file."""
+"""GloVe initialisation of a word-embedding table from a local text file."""
 from typing import Mapping
 
 import jax.numpy as jnp
@@ -34,15 +34,28 @@ def read_glove(path: str, word2idx: Mapping[str, int], dim: int) -> tuple[dict, 
   return rows, len(word2idx) - len(rows)
 
 
-def load_glove(variables: dict, path: str, word2idx: Mapping[str, int]) -> dict:
-  """Copies GloVe vectors into text_enc/embed; words it lacks keep their random init."""
+def load_glove(variables: dict, path: str, word2idx: Mapping[str, int],
+               module: str = "text_enc") -> dict:
+  """Copies GloVe vectors into `<module>/embed`; words it lacks keep their random init."""
   params = dict(variables["params"])
-  text = dict(params["text_enc"])
+  text = dict(params[module])
   table = np.array(text["embed"]["embedding"])
   rows, missing = read_glove(path, word2idx, table.shape[1])
   for idx, vec in rows.items():
     table[idx] = vec
   logging.info("GloVe %s: %d/%d words found, %d missing", path, len(rows), len(word2idx), missing)
   text["embed"] = {"embedding": jnp.asarray(table)}
-  params["text_enc"] = text
+  params[module] = text
   return {**variables, "params": params}
+
+
+def load_configured_glove(variables: dict, config, workdir=None, module: str = "text_enc"
+                          ) -> dict:
+  """`load_glove` from `config.model.glove_path` with the workdir's GRU vocabulary
+  (`data.gru_vocabulary`) into `<module>/embed`; `variables` unchanged when no
+  glove_path is set."""
+  if not config.model.glove_path:
+    return variables
+  from dsran_jax import data  # pylint: disable=g-import-not-at-top
+  return load_glove(variables, config.model.glove_path,
+                    data.gru_vocabulary(config, workdir).word2idx, module=module)

@@ -4,8 +4,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dsran_jax.models.gat import GAT
-from dsran_jax.models.layers import Dropout, Linear, masked_mean
+from dsran_jax.models.dsran.gat import GAT
+from dsran_jax.models.common.layers import Dropout, Linear, masked_mean
 
 Dtype = Any
 

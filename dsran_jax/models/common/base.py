@@ -1,0 +1,74 @@
+"""The contract every matching-model family's Flax module implements.
+
+    reps_i = model.apply(v, batch, method="encode_images")   # pytree, leading dim B_i
+    reps_t = model.apply(v, batch, method="encode_texts")    # pytree, leading dim B_t
+    s      = model.apply(v, reps_i, reps_t, method="score")  # (B_i, B_t) float32
+    s      = model.apply(v, batch, train=True, ...)          # (B, B) training scores
+
+Reps are opaque to the framework: an embedding model returns one vector per item and
+scores with a dot product; a cross-attention model returns token features and masks and
+does its work in `score`. `score` must be a pure function of the two reps (the score of
+pair (i, j) depends on image i and caption j alone), so evaluation can cut a gallery into
+tiles, pad them and spread them over devices; a padded row holds zeros (masks False)
+and its scores are discarded, so it only has to stay finite.
+"""
+from typing import Any, Dict, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+class MatchingModel(nn.Module):
+  """Base class of the families' modules (see the module docstring).
+
+  Subclasses define `image_keys`, `text_keys` (the batch keys they read) and
+  `input_dims` (`{"img_dim": ..., "pos_dim": ..., "global_dim": ...}` as needed, for
+  example batches and input checks), and the three methods below.
+  """
+
+  @property
+  def image_keys(self) -> Tuple[str, ...]:
+    raise NotImplementedError
+
+  @property
+  def text_keys(self) -> Tuple[str, ...]:
+    raise NotImplementedError
+
+  @property
+  def input_dims(self) -> Dict[str, int]:
+    raise NotImplementedError
+
+  def encode_images(self, batch: Dict[str, Any], train: bool = False) -> PyTree:
+    """Image-side reps of a batch dict, every leaf with leading dim B."""
+    raise NotImplementedError
+
+  def encode_texts(self, batch: Dict[str, Any], train: bool = False) -> PyTree:
+    """Caption-side reps of a batch dict, every leaf with leading dim B."""
+    raise NotImplementedError
+
+  def score(self, image_reps: PyTree, text_reps: PyTree, train: bool = False) -> jnp.ndarray:
+    """(n_img, n_txt) float32 scores of every image against every caption."""
+    raise NotImplementedError
+
+  def __call__(self, batch: Dict[str, Any], train: bool = False) -> jnp.ndarray:
+    """(B, B) scores of a training batch; pair (i, i) is the positive."""
+    return self.score(self.encode_images(batch, train), self.encode_texts(batch, train),
+                      train)
+
+
+def region_inputs(batch: Dict[str, Any], img_dim: int) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """`batch["regions"]` (B, R, img_dim), checked, and its bool (B, R) `region_mask`
+  (every region real when the batch has none)."""
+  regions = batch["regions"]
+  if regions.ndim != 3 or regions.shape[-1] != img_dim:
+    raise ValueError(f"regions: expected (B, R, {img_dim}), got {tuple(regions.shape)}")
+  mask = batch.get("region_mask")
+  mask = jnp.ones(regions.shape[:2], bool) if mask is None else mask.astype(bool)
+  return regions, mask
+
+
+def select(batch: Dict[str, Any], keys) -> Dict[str, Any]:
+  """The entries of `batch` named in `keys` (absent ones skipped)."""
+  return {k: batch[k] for k in keys if k in batch}

@@ -1,0 +1,99 @@
+"""Recipe pieces shared by the families' config hooks. Jax-free, as every `config.py`:
+it imports nothing and works on the ml_collections ConfigDicts it is handed.
+
+The GRU families (SCAN, SGRAF, BSSAN, MLASM, KIDRR) train with the VSE++ / SCAN recipe:
+36 BUTD regions of 2048 floats, a 1024-wide joint space over 300-d word embeddings, Adam
+with a global-norm clip of 2.0 and batch 128, and the hinge loss (margin 0.2) on the
+hardest negatives. Each family's `recipe` / `demo` calls the pieces below and sets only
+its own numbers (schedule, widths, options).
+"""
+
+
+def region_features(c, data_format: str = "precomp", num_regions: int = 36,
+                    img_dim: int = 2048):
+  """Detector regions: `num_regions` per image of `img_dim` floats, for data and model
+  ("precomp": the BUTD release; "vlp": DSRAN's features cut to their first 36)."""
+  c.data.format = data_format
+  c.data.num_regions = num_regions
+  c.data.img_dim = c.model.img_dim = img_dim
+  return c
+
+
+def joint_space(c, embed_size: int = 1024, word_dim: int = 300):
+  """The joint embedding width and the word-embedding width."""
+  c.model.embed_size = embed_size
+  c.model.word_dim = word_dim
+  return c
+
+
+def adam_clipped(c, learning_rate: float, num_epochs: int, lr_update: int,
+                 batch_size: int = 128):
+  """Adam at `learning_rate`, no warmup, x0.1 every `lr_update` epochs, global-norm clip
+  2.0, `batch_size` pairs a step."""
+  c.train.optimizer = "adam"
+  c.train.learning_rate = learning_rate
+  c.train.num_epochs = num_epochs
+  c.train.lr_update = lr_update
+  c.train.warmup = 0.0
+  c.train.grad_clip = 2.0
+  c.train.batch_size = batch_size
+  return c
+
+
+def hinge_loss(c, max_violation: bool = True, sum_violation_steps: int = 0):
+  """The hinge loss at margin 0.2: hardest negatives (`max_violation`) after
+  `sum_violation_steps` steps of summed violations, or summed violations throughout."""
+  c.train.margin = 0.2
+  c.train.max_violation = max_violation
+  c.train.sum_violation_steps = sum_violation_steps
+  return c
+
+
+def authors_gru_recipe(c, learning_rate: float, num_epochs: int, lr_update: int,
+                       data_format: str = "precomp"):
+  """The shared recipe of the GRU families: 36 regions x 2048, embed 1024, word_dim 300,
+  `adam_clipped` at batch 128, hardest negatives from the first step, eval batch 128."""
+  region_features(c, data_format)
+  joint_space(c)
+  adam_clipped(c, learning_rate, num_epochs, lr_update)
+  hinge_loss(c)
+  c.eval.batch_size = 128
+  return c
+
+
+def synthetic_epoch_steps(c) -> int:
+  """Steps in one epoch of the synthetic world's training captions (5 an image)."""
+  captions = c.data.synthetic.num_train_images * 5
+  return captions // c.train.batch_size
+
+
+def demo_training(c, num_epochs: int = 3, lr_update: int = 2):
+  """The demos' schedule on the synthetic world: Adam lr 1e-3 (for a few-epoch budget),
+  clip 2.0, batch 64."""
+  return adam_clipped(c, 1e-3, num_epochs, lr_update, batch_size=64)
+
+
+def warmed_up_hardest_negatives(c):
+  """Hardest negatives after one epoch of summed violations (VSE++'s warm-up): from
+  scratch, the hardest-negative loss otherwise sits at its collapsed value for epochs.
+  Call after the batch size is set."""
+  return hinge_loss(c, max_violation=True, sum_violation_steps=synthetic_epoch_steps(c))
+
+
+def validate_widths(c):
+  """Raises ValueError if a shared width of the GRU families (`model.embed_size`,
+  `model.word_dim`, `model.img_dim`, `model.vocab_size`) is out of range."""
+  for key in ("embed_size", "word_dim", "img_dim"):
+    if c.model[key] < 1:
+      raise ValueError(f"config.model.{key}={c.model[key]}: must be >= 1")
+  if c.model.vocab_size < 0:
+    raise ValueError(f"config.model.vocab_size={c.model.vocab_size}: must be >= 0 "
+                     f"(0: the size of the built vocabulary)")
+
+
+def validate_max_block_elements(c, family: str):
+  """Raises ValueError if `config.model.<family>.max_block_elements` is negative."""
+  value = c.model[family].max_block_elements
+  if value < 0:
+    raise ValueError(f"config.model.{family}.max_block_elements={value}: must "
+                     f"be >= 0 (0: no blocking)")

@@ -1,0 +1,192 @@
+"""DSRAN's own figure: where the first JSR graph-attention block looks, over the 7x7
+grid cells and the regions (labelled with object names on synthetic data), next to the
+image's captions. `figures(workdir, config)` is the family's figure hook, called by
+`plots.evaluation_figures` after an evaluation."""
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from dsran_jax.plots import _figure, _save, _wrap
+
+GRID_SIDE = 7
+
+
+def jsr_attention(encoder, images: Dict[str, np.ndarray]) -> Dict[str, Optional[np.ndarray]]:
+  """Attention of the first JSR GAT (`jsr/gat_0`, first layer), per image.
+
+  The weights are read from the `intermediates` the attention layer sows, in eval mode;
+  params and outputs are unchanged. They are averaged over heads and over the real query
+  nodes: the weight each node gets in the block's mean-pooled output.
+
+  Args:
+    encoder: an `inference.Matcher` of a DSRAN workdir.
+    images: image-side arrays of B images (`grid`, `regions`, `region_pos`,
+      `region_mask`), e.g. `split.images(indices)`.
+
+  Returns:
+    {"grid": (B, 49) or None, "regions": (B, R), "region_mask": (B, R)}; each image's
+    weights over all its nodes sum to 1.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from dsran_jax.models.dsran.model import DSRAN  # pylint: disable=g-import-not-at-top
+  model = encoder.model
+  uses_grid = model.config.image_inputs == "grid+regions"
+  keys = ["regions", "region_pos", "region_mask"] + (["grid"] if uses_grid else [])
+  batch = {k: np.asarray(images[k]) for k in keys if k in images}
+  regions = batch["regions"]
+  b, r = regions.shape[:2]
+  mask = batch.get("region_mask")
+  mask = np.ones((b, r), bool) if mask is None else mask.astype(bool)
+  batch["region_mask"] = mask
+  if "region_pos" not in batch:
+    batch["region_pos"] = np.zeros((b, r, model.config.pos_dim), np.float32)
+
+  def run(variables, batch):
+    _, state = model.apply(variables, **batch, train=False, method=DSRAN.embed_images,
+                           mutable=["intermediates"])
+    probs = state["intermediates"]["jsr"]["gat_0"]["layer_0"]["mha"]["attention"][0]
+    return probs.mean(axis=1)  # over heads: (B, N_query, N_key)
+
+  probs = np.asarray(jax.jit(run)(encoder.variables, batch), np.float64)
+  n_grid = probs.shape[-1] - r
+  # Reference padding attends from (and to) every region; masked mode only real ones.
+  if model.config.text_padding == "reference":
+    query_mask = np.ones((b, probs.shape[1]), bool)
+  else:
+    query_mask = np.concatenate([np.ones((b, n_grid), bool), mask], axis=1)
+  w = (probs * query_mask[:, :, None]).sum(1) / query_mask.sum(1, keepdims=True)
+  return {"grid": w[:, :n_grid] if n_grid else None, "regions": w[:, n_grid:],
+          "region_mask": mask}
+
+
+def synthetic_region_labels(world, description: dict, region_pos: np.ndarray) -> List[str]:
+  """Names of a synthetic image's regions, as its detector saw them.
+
+  A region's class is the argmax of its class probabilities (the last 1601 columns of
+  `region_pos`; the layer norm keeps the order), mapped back to the world's object,
+  (part) and [background] names; objects also get their colour from `description`
+  (`SyntheticWorld.describe`: an image's classes are distinct).
+  """
+  from dsran_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  vg = np.asarray(region_pos)[:, -synthetic.NUM_VG_CLASSES:].argmax(-1)
+  names = {int(v): synthetic.CLASSES[c][0][0] for c, v in enumerate(world.vg_class)}
+  names.update({int(v): f"({synthetic.PARTS[p]})" for p, v in enumerate(world.vg_part)})
+  names.update({int(v): f"[{synthetic.STUFF[s]}]" for s, v in enumerate(world.vg_stuff)})
+  colour_of = {o["cls"]: o["colour"] for o in description["objects"]}
+  labels = []
+  for v in vg:
+    name = names.get(int(v), f"class {int(v)}")
+    labels.append(f"{colour_of[name]} {name}" if name in colour_of else name)
+  return labels
+
+
+def attention_map(workdir: str, images: Sequence[Any] = (0,), path: Optional[str] = None,
+                  split: Optional[str] = None, encoder=None, config=None,
+                  max_regions: int = 20) -> str:
+  """Attention of the first JSR GAT for some test images; returns the PNG path.
+
+  One row per image: the attention over the 49 grid cells as a 7x7 heatmap (on synthetic
+  data with the objects' cells marked), the attention over the regions as bars (labelled
+  with the detected object names on synthetic data), and the image's captions.
+
+  Args:
+    workdir: a dsran_jax workdir.
+    images: image indices (int) or ids (str) of the split.
+    path: output PNG (default `{workdir}/attention_map.png`).
+    split: split name (default `config.data.test_split`).
+    encoder: an `inference.Matcher` of the workdir (default: loaded).
+    config: config whose `data` section locates the split (default: the workdir's).
+    max_regions: regions shown per image (the most attended ones, in detector order).
+  """
+  from dsran_jax import data, inference  # pylint: disable=g-import-not-at-top
+  encoder = encoder or inference.load(workdir)
+  config = config or encoder.config
+  split_name = split or config.data.test_split
+  ds = data.load_split(config, split_name, workdir)
+  rows = []
+  for item in images:
+    if isinstance(item, (int, np.integer)):
+      if not 0 <= int(item) < ds.num_images:
+        raise IndexError(f"image index {item} outside [0, {ds.num_images}) of split "
+                         f"{split_name!r}")
+      rows.append(int(item))
+    else:
+      ids = [str(i) for i in ds.image_ids]
+      if str(item) not in ids:
+        raise KeyError(f"unknown image id {item!r} in split {split_name!r} (e.g. "
+                       f"{', '.join(ids[:3])})")
+      rows.append(ids.index(str(item)))
+  arrays = ds.images(np.array(rows))
+  att = jsr_attention(encoder, arrays)
+  synthetic = config.data.format == "synthetic"
+  world = layouts = None
+  if synthetic:
+    from dsran_jax.data import synthetic as synth  # pylint: disable=g-import-not-at-top
+    world, layouts = synth.world_and_layouts(config, split_name)
+
+  fig = _figure((15.0, 3.9 * len(rows)))
+  axes = fig.subplots(len(rows), 3, squeeze=False,
+                      gridspec_kw={"width_ratios": [1.0, 1.6, 1.5]})
+  for n, i in enumerate(rows):
+    ax_g, ax_r, ax_t = axes[n]
+    grid_w, reg_w = att["grid"], att["regions"][n]
+    mask = att["region_mask"][n]
+    grid_mass = float(grid_w[n].sum()) if grid_w is not None else 0.0
+    desc = world.describe(layouts, i) if synthetic else None
+    # -- grid cells
+    if grid_w is not None and grid_w.shape[1] == GRID_SIDE * GRID_SIDE:
+      heat = grid_w[n].reshape(GRID_SIDE, GRID_SIDE)
+      im = ax_g.imshow(heat, cmap="magma", interpolation="nearest")
+      fig.colorbar(im, ax=ax_g, fraction=0.046, pad=0.04)
+      for o in (desc or {}).get("objects", []):
+        ax_g.text(o["col"], o["row"], o["cls"], ha="center", va="center", fontsize=7,
+                  color="cyan", fontweight="bold")
+      ax_g.set_title(f"grid cells ({100 * grid_mass:.0f}% of attention)", fontsize=9)
+      ax_g.set_xticks(range(GRID_SIDE))
+      ax_g.set_yticks(range(GRID_SIDE))
+    else:
+      ax_g.axis("off")
+      ax_g.set_title("no grid branch", fontsize=9)
+    # -- regions
+    real = np.flatnonzero(mask)
+    labels = [f"region {k}" for k in range(len(reg_w))]
+    if synthetic:
+      labels = synthetic_region_labels(world, desc, arrays["region_pos"][n])
+    shown = real
+    if len(real) > max_regions:  # keep the most attended, shown in detector order
+      shown = np.sort(real[np.argsort(-reg_w[real], kind="stable")[:max_regions]])
+    ax_r.barh(np.arange(len(shown)), reg_w[shown], color="C0")
+    ax_r.set_yticks(np.arange(len(shown)))
+    ax_r.set_yticklabels([labels[k] for k in shown], fontsize=7)
+    ax_r.invert_yaxis()
+    # Uniform attention over all nodes, the reference a trained block departs from.
+    n_nodes = (grid_w.shape[1] if grid_w is not None else 0) + len(real)
+    ax_r.axvline(1.0 / max(n_nodes, 1), color="0.4", ls="--", lw=0.8, label="uniform")
+    ax_r.legend(loc="lower right", fontsize=7)
+    ax_r.set_xlabel("attention weight", fontsize=8)
+    ax_r.set_title(f"regions ({100 * (1 - grid_mass):.0f}% of attention)", fontsize=9)
+    ax_r.grid(axis="x", alpha=0.3)
+    # -- captions
+    ax_t.axis("off")
+    k = ds.captions_per_image
+    text = [f"image {ds.image_ids[i]}"]
+    if desc:
+      # Whatever else the world tells about the image (hard-negative family, ...).
+      text += [f"{k}: {v}" for k, v in desc.items() if k != "objects"]
+    text += [""] + [f"• {c}" for c in ds.texts[i * k:(i + 1) * k]]
+    ax_t.text(0.0, 1.0, "\n".join(_wrap(t, 55) for t in text), va="top", ha="left",
+              fontsize=8, transform=ax_t.transAxes)
+  fig.suptitle("first JSR graph-attention block: attention averaged over heads and nodes",
+               fontsize=10)
+  fig.tight_layout()
+  return _save(fig, path or os.path.join(workdir, "attention_map.png"))
+
+
+def figures(workdir: str, config, num_images: int = 3, encoder=None) -> Dict[str, str]:
+  """The attention map of the first test images, on synthetic data (whose objects are
+  known, so the figure can be read); {} otherwise."""
+  if config.data.format != "synthetic" or num_images <= 0:
+    return {}
+  return {"attention_map": attention_map(workdir, list(range(num_images)), encoder=encoder,
+                                         config=config)}

@@ -1,0 +1,126 @@
+"""MLASM's config hooks (jax-free). Its options live under `config.model.mlasm`
+(xiaohu306/MLASM @ 77e6f58; the spec is ../shared/MODELS.md section 3):
+
+    ratio              S = ratio * S_local + (1 - ratio) * S_global (opts.py --ratio, 0.8);
+                       1.0 is the local alignment alone (the global branch is skipped)
+    global_mode        "pairwise" (default): the global vectors of every candidate pair
+                       (i, j) are computed inside `score` from the pair's own attention,
+                       so pair (i, j) depends on image i and caption j only;
+                       "reference": the authors' code, which conditions image i's global
+                       vector on its *ground-truth* caption and caption j's on its
+                       ground-truth image (valid only on paired inputs; see model.py and
+                       docs/mlasm.md for the protocol problem)
+    global_dim         width of `global_feat`, the average-pooled ResNet feature (2048)
+    embed_dropout      dropout on the word embeddings (their 0.1)
+    max_block_elements scoring memory bound: captions per block inside `score` so that
+                       one (images, captions, k, L) or (images, captions, embed)
+                       intermediate holds at most this many floats (0: no blocking)
+
+The attention temperatures are the authors' hard-coded 9 (t2i) and 4 (i2t), with SCAN's
+clipped_l2norm and mean aggregation in both directions. Shared widths are the top-level
+`model.embed_size`, `model.word_dim`, `model.img_dim` (regions), `model.vocab_size`,
+and `model.glove_path` (GloVe init of the word embeddings, as the authors'
+`torchtext.vocab.GloVe()`: glove.840B.300d).
+"""
+import ml_collections
+
+from dsran_jax.models.common import recipes
+
+GLOBAL_MODES = ("pairwise", "reference")
+LAMBDA_T2I = 9.0  # model.py: func_attention(..., smooth=9.) in xattn_score_t2i
+LAMBDA_I2T = 4.0  # model.py: func_attention(..., smooth=4.) in xattn_score_i2t
+
+
+def defaults() -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict()
+  s.ratio = 0.8
+  s.global_mode = "pairwise"
+  s.global_dim = 2048
+  s.embed_dropout = 0.1
+  s.max_block_elements = 1 << 25
+  return s
+
+
+def image_keys(model_config):
+  del model_config
+  return ("regions", "region_mask", "global_feat")
+
+
+def text_keys(model_config):
+  del model_config
+  return ("input_ids", "attention_mask")
+
+
+def tokenizer(model_config):
+  del model_config
+  return "vocab"  # <start> words <end>, both specials counted in the lengths, as theirs
+
+
+def frozen_paths(model_config):
+  """`fc_attn_i` and the fusion gate are absent from the authors' optimizer parameter
+  list (model.py JZK.__init__), so they stay at their random init for the whole run."""
+  del model_config
+  return (r"^img_enc/fc_attn_i/", r"^img_enc/fusion/")
+
+
+def eval_tile(model_config):
+  """(images, captions) per scoring tile: 128 x 256 pairs, as SCAN; `score` works through
+  caption blocks of at most `max_block_elements` floats per intermediate (both attention
+  directions and the per-pair global vectors), so a tile stays around a GB."""
+  del model_config
+  return (128, 256)
+
+
+def recipe(c, dataset: str):
+  """The authors' recipe (opts.py, train.py; the same for F30K and COCO): the DSRAN/VLP
+  region features cut to their first 36 detections, a ResNet-152 pooled feature per
+  image (`{split}_global.npy`, from `python -m dsran_jax.extract`), GloVe-initialised
+  unidirectional GRU (set `model.glove_path` to glove.840B.300d.txt), embed 1024,
+  word_dim 300, Adam lr 5e-4 x0.1 every 10 epochs for 20 epochs, batch 128, global-norm
+  clip 2.0 over the trained parameters only, margin 0.2 with hardest negatives."""
+  if dataset not in ("f30k", "coco"):
+    raise ValueError(f"dataset {dataset!r}: expected 'f30k' or 'coco'")
+  s = c.model.mlasm
+  s.ratio = 0.8
+  s.global_dim = 2048
+  s.embed_dropout = 0.1
+  return recipes.authors_gru_recipe(c, 5e-4, num_epochs=20, lr_update=10,
+                                    data_format="vlp")
+
+
+def demo(c):
+  """MLASM (pairwise global branch) on the synthetic world: 3 epochs of 1000 images,
+  192-wide, a few minutes on 2 cores. `global_feat` there is the mean of the image's
+  grid cells, as the real one is the mean of ResNet-152's 7x7 map: it carries the
+  scene, which the regions never do (data/synthetic.py).
+
+  As for SCAN's demo, one epoch of summed violations (VSE++'s warm-up) first gets the
+  hardest-negative loss off its collapsed start.
+  """
+  s = c.model.mlasm
+  s.ratio = 0.8
+  s.global_mode = "pairwise"
+  s.global_dim = c.data.img_dim
+  c.model.img_dim = c.data.img_dim
+  recipes.joint_space(c, embed_size=192, word_dim=96)
+  recipes.demo_training(c)
+  return recipes.warmed_up_hardest_negatives(c)
+
+
+def validate(c):
+  """Raises ValueError naming the first MLASM key out of range."""
+  s = c.model.mlasm
+  if s.global_mode not in GLOBAL_MODES:
+    raise ValueError(f"config.model.mlasm.global_mode={s.global_mode!r}: expected one of "
+                     f"{GLOBAL_MODES}")
+  if not 0.0 <= s.ratio <= 1.0:
+    raise ValueError(f"config.model.mlasm.ratio={s.ratio}: must be in [0, 1]")
+  if int(s.global_dim) != s.global_dim or s.global_dim < 1:
+    raise ValueError(f"config.model.mlasm.global_dim={s.global_dim}: must be an integer >= 1")
+  if not 0.0 <= s.embed_dropout < 1.0:
+    raise ValueError(f"config.model.mlasm.embed_dropout={s.embed_dropout}: must be in [0, 1)")
+  recipes.validate_max_block_elements(c, "mlasm")
+  recipes.validate_widths(c)
+  if c.data.format == "synthetic" and s.global_dim != c.data.img_dim:
+    raise ValueError(f"config.model.mlasm.global_dim={s.global_dim}: the synthetic world's "
+                     f"global_feat (its grid's mean) has data.img_dim={c.data.img_dim} values")

@@ -1,0 +1,476 @@
+"""MLASM (ICANN 2022; xiaohu306/MLASM @ 77e6f58, the class `JZK`), as a `MatchingModel`.
+
+The authors' model, in their notation (MODELS.md section 3):
+
+    V   = l2n(fc_region(regions))                      (k, E)  region_enc
+    E   = l2n(GRU(Dropout_0.1(embed(ids))))            (L, E)  word_enc, unidirectional
+    v_g = fc(l2n(global_feat))                         (E,)    img_enc, global_feat = the
+                                                               pooled ResNet-152 feature
+    t2i: c_t = sum_r softmax_r(9 S'_rt) v_r,  s_t2i = mean_t cos(e_t, c_t)
+    i2t: u_r = sum_t softmax_t(4 S''_rt) e_t, s_i2t = mean_r cos(v_r, u_r)
+         (SCAN's clipped_l2norm attention both ways, S = V E^T)
+    S_local  = (s_t2i + s_i2t) / 2
+    v_l = mean_t c_t,  t_l = mean_r u_r                        (per pair!)
+    img_emb = l2n(Fusion(v_g, fc_attn_i(v_l)))   Fusion(a, b) = t a + (1 - t) b,
+                                                  t = sigmoid(gate0([a; b]))
+    cap_emb = l2n(fc_text(t_l))
+    S = ratio S_local + (1 - ratio) img_emb . cap_emb
+
+`fc_attn_i` and `fusion.gate0` are never trained (not in their optimizer; `frozen_paths`).
+
+Global modes (`model.mlasm.global_mode`)
+----------------------------------------
+v_l and t_l belong to a *pair*. The authors keep only the batch diagonal: image i's
+global vector is conditioned on caption i, caption j's on image j, and at evaluation
+that is each item's ground-truth partner (`reference` mode, reproduced here for parity).
+
+- "pairwise" (default): `score` computes the global vectors of every pair (i, j) from the
+  pair's own attention weights, so pair (i, j) depends on image i and caption j only.
+  Every map after the attention is affine, and the averaged attention weights of one
+  query sum to 1, so with abar_ir = mean_t a_tr (t2i) and bbar_jt = mean_r b_rt (i2t):
+
+      fc_attn_i(v_l)   = sum_r abar_r P_r,      P_r = fc_attn_i(v_r)       (per region)
+      gate0([v_g; .])  = g0 + sum_r abar_r Q_r, Q_r = P_r W_g2, g0 = W_g1 v_g + b_g
+      fc_text(t_l)     = sum_t bbar_t T_t,      T_t = fc_text(e_t)         (per word)
+
+  P, Q, g0 (per image) and T (per caption) are computed once in `encode_*`; a pair costs
+  three weighted sums of size (k or L) x E plus O(E) elementwise work, next to SCAN's
+  k L E dot products.
+- "reference": the authors' pair-conditioned global vectors. The training call uses the
+  batch's diagonal partners (their ContrastiveLoss). For a gallery, `score` needs reps
+  carrying each item's conditioned global embedding (`global_emb`), which
+  `condition_on_partners` computes from row-aligned (image, caption) pairs; the
+  evaluation scorer (`evaluation.ModelScorer`) runs it once over the ground-truth pairs
+  of the evaluation layout (caption j describes image j // 5; image i keeps the
+  embedding conditioned on caption 5 i, as their `img_embs[::5]`) when the model's
+  `partner_conditioning` says it must. `score` on reps without them is an error.
+
+Reps (leading dim B): images `{"regions" (B, k, E), "region_mask" (B, k), "global" (B, E)
+= v_g}` plus, in pairwise mode, `"attn_proj"` P, `"gate_proj"` Q (B, k, E) and
+`"gate_base"` g0 (B, E); captions `{"words" (B, L, E), "word_mask" (B, L)}` plus, in
+pairwise mode, `"text_proj"` T (B, L, E); in reference mode, after the paired pre-pass,
+both sides also carry `"global_emb"` (B, E).
+"""
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsran_jax.models.common import cross_attention as xattn
+from dsran_jax.models.common.base import MatchingModel, region_inputs
+from dsran_jax.models.common.layers import Linear, dense, l2norm, masked_mean
+from dsran_jax.models.common.text import recurrent_tokens
+from dsran_jax.models.mlasm.config import GLOBAL_MODES, LAMBDA_I2T, LAMBDA_T2I
+
+IMAGE_KEYS = ("regions", "region_mask", "global_feat")
+TEXT_KEYS = ("input_ids", "attention_mask")
+EPS = 1e-8          # their l2norm adds 1e-8 to the norm; cosine_similarity clamps at 1e-8
+NORM = "clipped_l2norm"  # their func_attention: LeakyReLU(0.1), then l2 over the queries
+HIGHEST = jax.lax.Precision.HIGHEST
+PAIRWISE_LEAVES = ("attn_proj", "gate_proj", "gate_base")
+
+
+@dataclasses.dataclass(frozen=True)
+class MlasmConfig:
+  """Hashable MLASM description (built from `config.model` by `mlasm.build`)."""
+  vocab_size: int
+  embed_size: int = 1024
+  word_dim: int = 300
+  img_dim: int = 2048
+  global_dim: int = 2048
+  ratio: float = 0.8
+  global_mode: str = "pairwise"
+  embed_dropout: float = 0.1
+  max_block_elements: int = 1 << 25
+
+  def __post_init__(self):
+    if self.global_mode not in GLOBAL_MODES:
+      raise ValueError(f"config.model.mlasm.global_mode={self.global_mode!r}: expected one "
+                       f"of {GLOBAL_MODES}")
+    if not 0.0 <= self.ratio <= 1.0:
+      raise ValueError(f"config.model.mlasm.ratio={self.ratio}: must be in [0, 1]")
+    if self.vocab_size <= 0:
+      raise ValueError(f"MLASM needs a word vocabulary: vocab_size={self.vocab_size}")
+
+  @property
+  def uses_global(self) -> bool:
+    """Whether scores include the global branch (ratio < 1)."""
+    return self.ratio < 1.0
+
+
+def _sqrt(x):
+  """sqrt with a finite gradient at 0 (padded rows are all zeros)."""
+  return jnp.sqrt(jnp.maximum(x, 1e-30))
+
+
+class Dense(nn.Module):
+  """`nn.Linear(in_features, features)` whose kernel other methods can read (the
+  pairwise mode folds the frozen layers into per-region projections).
+
+  init "xavier": their `init_weights` (Xavier-uniform kernel, zero bias); "torch":
+  PyTorch's default, U(+-1/sqrt(in_features)) for kernel and bias (their Fusion).
+  """
+  in_features: int
+  features: int
+  init: str = "xavier"
+
+  def setup(self):
+    shape = (self.in_features, self.features)
+    if self.init == "xavier":
+      k_init, b_init = nn.initializers.xavier_uniform(), nn.initializers.zeros
+    elif self.init == "torch":
+      bound = 1.0 / self.in_features ** 0.5
+      k_init = b_init = lambda key, s, dtype=jnp.float32: jax.random.uniform(
+          key, s, dtype, -bound, bound)
+    else:
+      raise ValueError(f"unknown init {self.init!r}")
+    self.kernel = self.param("kernel", k_init, shape, jnp.float32)
+    self.bias = self.param("bias", b_init, (self.features,), jnp.float32)
+
+  def __call__(self, x):
+    return dense(x, self.kernel, self.bias, jnp.float32)
+
+
+class Fusion(nn.Module):
+  """Their `Fusion`: `t = sigmoid(gate0([a; b]))`, `t a + (1 - t) b` (fusion0 / fusion1
+  exist in their module but are never called, so they are not kept here)."""
+  features: int
+
+  def setup(self):
+    self.gate0 = Dense(2 * self.features, self.features, init="torch")
+
+  def __call__(self, vec1, vec2):
+    t = jax.nn.sigmoid(self.gate0(jnp.concatenate([vec1, vec2], -1)))
+    return t * vec1 + (1 - t) * vec2
+
+  def gate_parts(self):
+    """(W_g1, W_g2, b_g): gate0([a; b]) = a W_g1 + b W_g2 + b_g."""
+    k = self.gate0.kernel
+    return k[:self.features], k[self.features:], self.gate0.bias
+
+
+class ImageEncoder(nn.Module):
+  """Their `EncoderImage` after its CNN: `fc` on the l2-normalised pooled feature, and
+  the fusion of that global vector with `fc_attn_i` of the attended regions."""
+  config: MlasmConfig
+
+  def setup(self):
+    c = self.config
+    self.fc = Dense(c.global_dim, c.embed_size)
+    self.fc_attn_i = Dense(c.embed_size, c.embed_size)
+    self.fusion = Fusion(c.embed_size)
+
+  def global_vector(self, global_feat):
+    """v_g = fc(l2n(cnn(image))) from the pooled CNN feature (B, global_dim)."""
+    return self.fc(l2norm(global_feat, eps=EPS))
+
+  def __call__(self, v_g, v_l):
+    """img_emb = l2n(Fusion(v_g, fc_attn_i(v_l))) for row-aligned (B, E) inputs."""
+    return l2norm(self.fusion(v_g, self.fc_attn_i(v_l)), eps=EPS)
+
+  def pairwise_terms(self, v_g, regions):
+    """(P (B, k, E), Q (B, k, E), g0 (B, E)): see the module docstring."""
+    p = self.fc_attn_i(regions)
+    w1, w2, b = self.fusion.gate_parts()
+    q = jnp.einsum("bre,ef->brf", p, w2, precision=HIGHEST)
+    g0 = jnp.dot(v_g, w1, precision=HIGHEST) + b
+    return p, q, g0
+
+
+class CaptionEncoder(nn.Module):
+  """Their `EncoderText`: `l2n(fc_text(t_l))` (its `sa`, never called, is not kept)."""
+  config: MlasmConfig
+
+  def setup(self):
+    self.fc_text = Dense(self.config.embed_size, self.config.embed_size)
+
+  def __call__(self, t_l):
+    return l2norm(self.fc_text(t_l), eps=EPS)
+
+  def project_words(self, words):
+    """T_t = fc_text(e_t) per word (B, L, E)."""
+    return self.fc_text(words)
+
+
+class RegionEncoder(nn.Module):
+  """Their `EncoderRegion`: Linear (Xavier, bias 0), l2norm; padded regions -> 0."""
+  config: MlasmConfig
+
+  @nn.compact
+  def __call__(self, regions, region_mask):
+    x = l2norm(Linear(self.config.embed_size, init="xavier", name="fc_region")(regions),
+               eps=EPS)
+    return jnp.where(region_mask[..., None], x, 0.0)
+
+
+class WordEncoder(nn.Module):
+  """Their `EncoderWord`: Embedding (PyTorch's N(0, 1); GloVe rows via
+  `load_pretrained`), Dropout(0.1), unidirectional GRU over the real tokens, l2norm per
+  token; exactly zero past each caption's length, as pad_packed_sequence leaves it."""
+  config: MlasmConfig
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask, train: bool):
+    c = self.config
+    x = recurrent_tokens(input_ids, attention_mask, train, vocab_size=c.vocab_size,
+                         word_dim=c.word_dim, hidden_size=c.embed_size,
+                         bidirectional=False, embed_dropout=c.embed_dropout,
+                         embed_init="normal")
+    return l2norm(x, eps=EPS)
+
+
+# ------------------------------------------------------------------ tile computations
+
+
+def local_alignment(regions, region_mask, words, word_mask, precision=HIGHEST):
+  """Both SCAN directions of a tile from one region-word product, and the attention
+  averages the global branch needs.
+
+  Args:
+    regions (I, k, E), region_mask (I, k) bool, words (J, L, E), word_mask (J, L) bool.
+
+  Returns:
+    (s_t2i (I, J), s_i2t (I, J), abar (I, k, J), bbar (I, J, L)): the two mean-aggregated
+    SCAN scores (0 for an item with no valid position), the t2i weights of each region
+    averaged over the caption's words and the i2t weights of each word averaged over the
+    image's regions.
+
+  Everything is laid out as the single product S (I, k, J, L) that `xattn` computes, so
+  neither direction transposes it; the cosines use the Gram-matrix algebra of
+  `common/cross_attention.py` (no attended context is materialised).
+  """
+  region_mask = region_mask.astype(bool)
+  word_mask = word_mask.astype(bool)
+  s = xattn.region_word_similarities(regions, words, "t2i", precision)  # (I, k, J, L)
+  rm = region_mask[:, :, None, None]
+  wm = word_mask[None, None]
+  n_words = jnp.sum(word_mask, -1).astype(jnp.float32)          # (J,)
+  n_regions = jnp.sum(region_mask, -1).astype(jnp.float32)      # (I,)
+
+  # t2i: the words query, the regions are the context (softmax over axis 1).
+  sn = jnp.where(wm, xattn.normalize_over_queries(s, wm, NORM, axis=-1), 0.0)
+  a = xattn.masked_softmax(LAMBDA_T2I * sn, rm, axis=1, bound=LAMBDA_T2I)
+  e_dot_c = jnp.sum(a * s, axis=1)                                       # (I, J, L)
+  gram_v = jnp.einsum("ird,isd->irs", regions, regions, precision=precision)
+  c_sq = jnp.maximum(jnp.sum(a * jnp.einsum("irs,isjt->irjt", gram_v, a,
+                                            precision=precision), axis=1), 0.0)
+  e_norm = _sqrt(jnp.sum(jnp.square(words), -1))[None]                   # (1, J, L)
+  r_t2i = e_dot_c / jnp.maximum(e_norm * _sqrt(c_sq), EPS)
+  s_t2i = xattn.aggregate(r_t2i, word_mask[None], "Mean")
+
+  # i2t: the regions query, the words are the context (softmax over the last axis).
+  sn2 = jnp.where(rm, xattn.normalize_over_queries(s, rm, NORM, axis=1), 0.0)
+  b = xattn.masked_softmax(LAMBDA_I2T * sn2, wm, axis=-1, bound=LAMBDA_I2T)
+  v_dot_u = jnp.sum(b * s, axis=-1)                                      # (I, k, J)
+  gram_w = jnp.einsum("jtd,jud->jtu", words, words, precision=precision)
+  u_sq = jnp.maximum(jnp.sum(b * jnp.einsum("jtu,irju->irjt", gram_w, b,
+                                            precision=precision), axis=-1), 0.0)
+  v_norm = _sqrt(jnp.sum(jnp.square(regions), -1))[:, :, None]           # (I, k, 1)
+  r_i2t = v_dot_u / jnp.maximum(v_norm * _sqrt(u_sq), EPS)
+  s_i2t = xattn.aggregate(jnp.swapaxes(r_i2t, 1, 2), region_mask[:, None, :], "Mean")
+
+  nonempty = (n_regions > 0)[:, None] & (n_words > 0)[None, :]
+  s_t2i = jnp.where(nonempty, s_t2i, 0.0)
+  s_i2t = jnp.where(nonempty, s_i2t, 0.0)
+  abar = jnp.sum(jnp.where(wm, a, 0.0), -1) / jnp.maximum(n_words, 1.0)[None, None, :]
+  bbar = jnp.sum(jnp.where(rm, b, 0.0), 1) / jnp.maximum(n_regions, 1.0)[:, None, None]
+  return s_t2i, s_i2t, abar, bbar
+
+
+def pairwise_global(abar, bbar, image_reps, text_reps, precision=HIGHEST):
+  """(I, J) global scores img_emb(i | j) . cap_emb(j | i) of every pair of a tile, from
+  the attention averages of `local_alignment` and the pairwise reps (module docstring)."""
+  v_g = image_reps["global"]
+  vl = jnp.einsum("irj,ire->ije", abar, image_reps["attn_proj"], precision=precision)
+  gate = image_reps["gate_base"][:, None] + jnp.einsum(
+      "irj,ire->ije", abar, image_reps["gate_proj"], precision=precision)
+  t = jax.nn.sigmoid(gate)
+  img = l2norm(t * v_g[:, None] + (1 - t) * vl, eps=EPS)
+  cap = l2norm(jnp.einsum("ijt,jte->ije", bbar, text_reps["text_proj"],
+                          precision=precision), eps=EPS)
+  return jnp.sum(img * cap, -1)
+
+
+def caption_block(num_images: int, per_pair: int, max_elements: int) -> int:
+  """Captions per block so that one (images, captions, per_pair) array holds at most
+  `max_elements` floats (at least one caption)."""
+  return max(int(max_elements) // max(num_images * per_pair, 1), 1)
+
+
+def blocked_over_captions(fn, image_reps, text_reps, per_pair: int,
+                          max_elements: Optional[int]):
+  """`fn(image_reps, text_reps) -> (I, J)` over caption blocks (`lax.map`, static shapes:
+  the last block is padded with masked captions, whose columns are dropped)."""
+  n_img = image_reps["regions"].shape[0]
+  n_cap = text_reps["words"].shape[0]
+  if not max_elements:
+    return fn(image_reps, text_reps)
+  chunk = caption_block(n_img, per_pair, max_elements)
+  if chunk >= n_cap:
+    return fn(image_reps, text_reps)
+  blocks = -(-n_cap // chunk)
+  pad = blocks * chunk - n_cap
+
+  def split(x):
+    x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+    return x.reshape((blocks, chunk) + x.shape[1:])
+
+  out = jax.lax.map(lambda t: fn(image_reps, t), jax.tree.map(split, text_reps))
+  return jnp.moveaxis(out, 0, 1).reshape(n_img, blocks * chunk)[:, :n_cap]
+
+
+MISUSE = (
+    "MLASM global_mode='reference' scores with global vectors conditioned on each item's "
+    "ground-truth partner (the authors' evaluation), so `score` needs reps that carry "
+    "them ('global_emb', from `condition_on_partners` over ground-truth (image, caption) "
+    "pairs). Score through evaluation.ModelScorer / inference.Matcher.score on a gallery "
+    "in the evaluation layout (5 captions per image, caption j describing image j // 5), "
+    "or use global_mode='pairwise' (model.mlasm.global_mode in config.json) for any other "
+    "gallery")
+
+
+class MLASM(MatchingModel):
+  """MLASM: SCAN t2i + i2t (mean) plus the gated global branch; see the module docstring.
+
+  `__call__(batch, train)` is the (B, B) matrix of their ContrastiveLoss: in pairwise
+  mode `score(encode_images(batch), encode_texts(batch))`; in reference mode the global
+  term is `img_emb(i | caption i) . cap_emb(j | image j)`, the batch's diagonal partners.
+  """
+  config: MlasmConfig
+
+  @property
+  def image_keys(self):
+    return IMAGE_KEYS
+
+  @property
+  def text_keys(self):
+    return TEXT_KEYS
+
+  @property
+  def input_dims(self):
+    return {"img_dim": self.config.img_dim, "global_dim": self.config.global_dim}
+
+  @property
+  def pairwise(self) -> bool:
+    return self.config.global_mode == "pairwise"
+
+  @property
+  def partner_conditioning(self) -> Optional[str]:
+    """Why this model's reps need each item's ground-truth partner before `score` (the
+    evaluation scorer's paired pre-pass), or None when they do not: only in reference
+    mode with a global term (ratio < 1)."""
+    if self.pairwise or not self.config.uses_global:
+      return None
+    return ("MLASM with model.mlasm.global_mode='reference' conditions each image's and "
+            "caption's global vector on its ground-truth partner, as the authors' "
+            "evaluation does; set model.mlasm.global_mode='pairwise' (in config.json) to "
+            "score any other gallery")
+
+  def setup(self):
+    self.region_enc = RegionEncoder(self.config)
+    self.word_enc = WordEncoder(self.config)
+    self.img_enc = ImageEncoder(self.config)
+    self.cap_enc = CaptionEncoder(self.config)
+
+  # ----------------------------------------------------------------- encoders
+
+  def encode_images(self, batch, train: bool = False):
+    del train  # no dropout or batch norm on the image side
+    c = self.config
+    regions, mask = region_inputs(batch, c.img_dim)
+    glob = batch["global_feat"]
+    if glob.shape != (regions.shape[0], c.global_dim):
+      raise ValueError(f"global_feat: expected ({regions.shape[0]}, {c.global_dim}) (the "
+                       f"pooled ResNet feature, model.mlasm.global_dim={c.global_dim}), got "
+                       f"{tuple(glob.shape)}")
+    v = self.region_enc(regions, mask)
+    v_g = self.img_enc.global_vector(glob.astype(jnp.float32))
+    reps = {"regions": v, "region_mask": mask, "global": v_g}
+    if self.pairwise:
+      p, q, g0 = self.img_enc.pairwise_terms(v_g, v)
+      reps.update(attn_proj=p, gate_proj=q, gate_base=g0)
+    return reps
+
+  def encode_texts(self, batch, train: bool = False):
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    mask = (ids != 0) if mask is None else mask.astype(bool)
+    words = self.word_enc(ids, mask, train)
+    reps = {"words": words, "word_mask": mask}
+    if self.pairwise:
+      reps["text_proj"] = self.cap_enc.project_words(words)
+    return reps
+
+  # -------------------------------------------------------------- reference mode
+
+  def condition_on_partners(self, image_reps, text_reps, train: bool = False):
+    """The authors' pair-conditioned global embeddings of B row-aligned pairs (image
+    b with caption b): `({"global_emb": img_emb (B, E)}, {"global_emb": cap_emb (B, E)})`,
+    img_emb conditioned on its caption, cap_emb on its image (their diagonal
+    `weiContext_i[i, i]` / `weiContext_t[i, i]`)."""
+    del train
+    regions, rmask = image_reps["regions"], image_reps["region_mask"].astype(bool)
+    words, wmask = text_reps["words"], text_reps["word_mask"].astype(bool)
+    if regions.shape[0] != words.shape[0]:
+      raise ValueError(f"condition_on_partners pairs image b with caption b: got "
+                       f"{regions.shape[0]} images and {words.shape[0]} captions")
+    a = xattn.attend(words, regions, wmask, rmask, lam=LAMBDA_T2I, norm=NORM)  # (B, L, k)
+    v_l = masked_mean(xattn.attended_context(a, regions), wmask)              # (B, E)
+    b = xattn.attend(regions, words, rmask, wmask, lam=LAMBDA_I2T, norm=NORM)  # (B, k, L)
+    t_l = masked_mean(xattn.attended_context(b, words), rmask)                # (B, E)
+    return ({"global_emb": self.img_enc(image_reps["global"], v_l)},
+            {"global_emb": self.cap_enc(t_l)})
+
+  # ------------------------------------------------------------------- scoring
+
+  def _local(self, image_reps, text_reps):
+    s_t2i, s_i2t, _, _ = local_alignment(image_reps["regions"], image_reps["region_mask"],
+                                         text_reps["words"], text_reps["word_mask"])
+    return 0.5 * s_i2t + 0.5 * s_t2i
+
+  def _local_and_pairwise_global(self, image_reps, text_reps):
+    s_t2i, s_i2t, abar, bbar = local_alignment(
+        image_reps["regions"], image_reps["region_mask"], text_reps["words"],
+        text_reps["word_mask"])
+    r = self.config.ratio
+    return r * (0.5 * s_i2t + 0.5 * s_t2i) + (1 - r) * pairwise_global(
+        abar, bbar, image_reps, text_reps)
+
+  def score(self, image_reps, text_reps, train: bool = False):
+    del train
+    c = self.config
+    k = image_reps["regions"].shape[1]
+    n_words = text_reps["words"].shape[1]
+    blocked = lambda fn, per_pair: blocked_over_captions(
+        fn, image_reps, text_reps, per_pair, c.max_block_elements or None)
+    if not c.uses_global:
+      return blocked(self._local, k * n_words)
+    if self.pairwise:
+      missing = [n for n in PAIRWISE_LEAVES if n not in image_reps]
+      if missing or "text_proj" not in text_reps:
+        raise ValueError(f"MLASM pairwise score: reps lack {missing or ['text_proj']}; "
+                         f"encode them with this model's encode_images / encode_texts")
+      return blocked(self._local_and_pairwise_global, max(k * n_words, c.embed_size))
+    if "global_emb" not in image_reps or "global_emb" not in text_reps:
+      raise ValueError(MISUSE)
+    s_glob = jnp.dot(image_reps["global_emb"], text_reps["global_emb"].T, precision=HIGHEST)
+    return c.ratio * blocked(self._local, k * n_words) + (1 - c.ratio) * s_glob
+
+  def __call__(self, batch, train: bool = False):
+    img = self.encode_images(batch, train)
+    txt = self.encode_texts(batch, train)
+    if self.pairwise:
+      return self.score(img, txt, train)
+    # Reference: the batch's own pairs condition the global vectors (their forward_emb).
+    # Called even at ratio 1, so that every parameter exists (XLA drops the unused work).
+    gi, gt = self.condition_on_partners(img, txt)
+    s_local = blocked_over_captions(self._local, img, txt,
+                                    img["regions"].shape[1] * txt["words"].shape[1],
+                                    self.config.max_block_elements or None)
+    if not self.config.uses_global:
+      return s_local
+    r = self.config.ratio
+    return r * s_local + (1 - r) * jnp.dot(gi["global_emb"], gt["global_emb"].T,
+                                           precision=HIGHEST)

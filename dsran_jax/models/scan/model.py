@@ -1,0 +1,171 @@
+"""SCAN (Lee et al., ECCV 2018): region and word encoders plus stacked cross attention
+(kuanghuei/SCAN model.py), as a `MatchingModel`.
+
+Reps are token-level: images `{"regions": (B, k, E), "region_mask": (B, k)}`, captions
+`{"words": (B, L, E), "word_mask": (B, L)}`; all the cross-modal work happens in `score`
+(common/cross_attention.py), so evaluation can tile a gallery freely.
+"""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsran_jax.models.common import cross_attention as xattn
+from dsran_jax.models.common.base import MatchingModel, region_inputs
+from dsran_jax.models.common.layers import Linear, dense, l2norm
+from dsran_jax.models.common.text import GRU
+
+IMAGE_KEYS = ("regions", "region_mask")
+TEXT_KEYS = ("input_ids", "attention_mask")
+EPS = 1e-8  # SCAN's l2norm adds 1e-8 to the norm
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanConfig:
+  """Hashable SCAN description (built from `config.model` by `scan.build`)."""
+  vocab_size: int
+  embed_size: int = 1024
+  word_dim: int = 300
+  img_dim: int = 2048
+  cross_attn: str = "t2i"
+  agg_func: str = "LogSumExp"
+  lambda_softmax: float = 9.0
+  lambda_lse: float = 6.0
+  raw_feature_norm: str = "clipped_l2norm"
+  bi_gru: bool = False
+  num_layers: int = 1
+  no_imgnorm: bool = False
+  no_txtnorm: bool = False
+  precomp_enc_type: str = "basic"
+  max_block_elements: int = 1 << 25
+
+  def __post_init__(self):
+    from dsran_jax.models.scan import config as spec  # pylint: disable=g-import-not-at-top
+    checks = {"cross_attn": spec.CROSS_ATTN, "agg_func": spec.AGG_FUNCS,
+              "raw_feature_norm": spec.RAW_FEATURE_NORMS,
+              "precomp_enc_type": spec.PRECOMP_ENC_TYPES}
+    for key, allowed in checks.items():
+      if getattr(self, key) not in allowed:
+        raise ValueError(f"config.model.scan.{key}={getattr(self, key)!r}: expected one "
+                         f"of {allowed}")
+    if self.vocab_size <= 0:
+      raise ValueError(f"SCAN needs a word vocabulary: vocab_size={self.vocab_size}")
+    if self.num_layers < 1:
+      raise ValueError(f"config.model.scan.num_layers={self.num_layers}: must be >= 1")
+
+
+class WeightNormLinear(nn.Module):
+  """`weight_norm(nn.Linear, dim=None)`: kernel = g * v / ||v||_F, one scalar g.
+
+  Initialised like PyTorch's nn.Linear (SCAN does not re-initialise this encoder):
+  v and bias U(+-1/sqrt(fan_in)), g = ||v||_F.
+  """
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in = x.shape[-1]
+    bound = 1.0 / fan_in ** 0.5
+    uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound)
+    v = self.param("v", uniform, (fan_in, self.features))
+    g = self.param("g", lambda key: jnp.sqrt(jnp.sum(jnp.square(v))))
+    bias = self.param("bias", uniform, (self.features,))
+    kernel = g * v / jnp.sqrt(jnp.sum(jnp.square(v)))
+    return dense(x, kernel, bias, jnp.float32)
+
+
+class ScanImageEncoder(nn.Module):
+  """EncoderImagePrecomp: one Linear (Xavier-uniform, bias 0) from the region features to
+  the joint space, then l2norm per region (unless no_imgnorm); padded regions -> 0."""
+  config: ScanConfig
+
+  @nn.compact
+  def __call__(self, regions, region_mask):
+    c = self.config
+    if c.precomp_enc_type == "weight_norm":
+      x = WeightNormLinear(c.embed_size, name="fc")(regions)
+    else:
+      x = Linear(c.embed_size, init="xavier", name="fc")(regions)
+    if not c.no_imgnorm:
+      x = l2norm(x, eps=EPS)
+    # Zero padded regions: their bias would otherwise make them look like real ones to
+    # anything that ignores the mask (they are masked in `score` anyway).
+    return jnp.where(region_mask[..., None], x, 0.0)
+
+
+class ScanTextEncoder(nn.Module):
+  """EncoderText: Embedding U(-0.1, 0.1) -> `num_layers` GRU layers (bi_gru: each layer
+  runs both ways and feeds the next the concatenated halves, as nn.GRU does) -> the
+  last layer's halves averaged -> l2norm per word (unless no_txtnorm).
+
+  Parameter paths follow `common.text.recurrent_tokens` for the first layer (`embed`,
+  `gru`, `gru_reverse`); layer n > 0 is `gru_l{n}` / `gru_l{n}_reverse`.
+  """
+  config: ScanConfig
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask):
+    c = self.config
+    uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -0.1, 0.1)
+    x = nn.Embed(c.vocab_size, c.word_dim, embedding_init=uniform, name="embed")(input_ids)
+    mask = attention_mask.astype(bool)
+    for layer in range(c.num_layers):
+      name = "gru" if layer == 0 else f"gru_l{layer}"
+      fwd = GRU(c.embed_size, name=name)(x, mask)
+      if not c.bi_gru:
+        x = fwd
+        continue
+      bwd = GRU(c.embed_size, reverse=True, name=f"{name}_reverse")(x, mask)
+      x = jnp.concatenate([fwd, bwd], -1) if layer < c.num_layers - 1 else (fwd + bwd) / 2
+    if not c.no_txtnorm:
+      x = l2norm(x, eps=EPS)
+    return x  # exactly zero past each caption's length (GRU outputs 0 there)
+
+
+class SCAN(MatchingModel):
+  """Stacked Cross Attention Network, t2i or i2t, with SCAN's aggregations.
+
+  `__call__(batch, train)` is `score(encode_images(batch), encode_texts(batch))`: the
+  (B, B) matrix SCAN's ContrastiveLoss builds with xattn_score_t2i / _i2t.
+  """
+  config: ScanConfig
+
+  @property
+  def image_keys(self):
+    return IMAGE_KEYS
+
+  @property
+  def text_keys(self):
+    return TEXT_KEYS
+
+  @property
+  def input_dims(self):
+    return {"img_dim": self.config.img_dim}
+
+  def setup(self):
+    self.img_enc = ScanImageEncoder(self.config)
+    self.txt_enc = ScanTextEncoder(self.config)
+
+  def encode_images(self, batch, train: bool = False):
+    del train  # SCAN has no dropout or batch norm
+    regions, mask = region_inputs(batch, self.config.img_dim)
+    return {"regions": self.img_enc(regions, mask), "region_mask": mask}
+
+  def encode_texts(self, batch, train: bool = False):
+    del train
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    mask = (ids != 0) if mask is None else mask.astype(bool)
+    return {"words": self.txt_enc(ids, mask), "word_mask": mask}
+
+  def score(self, image_reps, text_reps, train: bool = False):
+    del train
+    c = self.config
+    return xattn.pairwise_xattn_scores(
+        image_reps["regions"], image_reps["region_mask"], text_reps["words"],
+        text_reps["word_mask"], max_elements=c.max_block_elements or None,
+        direction=c.cross_attn, lambda_softmax=c.lambda_softmax, agg_func=c.agg_func,
+        lambda_lse=c.lambda_lse, norm=c.raw_feature_norm)

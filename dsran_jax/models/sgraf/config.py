@@ -1,0 +1,163 @@
+"""SGRAF's config hooks (jax-free). Its options live under `config.model.sgraf` and
+mirror the authors' opts.py flags that change the model (Paranioar/SGRAF):
+
+    module             "SGR" | "SAF"                        (--module_name, default SGR)
+    sim_dim            similarity-vector width (256)        (--sim_dim)
+    sgr_step           graph reasoning steps (3)            (--sgr_step)
+    bi_gru             BiGRU, halves averaged (True)        (--bi_gru is store_false)
+    num_layers         GRU layers (1; the only value supported)
+    no_imgnorm / no_txtnorm   skip the l2norm of regions / words
+    num_regions        region slots of VisualSA's BatchNorm1d(36) (their hard-coded 36)
+
+and the implementation's own knobs:
+
+    embed_dropout      dropout on the word embeddings (their 0.4)
+    sa_dropout         dropout inside VisualSA / TextSA (their 0.4)
+    reference_bn       VisualSA's BatchNorm over region *slots*, as theirs (True), or a
+                       per-feature BatchNorm over the real regions (False)
+    lambda_softmax     SCAN_attention's smooth (their hard-coded 9)
+    max_block_elements floats in the largest per-chunk intermediate (I, C, L, d) of the
+                       pair head (memory bound; 0: one chunk per tile)
+    length_bucket      captions run at the smallest multiple of this holding the chunk's
+                       longest caption (0: always at data.max_len)
+
+The compute dtype of the pair head's projections is the shared `model.dtype` ("float32"
+default; "bfloat16" runs W_loc / W_glo / the SGR projections in bf16 with fp32 sums).
+Shared widths: `model.embed_size`, `model.word_dim`, `model.img_dim`, `model.vocab_size`.
+
+SGRAF* (the paper's ensemble row) is two trained models, SGR and SAF, whose saved
+similarity matrices are summed: `python -m dsran_jax.tools.rank --sims=sgr.npy
+--sims=saf.npy` (each from `--config.eval.save_sims=True`).
+"""
+import ml_collections
+
+from dsran_jax.models.common import recipes
+
+MODULES = ("SGR", "SAF")
+# README "Training new models from scratch": (num_epochs, lr_update) per dataset/module.
+SCHEDULES = {("f30k", "SGR"): (40, 30), ("f30k", "SAF"): (30, 20),
+             ("coco", "SGR"): (20, 10), ("coco", "SAF"): (20, 10)}
+
+
+def defaults() -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict()
+  s.module = "SGR"
+  s.sim_dim = 256
+  s.sgr_step = 3
+  s.bi_gru = True
+  s.num_layers = 1
+  s.no_imgnorm = False
+  s.no_txtnorm = False
+  s.num_regions = 36
+  s.embed_dropout = 0.4
+  s.sa_dropout = 0.4
+  s.reference_bn = True
+  s.lambda_softmax = 9.0
+  s.max_block_elements = 1 << 24
+  s.length_bucket = 8
+  return s
+
+
+def image_keys(model_config):
+  del model_config
+  return ("regions", "region_mask")
+
+
+def text_keys(model_config):
+  del model_config
+  return ("input_ids", "attention_mask")
+
+
+def tokenizer(model_config):
+  del model_config
+  return "vocab"
+
+
+def frozen_paths(model_config):
+  del model_config
+  return ()
+
+
+def eval_tile(model_config):
+  """(images, captions) per scoring tile: 128 x 128 pairs. The head runs over caption
+  chunks of C = max_block_elements / (128 L d) (4 at L = 32, d = 1024 and the default
+  2^24), so a tile's largest intermediate is 64 MB and its peak about 0.5 GB whatever
+  the tile's caption count."""
+  del model_config
+  return (128, 128)
+
+
+def apply_recipe(c, dataset: str, module: str):
+  """The authors' recipe (README + opts.py) shared by SGRAF and KIDRR."""
+  if (dataset, module) not in SCHEDULES:
+    raise ValueError(f"SGRAF recipe ({dataset!r}, {module!r}): expected dataset in "
+                     f"('f30k', 'coco') and module in {MODULES}")
+  s = c.model.sgraf
+  s.module = module
+  s.sim_dim, s.sgr_step, s.bi_gru, s.num_layers = 256, 3, True, 1
+  s.num_regions = 36
+  epochs, lr_update = SCHEDULES[(dataset, module)]
+  recipes.authors_gru_recipe(c, 2e-4, epochs, lr_update)
+  # Their collate pads to the batch's longest caption and never truncates; 64 tokens
+  # hold every Flickr30K / COCO caption but a handful (length bucketing keeps the
+  # padding free in the pair head).
+  c.data.max_len = 64
+  return c
+
+
+def recipe(c, dataset: str, module: str = "SGR"):
+  """The authors' recipe for `dataset` ("f30k" | "coco") and `module`: BUTD precomp
+  features (36 regions), BiGRU, Adam 2e-4 with global-norm clip 2.0, batch 128, margin
+  0.2 with hardest negatives, sim_dim 256, 3 SGR steps; F30K SGR 40 epochs (x0.1 at
+  30), F30K SAF 30 (x0.1 at 20), COCO 20 (x0.1 at 10). Their validation keeps the first
+  5000 dev captions (1000 images), which `eval.max_dev_images` does for COCO."""
+  return apply_recipe(c, dataset, module)
+
+
+def apply_demo(c):
+  """The synthetic-world settings shared by the SGRAF and KIDRR demos."""
+  s = c.model.sgraf
+  s.module = "SGR"
+  s.num_regions = c.data.num_regions
+  s.sim_dim = 32
+  s.sgr_step = 3
+  recipes.joint_space(c, embed_size=128, word_dim=64)
+  recipes.demo_training(c, num_epochs=5, lr_update=4)
+  # The sum of violations, not the recipe's hardest negatives: from scratch on the
+  # synthetic world, hardest negatives drive SGRAF's sigmoid scores to one saturated
+  # constant within ~50 steps (loss pinned at 2 B margin, gradients -> 0), also after a
+  # one-epoch sum-of-violations warm-up (measured; docs/kidrr_ablation.md).
+  recipes.hinge_loss(c, max_violation=False)
+  # Two tiles of 100 images cover the 200-image dev/test splits without padding.
+  c.eval.tile_images = 100
+  return c
+
+
+def demo(c):
+  """SGRAF-SGR on the synthetic world, sized for a few minutes on 2 cores."""
+  return apply_demo(c)
+
+
+def validate(c):
+  """Raises ValueError naming the first SGRAF key out of range."""
+  s = c.model.sgraf
+  if s.module not in MODULES:
+    raise ValueError(f"config.model.sgraf.module={s.module!r}: expected one of {MODULES}")
+  for key in ("sim_dim", "sgr_step", "num_regions"):
+    if int(s[key]) != s[key] or s[key] < 1:
+      raise ValueError(f"config.model.sgraf.{key}={s[key]}: must be an integer >= 1")
+  if s.num_layers != 1:
+    raise ValueError(f"config.model.sgraf.num_layers={s.num_layers}: only 1 is supported")
+  for key in ("embed_dropout", "sa_dropout"):
+    if not 0.0 <= s[key] < 1.0:
+      raise ValueError(f"config.model.sgraf.{key}={s[key]}: must be in [0, 1)")
+  if not s.lambda_softmax > 0:
+    raise ValueError(f"config.model.sgraf.lambda_softmax={s.lambda_softmax}: must be > 0")
+  for key in ("max_block_elements", "length_bucket"):
+    if s[key] < 0:
+      raise ValueError(f"config.model.sgraf.{key}={s[key]}: must be >= 0 (0: off)")
+  if s.reference_bn and c.data.num_regions > s.num_regions:
+    raise ValueError(f"config.data.num_regions={c.data.num_regions} exceeds "
+                     f"config.model.sgraf.num_regions={s.num_regions}, the slots of "
+                     f"VisualSA's reference BatchNorm (set them equal, or reference_bn=False)")
+  recipes.validate_widths(c)
