@@ -1,10 +1,23 @@
 """Test setup: 8 fake CPU devices (set before jax is imported) and small, fast compiles."""
+import functools
 import os
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import tempfile  # noqa: E402
+
+# One persistent compilation cache for the session, its subprocesses (CLI runs, crash and
+# multi-host workers) and xdist workers: the suite compiles the same tiny train steps in
+# many processes, and a cache hit costs a fraction of a compile. A new directory per
+# session (unless JAX_COMPILATION_CACHE_DIR is set), so every run starts cold as CI does.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      tempfile.mkdtemp(prefix="dsran_jax_tests_jit_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -47,6 +60,16 @@ def tiny_train_config(minilm_dir, num_steps=12):
   return c
 
 
+@functools.lru_cache(maxsize=None)
+def jitted_matching(model):
+  """Jitted eval-mode `encode_images`, `encode_texts` and `score` of a family's `model`
+  (one compile per model and shape)."""
+  enc_i = jax.jit(lambda v, b: model.apply(v, b, method="encode_images"))
+  enc_t = jax.jit(lambda v, b: model.apply(v, b, method="encode_texts"))
+  score = jax.jit(lambda v, a, b: model.apply(v, a, b, method="score"))
+  return enc_i, enc_t, score
+
+
 @pytest.fixture(scope="session")
 def trained_workdir(minilm_dir, tmp_path_factory):
   """One 12-step `train_and_evaluate` on the 8-device mesh, shared by the test modules:
@@ -55,3 +78,101 @@ def trained_workdir(minilm_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("trained"))
   results = train.train_and_evaluate(tiny_train_config(minilm_dir), workdir)
   return workdir, results
+
+
+@pytest.fixture(scope="session")
+def torch_ref():
+  """Runs PyTorch reference code in a separate jax-free process (tests/torchref)."""
+  # find_spec, not importorskip: torch must never be imported into this process.
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec("torch") is None:
+    pytest.skip("torch is not installed (pip install -e '.[test]')")
+  from torchref import TorchRef  # pylint: disable=g-import-not-at-top
+  ref = TorchRef()
+  yield ref
+  ref.close()
+
+
+# ------------------------------------------------------------- torch stays out
+# Issue 10: importing torch's triton next to jax and TensorFlow segfaults, so these may
+# never enter this process (torch-side code runs in tests/torchref's process). They are
+# looked up after each test file is collected and after each test (three dict lookups),
+# and the first file or test that let one in fails, named.
+_FORBIDDEN_IN_PROCESS = ("torch", "transformers.models", "triton")
+_first_seen = {}  # module -> where it was first seen
+
+
+def _newly_imported(where):
+  new = [m for m in _FORBIDDEN_IN_PROCESS if m not in _first_seen and m in sys.modules]
+  for m in new:
+    _first_seen[m] = where
+  return new
+
+
+def _forbidden_message(modules, where):
+  return (f"{', '.join(modules)} imported into the pytest process by {where}: torch-side "
+          "code must run in the reference process (tests/torchref, the torch_ref fixture), "
+          "see tests/torchref/__init__.py")
+
+
+SLOW_ENV = "DSRAN_SLOW"
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", f"slow: a slower variant, run by .ci/run apart from the 10-minute suite "
+      f"({SLOW_ENV}=1 python -m pytest -q -m slow tests)")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Skips `slow` tests unless DSRAN_SLOW=1, so the README's test command stays in budget."""
+  del config
+  if os.environ.get(SLOW_ENV) == "1":
+    return
+  skip = pytest.mark.skip(reason=f"slow variant: {SLOW_ENV}=1 python -m pytest -m slow tests")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)
+
+
+def pytest_sessionstart(session):
+  """Catches imports by conftest files and plugins, before any test file."""
+  del session
+  if _newly_imported("pytest startup (a conftest or plugin)"):
+    raise pytest.UsageError(_forbidden_message(list(_first_seen), "pytest startup"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+  """A test file's module-level imports run while it is collected, before any test."""
+  report = yield
+  new = _newly_imported(f"collecting {collector.nodeid}")
+  if new and report.outcome == "passed":
+    report.outcome = "failed"
+    report.longrepr = _forbidden_message(new, f"collecting {collector.nodeid}")
+  return report
+
+
+@pytest.fixture(autouse=True)
+def _torch_stays_out_of_process(request):
+  """Errors the test in whose setup, call or teardown a forbidden module was imported."""
+  yield
+  new = _newly_imported(request.node.nodeid)
+  if new:
+    pytest.fail(_forbidden_message(new, request.node.nodeid), pytrace=False)
+
+
+def pytest_sessionfinish(session):
+  """Fails the run if a forbidden module was seen (late ones: a module- or session-scoped
+  fixture's teardown)."""
+  _newly_imported("a fixture teardown after the last test")
+  if _first_seen and session.exitstatus == pytest.ExitCode.OK:
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+  """Names, at the end of the report, where each forbidden module was first seen."""
+  if _first_seen:
+    terminalreporter.section("torch imported into the pytest process", sep="!", red=True)
+    for module, where in _first_seen.items():
+      terminalreporter.line(f"{module}: first seen after {where}", red=True)

@@ -1,5 +1,5 @@
 """The benchmark CLI on tiny shapes (no speed assertions), and the performance rewrites
-in dsran_jax.models.layers giving the same numbers as the code they replace."""
+in dsran_jax.models.common.layers giving the same numbers as the code they replace."""
 import json
 import re
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dsran_jax import benchmark
-from dsran_jax.models import layers
+from dsran_jax.models.common import layers
 
 TINY = ["--batch_size=8", "--embed_size=64", "--bert_layers=1", "--bert_hidden=32",
         "--bert_heads=2", "--K=1", "--regions=4", "--seq_len=8", "--peak_size=256"]

@@ -1,4 +1,8 @@
-"""BertEncoder and its HF weight map: parity with transformers' PyTorch BertModel."""
+"""BertEncoder and its HF weight map: parity with transformers' PyTorch BertModel.
+
+transformers' BertModel runs in the jax-free reference process (tests/torchref/bert.py);
+torch and transformers are never imported here.
+"""
 import os
 
 import jax
@@ -6,10 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsran_jax.models import bert
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from dsran_jax.models.common import bert
 
 SENTENCES = [
     "A man riding a wave on top of a surfboard.",
@@ -33,13 +34,6 @@ def _apply(config, params, ids, mask=None, dtype=jnp.float32, **kw):
                     dtype=np.float32)
 
 
-def _torch_last_hidden(model, ids, mask=None):
-  with torch.no_grad():
-    out = model(input_ids=torch.from_numpy(ids).long(),
-                attention_mask=None if mask is None else torch.from_numpy(mask).long())
-  return out.last_hidden_state.numpy()
-
-
 @pytest.fixture(scope="module")
 def minilm(minilm_dir):
   config, params = bert.load_hf_bert(minilm_dir)
@@ -51,17 +45,15 @@ def minilm(minilm_dir):
   ids = np.array([e.ids for e in enc], np.int32)
   mask = np.array([e.attention_mask for e in enc], np.int32)
   assert mask[:, -1].sum() == 1 and (mask == 0).any()  # one truncated, the rest padded
-  torch_model = transformers.BertModel.from_pretrained(
-      minilm_dir, attn_implementation="eager").eval()
-  return config, params, ids, mask, torch_model
+  return config, params, ids, mask, str(minilm_dir)
 
 
 @pytest.mark.parametrize("masked", [True, False], ids=["mask", "no_mask"])
-def test_minilm_parity(minilm, masked):
-  config, params, ids, mask, torch_model = minilm
+def test_minilm_parity(minilm, masked, torch_ref):
+  config, params, ids, mask, minilm_dir = minilm
   mask = mask if masked else None
   ours = _apply(config, params, ids, mask)
-  ref = _torch_last_hidden(torch_model, ids, mask)
+  ref = torch_ref("bert.pretrained_last_hidden", model_dir=minilm_dir, ids=ids, mask=mask)
   assert ours.shape == ref.shape == (len(SENTENCES), MAX_LEN, 384)
   diff = np.abs(ours - ref).max()
   print(f"MiniLM {'masked' if masked else 'unmasked'} max|diff| = {diff:.2e}")
@@ -88,16 +80,6 @@ def test_minilm_bf16_close_to_fp32(minilm):
   assert np.isfinite(out).all() and rel <= 5e-2
 
 
-def _tiny_torch(cls):
-  torch.manual_seed(0)
-  model = cls(transformers.BertConfig(**TINY, attn_implementation="eager")).eval()
-  # Default init has LayerNorm = (1, 0) and zero biases, which would hide a mis-mapping.
-  with torch.no_grad():
-    for p in model.parameters():
-      p.normal_(0.0, 0.3)
-  return model
-
-
 def _rename_gamma_beta(state):
   out = {}
   for k, v in state.items():
@@ -119,31 +101,30 @@ def tiny_inputs():
 
 
 @pytest.mark.parametrize("variant", ["plain", "bert_prefix_heads", "gamma_beta"])
-def test_tiny_random_parity(variant, tiny_inputs):
+def test_tiny_random_parity(variant, tiny_inputs, torch_ref):
   ids, mask = tiny_inputs
+  # Every parameter ~ N(0, 0.3): the default init (LayerNorm = (1, 0), zero biases) would
+  # hide a mis-mapping. bert_prefix_heads: a BertForPreTraining's state dict, outputs of
+  # its .bert.
+  ref = torch_ref("bert.tiny_random", config=TINY, variant=variant, ids=ids, masks=[mask, None])
+  state = ref["state"]
   if variant == "bert_prefix_heads":
     # `bert.` prefix plus pooler and cls.* pretraining heads, which must be skipped.
-    full = _tiny_torch(transformers.BertForPreTraining)
-    torch_model = full.bert
-    state = full.state_dict()
     assert any(k.startswith("cls.") for k in state)
     assert any(k.startswith("bert.pooler.") for k in state)
-  else:
-    torch_model = _tiny_torch(transformers.BertModel)
-    state = torch_model.state_dict()
-  state = {k: v.numpy() for k, v in state.items()}
   if variant == "gamma_beta":
     state = _rename_gamma_beta(state)
   config = bert.BertConfig.from_hf_json(TINY)
   params = bert.hf_state_dict_to_params(state, config)
-  for m in (mask, None):
-    diff = np.abs(_apply(config, params, ids, m) - _torch_last_hidden(torch_model, ids, m)).max()
+  for m, want in zip((mask, None), ref["outputs"]):
+    diff = np.abs(_apply(config, params, ids, m) - want).max()
     assert diff <= 1e-4, (variant, m is None, diff)
 
 
 @pytest.fixture(scope="module")
-def tiny_state():
-  return {k: v.numpy() for k, v in _tiny_torch(transformers.BertModel).state_dict().items()}
+def tiny_state(torch_ref):
+  """The tiny random BertModel's state dict (numpy), from the reference process."""
+  return torch_ref("bert.tiny_random_state", config=TINY)
 
 
 def test_unexpected_and_missing_keys_are_named(tiny_state):
@@ -180,11 +161,10 @@ def test_config_rejects_unsupported():
     bert.BertConfig.from_hf_json(dict(TINY, position_embedding_type="relative_key"))
 
 
-def test_load_state_dict_files(tmp_path, tiny_state):
+def test_load_state_dict_files(tmp_path, tiny_state, torch_ref):
   with pytest.raises(FileNotFoundError, match="model.safetensors.*pytorch_model.bin"):
     bert.load_hf_state_dict(tmp_path)
-  torch.save({k: torch.from_numpy(v) for k, v in tiny_state.items()},
-             tmp_path / "pytorch_model.bin")
+  torch_ref("checkpoints.save", path=str(tmp_path / "pytorch_model.bin"), content=tiny_state)
   loaded = bert.load_hf_state_dict(tmp_path)
   assert loaded.keys() == tiny_state.keys()
   np.testing.assert_array_equal(loaded["embeddings.word_embeddings.weight"],

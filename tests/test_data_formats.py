@@ -287,30 +287,16 @@ def test_synthetic_dispatch_tokenises_centrally(monkeypatch, tmp_path):
 # ------------------------------------------------------------------------ region_pos
 
 
-def _torch_region_pos(boxes, cls):
-  """The authors' get_rcnn, transcribed to run on arrays."""
-  torch = pytest.importorskip("torch")
-  f = torch.nn.functional
-  vis_pe, cls_label = torch.from_numpy(boxes.copy()), torch.from_numpy(cls.copy())
-  w_est = torch.max(vis_pe[:, [0, 2]]) * 1. + 1e-5
-  h_est = torch.max(vis_pe[:, [1, 3]]) * 1. + 1e-5
-  vis_pe[:, [0, 2]] /= w_est
-  vis_pe[:, [1, 3]] /= h_est
-  rel_area = (vis_pe[:, 3] - vis_pe[:, 1]) * (vis_pe[:, 2] - vis_pe[:, 0])
-  rel_area.clamp_(0)
-  vis_pe = torch.cat((vis_pe[:, :4], rel_area.view(-1, 1), vis_pe[:, 5:]), -1)
-  return torch.cat((f.layer_norm(vis_pe, [6]), f.layer_norm(cls_label, [1601])), -1).numpy()
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_region_pos_matches_torch(dtype):
+def test_region_pos_matches_torch(dtype, torch_ref):
   rng = np.random.default_rng(1)
   for _ in range(5):
     _, boxes, cls = _detections(rng, 100)
     boxes[:3, 2] = boxes[:3, 0] - 5  # degenerate boxes: negative area clamps to 0
     boxes, cls = boxes.astype(dtype), cls.astype(dtype)
     ours = region_pos(boxes, cls, dtype=dtype)
-    ref = _torch_region_pos(boxes, cls)
+    # The authors' get_rcnn on arrays, in the reference process (tests/torchref/layers.py).
+    ref = torch_ref("layers.region_pos", boxes=boxes, cls=cls)
     assert ours.shape == (100, 1607) and ref.dtype == dtype
     if dtype == np.float64:
       np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)

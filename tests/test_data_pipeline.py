@@ -71,7 +71,7 @@ def test_eval_caption_batches_and_image_inputs():
   ids = np.concatenate([b["input_ids"] for b in batches])[valid]
   np.testing.assert_array_equal(ids, split.input_ids)
   assert set(batches[0]) == {"input_ids", "attention_mask", "caption_index", "valid"}
-  b = next(pipeline.eval_image_batches(split, 4, image_inputs="regions"))
+  b = next(pipeline.eval_image_batches(split, 4, ("regions", "region_pos", "region_mask")))
   assert "grid" not in b and {"regions", "region_pos", "region_mask"} <= set(b)
 
 

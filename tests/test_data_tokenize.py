@@ -151,3 +151,15 @@ def test_gru_vocabulary_from_train_only(tmp_path):
   c.data.vocab_file = str(tmp_path / "elsewhere" / "v.json")
   tokenize.make_tokenizer(c, None, train_texts)
   assert tokenize.Vocabulary.load(c.data.vocab_file).idx2word == vocab.idx2word
+
+
+def test_no_vocabulary_is_built_beside_existing_checkpoints(tmp_path):
+  # A converted workdir without the authors' vocabulary: a vocabulary built from the
+  # training captions would silently give the embedding the wrong word ids.
+  c = get_base_config()
+  c.model.text_encoder = "gru"
+  (tmp_path / "checkpoints" / "best").mkdir(parents=True)
+  with pytest.raises(ValueError, match=r"has checkpoints but no word vocabulary at .*"
+                     r"vocab\.json.*--vocab="):
+    tokenize.make_tokenizer(c, str(tmp_path), lambda: ["a dog"] * 5)
+  assert not (tmp_path / "vocab.json").exists()

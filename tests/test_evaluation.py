@@ -67,7 +67,8 @@ def test_evaluate_coco_protocol_without_saving():
   for k in ranking.METRIC_KEYS:
     assert res["coco1k"][k] == pytest.approx(want[k])
   table = evaluation.format_table(res)
-  assert "coco5k" in table and "coco1k" in table and "rsum" in table
+  assert "COCO 5K" in table and "COCO 1K" in table and "rsum" in table
+  assert "20 img" in evaluation.format_table({"1k": res["coco5k"]}, num_images=20)
   assert f"{res['coco5k']['rsum']:.1f}" in table
 
 

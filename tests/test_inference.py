@@ -1,55 +1,52 @@
 """`inference.load` on converted workdirs: parity with PyTorch, chunking, tokenizers, errors."""
 import numpy as np
 import pytest
-import torch
 
 from dsran_jax import evaluation
 from dsran_jax import inference
 from dsran_jax.data.tokenize import Vocabulary, word_tokenize
 from dsran_jax.tools import convert_torch
-# The PyTorch re-implementation of the authors' model lives with the converter's tests.
-from test_convert_torch import (E, GRID, IMG, POS, R, TOL, TorchDSRANBert, TorchDSRANGru,
-                                bert_ids, image_inputs, maxdiff, pad_captions, randomize,
-                                save_bert_checkpoint, save_gru_checkpoint, tiny_bert_config,
-                                torch_gru_texts)
+# The PyTorch model (tests/torchref/dsran.py) runs in the reference process; the helpers
+# that have it save checkpoints live with the converter's tests.
+from test_convert_torch import (E, GRID, IMG, POS, R, TOL, bert_ids, image_inputs, maxdiff,
+                                pad_captions, save_bert_checkpoint, save_gru_checkpoint,
+                                tiny_bert_config)
 
 BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "runs", "on", "the",
               "grass", "cat", "sits", "mat", "##s", "."]
 
 
 @pytest.fixture(scope="module")
-def bert_run(tmp_path_factory):
-  """(torch model, workdir) of a converted K=2 BERT build with a tiny WordPiece vocab."""
+def bert_run(tmp_path_factory, torch_ref):
+  """(reference checkpoint path, workdir) of a converted K=2 BERT build with a tiny
+  WordPiece vocab."""
   tmp = tmp_path_factory.mktemp("bert")
-  torch.manual_seed(3)
-  model = randomize(TorchDSRANBert(2, tiny_bert_config()), seed=3)
-  save_bert_checkpoint(model, tmp / "model_best.pth.tar")
+  ckpt = save_bert_checkpoint(torch_ref, tmp / "model_best.pth.tar", 2, tiny_bert_config(),
+                              torch_seed=3, init_seed=3)
   bert_dir = tmp / "bert"
   bert_dir.mkdir()
   words = BERT_WORDS + [f"w{i}" for i in range(60 - len(BERT_WORDS))]
   (bert_dir / "vocab.txt").write_text("\n".join(words) + "\n")
-  convert_torch.convert_checkpoint(str(tmp / "model_best.pth.tar"), str(tmp / "wd"),
-                                   bert_path=str(bert_dir))
-  return model, str(tmp / "wd")
+  convert_torch.convert_checkpoint(ckpt, str(tmp / "wd"), bert_path=str(bert_dir))
+  return ckpt, str(tmp / "wd")
 
 
 @pytest.fixture(scope="module")
-def gru_run(tmp_path_factory):
-  """(torch model, workdir, vocabulary) of a converted K=2 GRU build, eval batches of 4."""
+def gru_run(tmp_path_factory, torch_ref):
+  """(reference checkpoint path, workdir, vocabulary) of a converted K=2 GRU build, eval
+  batches of 4."""
   tmp = tmp_path_factory.mktemp("gru")
-  torch.manual_seed(4)
-  model = randomize(TorchDSRANGru(2, vocab=50, word_dim=12), seed=4)
-  save_gru_checkpoint(model, tmp / "model_best.pth.tar", batch_size=4)
+  ckpt = save_gru_checkpoint(torch_ref, tmp / "model_best.pth.tar", 2, vocab=50, word_dim=12,
+                             torch_seed=4, init_seed=4, batch_size=4)
   vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "runs", "on", "the",
                       "grass", "."] + [f"w{i}" for i in range(39)])
   vocab.save(str(tmp / "vocab.json"))
-  convert_torch.convert_checkpoint(str(tmp / "model_best.pth.tar"), str(tmp / "wd"),
-                                   vocab=str(tmp / "vocab.json"))
-  return model, str(tmp / "wd"), vocab
+  convert_torch.convert_checkpoint(ckpt, str(tmp / "wd"), vocab=str(tmp / "vocab.json"))
+  return ckpt, str(tmp / "wd"), vocab
 
 
-def test_bert_workdir_matches_torch_and_chunks(bert_run):
-  model, workdir = bert_run
+def test_bert_workdir_matches_torch_and_chunks(bert_run, torch_ref):
+  ckpt, workdir = bert_run
   one_shot = inference.load(workdir)
   chunked = inference.load(workdir, batch_size=4)
   assert one_shot.model.config.K == 2 and one_shot.config.model.text_encoder == "bert"
@@ -57,9 +54,8 @@ def test_bert_workdir_matches_torch_and_chunks(bert_run):
 
   grid, regions, pos = image_inputs(0, b=11)  # 11 rows: chunks of 4, 4 and a padded 3
   ids = bert_ids(0, b=11)
-  with torch.no_grad():
-    want_img = model.embed_images(*map(torch.from_numpy, (grid, regions, pos))).numpy()
-    want_txt = model.embed_texts(torch.from_numpy(ids)).numpy()
+  want_img = torch_ref("dsran.embed_images", ckpt_path=ckpt, grid=grid, regions=regions, pos=pos)
+  want_txt = torch_ref("dsran.bert_embed_texts", ckpt_path=ckpt, ids=ids)
   img = one_shot.encode_images(grid=grid, regions=regions, region_pos=pos)
   txt = one_shot.encode_texts(input_ids=ids)
   print(f"inference BERT: max|diff| image {maxdiff(img, want_img):.2e}, "
@@ -86,14 +82,14 @@ def test_bert_texts_use_the_workdir_tokenizer(bert_run):
   np.testing.assert_array_equal(enc.encode_texts(texts), enc.encode_texts(input_ids=ids))
 
 
-def test_gru_workdir_matches_torch_in_author_batches(gru_run):
-  model, workdir, vocab = gru_run
+def test_gru_workdir_matches_torch_in_author_batches(gru_run, torch_ref):
+  ckpt, workdir, vocab = gru_run
   enc = inference.load(workdir, batch_size=3)  # GRU reference groups follow eval.batch_size
   assert enc.config.eval.batch_size == 4
   texts = ["a dog runs on the grass .", "the dog", "a zebra on the grass", "grass",
            "the dog runs", "a a a a a a a a a a a a a a", "dog ."]
   caps = [np.array(vocab.encode_one(t)) for t in texts]
-  want = np.concatenate([torch_gru_texts(model, caps[i:i + 4]) for i in (0, 4)])
+  want = torch_ref("dsran.gru_embed_texts", ckpt_path=ckpt, batches=[caps[i:i + 4] for i in (0, 4)])
   got = enc.encode_texts(texts)
   print(f"inference GRU: max|diff| text {maxdiff(got, want):.2e}")
   assert maxdiff(got, want) <= TOL
@@ -101,8 +97,7 @@ def test_gru_workdir_matches_torch_in_author_batches(gru_run):
   assert word_tokenize("A dog.") == ["a", "dog", "."]
 
   grid, regions, pos = image_inputs(5, b=7)
-  with torch.no_grad():
-    want_img = model.embed_images(torch.from_numpy(grid), torch.from_numpy(regions)).numpy()
+  want_img = torch_ref("dsran.embed_images", ckpt_path=ckpt, grid=grid, regions=regions)
   assert maxdiff(enc.encode_images(grid=grid, regions=regions), want_img) <= TOL
 
 
@@ -136,6 +131,13 @@ def test_bad_inputs_name_the_argument(bert_run):
        rf"region_pos has shape \(2, 5, 6\), expected \(2, 5, {POS}\)"),
       (dict(grid=grid, regions=regions, region_mask=np.ones((2, 4))),
        r"region_mask has shape \(2, 4\), expected \(2, 5\)"),
+      # Values that would give a NaN or an input-free unit-norm embedding:
+      (dict(grid=grid, regions=np.where(np.arange(2)[:, None, None] == 1, np.nan, regions)),
+       r"regions holds 200 NaN/Inf values, in image rows \[1\]"),
+      (dict(grid=np.full_like(grid, np.inf), regions=regions), r"grid holds .* rows \[0, 1\]"),
+      (dict(grid=grid, regions=regions, region_mask=np.array([[1, 1, 0, 0, 0], [0] * 5], bool)),
+       r"region_mask is all False in image rows \[1\]"),
+      (dict(grid=grid, regions=regions[:, :0]), r"regions has shape \(2, 0, 40\): every image"),
   ]
   for kwargs, message in cases:
     with pytest.raises(ValueError, match=message):

@@ -1,14 +1,17 @@
-"""DSRAN model behaviour: masking, train vs eval mode, BatchNorm and GRU against PyTorch."""
+"""DSRAN model behaviour: masking, train vs eval mode, BatchNorm and GRU against PyTorch.
+
+The PyTorch layers run in the jax-free reference process (tests/torchref/layers.py).
+"""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from dsran_jax import models
 from dsran_jax.default_config import get_base_config
-from dsran_jax.models.layers import MaskedBatchNorm
-from dsran_jax.models.text import GRU
+from dsran_jax.models.common.glove import load_glove
+from dsran_jax.models.common.layers import MaskedBatchNorm
+from dsran_jax.models.common.text import GRU
 
 
 def tiny_config(text_encoder="bert", K=2, padding="masked", image_inputs="grid+regions"):
@@ -58,11 +61,13 @@ def embed_texts(model, variables, batch):
 
 
 def apply(model, variables, batch):
-  """Jitted eval-mode `model.apply` (one compile instead of op-by-op dispatch)."""
-  return jax.jit(lambda v, b: model.apply(v, b))(variables, batch)
+  """Jitted eval-mode (image, text) embeddings (one compile instead of op-by-op dispatch)."""
+  return jax.jit(lambda v, b: (model.apply(v, b, method="encode_images"),
+                               model.apply(v, b, method="encode_texts")))(variables, batch)
 
 
-@pytest.mark.parametrize("K", [1, 2, 4])
+@pytest.mark.parametrize("K", [pytest.param(1, marks=pytest.mark.slow), 2,
+                               pytest.param(4, marks=pytest.mark.slow)])
 def test_embeddings_are_unit_norm_and_keys(K):
   model, variables = init(tiny_config(K=K))
   img, txt = apply(model, variables, random_batch(np.random.default_rng(0)))
@@ -110,26 +115,22 @@ def test_masked_batchnorm_statistics_skip_padding_in_train_mode():
   np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * real.var(0, ddof=1), atol=1e-6)
 
 
-def test_batchnorm_and_dropout_modes_match_pytorch():
+def test_batchnorm_and_dropout_modes_match_pytorch(torch_ref):
   rng = np.random.default_rng(3)
   x = rng.standard_normal((4, 5, 8)).astype(np.float32)
   bn = MaskedBatchNorm()
   variables = bn.init(jax.random.PRNGKey(0), x, None, False)
-  tbn = torch.nn.BatchNorm1d(8)
-  tbn.train()
+  # A fresh torch.nn.BatchNorm1d(8): 3 train-mode calls, then eval mode.
+  ref = torch_ref("layers.batchnorm1d", x=x, train_steps=3)
   stats = variables["batch_stats"]
-  for _ in range(3):  # running stats accumulate the same way (momentum 0.1, unbiased var)
+  for ty in ref["train"]:  # running stats accumulate the same way (momentum 0.1, unbiased var)
     y, upd = bn.apply({**variables, "batch_stats": stats}, x, None, True, mutable=["batch_stats"])
     stats = upd["batch_stats"]
-    ty = tbn(torch.from_numpy(x).permute(0, 2, 1)).permute(0, 2, 1).detach().numpy()
     np.testing.assert_allclose(np.asarray(y), ty, atol=1e-5)
-  np.testing.assert_allclose(stats["mean"], tbn.running_mean.numpy(), atol=1e-6)
-  np.testing.assert_allclose(stats["var"], tbn.running_var.numpy(), atol=1e-6)
-  tbn.eval()
+  np.testing.assert_allclose(stats["mean"], ref["running_mean"], atol=1e-6)
+  np.testing.assert_allclose(stats["var"], ref["running_var"], atol=1e-6)
   y_eval = bn.apply({**variables, "batch_stats": stats}, x, None, False)
-  np.testing.assert_allclose(np.asarray(y_eval),
-                             tbn(torch.from_numpy(x).permute(0, 2, 1)).permute(0, 2, 1).detach().numpy(),
-                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(y_eval), ref["eval"], atol=1e-5)
 
   model, variables = init(tiny_config())
   batch = random_batch(rng)
@@ -142,19 +143,15 @@ def test_batchnorm_and_dropout_modes_match_pytorch():
   np.testing.assert_array_equal(eval_img(), eval_img())
 
 
-def test_gru_matches_pytorch_packed_sequences():
+def test_gru_matches_pytorch_packed_sequences(torch_ref):
   rng = np.random.default_rng(4)
   x = rng.standard_normal((3, 6, 5)).astype(np.float32)
   lengths = np.array([6, 4, 2])
   mask = np.arange(6)[None] < lengths[:, None]
-  gru = torch.nn.GRU(5, 8, batch_first=True)
-  params = {"w_ih": gru.weight_ih_l0.detach().numpy().T, "b_ih": gru.bias_ih_l0.detach().numpy(),
-            "w_hh": gru.weight_hh_l0.detach().numpy().T, "b_hh": gru.bias_hh_l0.detach().numpy()}
-  ours = GRU(8).apply({"params": params}, x, mask)
-  packed = torch.nn.utils.rnn.pack_padded_sequence(torch.from_numpy(x), lengths, batch_first=True)
-  out, _ = gru(packed)
-  ref, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
-  np.testing.assert_allclose(np.asarray(ours), ref.detach().numpy(), atol=1e-5)
+  # torch.nn.GRU(5, 8, batch_first=True) over the packed sequences, and its weights.
+  ref = torch_ref("layers.gru_packed", x=x, lengths=lengths, hidden=8, seed=0)
+  ours = GRU(8).apply({"params": ref["params"]}, x, mask)
+  np.testing.assert_allclose(np.asarray(ours), ref["out"], atol=1e-5)
 
 
 def test_regions_only_build_and_bad_config():
@@ -177,11 +174,11 @@ def test_glove_initialisation_from_a_local_file(tmp_path):
                   "t-shirt " + " ".join(map(str, vecs[1])) + "\n", encoding="utf-8")
   word2idx = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "dog": 4, "t-shirt": 5}
   before = np.asarray(variables["params"]["text_enc"]["embed"]["embedding"])
-  after = np.asarray(models.load_glove(variables, str(path), word2idx)
+  after = np.asarray(load_glove(variables, str(path), word2idx)
                      ["params"]["text_enc"]["embed"]["embedding"])
   np.testing.assert_allclose(after[4], vecs[0], rtol=1e-6)
   np.testing.assert_allclose(after[5], vecs[1], rtol=1e-6)
   np.testing.assert_array_equal(after[:4], before[:4])  # words GloVe lacks keep their init
   path.write_text("dog 1 2 3\n", encoding="utf-8")
   with pytest.raises(ValueError, match="glove.txt:1"):
-    models.load_glove(variables, str(path), word2idx)
+    load_glove(variables, str(path), word2idx)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dsran_jax import inference, plots, search
+from dsran_jax.models.dsran import attention as dsran_attention
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,7 +82,7 @@ def test_gallery_api_matches_evaluation_and_rebuilds_stale_cache(workdir, encode
   # Text -> image ranks images by the query's dot product with them.
   hits = search.search_text(gallery, "a red dog on the beach", top_k=10)
   q = enc.encode_texts(["a red dog on the beach"])[0]
-  want_order = np.argsort(-(gallery.image_emb @ q), kind="stable")
+  want_order = np.argsort(-(gallery.image_reps @ q), kind="stable")
   assert [h["image_id"] for h in hits] == [gallery.image_ids[i] for i in want_order]
   # Image -> text: a caption's image_id is its own image's.
   hits = search.search_image(gallery, gallery.image_ids[2], top_k=50)
@@ -99,22 +100,22 @@ def test_gallery_api_matches_evaluation_and_rebuilds_stale_cache(workdir, encode
     arrays = dict(f)
   fp = json.loads(str(arrays["fingerprint"]))
   fp["checkpoint_step"] = -1
-  np.savez(path, image_emb=arrays["image_emb"] * 0, text_emb=arrays["text_emb"] * 0,
+  np.savez(path, image=arrays["image"] * 0, text=arrays["text"] * 0,
            fingerprint=np.asarray(json.dumps(fp)))
   again = search.Gallery.load(workdir, encoder=enc)
   assert not again.from_cache
-  np.testing.assert_allclose(again.image_emb, gallery.image_emb, atol=1e-6)
+  np.testing.assert_allclose(again.image_reps, gallery.image_reps, atol=1e-6)
   assert search.Gallery.load(workdir, encoder=enc).from_cache
 
 
 def test_evaluation_figures(workdir, encoder):
   paths = plots.evaluation_figures(workdir, encoder=encoder)
-  assert set(paths) == {"recall_curves", "attention_map"}
+  assert set(paths) == {"training_curves", "recall_curves", "attention_map"}
   for p in paths.values():
     assert os.path.getsize(p) > 10_000 and p.startswith(workdir)
   from dsran_jax import data
   split = data.load_split(encoder.config, "test", workdir)
-  att = plots.jsr_attention(encoder, split.images(np.arange(3)))
+  att = dsran_attention.jsr_attention(encoder, split.images(np.arange(3)))
   total = att["grid"].sum(1) + att["regions"].sum(1)
   np.testing.assert_allclose(total, 1.0, atol=1e-5)
   assert att["grid"].shape == (3, 49) and att["regions"].shape == (3, 4)

@@ -28,8 +28,10 @@ def run8(trained_workdir):
 def test_end_to_end_outputs(run8):
   workdir, results = run8
   assert jax.device_count() == 8
-  for name in ("config.json", "metrics.jsonl", "eval_results.json", "training_curves.png"):
+  for name in ("config.json", "metrics.jsonl", "eval_results.json", "ranks_test.npz"):
     assert os.path.exists(os.path.join(workdir, name)), name
+  with np.load(os.path.join(workdir, "ranks_test.npz")) as r:  # what figures are drawn from
+    assert r["i2t"].shape == (10,) and r["t2i"].shape == (50,)
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   logged = [r for r in rows if "loss" in r]
   assert [r["step"] for r in logged] == list(range(1, 13))
