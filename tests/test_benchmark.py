@@ -25,7 +25,7 @@ def _last_json_line(capsys):
   return json.loads(lines[-1])
 
 
-@pytest.mark.parametrize("precision", [[], ["--bf16"]])
+@pytest.mark.parametrize("precision", [[], pytest.param(["--bf16"], marks=pytest.mark.slow)])
 def test_train_benchmark_prints_one_json_line(capsys, precision):
   # Runs the real sharded step over the 8 fake devices (bf16: through layers.lowp_dense).
   result = benchmark.main(TINY + ["--steps=2"] + precision)

@@ -86,7 +86,7 @@ def _model(c):
 # --------------------------------------------------------------- all off == SGRAF
 
 
-@pytest.mark.parametrize("module", ["SGR", "SAF"])
+@pytest.mark.parametrize("module", ["SGR", pytest.param("SAF", marks=pytest.mark.slow)])
 def test_all_off_is_sgraf_bit_for_bit(module):
   """Same variables, same eval scores and same train-mode scores and BatchNorm updates."""
   sgraf = _model(_config("sgraf", module))
@@ -318,6 +318,7 @@ def test_kgid_matches_numpy_models_md(share):
     np.testing.assert_allclose(txt["global"][j], g, atol=1e-5)
 
 
+@pytest.mark.slow  # padding invariance of the full model is also in test_zoo.py
 def test_full_kidrr_padding_invariance_and_training_step():
   """Full KIDRR: padded words and region features do not change scores; one train-mode
   step gives finite gradients for every module."""

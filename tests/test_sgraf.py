@@ -203,7 +203,7 @@ def _random_model(module="SGR", **sgraf):
   return c, model, models.init_variables(model, jax.random.key(1))
 
 
-@pytest.mark.parametrize("module", ["SGR", "SAF"])
+@pytest.mark.parametrize("module", ["SGR", pytest.param("SAF", marks=pytest.mark.slow)])
 def test_padding_and_tiling_do_not_change_scores(module):
   """Padded words (extra columns), padded region slots (any feature values), the chunk
   size, the length buckets and the caption order leave every real pair's score as it is."""
