@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices (set before jax is imported) and small, fast compiles."""
 import functools
+import json
 import os
 import sys
 
@@ -73,11 +74,27 @@ def jitted_matching(model):
 @pytest.fixture(scope="session")
 def trained_workdir(minilm_dir, tmp_path_factory):
   """One 12-step `train_and_evaluate` on the 8-device mesh, shared by the test modules:
-  (workdir, returned results)."""
+  (workdir, returned results).
+
+  Trained once per test session: the first xdist worker to ask trains it under a lock
+  file, and every worker gets its own copy (tests write caches and rankings into it).
+  """
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
   from dsran_jax import train
-  workdir = str(tmp_path_factory.mktemp("trained"))
-  results = train.train_and_evaluate(tiny_train_config(minilm_dir), workdir)
-  return workdir, results
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    shared = shared.parent  # the session's directory, above each worker's own
+  master, done = shared / "trained_master", shared / "trained_master.json"
+  with open(shared / "trained_master.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      shutil.rmtree(master, ignore_errors=True)  # a worker that died mid-training
+      results = train.train_and_evaluate(tiny_train_config(minilm_dir), str(master))
+      done.write_text(json.dumps(results))
+  workdir = tmp_path_factory.mktemp("trained") / "workdir"
+  shutil.copytree(master, workdir, ignore=shutil.ignore_patterns(".lock.*"))
+  return str(workdir), json.loads(done.read_text())
 
 
 @pytest.fixture(scope="session")
@@ -124,9 +141,22 @@ def pytest_configure(config):
       f"({SLOW_ENV}=1 python -m pytest -q -m slow tests)")
 
 
+# Files that start first: the multi-host run spends most of its time in cross-process
+# waits, so it overlaps other files well but ends a run it is last in alone; the others
+# are the longest files, which would otherwise set the tail.
+_FIRST = ("test_multihost.py", "test_notebooks.py", "test_reliability_crash.py")
+
+
+def _start_order(item) -> int:
+  name = os.path.basename(str(item.fspath))
+  return _FIRST.index(name) if name in _FIRST else len(_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
-  """Skips `slow` tests unless DSRAN_SLOW=1, so the README's test command stays in budget."""
+  """Starts the long files first, and skips `slow` tests unless DSRAN_SLOW=1, so the
+  README's test command stays in budget."""
   del config
+  items.sort(key=_start_order)  # stable: the order inside a file is kept
   if os.environ.get(SLOW_ENV) == "1":
     return
   skip = pytest.mark.skip(reason=f"slow variant: {SLOW_ENV}=1 python -m pytest -m slow tests")

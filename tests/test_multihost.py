@@ -25,6 +25,9 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 NUM_PROCESSES, LOCAL_DEVICES = 2, 4
+# Where the 2-process run stops (and saves): before the first dev evaluation, which the
+# 1-process resume and the slow tests exercise.
+STOP = 3
 TIMEOUT_S = 420
 def _free_port() -> int:
   with socket.socket() as s:
@@ -88,9 +91,9 @@ from test_reliability_crash import compile_cache  # noqa: E402,F401  (shared cac
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
-  """The 2-process run, stopped (saved) at step 6: (workdir, outputs)."""
+  """The 2-process run, stopped (saved) at step STOP: (workdir, outputs)."""
   workdir = str(tmp_path_factory.mktemp("multihost"))
-  outs = launch(workdir, stop_at=6)
+  outs = launch(workdir, stop_at=STOP)
   return workdir, outs
 
 
@@ -98,14 +101,14 @@ def test_two_processes_match_one_process_and_read_disjoint_shards(
     two_process_run, trained_workdir, minilm_dir):
   workdir, _ = two_process_run
   ref_dir, _ = trained_workdir
-  _assert_losses_match(_losses(workdir), _losses(ref_dir), list(range(1, 7)))
+  _assert_losses_match(_losses(workdir), _losses(ref_dir), list(range(1, STOP + 1)))
   shards = _shards(workdir)
   assert [s["process_count"] for s in shards] == [2, 2]
   from conftest import tiny_train_config
   from dsran_jax import data
   config = tiny_train_config(minilm_dir)
   split = data.load_split(config, config.data.train_split)
-  want = _global_batches(config, split, range(6))
+  want = _global_batches(config, split, range(STOP))
   seen = []
   for step, global_rows in enumerate(want):
     halves = [s["caption_index"][step] for s in shards]
@@ -114,7 +117,7 @@ def test_two_processes_match_one_process_and_read_disjoint_shards(
     # Process p reads rows [4p, 4p + 4) of the global batch.
     assert halves[0] + halves[1] == global_rows
     seen += global_rows
-  assert len(seen) == len(set(seen)) == 6 * 8  # no caption dropped or repeated
+  assert len(seen) == len(set(seen)) == STOP * 8  # no caption dropped or repeated
 
 
 @pytest.mark.slow
@@ -125,13 +128,13 @@ def test_checkpoint_written_once_and_resumed_by_one_process(
   workdir, _ = two_process_run
   ref_dir, ref_results = trained_workdir
   latest = os.path.join(workdir, "checkpoints", "latest")
-  assert checkpointing.all_steps(workdir, checkpointing.LATEST) == [6]
-  assert sorted(os.listdir(latest)) == ["6"]  # one step directory, nothing partial
+  assert checkpointing.all_steps(workdir, checkpointing.LATEST) == [STOP]
+  assert sorted(os.listdir(latest)) == [str(STOP)]  # one step directory, nothing partial
   assert not checkpointing.partial_steps(workdir, checkpointing.BEST)
   # Written once, not once per process: every chunk of every array is in exactly one
   # process's OCDBT store, and together they are the whole checkpoint.
   import tensorstore as ts
-  state_dir = os.path.join(latest, "6", "state")
+  state_dir = os.path.join(latest, str(STOP), "state")
 
   def chunks(path):
     kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{path}/"}).result()

@@ -91,6 +91,37 @@ def test_partial_steps_are_removed_by_the_next_save(tmp_path, absl_warnings):
   assert "did not finish" in absl_warnings.text
 
 
+
+def test_save_meets_the_same_barriers_whatever_a_host_lists(tmp_path, monkeypatch):
+  """A host that lists a kind's directory after process 0 removed its old steps sees
+  none; it must still wait at the barriers process 0 waits at (CI saw process 0 wait at
+  'dsran_remove_latest' while process 1 had gone on to the next barrier)."""
+  barriers = []
+  monkeypatch.setattr(checkpointing, "_sync", barriers.append)
+
+  def barriers_of_save(w, with_old_steps):
+    if with_old_steps:
+      checkpointing.save(w, "best", 1, _state(1.0), {"step": 1})
+      checkpointing.save(w, "latest", 1, _state(1.0), {"step": 1})
+      checkpointing.save(w, "best", 9, _state(9.0), {"step": 9})  # from a crashed future
+    barriers.clear()
+    checkpointing.save(w, "best", 2, _state(2.0), {"step": 2})
+    checkpointing.save(w, "latest", 2, _state(2.0), {"step": 2, "best": {"step": 2}})
+    return list(barriers)
+
+  with_old = barriers_of_save(str(tmp_path / "a"), True)
+  without_old = barriers_of_save(str(tmp_path / "b"), False)
+  assert with_old == without_old
+  assert "dsran_remove_latest" in with_old and "dsran_remove_best" in with_old
+  assert checkpointing.all_steps(str(tmp_path / "a"), "best") == [2]
+
+  # A process other than 0 deletes nothing, and waits all the same.
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  barriers.clear()
+  checkpointing._remove_steps(str(tmp_path / "a"), "best", lambda s: True)
+  assert barriers == ["dsran_remove_best"]
+  assert checkpointing.all_steps(str(tmp_path / "a"), "best") == [2]
+
 def test_non_finite_state_is_never_written(tmp_path):
   w = str(tmp_path)
   checkpointing.save(w, "latest", 6, _state(1.0), {"step": 6})

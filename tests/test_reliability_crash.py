@@ -7,9 +7,9 @@ by `DSRAN_CRASH_AT=kind:step:point` (`checkpointing.CRASH_POINTS`), so the kill 
 exactly there instead of after a guessed sleep. They share a persistent compilation
 cache, so only the first one compiles.
 
-The default test chains the kills that matter most in one workdir (after best 6 and
-before latest 6, the issue's case; inside the write of latest 12) and resumes to the
-end. `slow`: every point of both kinds, each on a fresh workdir.
+The default test kills the run where the issue's did (after best 6, before latest 6) and
+resumes to the end. `slow`: a second kill inside the write of the resumed run's latest
+12, and every point of both kinds, each on a fresh workdir.
 
 This file is also the worker: `python tests/test_reliability_crash.py WORKDIR`.
 """
@@ -87,17 +87,25 @@ def assert_same_as_uninterrupted(workdir, results, reference):
               or checkpointing.partial_steps(workdir, "best"))
 
 
-def test_sigkill_between_and_inside_saves_then_resume(tmp_path, trained_workdir,
-                                                      compile_cache):
+def test_sigkill_between_best_and_latest_then_resume(tmp_path, trained_workdir,
+                                                     compile_cache):
   w = str(tmp_path)
   # The issue's crash: best 6 final, latest 6 never written.
   killed(w, "best:6:done", compile_cache)
   assert checkpointing.all_steps(w, "best") == [6]
   assert checkpointing.all_steps(w, "latest") == []
-  # The resumed run re-saves best 6 (it used to die with StepAlreadyExistsError here),
-  # then dies inside the write of latest 12: a complete temporary directory, not renamed.
-  out = killed(w, "latest:12:written", compile_cache)
+  # The resumed run re-saves best 6 (it used to die with StepAlreadyExistsError here).
+  results, out = finished(w, compile_cache)
   assert "replacing step(s) [6]" in out
+  assert_same_as_uninterrupted(w, results, trained_workdir)
+
+
+@pytest.mark.slow
+def test_sigkill_inside_the_write_of_a_resumed_run(tmp_path, trained_workdir, compile_cache):
+  w = str(tmp_path)
+  killed(w, "best:6:done", compile_cache)
+  # Dies inside the write of latest 12: a complete temporary directory, not renamed.
+  killed(w, "latest:12:written", compile_cache)
   assert checkpointing.all_steps(w, "latest") == [6]
   assert [os.path.basename(p) for p in checkpointing.partial_steps(w, "latest")] == [
       f"12{checkpointing.TMP_SUFFIX}"]

@@ -47,9 +47,13 @@ def test_end_to_end_outputs(run8):
 def test_one_device_gives_the_same_losses(run8, minilm_dir, tmp_path):
   workdir8, _ = run8
   mesh1 = train.make_mesh(jax.devices()[:1])
-  train.train_and_evaluate(tiny_train_config(minilm_dir), str(tmp_path), mesh=mesh1)
-  l8, l1 = losses(workdir8), losses(str(tmp_path))
-  assert l8.keys() == l1.keys()
+  # The first 4 steps of the same run, without its dev evaluations and checkpoints.
+  config = tiny_train_config(minilm_dir)
+  config.train.eval_every = config.train.checkpoint_every = 1000
+  train.train_and_evaluate(config, str(tmp_path), mesh=mesh1, stop_at=4)
+  l1 = losses(str(tmp_path))
+  l8 = {k: v for k, v in losses(workdir8).items() if k in l1}
+  assert sorted(l1) == [1, 2, 3, 4]
   # Step 1 sees identical parameters: the sharded step must agree to float precision.
   np.testing.assert_allclose(l1[1], l8[1], rtol=1e-6)
   # Later steps differ only through the order of cross-device sums, which BertAdam's
@@ -97,35 +101,3 @@ def test_configs_hold_the_authors_recipes(name, batch, epochs, lr_update, K, opt
           c.train.optimizer, c.train.margin) == (batch, epochs, lr_update, K, optimizer, 0.2)
   assert c.eval.protocol == ("coco" if name.startswith("coco") else "1k")
   assert f"configs/{name}.py" in module.__doc__
-
-
-def test_sigterm_saves_and_exits_cleanly(minilm_dir, tmp_path):
-  import signal
-  import threading
-  import time
-  workdir = str(tmp_path)
-  config = tiny_train_config(minilm_dir, num_steps=500)
-  config.train.eval_every = config.train.checkpoint_every = 1000
-
-  default_handler = signal.getsignal(signal.SIGTERM)
-  done = threading.Event()
-
-  def preempt():
-    # Signal once the loop has logged a step, and only while train's handler is installed:
-    # a stray SIGTERM would kill the test runner.
-    metrics = os.path.join(workdir, "metrics.jsonl")
-    while not done.is_set():
-      if os.path.exists(metrics) and signal.getsignal(signal.SIGTERM) is not default_handler:
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
-      time.sleep(0.05)
-
-  thread = threading.Thread(target=preempt, daemon=True)
-  thread.start()
-  try:
-    out = train.train_and_evaluate(config, workdir, mesh=train.make_mesh(jax.devices()[:1]))
-  finally:
-    done.set()
-    thread.join()
-  assert 1 <= out["stopped_at"] < 500
-  assert checkpointing.latest_step(workdir, checkpointing.LATEST) == out["stopped_at"]

@@ -102,19 +102,9 @@ def image_keys(model_config):
   return keys
 
 
-def text_keys(model_config):
-  del model_config
-  return ("input_ids", "attention_mask")
-
-
-def tokenizer(model_config):
-  del model_config
-  return "vocab"
-
-
-def frozen_paths(model_config):
-  del model_config
-  return ()
+text_keys = recipes.word_keys
+tokenizer = recipes.word_vocab
+frozen_paths = recipes.nothing_frozen
 
 
 def eval_tile(model_config):

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 
 from dsran_jax.models.bssan import config as spec
 from dsran_jax.models.common import cross_attention as xattn
-from dsran_jax.models.common.base import MatchingModel, region_inputs
+from dsran_jax.models.common.base import RegionWordModel, region_inputs
 from dsran_jax.models.common.layers import Dropout, Linear, l2norm, masked_mean
 from dsran_jax.models.common.text import LSTM, lstm_update
 
@@ -369,7 +369,7 @@ class BssanTextEncoder(nn.Module):
     return x, (_l2n(h) if c.txt_norm else h)  # zero past each caption
 
 
-class BSSAN(MatchingModel):
+class BSSAN(RegionWordModel):
   """BSSAN-R: W2R (LSTM + bilinear attention) and O2W (bilinear attention) scores of every
   pair, fused. Reps are token-level (see `encode_images` / `encode_texts`); `score` does
   all the pairwise work, so evaluation can tile a gallery freely."""
@@ -383,14 +383,6 @@ class BSSAN(MatchingModel):
     if self.config.use_grid:
       keys += ("grid",)
     return keys
-
-  @property
-  def text_keys(self):
-    return ("input_ids", "attention_mask")
-
-  @property
-  def input_dims(self):
-    return {"img_dim": self.config.img_dim}
 
   def setup(self):
     c = self.config

@@ -58,6 +58,23 @@ class MatchingModel(nn.Module):
                       train)
 
 
+class RegionWordModel(MatchingModel):
+  """A family that reads detector regions and word ids (SCAN and the models built like
+  it); its `config` has `img_dim`."""
+
+  @property
+  def image_keys(self) -> Tuple[str, ...]:
+    return ("regions", "region_mask")
+
+  @property
+  def text_keys(self) -> Tuple[str, ...]:
+    return ("input_ids", "attention_mask")
+
+  @property
+  def input_dims(self) -> Dict[str, int]:
+    return {"img_dim": self.config.img_dim}
+
+
 def region_inputs(batch: Dict[str, Any], img_dim: int) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """`batch["regions"]` (B, R, img_dim), checked, and its bool (B, R) `region_mask`
   (every region real when the batch has none)."""

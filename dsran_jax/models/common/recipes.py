@@ -97,3 +97,32 @@ def validate_max_block_elements(c, family: str):
   if value < 0:
     raise ValueError(f"config.model.{family}.max_block_elements={value}: must "
                      f"be >= 0 (0: no blocking)")
+
+
+# Hooks shared by the families that read detector regions and word ids (a family's
+# config.py binds them by name: `image_keys = recipes.region_keys`).
+
+
+def region_keys(model_config):
+  """Image-side batch keys: the region features and their mask."""
+  del model_config
+  return ("regions", "region_mask")
+
+
+def word_keys(model_config):
+  """Caption-side batch keys: word ids and their mask."""
+  del model_config
+  return ("input_ids", "attention_mask")
+
+
+def word_vocab(model_config):
+  """The tokenizer kind: a word vocabulary built from the training captions."""
+  del model_config
+  return "vocab"
+
+
+def nothing_frozen(model_config):
+  """No parameter is frozen."""
+  del model_config
+  return ()
+

@@ -46,14 +46,8 @@ def image_keys(model_config):
   return ("regions", "region_mask", "global_feat")
 
 
-def text_keys(model_config):
-  del model_config
-  return ("input_ids", "attention_mask")
-
-
-def tokenizer(model_config):
-  del model_config
-  return "vocab"  # <start> words <end>, both specials counted in the lengths, as theirs
+text_keys = recipes.word_keys
+tokenizer = recipes.word_vocab  # <start> words <end>, both specials counted in the lengths
 
 
 def frozen_paths(model_config):

@@ -59,13 +59,12 @@ import jax
 import jax.numpy as jnp
 
 from dsran_jax.models.common import cross_attention as xattn
-from dsran_jax.models.common.base import MatchingModel, region_inputs
+from dsran_jax.models.common.base import RegionWordModel, region_inputs
 from dsran_jax.models.common.layers import Linear, dense, l2norm, masked_mean
 from dsran_jax.models.common.text import recurrent_tokens
 from dsran_jax.models.mlasm.config import GLOBAL_MODES, LAMBDA_I2T, LAMBDA_T2I
 
 IMAGE_KEYS = ("regions", "region_mask", "global_feat")
-TEXT_KEYS = ("input_ids", "attention_mask")
 EPS = 1e-8          # their l2norm adds 1e-8 to the norm; cosine_similarity clamps at 1e-8
 NORM = "clipped_l2norm"  # their func_attention: LeakyReLU(0.1), then l2 over the queries
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -331,7 +330,7 @@ MISUSE = (
     "gallery")
 
 
-class MLASM(MatchingModel):
+class MLASM(RegionWordModel):
   """MLASM: SCAN t2i + i2t (mean) plus the gated global branch; see the module docstring.
 
   `__call__(batch, train)` is the (B, B) matrix of their ContrastiveLoss: in pairwise
@@ -343,10 +342,6 @@ class MLASM(MatchingModel):
   @property
   def image_keys(self):
     return IMAGE_KEYS
-
-  @property
-  def text_keys(self):
-    return TEXT_KEYS
 
   @property
   def input_dims(self):

@@ -12,12 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from dsran_jax.models.common import cross_attention as xattn
-from dsran_jax.models.common.base import MatchingModel, region_inputs
+from dsran_jax.models.common.base import RegionWordModel, region_inputs
 from dsran_jax.models.common.layers import Linear, dense, l2norm
 from dsran_jax.models.common.text import GRU
 
-IMAGE_KEYS = ("regions", "region_mask")
-TEXT_KEYS = ("input_ids", "attention_mask")
 EPS = 1e-8  # SCAN's l2norm adds 1e-8 to the norm
 
 
@@ -125,25 +123,13 @@ class ScanTextEncoder(nn.Module):
     return x  # exactly zero past each caption's length (GRU outputs 0 there)
 
 
-class SCAN(MatchingModel):
+class SCAN(RegionWordModel):
   """Stacked Cross Attention Network, t2i or i2t, with SCAN's aggregations.
 
   `__call__(batch, train)` is `score(encode_images(batch), encode_texts(batch))`: the
   (B, B) matrix SCAN's ContrastiveLoss builds with xattn_score_t2i / _i2t.
   """
   config: ScanConfig
-
-  @property
-  def image_keys(self):
-    return IMAGE_KEYS
-
-  @property
-  def text_keys(self):
-    return TEXT_KEYS
-
-  @property
-  def input_dims(self):
-    return {"img_dim": self.config.img_dim}
 
   def setup(self):
     self.img_enc = ScanImageEncoder(self.config)

@@ -58,24 +58,10 @@ def defaults() -> ml_collections.ConfigDict:
   return s
 
 
-def image_keys(model_config):
-  del model_config
-  return ("regions", "region_mask")
-
-
-def text_keys(model_config):
-  del model_config
-  return ("input_ids", "attention_mask")
-
-
-def tokenizer(model_config):
-  del model_config
-  return "vocab"
-
-
-def frozen_paths(model_config):
-  del model_config
-  return ()
+image_keys = recipes.region_keys
+text_keys = recipes.word_keys
+tokenizer = recipes.word_vocab
+frozen_paths = recipes.nothing_frozen
 
 
 def eval_tile(model_config):

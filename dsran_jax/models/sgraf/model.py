@@ -17,12 +17,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dsran_jax.models.common import similarity as sim
-from dsran_jax.models.common.base import MatchingModel, region_inputs
+from dsran_jax.models.common.base import RegionWordModel, region_inputs
 from dsran_jax.models.common.layers import Linear, l2norm, masked_mean
 from dsran_jax.models.common.text import recurrent_tokens
 
-IMAGE_KEYS = ("regions", "region_mask")
-TEXT_KEYS = ("input_ids", "attention_mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,25 +158,13 @@ class SimEncoder(nn.Module):
     return scores
 
 
-class SGRAF(MatchingModel):
+class SGRAF(RegionWordModel):
   """Similarity Graph Reasoning and Attention Filtration, SGR or SAF head.
 
   `__call__(batch, train)` is `score(encode_images(batch), encode_texts(batch))`: the
   (B, B) matrix their `forward_sim` builds for the contrastive loss.
   """
   config: SgrafConfig
-
-  @property
-  def image_keys(self):
-    return IMAGE_KEYS
-
-  @property
-  def text_keys(self):
-    return TEXT_KEYS
-
-  @property
-  def input_dims(self):
-    return {"img_dim": self.config.img_dim}
 
   def setup(self):
     self.img_enc = SgrafImageEncoder(self.config)
