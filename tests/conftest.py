@@ -81,7 +81,7 @@ def trained_workdir(minilm_dir, tmp_path_factory):
   """
   import fcntl  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
-  from dsran_jax import train
+  from dsran_jax import train, workdir as workdir_lib
   shared = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     shared = shared.parent  # the session's directory, above each worker's own
@@ -93,7 +93,9 @@ def trained_workdir(minilm_dir, tmp_path_factory):
       results = train.train_and_evaluate(tiny_train_config(minilm_dir), str(master))
       done.write_text(json.dumps(results))
   workdir = tmp_path_factory.mktemp("trained") / "workdir"
-  shutil.copytree(master, workdir, ignore=shutil.ignore_patterns(".lock.*"))
+  # Without the training run's lock files, which name a live pid (this worker's).
+  shutil.copytree(master, workdir,
+                  ignore=shutil.ignore_patterns(workdir_lib.LOCK_NAME.format("*")))
   return str(workdir), json.loads(done.read_text())
 
 
