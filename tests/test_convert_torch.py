@@ -18,7 +18,8 @@ import pytest
 from dsran_jax import inference
 from dsran_jax.default_config import load_workdir_config
 from dsran_jax.models.dsran import params as dsran_params
-from dsran_jax.tools import authors_vocab, convert_engine, convert_torch
+from dsran_jax.convert import authors_vocab, engine as convert_engine
+from dsran_jax.tools import convert_torch
 
 E, IMG, POS, R, GRID = 32, 40, 1607, 5, 49
 DIMS = {"embed": E, "img": IMG, "pos": POS}  # the reference models' widths

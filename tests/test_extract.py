@@ -243,7 +243,7 @@ def test_cli_help_is_fast_and_pth_weights(images_dir, ref, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines()
               if line.startswith("import time:")}
-  assert "jax" in imported and "dsran_jax.tools.torch_pickle" in imported
+  assert "jax" in imported and "dsran_jax.convert.torch_pickle" in imported
   assert not any(m.split(".")[0] == "torch" for m in imported)
   summary = json.loads(r.stdout.strip().splitlines()[-1])
   assert summary["num_images"] == len(ref["names"]) and summary["network"].startswith("ResNet(")

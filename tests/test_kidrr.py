@@ -16,7 +16,7 @@ from dsran_jax.default_config import get_base_config, recipe_config
 from dsran_jax.models.kidrr import config as kidrr_config
 from dsran_jax.models.kidrr import params as kidrr_params
 from dsran_jax.models.sgraf import params as sgraf_params
-from dsran_jax.tools.convert_engine import ConversionError, load_checkpoint
+from dsran_jax.convert.engine import ConversionError, load_checkpoint
 
 VOCAB, IMG_DIM, K, D, S = 30, 12, 5, 16, 8
 

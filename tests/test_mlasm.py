@@ -169,7 +169,7 @@ def test_training_matrix_and_loss_equal_their_contrastive_loss(converted, torch_
 
 def test_converter_names_bad_keys(converted):
   from dsran_jax.models.mlasm import params  # pylint: disable=g-import-not-at-top
-  from dsran_jax.tools.convert_engine import ConversionError, load_checkpoint  # pylint: disable=g-import-not-at-top
+  from dsran_jax.convert.engine import ConversionError, load_checkpoint  # pylint: disable=g-import-not-at-top
   ckpt = load_checkpoint(converted["ckpt"]["path"])
   assert params.detect(ckpt)
   bad = dict(ckpt, model=[dict(sd) for sd in ckpt["model"]])

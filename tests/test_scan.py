@@ -15,8 +15,8 @@ from dsran_jax.default_config import get_base_config, recipe_config
 from dsran_jax.models.common import cross_attention as xa
 from dsran_jax.models.scan import config as scan_config
 from dsran_jax.models.scan import params as scan_params
-from dsran_jax.tools import authors_vocab
-from dsran_jax.tools.convert_engine import ConversionError, load_checkpoint
+from dsran_jax.convert import authors_vocab
+from dsran_jax.convert.engine import ConversionError, load_checkpoint
 
 TOL = 1e-4
 VOCAB = 30

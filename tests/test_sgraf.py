@@ -16,7 +16,7 @@ from dsran_jax.default_config import get_base_config, recipe_config
 from dsran_jax.models.common import similarity as sim
 from dsran_jax.models.sgraf import config as sgraf_config
 from dsran_jax.models.sgraf import params as sgraf_params
-from dsran_jax.tools.convert_engine import ConversionError, load_checkpoint
+from dsran_jax.convert.engine import ConversionError, load_checkpoint
 
 TOL = 1e-4
 VOCAB = 30

@@ -16,7 +16,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from dsran_jax.tools import torch_pickle
+from dsran_jax.convert import torch_pickle
 
 TORCH_MAGIC = 0x1950a86a20f9469cfc6c  # torch/serialization.py MAGIC_NUMBER
 FORMATS = pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])

@@ -162,7 +162,7 @@ def _tiny(name):
 
 
 def _batch(rng, model, n=11, r=4, length=6):
-  from dsran_jax.data.base import KEY_SPECS, key_shape  # pylint: disable=g-import-not-at-top
+  from dsran_jax.core.batch import KEY_SPECS, key_shape  # pylint: disable=g-import-not-at-top
   batch = {}
   for key in tuple(model.image_keys) + tuple(model.text_keys):
     shape = (n,) + key_shape(key, model.input_dims, r, length)

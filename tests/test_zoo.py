@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from dsran_jax import evaluation, losses, models, optim
-from dsran_jax.data.base import KEY_SPECS, key_shape
+from dsran_jax.core.batch import KEY_SPECS, key_shape
 from dsran_jax.default_config import get_base_config, load_workdir_config, save_workdir_config
 
 FAMILIES = models.names()

@@ -9,7 +9,8 @@ tokenizers library.
 import importlib
 from typing import Optional
 
-from dsran_jax.data.base import IMAGE_KEYS, TEXT_KEYS, Split
+from dsran_jax.core.batch import IMAGE_KEYS, TEXT_KEYS
+from dsran_jax.data.base import Split
 from dsran_jax.data.raw import DataError, MissingDataError, RawSplit
 
 FORMATS = ("synthetic", "precomp", "vlp")

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 
 from dsran_jax.data import raw
-from dsran_jax.data.base import GRID_CELLS
+from dsran_jax.core.batch import GRID_CELLS
 
 
 def uses_grid(config) -> bool:

@@ -23,7 +23,8 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from dsran_jax.data import base
+from dsran_jax.core import batch
+from dsran_jax.data.base import Split
 
 try:
   # TensorFlow only feeds numpy to JAX: it must never take the accelerator's memory.
@@ -74,7 +75,7 @@ def _close_live_iterators():
   gc.collect()  # drop the tf.data iterators now, while Python can still run their calls
 
 
-def steps_per_epoch(split: base.Split, config) -> int:
+def steps_per_epoch(split: Split, config) -> int:
   """Global steps per epoch: full global batches of `train.batch_size` captions."""
   batch_size = int(config.train.batch_size)
   steps = split.num_captions // batch_size
@@ -147,7 +148,7 @@ class _TrainOrder:
     return self._epoch(epoch)[within]
 
 
-def _probe(split: base.Split, keys):
+def _probe(split: Split, keys):
   """Shapes (without batch) and dtypes of the image-side arrays `keys`, from image 0."""
   arrays = split.images(np.zeros(1, np.int64))
   missing = [k for k in keys if k not in arrays]
@@ -162,9 +163,9 @@ def _probe(split: base.Split, keys):
 
 def _image_keys(keys) -> tuple:
   keys = tuple(keys)
-  unknown = [k for k in keys if k not in base.IMAGE_KEYS]
+  unknown = [k for k in keys if k not in batch.IMAGE_KEYS]
   if isinstance(keys, str) or unknown:
-    raise ValueError(f"image keys {keys!r}: each must be one of {base.IMAGE_KEYS}")
+    raise ValueError(f"image keys {keys!r}: each must be one of {batch.IMAGE_KEYS}")
   return keys
 
 
@@ -200,7 +201,7 @@ def _options(ds):
   return ds.with_options(options)
 
 
-def train_batches(split: base.Split, config, start_step: int = 0,
+def train_batches(split: Split, config, start_step: int = 0,
                   process_index: Optional[int] = None,
                   process_count: Optional[int] = None,
                   num_parallel_calls: Optional[int] = None) -> "Batches":
@@ -288,7 +289,7 @@ def _eval_batches(num_examples: int, batch_size: int, read, specs: dict,
   return Batches(ds)
 
 
-def eval_image_batches(split: base.Split, batch_size: int,
+def eval_image_batches(split: Split, batch_size: int,
                        image_keys=("grid", "regions", "region_pos", "region_mask"),
                        prefetch: int = 2) -> "Batches":
   """Every image of `split` once, in order, in padded batches.
@@ -310,7 +311,7 @@ def eval_image_batches(split: base.Split, batch_size: int,
                        prefetch)
 
 
-def eval_caption_batches(split: base.Split, batch_size: int, prefetch: int = 2
+def eval_caption_batches(split: Split, batch_size: int, prefetch: int = 2
                          ) -> "Batches":
   """Every caption of `split` once, in order, in padded batches.
 
@@ -319,7 +320,7 @@ def eval_caption_batches(split: base.Split, batch_size: int, prefetch: int = 2
     and `valid` bool (B,).
   """
   specs = {k: (tuple(getattr(split, k).shape[1:]), np.dtype(np.int32))
-           for k in base.TEXT_KEYS}
+           for k in batch.TEXT_KEYS}
 
   def read(indices):
     return {k: v.astype(np.int32, copy=False) for k, v in split.captions(indices).items()}

@@ -9,22 +9,16 @@ exactly as the authors' loaders build their ids:
 
 `make_tokenizer(config, workdir, train_texts_fn)` picks the one the model family asks for.
 """
-import collections
 import itertools
 import json
 import os
-import re
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
-SPECIAL_WORDS = (PAD, START, END, UNK)
-# Words seen >= 4 times: the VSE++ threshold that produced the authors' shipped vocabularies
-# (vocab/f30k_vocab.pkl: 8590 entries). Their vocab.py main() as committed passes 300 and
-# keeps the 256 most frequent words, which does not reproduce those files.
-DEFAULT_THRESHOLD = 4
-_VOCAB_FORMAT = "dsran_jax.vocab/1"
+from dsran_jax.core.vocab import (  # noqa: F401  (re-exported: the tokenizers' vocabulary)
+    DEFAULT_THRESHOLD, SPECIAL_WORDS, Vocabulary, word_tokenize)
+
 
 
 def _pad_rows(rows: Sequence[Sequence[int]], max_len: int):
@@ -102,109 +96,6 @@ class BertTokenizer:
   def encode(self, texts: Sequence[str]):
     """`(input_ids, attention_mask)`, int32 `(len(texts), max_len)`."""
     return _pad_rows(self.tokenize(texts), self.max_len)
-
-
-# ------------------------------------------------------------------------------- GRU
-
-# An approximation of nltk.word_tokenize (Treebank rules) on lower-cased captions: nltk is
-# not a dependency. Hyphenated words, a/b, and numbers with , . : stay whole; clitics ('s,
-# n't, 're, ...) split off; other punctuation is its own token; double quotes become `` / '';
-# a period stays on single letters and abbreviations ("a.", "u.s.") except at the very end.
-_CLITIC = re.compile(r"(n't|'s|'m|'d|'ll|'re|'ve)$")
-_SPLIT_WORDS = {"cannot": ["can", "not"], "gonna": ["gon", "na"], "gotta": ["got", "ta"],
-                "wanna": ["wan", "na"]}
-_TOKEN = re.compile(
-    r"""\d+(?:[.,:]\d+)+                    # 3.5  1,000  10:30
-      | \w+(?:[-'./]\w+)*(?:\.(?!\.))?     # words, hyphenated words, u.s.
-      | \.\.\.|--|``|''
-      | \S                                 # any other single symbol
-    """, re.VERBOSE)
-
-
-def word_tokenize(text: str) -> list:
-  """Lower-cased word tokens of a caption (approximates nltk.word_tokenize)."""
-  text = text.lower().strip()
-  text = re.sub(r'^"', "`` ", text)
-  text = re.sub(r'(?<=[\s(\[{<])"', " `` ", text)
-  text = text.replace('"', " '' ")
-  toks = _TOKEN.findall(text)
-  out = []
-  for i, tok in enumerate(toks):
-    if len(tok) > 1 and tok.endswith(".") and not tok[0].isdigit():
-      stem = tok[:-1]
-      keep = i < len(toks) - 1 and (len(stem) == 1 or "." in stem)
-      if not keep:
-        out.extend(_split_word(stem) + ["."])
-        continue
-    out.extend(_split_word(tok))
-  return out
-
-
-def _split_word(tok: str) -> list:
-  if tok in _SPLIT_WORDS:
-    return list(_SPLIT_WORDS[tok])
-  m = _CLITIC.search(tok)
-  if m and m.start() > 0:
-    return [tok[:m.start()], tok[m.start():]]
-  return [tok]
-
-
-class Vocabulary:
-  """Word <-> id map of the GRU build: `<pad>`=0, `<start>`=1, `<end>`=2, `<unk>`=3."""
-
-  def __init__(self, words: Sequence[str]):
-    words = list(words)
-    if tuple(words[:4]) != SPECIAL_WORDS:
-      raise ValueError(f"vocabulary must start with {SPECIAL_WORDS}, got {words[:4]}")
-    if len(set(words)) != len(words):
-      raise ValueError("vocabulary has duplicate words")
-    self.idx2word = words
-    self.word2idx = {w: i for i, w in enumerate(words)}
-
-  def __len__(self) -> int:
-    return len(self.idx2word)
-
-  def __call__(self, word: str) -> int:
-    return self.word2idx.get(word, self.word2idx[UNK])
-
-  @classmethod
-  def build(cls, texts: Iterable[str], threshold: int = DEFAULT_THRESHOLD) -> "Vocabulary":
-    """Words seen >= `threshold` times in `texts` (give training captions only).
-
-    Ordered by decreasing count, then alphabetically, so the ids are reproducible (the
-    authors' order follows dict iteration and is not).
-    """
-    counter = collections.Counter()
-    for t in texts:
-      counter.update(word_tokenize(t))
-    words = sorted((w for w, c in counter.items() if c >= threshold and w not in SPECIAL_WORDS),
-                   key=lambda w: (-counter[w], w))
-    return cls(list(SPECIAL_WORDS) + words)
-
-  def save(self, path: str) -> None:
-    """Writes the vocabulary as JSON (`{"format", "words"}`; id = position in words)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump({"format": _VOCAB_FORMAT, "words": self.idx2word}, f, ensure_ascii=False)
-    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
-
-  @classmethod
-  def load(cls, path: str) -> "Vocabulary":
-    """Reads a vocabulary written by `save`."""
-    with open(path, encoding="utf-8") as f:
-      try:
-        obj = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not a JSON vocabulary: {e}") from e
-    if not isinstance(obj, dict) or obj.get("format") != _VOCAB_FORMAT:
-      raise ValueError(f"{path}: expected a JSON object with format {_VOCAB_FORMAT!r}")
-    return cls(obj["words"])
-
-  def encode_one(self, text: str) -> list:
-    """`<start> word ids <end>`, not truncated."""
-    return [self.word2idx[START]] + [self(w) for w in word_tokenize(text)] + [
-        self.word2idx[END]]
 
 
 class GruTokenizer:

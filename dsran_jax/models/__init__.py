@@ -24,6 +24,8 @@ import importlib.util
 import pkgutil
 from typing import Optional, Tuple
 
+from dsran_jax.core.batch import example_arrays
+
 DEFAULT = "dsran"
 _NOT_FAMILIES = ("common",)
 
@@ -88,7 +90,6 @@ def build_model(model_config, vocab_size: Optional[int] = None):
 
 def example_batch(model, batch_size: int = 2, num_regions: int = 4, max_len: int = 8):
   """A batch of every key `model` reads, with valid shapes (for init and shape checks)."""
-  from dsran_jax.data.base import example_arrays  # pylint: disable=g-import-not-at-top
   return example_arrays(tuple(model.image_keys) + tuple(model.text_keys), model.input_dims,
                         batch_size, num_regions, max_len)
 

@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional, Sequence
 from absl import app
 from absl import flags
 
-from dsran_jax.tools.convert_engine import ConversionError, check_finite, load_checkpoint
+from dsran_jax.convert.engine import ConversionError, check_finite, load_checkpoint
 
 
 def detect_family(ckpt: Dict[str, Any], path: str) -> str:

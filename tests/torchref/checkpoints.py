@@ -1,4 +1,4 @@
-"""Checkpoint files written by real `torch.save`, for `dsran_jax.tools.torch_pickle`.
+"""Checkpoint files written by real `torch.save`, for `dsran_jax.convert.torch_pickle`.
 
 Every function writes a file and returns, as numpy, what torch itself says is in it, so
 the jax-side test compares the torch-free reader with torch.

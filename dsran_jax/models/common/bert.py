@@ -310,7 +310,7 @@ def load_hf_state_dict(directory: Union[str, os.PathLike]) -> dict[str, np.ndarr
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     return dict(load_file(str(st)))
   if pt.is_file():
-    from dsran_jax.tools import torch_pickle  # pylint: disable=g-import-not-at-top
+    from dsran_jax.convert import torch_pickle  # pylint: disable=g-import-not-at-top
     # Read without torch; bfloat16 comes back as float32, what the params end up in.
     return dict(torch_pickle.load(pt))
   raise FileNotFoundError(

@@ -487,7 +487,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, np.ndarray]:
   """Reads a state dict of arrays from `.safetensors` or a PyTorch `.pth`/`.pt`/`.bin`.
 
   `.safetensors` is read with the safetensors package; `torch.save` files with
-  `dsran_jax.tools.torch_pickle`, which never imports torch and builds nothing but
+  `dsran_jax.convert.torch_pickle`, which never imports torch and builds nothing but
   tensors and plain containers.
 
   Raises:
@@ -506,7 +506,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, np.ndarray]:
   if not path.endswith(TORCH_SUFFIXES):
     raise ValueError(f"{path}: unknown weights format; expected .safetensors or a PyTorch "
                      f"state dict ({', '.join(TORCH_SUFFIXES)})")
-  from dsran_jax.tools import torch_pickle  # pylint: disable=g-import-not-at-top
+  from dsran_jax.convert import torch_pickle  # pylint: disable=g-import-not-at-top
   state = torch_pickle.load(path)  # its errors (ValueError subclasses) name the file
   if not isinstance(state, Mapping):
     raise ValueError(f"{path}: expected a state dict (a dict of tensors), got "

@@ -45,8 +45,7 @@ largest intermediate.
 """
 import dataclasses
 import functools
-import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import flax.linen as nn
 import jax

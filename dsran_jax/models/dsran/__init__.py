@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsran_jax.models.dsran.model import DSRAN, GRID_NODES, DSRANConfig
+from dsran_jax.core.text_policy import TextPolicy
 
 
 def bert_config_from(model_config):
@@ -71,7 +72,7 @@ def load_pretrained(variables: dict, config, workdir: Optional[str] = None) -> d
 
 
 def text_policy(model: DSRAN, config):
-  """How inference batches captions (see `inference.TextPolicy`). Reference padding
+  """How inference batches captions (see `core.text_policy.TextPolicy`). Reference padding
   (converted checkpoints) reproduces the authors' batching exactly:
   - BERT build: ids are zero-padded to `data.max_len` (32) and every position is
     attended to and averaged; longer `input_ids` are an error.
@@ -80,7 +81,6 @@ def text_policy(model: DSRAN, config):
     order given, into groups of `eval.batch_size` (the converter sets it to their
     `opt.batch_size`), exactly as their unshuffled eval loader does, and not truncated.
   """
-  from dsran_jax.inference import TextPolicy  # pylint: disable=g-import-not-at-top
   c = model.config
   reference = c.text_padding == "reference"
   if c.bert_build:

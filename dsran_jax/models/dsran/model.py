@@ -6,7 +6,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from dsran_jax.data.base import GRID_CELLS
+from dsran_jax.core.batch import GRID_CELLS
 from dsran_jax.models.common.base import MatchingModel, select
 from dsran_jax.models.common.bert import BertConfig
 from dsran_jax.models.common.layers import l2norm, masked_mean

@@ -13,8 +13,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from dsran_jax.tools import authors_vocab
-from dsran_jax.tools.convert_engine import (DROP, ConversionError, Converted, Rule,
+from dsran_jax.convert import authors_vocab
+from dsran_jax.convert.engine import (DROP, ConversionError, Converted, Rule,
                                             apply_recipe_from_opt, flatten, map_state_dict,
                                             opt_of, state_dicts, strip_prefix, to_numpy)
 

@@ -7,7 +7,7 @@ from typing import Any, Mapping, Optional
 
 from dsran_jax.models.kidrr import config as kidrr_config
 from dsran_jax.models.sgraf import params as sgraf_params
-from dsran_jax.tools.convert_engine import ConversionError, Converted
+from dsran_jax.convert.engine import ConversionError, Converted
 
 FAMILY = "kidrr"
 

@@ -23,8 +23,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from dsran_jax.tools import authors_vocab
-from dsran_jax.tools.convert_engine import (ConversionError, Converted, map_state_dict, opt_of,
+from dsran_jax.convert import authors_vocab
+from dsran_jax.convert.engine import (ConversionError, Converted, map_state_dict, opt_of,
                                             state_dicts, to_numpy, validate_workdir_config,
                                             workdir_config)
 

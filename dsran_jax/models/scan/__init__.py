@@ -3,6 +3,7 @@ hooks. Options: `config.model.scan` (see config.py)."""
 from typing import Optional
 
 from dsran_jax.models.scan.model import SCAN, ScanConfig
+from dsran_jax.core.text_policy import TextPolicy
 
 
 def model_config_from(model_config, vocab_size: Optional[int] = None) -> ScanConfig:
@@ -34,11 +35,10 @@ def load_pretrained(variables: dict, config, workdir: Optional[str] = None) -> d
 
 
 def text_policy(model: SCAN, config):
-  """How inference batches captions (`inference.TextPolicy`): texts are never cut to
+  """How inference batches captions (`core.text_policy.TextPolicy`): texts are never cut to
   `data.max_len`, as the authors' loader never cuts them. A caption's words depend on
   itself alone (masked GRU, masked attention), so any width gives the same scores."""
   del model, config
-  from dsran_jax.inference import TextPolicy  # pylint: disable=g-import-not-at-top
   return TextPolicy(untruncated=True)
 
 

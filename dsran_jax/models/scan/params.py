@@ -13,15 +13,15 @@ Their `model_best.pth.tar` is
 `config.model.scan.*` (and the widths `model.embed_size`, `word_dim`, `img_dim`,
 `vocab_size`), checked against the weights' shapes. Their vocabulary file
 `vocab/{f30k,coco}_precomp_vocab.json` (`{"word2idx", "idx2word", "idx"}`) is read by
-`tools.authors_vocab` into our `Vocabulary` with the ids unchanged.
+`convert.authors_vocab` into our `Vocabulary` with the ids unchanged.
 """
 import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from dsran_jax.tools import authors_vocab
-from dsran_jax.tools.convert_engine import (ConversionError, Converted, map_state_dict, opt_of,
+from dsran_jax.convert import authors_vocab
+from dsran_jax.convert.engine import (ConversionError, Converted, map_state_dict, opt_of,
                                             state_dicts, to_numpy, validate_workdir_config,
                                             workdir_config)
 

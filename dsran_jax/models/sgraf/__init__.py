@@ -4,6 +4,7 @@ from typing import Optional
 
 from dsran_jax.models.common.similarity import Extensions
 from dsran_jax.models.sgraf.model import SGRAF, SgrafConfig
+from dsran_jax.core.text_policy import TextPolicy
 
 
 def model_config_from(model_config, vocab_size: Optional[int] = None,
@@ -38,12 +39,11 @@ def load_pretrained(variables: dict, config, workdir: Optional[str] = None) -> d
 
 
 def text_policy(model: SGRAF, config):
-  """How inference batches captions (`inference.TextPolicy`): texts are never cut to
+  """How inference batches captions (`core.text_policy.TextPolicy`): texts are never cut to
   `data.max_len`, as the authors' loader never cuts them. A caption's reps and scores
   depend on its real words alone (masked GRU, SA, attention and graph), so any width
   gives the same scores."""
   del model, config
-  from dsran_jax.inference import TextPolicy  # pylint: disable=g-import-not-at-top
   return TextPolicy(untruncated=True)
 
 

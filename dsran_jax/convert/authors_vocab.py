@@ -13,7 +13,7 @@ import os
 import pickle
 from typing import Mapping
 
-from dsran_jax.tools.convert_engine import ConversionError
+from dsran_jax.convert.engine import ConversionError
 
 
 class _AuthorsVocabulary:

@@ -1,6 +1,6 @@
 """Reads PyTorch checkpoint files (`torch.save`) with numpy only, allowing nothing but data.
 
-    from dsran_jax.tools import torch_pickle
+    from dsran_jax.convert import torch_pickle
     ckpt = torch_pickle.load("model_best.pth.tar")  # {"model": {...: np.ndarray}, ...}
 
 Why not `torch.load`: importing torch next to jax and TensorFlow can crash the process

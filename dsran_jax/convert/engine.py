@@ -231,7 +231,7 @@ def check_finite(variables: Mapping[str, Any], what: str) -> None:
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
-  """Reads a `.pth.tar` checkpoint safely and without torch (`tools.torch_pickle`): a
+  """Reads a `.pth.tar` checkpoint safely and without torch (`convert.torch_pickle`): a
   dict whose tensors are numpy arrays and whose `opt` (an argparse Namespace in the
   authors' files) is a plain dict.
 
@@ -242,7 +242,7 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
       (it is never built).
     ConversionError: the file holds something other than a checkpoint dict.
   """
-  from dsran_jax.tools import torch_pickle  # pylint: disable=g-import-not-at-top
+  from dsran_jax.convert import torch_pickle  # pylint: disable=g-import-not-at-top
   ckpt = torch_pickle.load(path)
   if not isinstance(ckpt, dict):
     raise ConversionError(f"{path}: expected a dict (a training checkpoint), got "
