@@ -29,6 +29,7 @@ from absl import logging
 
 LOCK_NAME = ".lock.{}"
 METRICS_FILE = "metrics.jsonl"
+VOCAB_FILE = "vocab.json"
 # `DSRAN_CRASH_AT=metrics:STEP:torn`: write half of step STEP's row, then SIGKILL (tests).
 CRASH_ENV = "DSRAN_CRASH_AT"
 HEARTBEAT_S = 30.0
@@ -356,3 +357,13 @@ class MetricsLog:
       os.fsync(fd)
     finally:
       os.close(fd)
+
+
+def vocab_path(config, workdir: Optional[str]) -> Optional[str]:
+  """Where a word-vocabulary model's vocabulary lives: `data.vocab_file` when set, else
+  `{workdir}/vocab.json` (None without either)."""
+  if config.data.vocab_file:
+    return os.path.expanduser(config.data.vocab_file)
+  if workdir:
+    return os.path.join(workdir, VOCAB_FILE)
+  return None
