@@ -39,10 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from absl import logging
 
 LATEST, BEST = "latest", "best"
 KINDS = (LATEST, BEST)
+CHECKPOINTS_DIR = "checkpoints"
 TMP_SUFFIX = ocp.path.atomicity_types.TMP_DIR_SUFFIX  # ".orbax-checkpoint-tmp"
 CRASH_ENV = "DSRAN_CRASH_AT"
 # begin: nothing written; created: an empty temporary step directory; written: every file
@@ -126,7 +128,7 @@ class _DurableRenamePath(ocp.path.atomicity.AtomicRenameTemporaryPath):
 def _kind_dir(workdir: str, kind: str) -> str:
   if kind not in KINDS:
     raise ValueError(f"checkpoint kind {kind!r}: expected one of {KINDS}")
-  return os.path.join(os.path.abspath(workdir), "checkpoints", kind)
+  return os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR, kind)
 
 
 def _manager(workdir: str, kind: str, create: bool = True) -> ocp.CheckpointManager:
@@ -139,7 +141,6 @@ def _manager(workdir: str, kind: str, create: bool = True) -> ocp.CheckpointMana
 
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
 
 
@@ -406,7 +407,7 @@ def restore(workdir: str, kind: str, template: Any = None) -> tuple[Any, dict]:
   """
   step = latest_step(workdir, kind)
   if step is None:
-    raise FileNotFoundError(f"no {kind!r} checkpoint under {os.path.join(workdir, 'checkpoints')}")
+    raise FileNotFoundError(f"no {kind!r} checkpoint under {os.path.join(workdir, CHECKPOINTS_DIR)}")
   if template is not None:
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
   else:

@@ -34,6 +34,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from dsran_jax import ranking
+
 KINDS = ("exact", "ivf", "hnsw")
 FORMAT_VERSION = 1
 NUMPY_BLOCK = 1 << 16   # gallery rows per block of the numpy exact search
@@ -90,7 +92,6 @@ def _order(scores: np.ndarray, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]
 def numpy_search(items, queries, k: int) -> Tuple[np.ndarray, np.ndarray]:
   """Exact top-k by inner product in blocks of NUMPY_BLOCK items: (scores, ids) (Q, k),
   best first, ties by index."""
-  from dsran_jax import ranking  # pylint: disable=g-import-not-at-top
   items = _as_matrix(items, "items")
   queries = _as_matrix(queries, "queries").astype(np.float32, copy=False)
   k = min(int(k), items.shape[0])

@@ -24,14 +24,13 @@ import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from dsran_jax import checkpointing, evaluation, models
+from dsran_jax import evaluation, models
 from dsran_jax.core.batch import KEY_SPECS, key_shape
 from dsran_jax.core.text_policy import TextPolicy
-from dsran_jax.default_config import load_workdir_config
+from dsran_jax.data import tokenize
+from dsran_jax.workdir import Workdir, embedding_rows
 
 DEFAULT_BATCH_SIZE = 256
 # Arrays a caller may leave out, and what stands in for them.
@@ -108,10 +107,9 @@ class Matcher:
     self.batch_size = int(batch_size)
     self.meta = meta or {}
     self._tokenizer = None
-    self._scorer = evaluation.ModelScorer(model, variables, tile=models.eval_tile(config),
-                                          progress=False)
+    self._scorer = evaluation.make_scorer(model, variables, config, progress=False)
     self.variables = self._scorer.variables
-    self._vocab_size = _embedding_rows(variables)
+    self._vocab_size = embedding_rows(variables)
     hook = getattr(models.family(config.model.name), "text_policy", None)
     self.text_policy = hook(model, config) if hook else TextPolicy()
 
@@ -188,7 +186,6 @@ class Matcher:
   def tokenizer(self):
     """The caption tokenizer (`data.tokenize.make_tokenizer`), built on first use."""
     if self._tokenizer is None:
-      from dsran_jax.data import tokenize  # pylint: disable=g-import-not-at-top
       self._tokenizer = tokenize.make_tokenizer(self.config, self.workdir)
     return self._tokenizer
 
@@ -290,44 +287,14 @@ class Matcher:
     return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *parts)
 
 
-def _embedding_rows(variables) -> Optional[int]:
-  """Rows of the model's word-embedding table(s) (`.../embed/embedding` or BERT's
-  `word_embeddings`), or None: the ids a caption may hold."""
-  flat = traverse_util.flatten_dict(dict(variables.get("params", {})), sep="/")
-  for path, value in flat.items():
-    if path.endswith(("embed/embedding", "word_embeddings/embedding")):
-      return int(np.shape(value)[0])
-  return None
-
-
-def _check_variables(model, variables: Dict[str, Any], workdir: str) -> None:
-  want = models.variable_shapes(model)
-  got = {k: tuple(np.shape(v))
-         for k, v in traverse_util.flatten_dict(dict(variables), sep="/").items()}
-  problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
-  problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
-  problems += [f"{k}: checkpoint {got[k]}, model {want[k]}" for k in sorted(set(want) & set(got))
-               if want[k] != got[k]]
-  if problems:
-    raise ValueError(f"{workdir}: the checkpoint does not fit the model its config.json "
-                     f"describes ({len(problems)} problems):\n  " + "\n  ".join(problems[:20]))
-
-
 def load(workdir: str, batch_size: int = DEFAULT_BATCH_SIZE) -> Matcher:
-  """Rebuilds the model from `{workdir}/config.json` and restores its best checkpoint
-  (else the latest).
+  """The matcher of a workdir's model (`Workdir.restore`: built from its config.json,
+  with its best checkpoint, else the latest).
 
   Args:
     workdir: a dsran_jax workdir.
     batch_size: rows per jitted call of `encode_images` / `encode_texts`.
   """
-  config = load_workdir_config(workdir)
-  variables, meta = checkpointing.load_variables(workdir)
-  vocab_size = None
-  if models.tokenizer_kind(config) == "vocab":
-    # The embedding table knows the vocabulary size even when the config says 0.
-    vocab_size = config.model.vocab_size or _embedding_rows(variables)
-  model = models.build_model(config.model, vocab_size=vocab_size)
-  variables = jax.tree_util.tree_map(jnp.asarray, variables)
-  _check_variables(model, variables, workdir)
-  return Matcher(model, variables, config, workdir, batch_size, meta)
+  restored = Workdir(workdir).restore()
+  return Matcher(restored.model, restored.variables, restored.config, workdir, batch_size,
+                 restored.meta)

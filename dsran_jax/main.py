@@ -13,13 +13,13 @@ import logging as py_logging
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow only feeds data here (tf.data), so its oneDNN math kernels are unused; off,
-# TF also stops printing its startup notice about them.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from dsran_jax import evaluation, figures, train
+from dsran_jax import cli, validation
+from dsran_jax.workdir import CONFIG_FILE, Workdir
 
 # The default only types the --config.a.b=v overrides of `--mode=eval`, which apply to
 # the workdir's config.json; training asks for a config file.
@@ -42,22 +42,17 @@ flags.DEFINE_bool("figures", True, "Draw training curves and Recall@K figures at
 FLAGS = flags.FLAGS
 
 
-def _eval_config(workdir: str):
-  """The workdir's config with only the command line's explicit --config.* keys applied."""
-  from dsran_jax.default_config import CONFIG_FILE, load_workdir_config  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+def _eval_config(wd: Workdir):
+  """The workdir's config with only the command line's explicit --config.* keys applied
+  (the --config file itself when the workdir has no config.json)."""
+  if not wd.has_config():
     if not FLAGS["config"].present:
-      raise app.UsageError(f"{workdir} has no {CONFIG_FILE}: give --config=configs/...py")
+      raise app.UsageError(f"{wd.path} has no {CONFIG_FILE}: give --config=configs/...py")
     return FLAGS.config
-  config = load_workdir_config(workdir)
-  for key, value in config_flags.get_override_values(FLAGS["config"]).items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  overrides = config_flags.get_override_values(FLAGS["config"])
+  for key, value in overrides.items():
     logging.info("eval: %s = %r (from the command line)", key, value)
-  return config
+  return wd.load_config(overrides)
 
 
 def _quiet_platform_probe() -> None:
@@ -85,13 +80,11 @@ def main(argv):
   logging.get_absl_handler().addFilter(
       lambda record: "/orbax/" not in record.pathname or record.levelno >= py_logging.WARNING)
   _quiet_platform_probe()
-  import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
     # TPU pods, Slurm and Open MPI need no arguments; a bare cluster names its coordinator.
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes,
                                process_id=FLAGS.process_id)
-  from dsran_jax import plots, train  # pylint: disable=g-import-not-at-top
   if FLAGS.workdir:
     workdir = FLAGS.workdir
   else:
@@ -101,35 +94,29 @@ def main(argv):
   if FLAGS.mode == "train":
     out = train.train_and_evaluate(FLAGS.config, workdir, save_sims=FLAGS.save_sims or None)
   else:
-    out = train.evaluate_workdir(_eval_config(workdir), workdir, model_from_workdir=False,
-                                 save_sims=FLAGS.save_sims or None)
+    out = evaluation.evaluate_workdir(workdir, _eval_config(Workdir(workdir)),
+                                      save_sims=FLAGS.save_sims or None)
   if FLAGS.figures and "stopped_at" not in out and jax.process_index() == 0:
     try:
-      for name, path in plots.evaluation_figures(workdir).items():
+      for name, path in figures.evaluation_figures(workdir).items():
         logging.info("figure %s: %s", name, path)
     except Exception as e:  # pylint: disable=broad-except  # a plot must never cost a run
       logging.warning("could not draw figures: %s", e)
 
 
-def _parse_flags(argv):
-  """absl's flag parsing, with config errors (a mistyped key, a bad value, a config file
-  that fails) shown as one message instead of a long traceback."""
-  try:
-    return FLAGS(argv)
-  except (flags.Error, KeyError, AttributeError, ValueError, TypeError, ImportError) as e:
-    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    if len(text) > 1 and text[0] == text[-1] == "'":  # a KeyError's repr'd message
-      import ast  # pylint: disable=g-import-not-at-top
-      text = ast.literal_eval(text)
-    if "Traceback" in text:  # ml_collections embeds the config file's traceback
-      lines = [l for l in text.splitlines() if l.strip()]
-      text = f"{lines[0]} {lines[-1]}"
-    print(f"error: {text}\n(pass --help for usage)", file=sys.stderr)
-    sys.exit(2)
+def _check_flags():
+  """The run's config, validated as soon as the flags are parsed (before any data is read
+  or anything compiled): train, the --config file; eval, the workdir's config.json with
+  the command line's overrides."""
+  if FLAGS.mode == "train" and FLAGS["config"].present:
+    validation.validate_config(FLAGS.config)
+  elif FLAGS.mode == "eval" and FLAGS.workdir:
+    validation.validate_config(_eval_config(Workdir(FLAGS.workdir)))
 
 
 def run():
-  app.run(main, flags_parser=_parse_flags)
+  # Flag and config errors, and user errors raised later, as one `error:` line (cli.py).
+  cli.run(main, check=_check_flags)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import time
 from typing import Optional
 
 from absl import logging
+from tqdm.auto import tqdm
 
 
 def _in_notebook() -> bool:
@@ -55,7 +56,6 @@ class Progress:
     self._postfix = {}
     self._bar = None
     if interactive():
-      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave,
                        dynamic_ncols=True, unit_scale=unit_scale)
 

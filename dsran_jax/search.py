@@ -50,7 +50,14 @@ import types
 import zlib
 from typing import Any, Dict, List, Optional, Sequence
 
+import jax
 import numpy as np
+from absl import app, flags, logging
+
+from dsran_jax import data, index as index_lib, inference
+from dsran_jax.evaluation import two_stage
+from dsran_jax.evaluation.shortlist import check_fusion, check_k, order_query
+from dsran_jax.workdir import Workdir
 
 CACHE_VERSION = 2
 
@@ -71,7 +78,7 @@ def unknown_image_message(image_id, split_name: str, image_ids: Sequence[str]) -
 
 def cache_path(workdir: str, split_name: str) -> str:
   """Where the gallery embeddings of a split are cached."""
-  return os.path.join(workdir, f"gallery_{split_name}.npz")
+  return Workdir(workdir).gallery_file(split_name)
 
 
 SIDES = ("images", "texts")
@@ -80,11 +87,10 @@ SIDES = ("images", "texts")
 def index_path(workdir: str, split_name: str, side: str, kind: str) -> str:
   """Where the first-stage index of one side of a split's gallery is saved (faiss file;
   its description is the same path + ".json")."""
-  return os.path.join(workdir, f"gallery_{split_name}.{side}.{kind}.faiss")
+  return Workdir(workdir).index_file(split_name, side, kind)
 
 
 def _describe_reps(reps) -> str:
-  import jax  # pylint: disable=g-import-not-at-top
   return ", ".join(f"{np.shape(x)} {np.asarray(x).dtype}" for x in jax.tree.leaves(reps)) \
       if not isinstance(reps, np.ndarray) else f"{reps.shape} {reps.dtype}"
 
@@ -161,13 +167,11 @@ def _write_cache(path: str, image_reps, text_reps, fp: Dict[str, Any]) -> None:
 
 
 def _concat(parts):
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *parts)
 
 
 def encode_split_images(encoder, split, batch_size: Optional[int] = None):
   """Reps of every image of `split`, read `batch_size` at a time."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
   bs = int(batch_size or encoder.batch_size)
   keys = encoder.model.image_keys
   out = []
@@ -189,7 +193,6 @@ def encode_split_texts(encoder, split):
 
 
 def _take(reps, rows):
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.tree.map(lambda x: x[rows], reps)
 
 
@@ -214,7 +217,6 @@ class Gallery:
                captions_per_image: int, image_reps, text_reps, encoder=None, split=None,
                from_cache: bool = False, workdir: Optional[str] = None,
                fingerprint: Optional[Dict[str, Any]] = None):
-    import jax  # pylint: disable=g-import-not-at-top
     if len(texts) != len(image_ids) * captions_per_image:
       raise ValueError(f"{len(texts)} captions for {len(image_ids)} images at "
                        f"{captions_per_image} per image")
@@ -253,8 +255,6 @@ class Gallery:
       rebuild: re-encode even if the cache is up to date (and rewrite it).
       batch_size: images read and encoded at a time (default: the encoder's).
     """
-    from absl import logging  # pylint: disable=g-import-not-at-top
-    from dsran_jax import data, inference  # pylint: disable=g-import-not-at-top
     if encoder is None:
       encoder = inference.load(workdir)
     if config is None:
@@ -366,8 +366,6 @@ class Gallery:
     exact search on up to `recall_queries` embeddings of the other side when built.
     `params`: `index.build`'s (nlist, nprobe, hnsw_m, ef_construction, ef_search).
     """
-    from absl import logging  # pylint: disable=g-import-not-at-top
-    from dsran_jax import index as index_lib  # pylint: disable=g-import-not-at-top
     key = (side, kind, tuple(sorted(params.items())))
     if key in self._indexes and not rebuild:
       return self._indexes[key]
@@ -429,13 +427,9 @@ class Shortlist:
 
   def __init__(self, gallery: "Gallery", k: int = 100, fusion: float = 0.0,
                index_kind: str = "exact", **index_params):
-    if isinstance(k, bool) or int(k) != k or k < 1:
-      raise ValueError(f"shortlist k must be an integer >= 1, got {k!r}")
-    if not 0.0 <= float(fusion) <= 1.0:
-      raise ValueError(f"shortlist fusion weight must be in [0, 1], got {fusion}")
     self.gallery = gallery
-    self.k = int(k)
-    self.fusion = float(fusion)
+    self.k = check_k(k)
+    self.fusion = check_fusion(fusion)
     self.index_kind = index_kind
     self.index_params = index_params
 
@@ -456,19 +450,6 @@ def check_same_gallery(gallery: "Gallery", first: "Gallery") -> None:
       raise ValueError(f"the shortlist gallery {where(first)} and the re-ranking gallery "
                        f"{where(gallery)} hold different {what} ({len(b)} vs {len(a)}): "
                        f"another dataset or split")
-
-
-def _two_stage_order(first_scores: np.ndarray, first_ids: np.ndarray, second: np.ndarray,
-                     k: int, fusion: float):
-  """[(item, score, first-stage score, stage)] of one query: its first k items ordered
-  by the fused score (ties by index), then the rest of `first_ids` in first-stage order."""
-  cand = first_ids[:k]
-  fused = second.astype(np.float64) if fusion == 0 else \
-      (1.0 - fusion) * second.astype(np.float64) + fusion * first_scores[:k].astype(np.float64)
-  order = np.lexsort((cand, -fused))
-  out = [(int(cand[o]), float(fused[o]), float(first_scores[o]), 2) for o in order]
-  out += [(int(i), float(v), float(v), 1) for i, v in zip(first_ids[k:], first_scores[k:])]
-  return out
 
 
 def _check_rescorer(gallery: "Gallery") -> None:
@@ -511,7 +492,7 @@ def search_text(gallery: Gallery, query: str, top_k: int = 5,
   second = gallery._matcher().scorer().score_candidates(  # pylint: disable=protected-access
       gallery.image_reps, gallery.encode_query(query), ids[:, :k], queries="texts",
       on_device=False)
-  ranked = _two_stage_order(s1[0], ids[0], second[0], k, shortlist.fusion)[:top_k]
+  ranked = order_query(s1[0], ids[0], second[0], k, shortlist.fusion)[:top_k]
   return [{"rank": r + 1, "image_id": str(gallery.image_ids[i]), **_hit_extra(v, f, st),
            "captions": gallery.captions_of(i)} for r, (i, v, f, st) in enumerate(ranked)]
 
@@ -546,7 +527,7 @@ def search_image(gallery: Gallery, image_id, top_k: int = 5,
   second = gallery._matcher().scorer().score_candidates(  # pylint: disable=protected-access
       gallery.image_reps, gallery.text_reps, ids[:, :k], queries="images",
       query_rows=np.asarray([row]), on_device=False)
-  ranked = _two_stage_order(s1[0], ids[0], second[0], k, shortlist.fusion)[:top_k]
+  ranked = order_query(s1[0], ids[0], second[0], k, shortlist.fusion)[:top_k]
   return [{"rank": r + 1, "caption": gallery.texts[c], **_hit_extra(v, f, st),
            "image_id": str(gallery.image_ids[c // cpi])}
           for r, (c, v, f, st) in enumerate(ranked)]
@@ -570,7 +551,6 @@ def format_hits(hits: List[Dict[str, Any]], max_captions: int = 5) -> str:
 def _define_flags() -> types.SimpleNamespace:
   """Defines the CLI's flags and returns their holders; called under `__main__` only, so
   the module imports without flag collisions."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   f = types.SimpleNamespace(
       workdir=flags.DEFINE_string("workdir", None,
                                   "A dsran_jax workdir (trained or converted)."),
@@ -610,12 +590,10 @@ def _define_flags() -> types.SimpleNamespace:
 def _load_shortlist(f, config, split_name: str) -> Shortlist:
   """The CLI's first stage: the shortlist workdir's gallery of the same split (checked to
   be the same dataset and split), and its index settings."""
-  from dsran_jax import inference, two_stage  # pylint: disable=g-import-not-at-top
-  from dsran_jax.default_config import load_workdir_config  # pylint: disable=g-import-not-at-top
   sl_dir = f.shortlist_workdir.value
   try:
-    sl_config = load_workdir_config(sl_dir)
-  except FileNotFoundError as e:
+    sl_config = Workdir(sl_dir).load_config()
+  except (FileNotFoundError, ValueError) as e:
     raise ValueError(f"--shortlist_workdir: {e}") from e
   two_stage.check_shortlist_config(config, split_name, sl_config, sl_dir)
   first = Gallery.load(sl_dir, split_name, encoder=inference.load(sl_dir),
@@ -634,7 +612,6 @@ def _fail(message: str, code: int = 2):
 
 def main(argv):
   """Entry point of `python -m dsran_jax.search`."""
-  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
   f = _FLAGS
   query, image_id, top_k = f.query.value, f.image_id.value, f.top_k.value
   if len(argv) > 1:
@@ -651,12 +628,10 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # stdout carries the hits; keep stderr to warnings (orbax logs every restore at INFO).
     logging.set_verbosity(logging.WARNING)
-  from dsran_jax import data, inference  # pylint: disable=g-import-not-at-top
-  from dsran_jax.default_config import load_workdir_config  # pylint: disable=g-import-not-at-top
   workdir = f.workdir.value
   try:
-    config = load_workdir_config(workdir)
-  except FileNotFoundError as e:
+    config = Workdir(workdir).load_config()
+  except (FileNotFoundError, ValueError) as e:
     _fail(str(e))
   if f.data_root.value:
     config.data.root = f.data_root.value
@@ -694,7 +669,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
   _FLAGS = _define_flags()
-  _app.run(main)
+  app.run(main)

@@ -1,4 +1,5 @@
-"""Training and evaluation: `train_and_evaluate(config, workdir)` and `evaluate_workdir`.
+"""Training: `train_and_evaluate(config, workdir)` trains, then evaluates the best checkpoint
+(`evaluation.evaluate_workdir`).
 
 One global-view `jax.jit` step over a device `Mesh` with the batch sharded on the `data`
 axis and the state replicated and donated: the max-violation loss and BatchNorm statistics
@@ -6,7 +7,6 @@ see the global batch on any number of devices and hosts. The step's randomness i
 `fold_in(seed, step)` and the data order a function of `(seed, step)`, so a resumed run
 replays exactly what an uninterrupted one would.
 """
-import json
 import os
 import signal
 import time
@@ -19,13 +19,14 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsran_jax import checkpointing, data, evaluation, losses, models, optim, validation
-from dsran_jax import workdir as workdir_lib
 from dsran_jax.data import pipeline
-from dsran_jax.default_config import CONFIG_FILE, load_workdir_config, save_workdir_config
+from dsran_jax.models.variables import init_variables
 from dsran_jax.progress import Progress, interactive as progress_interactive
+from dsran_jax.workdir import Workdir
 
 
 @flax.struct.dataclass
@@ -61,8 +62,8 @@ def check_batch_size(config, mesh):
 def create_state(model, tx, config, rng, sharding, workdir=None) -> TrainState:
   """Fresh replicated state: random init, then the family's pretrained weights (BERT,
   GloVe, ...)."""
-  variables = models.init_variables(model, rng)
-  variables = models.load_pretrained(variables, config, workdir)
+  variables = init_variables(model, rng)
+  variables = models.load_pretrained(variables, config, vocab=data.gru_vocabulary(config, workdir))
   variables = jax.device_put(variables, sharding)
   opt_state = jax.jit(tx.init, out_shardings=sharding)(variables["params"])
   return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), sharding),
@@ -114,37 +115,6 @@ def global_batch(batch: dict, mesh) -> dict:
           for k, v in batch.items()}
 
 
-def make_scorer(model, variables, config, mesh=None) -> evaluation.ModelScorer:
-  """The evaluation scorer of any family: jitted encoders and tiled scoring over every
-  device of this host (default), variables replicated."""
-  return evaluation.ModelScorer(model, variables, mesh, tile=models.eval_tile(config))
-
-
-def evaluate_split(model, variables, split, config, protocol: str,
-                   sims_path: Optional[str] = None, ranks_out: Optional[dict] = None,
-                   should_stop=None, scorer: Optional[evaluation.ModelScorer] = None) -> dict:
-  """Encodes a split once and ranks it with the community protocol (with `scorer`, the
-  compiled scorer of an earlier call, given these `variables`)."""
-  if scorer is None:
-    scorer = make_scorer(model, variables, config)
-  else:
-    scorer.set_variables(variables)
-  bs = config.eval.batch_size
-  return evaluation.evaluate(
-      scorer, pipeline.eval_image_batches(split, bs, model.image_keys),
-      pipeline.eval_caption_batches(split, bs),
-      cpi=split.captions_per_image, protocol=protocol, chunk_size=config.eval.chunk_size,
-      sims_path=sims_path, ranks_out=ranks_out, should_stop=should_stop)
-
-
-def headline(results: dict) -> dict:
-  """The one metrics dict model selection looks at (1k, or COCO 1K folds)."""
-  for key in ("1k", "coco1k", "coco5k"):
-    if key in results:
-      return results[key]
-  raise KeyError(f"no known protocol in {sorted(results)}")
-
-
 class _Preemption:
   """SIGTERM (a preempted TPU VM) and a first Ctrl-C become a flag the loop checks after
   every step and a dev evaluation checks between batches; the run then saves and exits.
@@ -183,13 +153,7 @@ def _any_process(flag: bool) -> bool:
   """True if `flag` is true on any host, so every host saves or stops at the same step."""
   if jax.process_count() == 1:
     return flag
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
-
-
-# metrics.jsonl plus TensorBoard scalars; process 0 writes; a torn line is dropped with a
-# warning on resume.
-MetricsLog = workdir_lib.MetricsLog
 
 
 def build(config, workdir: str):
@@ -261,16 +225,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir.WorkdirLockedError: another run (named by pid and host) uses `workdir`.
   """
   validation.validate_config(config, num_processes=jax.process_count())
-  os.makedirs(workdir, exist_ok=True)
+  wd = Workdir(workdir)
+  os.makedirs(wd.path, exist_ok=True)
   # One run per workdir; the kernel drops the lock when the process ends, however.
-  with workdir_lib.WorkdirLock(workdir):
-    return _train_and_evaluate(config, workdir, mesh, stop_at, save_sims)
+  with wd.lock():
+    return _train_and_evaluate(config, wd, mesh, stop_at, save_sims)
 
 
-def _train_and_evaluate(config, workdir, mesh, stop_at, save_sims) -> dict:
+def _train_and_evaluate(config, wd: Workdir, mesh, stop_at, save_sims) -> dict:
   """`train_and_evaluate` once the config is valid and the workdir is locked."""
   t_setup = time.time()
-  save_workdir_config(config, workdir)
+  workdir = wd.path
+  wd.save_config(config)
   mesh = mesh or make_mesh()
   check_batch_size(config, mesh)
   model, train_split = build(config, workdir)
@@ -311,7 +277,7 @@ def _train_and_evaluate(config, workdir, mesh, stop_at, save_sims) -> dict:
                            state_sharding)
   eval_every = config.train.eval_every or steps_per_epoch
   every_s = float(config.train.checkpoint_every_s)
-  log = MetricsLog(workdir, start)
+  log = wd.metrics_log(start)
   watch = _StepWatch(train_split.image_ids)
 
   def save_latest(step, pending=None):
@@ -324,24 +290,25 @@ def _train_and_evaluate(config, workdir, mesh, stop_at, save_sims) -> dict:
     logging.info("step %d: saved checkpoints/latest (%.1fs)", step, time.time() - t_save)
 
   # One scorer for every dev evaluation: compiled once, given the new weights each time.
-  dev_scorer = make_scorer(model, state.variables, config)
+  dev_scorer = evaluation.make_scorer(model, state.variables, config)
 
   def validate(step, preempt) -> bool:
     """Dev evaluation; False if a signal cut it short."""
     nonlocal best
     t_eval = time.time()
     try:
-      results = evaluate_split(model, state.variables, dev_split, config, "1k",
-                               should_stop=lambda: preempt.requested, scorer=dev_scorer)
+      results = evaluation.evaluate_split(model, state.variables, dev_split, config, "1k",
+                                          should_stop=lambda: preempt.requested,
+                                          scorer=dev_scorer)
     except evaluation.Interrupted:
       return False
-    rsum = headline(results)["rsum"]
+    rsum = evaluation.headline(results)["rsum"]
     history.append({"step": step, "dev_rsum": rsum})
     log.write(step, {"dev_rsum": rsum})
     logging.info("step %d: dev rsum %.2f (best %.2f) (%.1fs)", step, rsum, best["rsum"],
                  time.time() - t_eval)
     if rsum > best["rsum"]:
-      best = {"rsum": rsum, "step": step, "metrics": headline(results)}
+      best = {"rsum": rsum, "step": step, "metrics": evaluation.headline(results)}
       checkpointing.save(workdir, checkpointing.BEST, step, state.variables, best)
     return True
 
@@ -403,68 +370,4 @@ def _train_and_evaluate(config, workdir, mesh, stop_at, save_sims) -> dict:
         bar.close()
         return {"stopped_at": done}
   bar.close()
-  return evaluate_workdir(config, workdir, model=model, save_sims=save_sims)
-
-
-def _with_workdir_model(config, workdir: str):
-  """`config` with its `model` section taken from the workdir's config.json, so a
-  checkpoint is rebuilt with the shape it was trained (or converted) with."""
-  if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
-    return config
-  saved = load_workdir_config(workdir)
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.model = saved.model
-  return config
-
-
-RANKS_FILE = "ranks_{split}.npz"
-
-
-def evaluate_workdir(config, workdir: str, model=None, save_sims: Optional[bool] = None,
-                     model_from_workdir: bool = True) -> dict:
-  """Evaluates the best checkpoint of a workdir on the test split (COCO: 5K and 5-fold 1K).
-
-  The model is rebuilt from the workdir's config.json whatever `config.model` says,
-  unless `model_from_workdir=False` (`config` is then that config.json already, with the
-  command line's overrides: `main --mode=eval`).
-  Writes `{workdir}/eval_results.json`, the ranks (`ranks_<split>.npz`, for figures) and,
-  if asked, the sims `.npy`; returns the results dict.
-  """
-  if model_from_workdir:
-    config = _with_workdir_model(config, workdir)
-  validation.validate_config(config)
-  if model is None:
-    model = models.build_model(config.model, vocab_size=data.vocab_size(config, workdir))
-  variables, meta = checkpointing.load_variables(workdir)
-  split = data.load_split(config, config.data.test_split, workdir)
-  save_sims = config.eval.save_sims if save_sims is None else save_sims
-  sims_path = os.path.join(workdir, f"sims_{split.name}.npy") if save_sims else None
-  t0 = time.time()
-  ranks = {}
-  two_stage = None
-  if config.eval.shortlist_workdir:  # first stage in another workdir (dsran_jax/two_stage.py)
-    from dsran_jax import two_stage as two_stage_lib  # pylint: disable=g-import-not-at-top
-    if sims_path:
-      raise ValueError("eval.save_sims needs every pair scored; a two-stage evaluation "
-                       "(eval.shortlist_workdir) scores only the short lists")
-    results, two_stage = two_stage_lib.evaluate_split(model, variables, split, config,
-                                                      ranks_out=ranks)
-  else:
-    results = evaluate_split(model, variables, split, config, config.eval.protocol,
-                             sims_path, ranks_out=ranks)
-  out = {"split": split.name, "checkpoint_step": meta.get("step"), "model": config.model.name,
-         "num_images": split.num_images, "num_captions": split.num_captions, **results,
-         "protocol": evaluation.protocol_of(results, split, two_stage)}
-  if two_stage is not None:
-    out["two_stage"] = two_stage
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval_results.json"), "w") as f:
-      json.dump(out, f, indent=2)
-    np.savez(os.path.join(workdir, RANKS_FILE.format(split=split.name)), **ranks)
-  logging.info("evaluated %s (%d images, %d captions) in %.1fs%s", split.name,
-               split.num_images, split.num_captions, time.time() - t0,
-               f"; sims saved to {sims_path}" if sims_path else "")
-  print(evaluation.format_table(results, num_images=split.num_images))
-  if two_stage is not None:
-    print(two_stage_lib.format_report(two_stage))
-  return out
+  return evaluation.evaluate_workdir(wd, config, save_sims=save_sims)

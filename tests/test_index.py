@@ -195,7 +195,7 @@ def _cli(*args):
 
 
 def test_cli_two_stage_search_and_its_errors(galleries, tmp_path):
-  from dsran_jax.default_config import load_workdir_config, save_workdir_config  # pylint: disable=g-import-not-at-top
+  from dsran_jax.workdir import Workdir  # pylint: disable=g-import-not-at-top
   scan, dsran = galleries
   proc = _cli(f"--workdir={scan.workdir}", f"--shortlist_workdir={dsran.workdir}",
               "--shortlist_k=3", "--top_k=5", f"--image_id={scan.image_ids[1]}")
@@ -206,9 +206,9 @@ def test_cli_two_stage_search_and_its_errors(galleries, tmp_path):
               "--shortlist_k=0", "--query=a dog")
   assert proc.returncode != 0 and "--shortlist_k must be >= 1" in proc.stderr
   other = str(tmp_path / "other")
-  c = load_workdir_config(dsran.workdir)
+  c = Workdir(dsran.workdir).load_config()
   c.data.synthetic.seed = 7
-  save_workdir_config(c, other)
+  Workdir(other).save_config(c)
   proc = _cli(f"--workdir={scan.workdir}", f"--shortlist_workdir={other}", "--query=a dog")
   assert proc.returncode == 2 and proc.stdout == ""
   assert "another dataset or split" in proc.stderr and "data.synthetic.seed=7" in proc.stderr

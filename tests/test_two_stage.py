@@ -9,9 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from dsran_jax import checkpointing, data, evaluation, models, ranking, train, two_stage
+from dsran_jax import checkpointing, data, evaluation, models, ranking, train
+from dsran_jax.evaluation import shortlist, two_stage
 from dsran_jax import validation
-from dsran_jax.default_config import load_workdir_config, save_workdir_config
+from dsran_jax.models.variables import init_variables
+from dsran_jax.workdir import Workdir
 
 CPI = 5
 
@@ -47,14 +49,14 @@ def test_ranks_follow_the_explicit_two_stage_ordering_ties_included(k, fusion):
   # Small integers: many exact ties in both stages, at the K-th place too.
   s1 = rng.integers(0, 4, size=(6, 30)).astype(np.float32)
   s2 = rng.integers(0, 4, size=(6, 30)).astype(np.float32)
-  sl = two_stage.first_stage(s1, k, CPI, chunk_size=4)
+  sl = shortlist.short_lists(s1, k, CPI, chunk_size=4)
   assert sl.i2t.shape == (6, min(k, 30)) and sl.t2i.shape == (30, min(k, 6))
   # Short lists are the stable top K of each row / column.
   for i in range(6):
     assert sl.i2t[i].tolist() == sorted(range(30), key=lambda c: (-s1[i, c], c))[:k]
   for c in range(30):
     assert sl.t2i[c].tolist() == sorted(range(6), key=lambda g: (-s1[g, c], g))[:k]
-  got = two_stage.two_stage_ranks(sl, *second_scores(sl, s2), CPI, fusion)
+  got = shortlist.two_stage_ranks(sl, *second_scores(sl, s2), CPI, fusion)
   want = explicit_ranks(s1, s2, k, CPI, fusion)
   np.testing.assert_array_equal(got[0], want[0])
   np.testing.assert_array_equal(got[1], want[1])
@@ -68,15 +70,15 @@ def test_k_covering_the_gallery_is_the_second_models_full_ranking():
   rng = np.random.default_rng(3)
   s1 = rng.normal(size=(8, 40)).astype(np.float32)
   s2 = rng.integers(0, 3, size=(8, 40)).astype(np.float32)  # ties everywhere
-  sl = two_stage.first_stage(s1, 40, CPI)
-  got = two_stage.two_stage_ranks(sl, *second_scores(sl, s2), CPI)
+  sl = shortlist.short_lists(s1, 40, CPI)
+  got = shortlist.two_stage_ranks(sl, *second_scores(sl, s2), CPI)
   want = ranking.ranks(s2, CPI)
   np.testing.assert_array_equal(got[0], want[0])
   np.testing.assert_array_equal(got[1], want[1])
   # fusion = 1 orders the short list by the first stage: its own ranks, whatever K.
   for k in (1, 3, 40):
-    sl = two_stage.first_stage(s1, k, CPI)
-    got = two_stage.two_stage_ranks(sl, *second_scores(sl, s2), CPI, fusion=1.0)
+    sl = shortlist.short_lists(s1, k, CPI)
+    got = shortlist.two_stage_ranks(sl, *second_scores(sl, s2), CPI, fusion=1.0)
     np.testing.assert_array_equal(got[0], ranking.ranks(s1, CPI)[0])
     np.testing.assert_array_equal(got[1], ranking.ranks(s1, CPI)[1])
 
@@ -120,7 +122,7 @@ def test_coco_protocol_shortlists_each_fold_within_itself():
   s1, s2 = batch_i["a"] @ batch_t["a"].T, batch_i["b"] @ batch_t["b"].T
   want = []
   for rs, cs in ranking.fold_slices(n, CPI):
-    sl = two_stage.first_stage(s1[rs, cs], 3, CPI)
+    sl = shortlist.short_lists(s1[rs, cs], 3, CPI)
     want.append(ranking.recall_metrics(*explicit_ranks(s1[rs, cs], s2[rs, cs], 3)))
     assert sl.k_i2t == sl.k_t2i == 3
   assert results["coco1k"] == pytest.approx(ranking.mean_metrics(want), abs=1e-9)
@@ -136,15 +138,15 @@ def test_first_stage_rejects_bad_input():
   s = np.zeros((2, 10), np.float32)
   for k in (0, -1, 2.5, True):
     with pytest.raises(two_stage.ShortlistError, match="must be an integer >= 1"):
-      two_stage.first_stage(s, k, CPI)
+      shortlist.short_lists(s, k, CPI)
   s[1, 3] = np.nan
   with pytest.raises(ranking.NonFiniteScoresError, match="image 1 caption 3"):
-    two_stage.first_stage(s, 2, CPI)
-  sl = two_stage.first_stage(np.zeros((2, 10), np.float32), 2, CPI)
+    shortlist.short_lists(s, 2, CPI)
+  sl = shortlist.short_lists(np.zeros((2, 10), np.float32), 2, CPI)
   with pytest.raises(ValueError, match=r"i2t scores have shape \(2, 3\), expected \(2, 2\)"):
-    two_stage.two_stage_ranks(sl, np.zeros((2, 3)), np.zeros((10, 2)), CPI)
+    shortlist.two_stage_ranks(sl, np.zeros((2, 3)), np.zeros((10, 2)), CPI)
   with pytest.raises(two_stage.ShortlistError, match="fusion weight"):
-    two_stage.two_stage_ranks(sl, np.zeros((2, 2)), np.zeros((10, 2)), CPI, fusion=1.5)
+    shortlist.two_stage_ranks(sl, np.zeros((2, 2)), np.zeros((10, 2)), CPI, fusion=1.5)
 
 
 # ------------------------------------------------------------ gathered scoring
@@ -186,7 +188,7 @@ def test_score_candidates_equals_full_scores(name):
   matrix's numbers, to float reassociation."""
   c = _tiny(name)
   model = models.build_model(c.model, vocab_size=30)
-  variables = models.init_variables(model, jax.random.PRNGKey(0))
+  variables = init_variables(model, jax.random.PRNGKey(0))
   scorer = evaluation.ModelScorer(model, variables, tile=(8, 4), progress=False)
   rng = np.random.default_rng(0)
   batch = _batch(rng, model)
@@ -217,12 +219,12 @@ def test_score_candidates_equals_full_scores(name):
 def make_scan_workdir(dsran_dir: str, scan_dir: str) -> str:
   """A SCAN workdir with random weights on the DSRAN workdir's data (a re-ranker that
   costs no training)."""
-  c = load_workdir_config(dsran_dir)
+  c = Workdir(dsran_dir).load_config()
   c.model.name = "scan"
   c.model.embed_size, c.model.word_dim = 32, 16
   model = models.build_model(c.model, vocab_size=data.vocab_size(c, scan_dir))
-  variables = models.init_variables(model, jax.random.PRNGKey(1))
-  save_workdir_config(c, scan_dir)
+  variables = init_variables(model, jax.random.PRNGKey(1))
+  Workdir(scan_dir).save_config(c)
   checkpointing.save(scan_dir, checkpointing.BEST, 1, variables, {"step": 1})
   return scan_dir
 
@@ -236,10 +238,10 @@ def workdirs(trained_workdir, tmp_path_factory):
 
 
 def _evaluate(scan_dir, **keys):
-  c = load_workdir_config(scan_dir)
+  c = Workdir(scan_dir).load_config()
   for k, v in keys.items():
     c.eval[k] = v
-  return train.evaluate_workdir(c, scan_dir)
+  return evaluation.evaluate_workdir(scan_dir, c)
 
 
 def test_two_stage_with_k_all_is_the_full_evaluation_and_carries_its_protocol(workdirs):
@@ -301,12 +303,12 @@ def test_bad_shortlist_input_is_a_clear_error(workdirs, tmp_path):
                           ("test_split", "dev", "data.test_split='dev'")):
     other = tmp_path / key
     other.mkdir()
-    c = load_workdir_config(dsran_dir)
+    c = Workdir(dsran_dir).load_config()
     if key == "test_split":
       c.data.test_split = value
     else:
       c.data.synthetic[key] = value
-    save_workdir_config(c, str(other))
+    Workdir(str(other)).save_config(c)
     with pytest.raises(two_stage.ShortlistError, match=msg.replace(".", r"\.")):
       _evaluate(scan_dir, shortlist_workdir=str(other))
   # A config with the right keys whose split holds other captions.
@@ -315,7 +317,7 @@ def test_bad_shortlist_input_is_a_clear_error(workdirs, tmp_path):
   with pytest.raises(two_stage.ShortlistError, match="differ first at #1"):
     two_stage.check_same_split(split, other, "DIR")
   # K < 1 and an out-of-range fusion weight are config errors naming the key.
-  c = load_workdir_config(scan_dir)
+  c = Workdir(scan_dir).load_config()
   c.eval.shortlist_workdir, c.eval.shortlist_k, c.eval.shortlist_fusion = dsran_dir, 0, -0.5
   with pytest.raises(validation.ConfigError) as e:
     validation.validate_config(c)

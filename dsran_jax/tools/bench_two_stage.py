@@ -25,8 +25,12 @@ import sys
 import time
 import types
 
-from absl import app, flags, logging
 import numpy as np
+from absl import app, flags, logging
+
+from dsran_jax import data, evaluation, index, inference, search
+from dsran_jax.evaluation import two_stage
+from dsran_jax.workdir import Workdir
 
 
 def _rss_mb() -> float:
@@ -41,19 +45,15 @@ def _ks():
 
 def bench_eval() -> None:
   """Full and two-stage evaluations of --workdir's model; one markdown table."""
-  from dsran_jax import data, models, train, two_stage  # pylint: disable=g-import-not-at-top
-  from dsran_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from dsran_jax.default_config import load_workdir_config  # pylint: disable=g-import-not-at-top
   workdir, sl_dir = _FLAGS.workdir.value, _FLAGS.shortlist_workdir.value
-  config = load_workdir_config(workdir)
-  model = models.build_model(config.model, vocab_size=data.vocab_size(config, workdir))
-  variables, _ = checkpointing.load_variables(workdir)
+  restored = Workdir(workdir).restore()
+  config, model, variables = restored.config, restored.model, restored.variables
   split = data.load_split(config, config.data.test_split, workdir)
   n_img, n_cap = split.num_images, split.num_captions
   rows = []
   if _FLAGS.full.value:
     t0 = time.time()
-    full = train.evaluate_split(model, variables, split, config, config.eval.protocol)
+    full = evaluation.evaluate_split(model, variables, split, config, config.eval.protocol)
     rows.append(("full", full, None, time.time() - t0))
   for w in [float(x) for x in _FLAGS.fusion.value.split(",") if x.strip()]:
     for k in _ks():
@@ -61,7 +61,8 @@ def bench_eval() -> None:
       config.eval.shortlist_k = k
       config.eval.shortlist_fusion = w
       t0 = time.time()
-      results, info = two_stage.evaluate_split(model, variables, split, config)
+      outcome = two_stage.two_stage(evaluation.Task(model, variables, config, split, workdir))
+      results, info = outcome.results, outcome.sections["two_stage"]
       rows.append((f"K={k}" + (f", fusion {w}" if w else ""), results, info,
                    time.time() - t0))
   name = next(iter(rows[0][1]))
@@ -105,12 +106,10 @@ def _latency(fn, items) -> dict:
 
 def bench_search() -> None:
   """Per-query latency of two-stage search (both directions) on the test gallery."""
-  from dsran_jax import inference, search, two_stage  # pylint: disable=g-import-not-at-top
-  from dsran_jax.default_config import load_workdir_config  # pylint: disable=g-import-not-at-top
   sl_dir = _FLAGS.shortlist_workdir.value
   gallery = search.Gallery.load(_FLAGS.workdir.value)
   config = gallery.encoder.config
-  sl_config = load_workdir_config(sl_dir)
+  sl_config = Workdir(sl_dir).load_config()
   two_stage.check_shortlist_config(config, gallery.split_name, sl_config, sl_dir)
   first = search.Gallery.load(sl_dir, encoder=inference.load(sl_dir),
                               config=two_stage.shortlist_data_config(config, sl_config))
@@ -143,10 +142,8 @@ def _index_gallery(path: str):
   if os.path.exists(path):
     with np.load(path) as f:
       return f["images"], f["queries"], f["truth"]
-  from dsran_jax import data, inference  # pylint: disable=g-import-not-at-top
-  from dsran_jax.default_config import load_workdir_config  # pylint: disable=g-import-not-at-top
   sl_dir, num_items = _FLAGS.shortlist_workdir.value, _FLAGS.num_items.value
-  config = load_workdir_config(sl_dir)
+  config = Workdir(sl_dir).load_config()
   if config.data.format != "synthetic":
     raise app.UsageError("--mode=index embeds the synthetic world: give a workdir trained "
                          "on data.format='synthetic'")
@@ -187,7 +184,6 @@ def _clustered_gallery():
 
 def bench_index() -> None:
   """Build time, bytes, memory, latency and recall of each index kind on a large gallery."""
-  from dsran_jax import index  # pylint: disable=g-import-not-at-top
   if _FLAGS.source.value == "model":
     path = _FLAGS.cache.value or os.path.join(_FLAGS.shortlist_workdir.value,
                                               f"bench_gallery_{_FLAGS.num_items.value}.npz")

@@ -1,4 +1,4 @@
-"""Retrieval evaluation around a *scorer*, streaming sims blocks into `ranking`.
+"""Scorers: how evaluation, inference and search encode items and score pairs.
 
 A scorer has three methods:
 
@@ -17,16 +17,7 @@ A model whose reps depend on each item's ground-truth partner (its
 `partner_conditioning` is set: MLASM's reference mode) gets one paired pre-pass
 (`ModelScorer.condition_on_partners`) between encoding and scoring; galleries not in the
 evaluation layout are an error for it. Every other model's tiles stay independent.
-
-`evaluate` encodes every image and caption once, scores every tile exactly once into a
-float32 sims matrix held in host memory (or a memory-mapped file when it is larger than
-`max_host_bytes`, or when it is being saved), and feeds row blocks of it to
-`ranking.RankAccumulator`s. t2i ranks need every caption's positive score before rows
-can be counted, so the second pass reads the stored matrix back instead of scoring again.
 """
-import os
-import shutil
-import tempfile
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -36,7 +27,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dsran_jax import ranking
+from dsran_jax import models
 from dsran_jax.progress import Progress
 
 PyTree = Any
@@ -47,7 +38,7 @@ class Interrupted(Exception):
   SIGTERM during a dev evaluation): nothing half-written is kept."""
 
 
-def _stop_check(should_stop: Optional[Callable[[], bool]]) -> None:
+def stop_check(should_stop: Optional[Callable[[], bool]]) -> None:
   if should_stop is not None and should_stop():
     raise Interrupted("evaluation interrupted")
 
@@ -189,7 +180,7 @@ class ModelScorer(Scorer):
 
   def _encode(self, fn, batch, keys):
     arrays = {k: batch[k] for k in keys if k in batch}
-    b = _leading_dim(arrays, "batch")
+    b = leading_dim(arrays, "batch")
     # Placed explicitly: with several processes jit refuses host arrays for a sharding.
     padded = jax.device_put(_pad_edge(arrays, _round_up(b, self.n_dev)), self._rows)
     return _slice(fn(self.variables, padded), 0, b)
@@ -207,15 +198,15 @@ class ModelScorer(Scorer):
 
   def compile_tile(self, image_reps, text_reps):
     """The compiled score function of one tile for this gallery (for cost analysis)."""
-    ti, tj = self.tile_shape(_leading_dim(image_reps, "image_reps"),
-                             _leading_dim(text_reps, "text_reps"))
+    ti, tj = self.tile_shape(leading_dim(image_reps, "image_reps"),
+                             leading_dim(text_reps, "text_reps"))
     pad = lambda reps, n: _pad_edge(_slice(jax.device_get(reps), 0, n), n)
     return self._score.lower(self.variables, pad(image_reps, ti), pad(text_reps, tj)).compile()
 
   def score(self, image_reps, text_reps):
     image_reps, text_reps = self.condition_on_partners(image_reps, text_reps)
-    n_img = _leading_dim(image_reps, "image_reps")
-    n_txt = _leading_dim(text_reps, "text_reps")
+    n_img = leading_dim(image_reps, "image_reps")
+    n_txt = leading_dim(text_reps, "text_reps")
     out = np.empty((n_img, n_txt), np.float32)
     self.score_into(image_reps, text_reps, out)
     return out
@@ -240,8 +231,8 @@ class ModelScorer(Scorer):
     if not note:
       return image_reps, text_reps
     cpi = int(captions_per_image or self.captions_per_image)
-    n_img = _leading_dim(image_reps, "image_reps")
-    n_txt = _leading_dim(text_reps, "text_reps")
+    n_img = leading_dim(image_reps, "image_reps")
+    n_txt = leading_dim(text_reps, "text_reps")
     if n_txt != cpi * n_img or n_img == 0:
       raise ValueError(
           f"{note}. It scores only galleries in the evaluation layout: {cpi} captions per "
@@ -276,8 +267,8 @@ class ModelScorer(Scorer):
     Tiles are dispatched one ahead of the one being fetched, so the host's copy into
     `out` overlaps the devices' work. Raises ValueError on NaN/Inf scores of real pairs.
     """
-    n_img = _leading_dim(image_reps, "image_reps")
-    n_txt = _leading_dim(text_reps, "text_reps")
+    n_img = leading_dim(image_reps, "image_reps")
+    n_txt = leading_dim(text_reps, "text_reps")
     if out.shape != (n_img, n_txt):
       raise ValueError(f"out has shape {out.shape}, expected {(n_img, n_txt)}")
     if n_img == 0 or n_txt == 0:
@@ -305,7 +296,7 @@ class ModelScorer(Scorer):
     for i in range(0, n_img, ti):
       img_tile = jax.device_put(_pad_edge(_slice(image_reps, i, i + ti), ti), self._rows)
       for k, j in enumerate(range(0, n_txt, tj)):
-        _stop_check(should_stop)
+        stop_check(should_stop)
         block = self._score(self.variables, img_tile, text_tiles[k])
         if pending is not None:
           fetch(pending)
@@ -386,8 +377,8 @@ class ModelScorer(Scorer):
     """
     if queries not in ("images", "texts"):
       raise ValueError(f"queries must be 'images' or 'texts', got {queries!r}")
-    n_img = _leading_dim(image_reps, "image_reps")
-    n_txt = _leading_dim(text_reps, "text_reps")
+    n_img = leading_dim(image_reps, "image_reps")
+    n_txt = leading_dim(text_reps, "text_reps")
     n_query_side, n_other = (n_img, n_txt) if queries == "images" else (n_txt, n_img)
     cand = np.asarray(candidates)
     if cand.ndim != 2 or not np.issubdtype(cand.dtype, np.integer):
@@ -433,7 +424,7 @@ class ModelScorer(Scorer):
         bar.update(m * k)
 
     for start in range(0, n_q, q):
-      _stop_check(should_stop)
+      stop_check(should_stop)
       # Padding repeats the last real query with its candidates: real inputs, finite.
       idx = _pad_edge(rows[start:start + q], q)
       cidx = _pad_edge(cand[start:start + q], q)
@@ -459,7 +450,8 @@ class ModelScorer(Scorer):
     return out
 
 
-def _leading_dim(tree: PyTree, what: str) -> int:
+def leading_dim(tree: PyTree, what: str) -> int:
+  """The leading dim every leaf of a reps pytree shares (ValueError naming `what` if not)."""
   leaves = jax.tree.leaves(tree)
   if not leaves:
     raise ValueError(f"{what}: empty pytree of reps")
@@ -472,7 +464,7 @@ def _leading_dim(tree: PyTree, what: str) -> int:
 
 def _take_valid(reps: PyTree, batch: Dict[str, Any]) -> PyTree:
   reps = jax.tree.map(np.asarray, jax.device_get(reps))
-  b = _leading_dim(reps, "encode_all")
+  b = leading_dim(reps, "encode_all")
   valid = batch.get("valid") if isinstance(batch, dict) else None
   if valid is None:
     return reps
@@ -501,7 +493,7 @@ def encode_all(fn: Callable[[Dict[str, Any]], PyTree], batches: Iterable[Dict[st
   pending = None
   with Progress(total, desc, unit="batch", leave=False) as bar:
     for batch in batches:
-      _stop_check(should_stop)
+      stop_check(should_stop)
       reps = fn(batch)
       if pending is not None:
         outs.append(_take_valid(*pending))
@@ -519,7 +511,7 @@ def _score_rows(scorer: Scorer, image_reps: PyTree, text_reps: PyTree, offset: i
                 rows: int, n_txt: int) -> np.ndarray:
   img = jax.tree.map(lambda x: x[offset:offset + rows], image_reps)
   block = np.asarray(jax.device_get(scorer.score(img, text_reps)), dtype=np.float32)
-  b = _leading_dim(img, "image_reps")
+  b = leading_dim(img, "image_reps")
   if block.shape != (b, n_txt):
     raise ValueError(f"scorer.score returned shape {block.shape} for {b} images and "
                      f"{n_txt} texts")
@@ -538,8 +530,8 @@ def compute_sims_blocks(scorer: Scorer, image_reps: PyTree, text_reps: PyTree,
   """
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-  n_img = _leading_dim(image_reps, "image_reps")
-  n_txt = _leading_dim(text_reps, "text_reps")
+  n_img = leading_dim(image_reps, "image_reps")
+  n_txt = leading_dim(text_reps, "text_reps")
   text_dev = jax.device_put(text_reps)
   if offsets is None:
     offsets = range(0, n_img, chunk_size)
@@ -547,184 +539,8 @@ def compute_sims_blocks(scorer: Scorer, image_reps: PyTree, text_reps: PyTree,
     yield o, _score_rows(scorer, image_reps, text_dev, o, min(chunk_size, n_img - o), n_txt)
 
 
-class _Target:
-  """One ranked matrix (rows/cols of the stored sims matrix) and its accumulator, which
-  knows every positive score up front, so one pass over row blocks ranks both ways."""
-
-  def __init__(self, name: str, rows: slice, cols: slice, cpi: int, sims: np.ndarray):
-    self.name = name
-    self.rows = rows
-    self.cols = cols
-    sub = sims[rows, cols]
-    self.acc = ranking.RankAccumulator(rows.stop - rows.start, cpi,
-                                       ranking.positive_scores(sub, cpi))
-
-  def feed(self, offset: int, block: np.ndarray) -> None:
-    lo, hi = max(offset, self.rows.start), min(offset + block.shape[0], self.rows.stop)
-    if lo < hi:
-      self.acc.add(lo - self.rows.start, block[lo - offset:hi - offset, self.cols])
-
-
-class _SimsStore:
-  """Where `evaluate` keeps the (n_img, n_cap) matrix: host memory, or a memory-mapped
-  `.npy` (at `sims_path` when saving, renamed into place only when complete; else a
-  temporary file removed afterwards)."""
-
-  def __init__(self, n_img: int, n_cap: int, sims_path: Optional[str], max_host_bytes: int):
-    self.final = self.partial = self._tmpdir = None
-    nbytes = 4 * n_img * n_cap
-    if sims_path:
-      sims_path = os.fspath(sims_path)
-      if not sims_path.endswith(".npy"):
-        sims_path += ".npy"
-      os.makedirs(os.path.dirname(os.path.abspath(sims_path)), exist_ok=True)
-      self.final, self.partial = sims_path, sims_path[:-4] + ".partial.npy"
-    elif nbytes > max_host_bytes:
-      self._tmpdir = tempfile.mkdtemp(prefix="dsran_sims_")
-      self.partial = os.path.join(self._tmpdir, "sims.npy")
-      logging.info("sims matrix of %.1f GiB kept in %s", nbytes / 2**30, self.partial)
-    if self.partial:
-      self.array = np.lib.format.open_memmap(self.partial, mode="w+", dtype=np.float32,
-                                             shape=(n_img, n_cap))
-    else:
-      self.array = np.empty((n_img, n_cap), np.float32)
-
-  def commit(self) -> None:
-    if self.final:
-      self.array.flush()
-      self.array = None
-      os.replace(self.partial, self.final)
-      self.partial = None
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.array = None
-    if self.partial and os.path.exists(self.partial):  # failed half-way: no partial file
-      os.remove(self.partial)
-    if self._tmpdir:
-      shutil.rmtree(self._tmpdir, ignore_errors=True)
-
-
-def evaluate(scorer: Scorer, image_batches: Iterable[Dict[str, Any]],
-             caption_batches: Iterable[Dict[str, Any]], cpi: int = 5,
-             protocol: str = "1k", chunk_size: int = 1000,
-             sims_path: Optional[str] = None,
-             max_host_bytes: int = 4 << 30,
-             ranks_out: Optional[dict] = None,
-             should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, Dict[str, float]]:
-  """Encodes a test split once and returns its retrieval metrics.
-
-  Args:
-    scorer: see `Scorer`.
-    image_batches / caption_batches: eval batches in order (caption c belongs to image
-      c // cpi), each with a `valid` mask.
-    cpi: captions per image.
-    protocol: "1k" (one matrix, e.g. Flickr30K test or a 1000-image dev split) ->
-      {"1k": metrics}; "coco" (5000 images) -> {"coco5k": all images,
-      "coco1k": mean over 5 sequential folds of N/5 images}.
-    chunk_size: images per block fed to the rank accumulators (and scored per call for
-      scorers without `score_into`).
-    sims_path: if set, the full float32 sims matrix is also saved there as .npy (for
-      `python -m dsran_jax.tools.rank` ensembles).
-    max_host_bytes: a sims matrix larger than this is kept in a temporary memory-mapped
-      file instead of host memory.
-    ranks_out: if given, receives `{"i2t": ranks (n_img,), "t2i": ranks (n_cap,)}` of
-      the whole split (0 = ground truth first), for figures.
-    should_stop: polled between batches and tiles; when it returns True, `Interrupted`
-      is raised (a preempted run stops within one batch or tile).
-  Returns:
-    {protocol name: `ranking.recall_metrics` dict}.
-  """
-  if protocol not in ("1k", "coco"):
-    raise ValueError(f"protocol must be '1k' or 'coco', got {protocol!r}")
-  image_reps = encode_all(scorer.encode_images, image_batches, desc="encode images",
-                          should_stop=should_stop)
-  text_reps = encode_all(scorer.encode_texts, caption_batches, desc="encode captions",
-                         should_stop=should_stop)
-  n_img = _leading_dim(image_reps, "image reps")
-  n_cap = _leading_dim(text_reps, "caption reps")
-  if n_cap != cpi * n_img:
-    raise ValueError(f"{n_img} images and {n_cap} captions: expected {cpi} captions per "
-                     f"image ({cpi * n_img})")
-  condition = getattr(scorer, "condition_on_partners", None)
-  if condition is not None:  # the paired pre-pass (a no-op for most models)
-    image_reps, text_reps = condition(image_reps, text_reps, cpi)
-  if protocol == "1k":
-    spans = [("1k", slice(0, n_img), slice(0, n_cap))]
-  else:
-    spans = [("coco5k", slice(0, n_img), slice(0, n_cap))]
-    spans += [("coco1k", rs, cs) for rs, cs in ranking.fold_slices(n_img, cpi)]
-
-  with _SimsStore(n_img, n_cap, sims_path, max_host_bytes) as sims:
-    # Every pair scored exactly once, into the stored matrix; then one ranking pass
-    # over its row blocks.
-    if hasattr(scorer, "score_into"):
-      scorer.score_into(image_reps, text_reps, sims.array, should_stop=should_stop)
-    else:
-      for o, block in compute_sims_blocks(scorer, image_reps, text_reps, chunk_size):
-        _stop_check(should_stop)
-        check_finite(block, o)
-        sims.array[o:o + block.shape[0]] = block
-    targets = [_Target(name, rs, cs, cpi, sims.array) for name, rs, cs in spans]
-    for o in range(0, n_img, chunk_size):
-      block = np.asarray(sims.array[o:o + chunk_size])
-      for t in targets:
-        t.feed(o, block)
-    sims.commit()
-
-  if ranks_out is not None:
-    ranks_out["i2t"], ranks_out["t2i"] = targets[0].acc.ranks()
-  per_target = [(t.name, ranking.recall_metrics(*t.acc.ranks())) for t in targets]
-  results: Dict[str, Dict[str, float]] = {}
-  for name in dict.fromkeys(n for n, _ in per_target):
-    results[name] = ranking.mean_metrics([m for n, m in per_target if n == name])
-  return results
-
-
-def protocol_of(results: Dict[str, Dict[str, float]], split,
-                two_stage: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-  """The conditions of each entry of `evaluate`'s results (`ranking.protocol_info`: split,
-  sizes, folds, rank and tie rules), and the two-stage settings when there were two
-  stages (else None), for eval_results.json."""
-  settings = None
-  if two_stage is not None:
-    settings = {k: two_stage[k] for k in ("shortlist_workdir", "shortlist_model",
-                                          "shortlist_checkpoint_step", "k", "fusion", "rule")}
-  out = {}
-  for name in results:
-    out[name] = ranking.protocol_info(split.num_images, split.captions_per_image,
-                                      fold5=name == "coco1k",
-                                      split=split.name, two_stage=settings)
-    if settings is not None:
-      t = two_stage["targets"][name]
-      out[name]["two_stage"] = {**settings, "k_i2t": t["k_i2t"], "k_t2i": t["k_t2i"]}
-  return out
-
-
-def protocol_label(name: str, num_images: Optional[int] = None) -> str:
-  """How a results key reads in a table: "1k" is only called 1K when it has 1000
-  images (a 20-image demo split is "20 img")."""
-  if name == "1k" and num_images is not None and num_images != 1000:
-    return f"{num_images} img"
-  return {"coco5k": "COCO 5K", "coco1k": "COCO 1K", "1k": "1K"}.get(name, name)
-
-
-def format_table(results: Dict[str, Dict[str, float]],
-                 num_images: Optional[int] = None) -> str:
-  """A fixed-width text table: one row per protocol, R@1/5/10 + medr both ways, rsum.
-
-  `num_images` (the split's) labels the "1k" row truthfully for other sizes."""
-  head1 = f"{'':<10}| {'image -> text':^28} | {'text -> image':^28} |"
-  cols = "".join(f"{c:>7}" for c in ("R@1", "R@5", "R@10", "medr"))
-  head2 = f"{'protocol':<10}| {cols} | {cols} | {'rsum':>7}"
-  lines = [head1, head2, "-" * len(head2)]
-  for name, m in results.items():
-    cells = []
-    for d in ("i2t", "t2i"):
-      cells.append("".join(f"{m[f'r{k}_{d}']:7.1f}" for k in (1, 5, 10))
-                   + f"{m[f'medr_{d}']:7.1f}")
-    lines.append(f"{protocol_label(name, num_images):<10}| {cells[0]} | {cells[1]} | "
-                 f"{m['rsum']:7.1f}")
-  return "\n".join(lines)
+def make_scorer(model, variables, config, mesh=None, progress: bool = True) -> ModelScorer:
+  """The evaluation scorer of any family for `config`: jitted encoders and tiled scoring
+  (tile `eval.tile_*`, else the family's) over every device of this host (default),
+  variables replicated."""
+  return ModelScorer(model, variables, mesh, tile=models.eval_tile(config), progress=progress)
