@@ -1,48 +1,41 @@
 """Dataset splits: `load_split(config, split_name, workdir) -> Split`.
 
-`config.data.format` picks the reader module ("synthetic", "precomp", "vlp"); each provides
+`config.data.format` picks the reader module, registered once in `data.formats`
+("synthetic", "precomp", "vlp"); each provides
 `read_raw_split(config, split_name) -> raw.RawSplit` (captions plus a feature reader), and
 `load_split` tokenises the captions here, once per caption, for every format alike.
-Readers are imported lazily so that importing this package pulls in neither h5py nor the
-tokenizers library.
+Importing this package pulls in neither h5py, the tokenizers library nor TensorFlow:
+those are imported where a file is opened or a tokenizer built.
 """
-import importlib
 from typing import Optional
 
+from dsran_jax import models
 from dsran_jax.core.batch import IMAGE_KEYS, TEXT_KEYS
+from dsran_jax.data import formats, tfds_split, tokenize
 from dsran_jax.data.base import Split
+from dsran_jax.data.formats import FORMATS, format_module
 from dsran_jax.data.raw import DataError, MissingDataError, RawSplit
-
-FORMATS = ("synthetic", "precomp", "vlp")
 
 __all__ = ["FORMATS", "IMAGE_KEYS", "TEXT_KEYS", "DataError", "MissingDataError",
            "RawSplit", "Split", "format_module", "gru_vocabulary", "load_split", "read_raw_split",
            "vocab_size"]
 
 
-def format_module(config):
-  """The reader module of `config.data.format`."""
-  fmt = config.data.format
-  if fmt not in FORMATS:
-    raise ValueError(f"data.format={fmt!r}: expected one of {', '.join(FORMATS)}")
-  return importlib.import_module(f"dsran_jax.data.{fmt}")
-
-
 def read_raw_split(config, split_name: str) -> RawSplit:
-  """A split's raw captions and feature reader, before tokenisation: from the TFRecord
-  shards of `dsran_jax.data.tfds_builder` when `data.tfds_dir` is set, else the raw files."""
+  """A split's raw captions and feature reader, before tokenisation: from the TFDS
+  copy packed by `dsran_jax.data.tfds_builder` (read by `data.tfds_split`) when
+  `data.tfds_dir` is set, else from the raw files of `data.format`."""
   if config.data.tfds_dir:
-    from dsran_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
-    return tfds_builder.read_raw_split(config, split_name)
-  return format_module(config).read_raw_split(config, split_name)
+    return tfds_split.read_raw_split(config, split_name)
+  return formats.read_raw_split(config, split_name)
 
 
 def load_split(config, split_name: str, workdir: Optional[str] = None) -> Split:
   """Reads one split and tokenises its captions.
 
   Args:
-    config: the full config (`data.*`, `model.text_encoder`, `model.bert_path`,
-      `model.image_inputs`).
+    config: the full config (`data.*`; `model.name` picks the tokenizer and the image
+      keys read, see `dsran_jax.models`).
     split_name: "train", "dev", "test", "testall" (COCO precomp), or a synthetic split.
     workdir: run directory; the GRU vocabulary is built from the training captions on
       first use and kept as `{workdir}/vocab.json` (or `data.vocab_file`).
@@ -50,7 +43,6 @@ def load_split(config, split_name: str, workdir: Optional[str] = None) -> Split:
   Returns:
     The `Split`, with `input_ids` / `attention_mask` int32 `(num_captions, data.max_len)`.
   """
-  from dsran_jax.data import tokenize  # pylint: disable=g-import-not-at-top
   raw_split = read_raw_split(config, split_name)
 
   def train_texts():
@@ -70,10 +62,8 @@ def load_split(config, split_name: str, workdir: Optional[str] = None) -> Split:
 def gru_vocabulary(config, workdir: Optional[str] = None):
   """The word `Vocabulary` of models that use one (built from the training captions on
   first use and saved in the workdir); None for BERT tokenizers."""
-  from dsran_jax import models  # pylint: disable=g-import-not-at-top
   if models.tokenizer_kind(config) != "vocab":
     return None
-  from dsran_jax.data import tokenize  # pylint: disable=g-import-not-at-top
   tokenizer = tokenize.make_tokenizer(
       config, workdir, lambda: read_raw_split(config, config.data.train_split).texts)
   return tokenizer.vocab
@@ -81,7 +71,6 @@ def gru_vocabulary(config, workdir: Optional[str] = None):
 
 def vocab_size(config, workdir: Optional[str] = None) -> Optional[int]:
   """Size of the word vocabulary (`model.vocab_size` if set); None for BERT tokenizers."""
-  from dsran_jax import models  # pylint: disable=g-import-not-at-top
   if models.tokenizer_kind(config) != "vocab":
     return None
   return config.model.vocab_size or len(gru_vocabulary(config, workdir))

@@ -4,7 +4,14 @@ Reads every split the way training will (`--config.data.root=...` etc. override 
 and reports, per split: images and captions, missing and malformed feature files,
 images with NaN/inf features, empty captions, captions longer than `data.max_len`
 (truncated in training, as the authors do). Exits 1 when the data cannot be trained on
-(an unreadable split, a missing or malformed file, non-finite features), else 0.
+(an unreadable split, a missing or malformed file, non-finite features), 2 on a user
+error (an invalid config value, an unknown `data.format`, an unreadable manifest: one
+`error: ...` message, no traceback), else 0.
+
+Captions are measured with the tokenizer of the configured family
+(`models.tokenizer_kind`): BERT WordPiece from `model.bert_path`, or words for the
+word-vocabulary families, which need no workdir (nothing is written; `data.vocab_file`
+is read when given). Every family's config works: `--config=configs/f30k.py:scan`.
 
 It knows the public releases (`RELEASES`: Flickr30K and MS-COCO, precomp and VLP; images
 per split, captions, regions and feature widths, COCO's 1000 VLP shards) and says what
@@ -37,9 +44,16 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 import numpy as np
+from tqdm import tqdm
 
 from dsran_jax import data as data_lib
+from dsran_jax import models
+from dsran_jax import validation
+from dsran_jax.data import formats
+from dsran_jax.data import precomp
 from dsran_jax.data import raw
+from dsran_jax.data import tokenize
+from dsran_jax.data import vlp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,29 +140,32 @@ class SplitReport:
 
 def splits_to_scan(config) -> list:
   """The format's own list of splits (configured ones plus any extra it finds)."""
-  module = data_lib.format_module(config)
-  if hasattr(module, "list_splits"):
-    return module.list_splits(config)
-  return list(dict.fromkeys(
-      [config.data.train_split, config.data.dev_split, config.data.test_split]))
+  if config.data.tfds_dir:
+    return list(dict.fromkeys(
+        [config.data.train_split, config.data.dev_split, config.data.test_split]))
+  return formats.list_splits(config)
 
 
 def caption_lengths_fn(config):
-  """`texts -> untruncated token counts` for the configured text encoder."""
-  from dsran_jax.data import tokenize  # pylint: disable=g-import-not-at-top
-  if config.model.text_encoder == "gru":
-    return tokenize.GruTokenizer(None, config.data.max_len).lengths  # needs no vocabulary
-  from dsran_jax.hub import resolve_pretrained_dir  # pylint: disable=g-import-not-at-top
-  return tokenize.BertTokenizer(str(resolve_pretrained_dir(config.model.bert_path)),
-                                config.data.max_len).lengths
+  """`texts -> untruncated token counts` for the tokenizer of the configured family
+  (`models.tokenizer_kind`): BERT WordPiece from `model.bert_path`, or words.
+
+  A word vocabulary is not needed to count words, and the checker never writes one: it
+  needs no workdir. `data.vocab_file`, when given and present, is loaded so that an
+  unreadable one fails here, naming it.
+  """
+  kind = models.tokenizer_kind(config)
+  if kind == "vocab":
+    path = config.data.vocab_file and os.path.expanduser(config.data.vocab_file)
+    vocab = tokenize.Vocabulary.load(path) if path and os.path.isfile(path) else None
+    return tokenize.GruTokenizer(vocab, config.data.max_len).lengths
+  return tokenize.make_tokenizer(config).lengths
 
 
 def _read_raw(config, split_name):
-  if config.data.format == "vlp":
-    from dsran_jax.data import vlp  # pylint: disable=g-import-not-at-top
-    # Per-file checks below count every hole instead of stopping at the first.
-    return vlp.read_raw_split(config, split_name, check_files=False)
-  return data_lib.read_raw_split(config, split_name)
+  if config.data.tfds_dir:
+    return data_lib.read_raw_split(config, split_name)
+  return formats.read_raw_split_for_check(config, split_name)
 
 
 def _count_few_regions(batch: dict, report: SplitReport, expected_regions: int) -> None:
@@ -168,7 +185,6 @@ def _check_finite(batch: dict, ids, report: SplitReport) -> None:
 
 def _scan_images(raw_split, report: SplitReport, max_images: int, batch_size: int,
                  expected_regions: int = 0) -> None:
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   n = len(raw_split.image_ids)
   n = min(n, max_images) if max_images > 0 else n
   ids = list(raw_split.image_ids)
@@ -197,7 +213,6 @@ def _scan_images(raw_split, report: SplitReport, max_images: int, batch_size: in
 
 def _precomp_file_notes(config, split_name: str, rel: Release) -> List[str]:
   """A truncated `{split}_ims.npy` (from its header) and region counts of the release."""
-  from dsran_jax.data import precomp  # pylint: disable=g-import-not-at-top
   path = precomp.split_files(config.data.root, split_name)["ims"]
   if not os.path.isfile(path):
     return []
@@ -237,7 +252,6 @@ def release_notes(config, report: SplitReport, rel: Release) -> List[str]:
 
 def missing_coco_shards(root: str, shards: int) -> List[str]:
   """The COCO VLP shard files `{prefix}_featNNN.h5` / `_clsNNN.h5` that are absent."""
-  from dsran_jax.data import vlp  # pylint: disable=g-import-not-at-top
   try:
     prefix = vlp.find_coco_shard_prefix(root)
   except raw.DataError as e:
@@ -288,7 +302,8 @@ def format_report(config, reports, show: int = 10) -> str:
   """Human-readable report: a table, then the problems, then the verdict."""
   d = config.data
   lines = [f"data check: format={d.format} name={d.name} root={d.root or '-'} "
-           f"text_encoder={config.model.text_encoder} max_len={d.max_len}", ""]
+           f"model={config.model.name} tokenizer={models.tokenizer_kind(config)} "
+           f"max_len={d.max_len}", ""]
   head = ("split", "images", "captions", "cap/img", "scanned", "missing", "malformed",
           "non-finite", "empty caps", f">{d.max_len} tok", "longest")
   rows = [head] + [
@@ -342,7 +357,8 @@ def run_check(config, splits=None, max_images=0, batch_size=64, show=10,
     lengths_fn = caption_lengths_fn(config)
   except (OSError, ValueError) as e:
     lengths_fn = None
-    fatal_all.append(f"cannot build the {config.model.text_encoder} tokenizer: {e}")
+    fatal_all.append(f"cannot build the {models.tokenizer_kind(config)} tokenizer of "
+                     f"model.name={config.model.name!r}: {e}")
   reports = [scan_split(config, s, lengths_fn, max_images, batch_size, release_mode)
              for s in splits]
   rel = release_of(config) if release_mode != "off" else None
@@ -413,7 +429,6 @@ def _files_under(root: str, exclude=()) -> List[str]:
 
 
 def _facts_of(root: str, rels: List[str], desc: str) -> Dict[str, dict]:
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   # sha256 releases the GIL on large blocks: a few files are hashed at once.
   with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
     facts = list(tqdm(pool.map(lambda r: file_facts(os.path.join(root, r)), rels),
@@ -496,33 +511,55 @@ def _define_flags() -> types.SimpleNamespace:
   return f
 
 
+def run(config, splits=None, max_images: int = 0, batch_size: int = 64, show: int = 10,
+        release_mode: str = "auto", write_manifest_path: Optional[str] = None,
+        verify_manifest_path: Optional[str] = None) -> int:
+  """What the command line does, as a function: validates `config`, checks the data (or
+  verifies it against a manifest), prints the report and returns the exit status: 0 the
+  data can be trained on, 1 it cannot, 2 a user error (an invalid config value, an
+  unreadable manifest, ...), printed as one `error: ...` message on stderr.
+  """
+  try:
+    validation.validate_config(config)
+    formats.format_module(config)  # an unknown data.format: one line naming the key
+    if verify_manifest_path:
+      problems = verify_manifest(config.data.root, verify_manifest_path)
+    else:
+      _, text, ok = run_check(config, splits, max_images, batch_size, show, release_mode)
+  except validation.ConfigError as e:
+    print(f"error: {e.one_line()}", file=sys.stderr)
+    return 2
+  except (ValueError, OSError) as e:  # DataError, FileNotFoundError, a bad manifest, ...
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if verify_manifest_path:
+    real = [p for p in problems if not p.endswith("not in the manifest")]
+    for p in problems[:max(show, 1) * 10]:
+      print(("  " if p in real else "  note: ") + p)
+    print(f"FAILED: {len(real)} problems against {verify_manifest_path}" if real else
+          f"OK: every file of {verify_manifest_path} is present and identical")
+    return 1 if real else 0
+  print(text, flush=True)
+  if write_manifest_path:
+    if not ok:
+      print(f"not writing {write_manifest_path}: the check failed", file=sys.stderr)
+      return 1
+    try:
+      manifest = write_manifest(config.data.root, write_manifest_path)
+    except OSError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    print(f"wrote {write_manifest_path}: {len(manifest['files'])} files")
+  return 0 if ok else 1
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   f = _FLAGS
-  config = f.config.value
-  if f.verify_manifest.value:
-    try:
-      problems = verify_manifest(config.data.root, f.verify_manifest.value)
-    except (OSError, ValueError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 1
-    real = [p for p in problems if not p.endswith("not in the manifest")]
-    for p in problems[:max(f.max_errors_shown.value, 1) * 10]:
-      print(("  " if p in real else "  note: ") + p)
-    print(f"FAILED: {len(real)} problems against {f.verify_manifest.value}" if real else
-          f"OK: every file of {f.verify_manifest.value} is present and identical")
-    return 1 if real else 0
-  _, text, ok = run_check(config, f.splits.value, f.max_images.value, f.batch_size.value,
-                          f.max_errors_shown.value, f.release.value)
-  print(text, flush=True)
-  if f.write_manifest.value:
-    if not ok:
-      print(f"not writing {f.write_manifest.value}: the check failed", file=sys.stderr)
-      return 1
-    manifest = write_manifest(config.data.root, f.write_manifest.value)
-    print(f"wrote {f.write_manifest.value}: {len(manifest['files'])} files")
-  return 0 if ok else 1
+  return run(f.config.value, f.splits.value, f.max_images.value, f.batch_size.value,
+             f.max_errors_shown.value, f.release.value, f.write_manifest.value,
+             f.verify_manifest.value)
 
 
 if __name__ == "__main__":

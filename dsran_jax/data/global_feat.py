@@ -21,6 +21,7 @@ from typing import Optional
 
 import numpy as np
 
+from dsran_jax import models
 from dsran_jax.data import raw
 
 GLOBAL_DIM = 2048  # ResNet-50/101/152's pooled width
@@ -28,7 +29,6 @@ GLOBAL_DIM = 2048  # ResNet-50/101/152's pooled width
 
 def uses_global(config) -> bool:
   """Whether the configured model reads global features (batch key `global_feat`)."""
-  from dsran_jax import models  # pylint: disable=g-import-not-at-top
   return "global_feat" in models.image_keys(config)
 
 

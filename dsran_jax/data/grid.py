@@ -20,13 +20,13 @@ from typing import Optional
 
 import numpy as np
 
-from dsran_jax.data import raw
+from dsran_jax import models
 from dsran_jax.core.batch import GRID_CELLS
+from dsran_jax.data import raw
 
 
 def uses_grid(config) -> bool:
   """Whether the configured model reads grid features."""
-  from dsran_jax import models  # pylint: disable=g-import-not-at-top
   return "grid" in models.image_keys(config)
 
 

@@ -20,9 +20,11 @@ import threading
 import weakref
 from typing import Optional
 
+import jax
 import numpy as np
 import tensorflow as tf
 
+from dsran_jax import models
 from dsran_jax.core import batch
 from dsran_jax.data.base import Split
 
@@ -222,7 +224,6 @@ def train_batches(split: Split, config, start_step: int = 0,
     input_ids, attention_mask, image_index, caption_index.
   """
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   global_batch = int(config.train.batch_size)
@@ -237,7 +238,6 @@ def train_batches(split: Split, config, start_step: int = 0,
   local_batch = global_batch // process_count
   order = _TrainOrder(split.num_captions, global_batch, local_batch, process_index,
                       int(config.train.seed), int(config.data.shuffle_buffer))
-  from dsran_jax import models  # pylint: disable=g-import-not-at-top
   image_specs = _probe(split, _image_keys(models.image_keys(config)))
   specs = dict(image_specs)
   specs["input_ids"] = (tuple(split.input_ids.shape[1:]), np.dtype(np.int32))

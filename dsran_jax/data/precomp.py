@@ -66,7 +66,10 @@ def read_raw_split(config, split_name: str) -> raw.RawSplit:
   """
   root = config.data.root
   if not root:
-    raise ValueError("data.root is empty: give the precomp directory")
+    raise ValueError("config.data.root='': give the precomp directory")
+  if not os.path.isdir(root):
+    raise raw.MissingDataError(f"{root}: not a directory (config.data.root, the precomp "
+                               f"directory of split {split_name!r})")
   files = split_files(root, split_name)
   if not os.path.isfile(files["ims"]) and not os.path.isfile(files["caps"]):
     raise raw.MissingDataError(

@@ -69,6 +69,7 @@ from typing import Optional
 
 import numpy as np
 
+from dsran_jax.data import global_feat
 from dsran_jax.data import raw as raw_lib
 from dsran_jax.data import region_pos as region_pos_lib
 
@@ -654,7 +655,6 @@ def read_raw_split(config, split_name: str,
     (B, 49, img_dim), regions (B, R, img_dim), region_pos (B, R, 1607) float32 and
     region_mask (B, R) bool, plus global_feat (B, img_dim) when the model reads it.
   """
-  from dsran_jax.data import global_feat  # pylint: disable=g-import-not-at-top
   world, layouts = world_and_layouts(config, split_name, difficulty)
   return raw_lib.RawSplit(
       image_ids=[f"synthetic-{split_name}-{i:06d}" for i in range(len(layouts))],

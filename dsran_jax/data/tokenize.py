@@ -16,9 +16,11 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from dsran_jax import models
+from dsran_jax import workdir as workdir_lib
 from dsran_jax.core.vocab import (  # noqa: F401  (re-exported: the tokenizers' vocabulary)
     DEFAULT_THRESHOLD, SPECIAL_WORDS, Vocabulary, word_tokenize)
-
+from dsran_jax.hub import resolve_pretrained_dir
 
 
 def _pad_rows(rows: Sequence[Sequence[int]], max_len: int):
@@ -114,15 +116,6 @@ class GruTokenizer:
     return _pad_rows([self.vocab.encode_one(t) for t in texts], self.max_len)
 
 
-def vocab_path(config, workdir: Optional[str]) -> Optional[str]:
-  """Where the GRU vocabulary lives: `data.vocab_file`, else `{workdir}/vocab.json`."""
-  if config.data.vocab_file:
-    return os.path.expanduser(config.data.vocab_file)
-  if workdir:
-    return os.path.join(workdir, "vocab.json")
-  return None
-
-
 def make_tokenizer(config, workdir: Optional[str] = None,
                    train_texts_fn: Optional[Callable[[], Sequence[str]]] = None):
   """The tokenizer the configured model family asks for (`models.tokenizer_kind`: BERT
@@ -131,23 +124,21 @@ def make_tokenizer(config, workdir: Optional[str] = None,
   Args:
     config: the full config (`model.name` and its family's keys, `model.bert_path`,
       `data.max_len`, `data.vocab_file`).
-    workdir: run directory; the GRU vocabulary is kept in `{workdir}/vocab.json` unless
-      `data.vocab_file` is set.
+    workdir: run directory; the GRU vocabulary is kept there (`workdir.vocab_path`:
+      `{workdir}/vocab.json`) unless `data.vocab_file` is set.
     train_texts_fn: returns the training captions; called only when a GRU vocabulary has
       to be built (it is then saved, so every later split and run reuses it).
   """
-  from dsran_jax import models  # pylint: disable=g-import-not-at-top
   kind = models.tokenizer_kind(config)
   if kind == "bert":
-    from dsran_jax.hub import resolve_pretrained_dir  # pylint: disable=g-import-not-at-top
     return BertTokenizer(str(resolve_pretrained_dir(config.model.bert_path)),
                          config.data.max_len)
   if kind == "vocab":
-    path = vocab_path(config, workdir)
+    path = workdir_lib.vocab_path(config, workdir)
     if path and os.path.isfile(path):
       vocab = Vocabulary.load(path)
     else:
-      if workdir and os.path.isdir(os.path.join(workdir, "checkpoints")):
+      if workdir and workdir_lib.Workdir(workdir).has_checkpoints():
         # A fresh vocabulary's ids would not be the ones the weights were trained with.
         raise ValueError(
             f"{workdir} has checkpoints but no word vocabulary at {path}: the word ids its "
