@@ -60,10 +60,16 @@ import sys
 import time
 from typing import Optional, Sequence
 
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
 import numpy as np
 
-# jax, the models and the data pipeline are imported where they are used, so that
-# `--help` answers at once.
+from dsran_jax import cli, evaluation, models, optim, ranking, train, validation
+from dsran_jax.core.batch import KEY_SPECS, key_shape
+from dsran_jax.default_config import ConfigError, get_base_config
+from dsran_jax.models.variables import init_variables
 
 COCO5K_IMAGES = 5000
 CAPTIONS_PER_IMAGE = 5
@@ -113,7 +119,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def make_config(args: argparse.Namespace):
   """The full config (DSRAN: the authors' F30K BERT recipe) at the benchmark's shape."""
-  from dsran_jax.default_config import get_base_config  # pylint: disable=g-import-not-at-top
   c = get_base_config()
   m = c.model
   m.name = args.model
@@ -138,36 +143,53 @@ def make_config(args: argparse.Namespace):
   c.train.optimizer = "bertadam"
   for item in args.set:
     _override(c, item)
+  # Every value checked before anything is built (the benchmark reads no dataset, so the
+  # data keys are checked as for the synthetic world).
+  probe = ml_collections.ConfigDict(c.to_dict())
+  probe.data.format = "synthetic"
+  validation.validate_config(probe)
   return c
+
+
+def _unknown(key: str) -> str:
+  """"unknown key (did you mean config.a.b?)" for a key no declaration knows."""
+  return validation.unknown_key(key).split(": ", 1)[1]
 
 
 def _override(c, item: str) -> None:
   """Applies one `--set KEY=VALUE` to config `c`, the value cast to the key's type."""
   key, sep, value = item.partition("=")
   if not sep:
-    raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+    raise ConfigError(f"--set {item!r}: expected KEY=VALUE", header="")
   *parents, leaf = key.split(".")
   node = c
   for name in parents:
-    if name not in node:
-      raise KeyError(f"--set {key}: unknown config key {name!r}")
+    if name not in node or not hasattr(node[name], "items"):
+      raise ConfigError(f"--set {item}: {_unknown(key)}", header="")
     node = node[name]
   if leaf not in node:
-    raise KeyError(f"--set {key}: unknown config key {leaf!r}")
+    raise ConfigError(f"--set {item}: {_unknown(key)}", header="")
   old = node[leaf]
+  if hasattr(old, "items"):
+    raise ConfigError(f"--set {item}: config.{key} is a section; set one of its keys "
+                      f"({', '.join(sorted(old))})", header="")
   if isinstance(old, bool):
     if value.lower() not in ("true", "false", "1", "0"):
-      raise ValueError(f"--set {key}={value}: expected true or false")
+      raise ConfigError(f"--set {key}={value}: expected true or false", header="")
     node[leaf] = value.lower() in ("true", "1")
   else:
-    node[leaf] = type(old)(value)
+    try:
+      node[leaf] = type(old)(value)
+    except ValueError:
+      kind = {"int": "an integer", "float": "a number"}.get(type(old).__name__,
+                                                            type(old).__name__)
+      raise ConfigError(f"--set {key}={value}: expected {kind}", header="") from None
 
 
 def random_batch(rng: np.random.Generator, batch_size: int, args, with_text=True,
                  with_images=True, model=None) -> dict:
   """Random inputs of the model's keys and shapes (DSRAN's when no model is given);
   captions of random length (>= 8 tokens)."""
-  from dsran_jax.core.batch import KEY_SPECS, key_shape  # pylint: disable=g-import-not-at-top
   dims = model.input_dims if model is not None else {"img_dim": args.img_dim,
                                                      "pos_dim": args.pos_dim}
   image_keys = model.image_keys if model is not None else (
@@ -260,8 +282,6 @@ def matmul_peak_gflops(sizes: Sequence[int] = (2048, 4096), min_time_s: float = 
   least `min_time_s` after a warm-up call; the best single call counts, as a roofline
   should.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
   best = {}
   for n in sizes:
@@ -282,7 +302,6 @@ def matmul_peak_gflops(sizes: Sequence[int] = (2048, 4096), min_time_s: float = 
 
 def peak_memory() -> dict:
   """Peak device memory where the backend tracks it, else the process's max RSS."""
-  import jax  # pylint: disable=g-import-not-at-top
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     return {"peak_memory_bytes": int(stats["peak_bytes_in_use"]),
@@ -292,7 +311,6 @@ def peak_memory() -> dict:
 
 
 def _device_info() -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
   d = jax.devices()[0]
   cpu = ""
   if d.platform == "cpu":
@@ -313,9 +331,6 @@ def _shape_info(args) -> dict:
 
 def benchmark_train(args: argparse.Namespace) -> dict:
   """Times the jitted train step at `args`' shape; returns the result dict."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from dsran_jax import models, optim, train  # pylint: disable=g-import-not-at-top
   config = make_config(args)
   model = models.build_model(config.model, vocab_size=args.vocab_size)
   mesh = train.make_mesh()
@@ -402,12 +417,9 @@ def _timed_encode(fn, variables, batches) -> float:
 
 def benchmark_eval(args: argparse.Namespace) -> dict:
   """Times eval-mode encoding (extrapolated to COCO 5K) and full COCO 5K ranking."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dsran_jax import models, ranking  # pylint: disable=g-import-not-at-top
   config = make_config(args)
   model = models.build_model(config.model, vocab_size=args.vocab_size)
-  variables = models.init_variables(model, jax.random.PRNGKey(args.seed))
+  variables = init_variables(model, jax.random.PRNGKey(args.seed))
 
   image_fn = jax.jit(lambda v, b: model.apply(v, b, method="encode_images"))
   text_fn = jax.jit(lambda v, b: model.apply(v, b, method="encode_texts"))
@@ -473,14 +485,12 @@ def benchmark_eval(args: argparse.Namespace) -> dict:
 
 def benchmark_score(args: argparse.Namespace) -> dict:
   """Times tiled scoring of an `score_images x score_captions` gallery."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from dsran_jax import evaluation, models  # pylint: disable=g-import-not-at-top
   if args.score_images < 1 or args.score_captions < 1:
     raise ValueError("--score_images and --score_captions must both be >= 1")
   config = make_config(args)
   config.eval.tile_images, config.eval.tile_captions = args.tile_images, args.tile_captions
   model = models.build_model(config.model, vocab_size=args.vocab_size)
-  variables = models.init_variables(model, jax.random.PRNGKey(args.seed))
+  variables = init_variables(model, jax.random.PRNGKey(args.seed))
   scorer = evaluation.ModelScorer(model, variables, tile=models.eval_tile(config),
                                   progress=False)
   rng = np.random.default_rng(args.seed)
@@ -526,7 +536,6 @@ def benchmark_score(args: argparse.Namespace) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   """Runs the benchmark `argv` asks for, prints one JSON line and returns the dict."""
   args = parse_args(argv)
-  import jax  # pylint: disable=g-import-not-at-top
   if args.score_images or args.score_captions:
     result = benchmark_score(args)
   else:
@@ -538,4 +547,5 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  with cli.user_errors():  # a bad flag value or config key: one `error:` line, exit 2
+    main(sys.argv[1:])

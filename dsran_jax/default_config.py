@@ -1,116 +1,326 @@
-"""The full set of config keys with their defaults.
+"""Every config key, declared once: its default, its rule and what it means (`KEYS`).
 
-Every file in `configs/` starts from `get_base_config()` and overrides what its recipe
-needs, so a key documented here exists in every config and `--config.a.b=v` overrides are
-checked against it (configs are locked: a mistyped key is an error).
+`get_base_config()` builds the ConfigDict of every key from `KEYS` (plus each model
+family's own section, `config.model.<family>`, which the family declares in
+`dsran_jax/models/<family>/config.py`); `validation.validate_config` checks each value
+with the same table's rules. Every file in `configs/` starts from `get_base_config()` and
+overrides what its recipe needs, so a key declared here exists in every config and
+`--config.a.b=v` overrides are checked against it (configs are locked: a mistyped key is
+an error). A key declared twice is an error when this module is imported.
+
+A rule is a function of the value returning None (valid) or what is wrong with it
+("must be an integer >= 1"); `validation` prefixes the key and the value:
+
+    config.train.checkpoint_every=0: must be an integer >= 1
+
+DSRAN's options are still top-level `config.model.*` keys, declared here; their ranges
+are checked by DSRAN's `validate` (`dsran_jax/models/dsran/config.py`), so their rules
+here check the type only.
 """
+import dataclasses
+import inspect
+import json
+import math
+import numbers
+import os
+import re
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
 import ml_collections
+
+from dsran_jax import models
+
+
+class ConfigError(ValueError):
+  """One or more config values are out of range, or a key is unknown; `problems` lists
+  each (one line naming the key, its value and what is allowed)."""
+
+  def __init__(self, problems, header: str = "invalid config (nothing was run)"):
+    if isinstance(problems, str):
+      problems = [problems]
+    self.problems: List[str] = [str(p) for p in problems]
+    self.header = header
+    super().__init__(f"{header}:\n  " + "\n  ".join(self.problems) if header
+                     else "\n".join(self.problems))
+
+  def one_line(self) -> str:
+    """Every problem on one line (for a command line's error message)."""
+    return "; ".join(" ".join(p.split()) for p in self.problems)
+
+
+# ------------------------------------------------------------------------------ rules
+
+Rule = Callable[[Any], Optional[str]]
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def Int(lo: Optional[int] = None, hi: Optional[int] = None, note: str = "") -> Rule:
+  """An integer in [lo, hi] (no bound where None)."""
+  if lo is None and hi is None:
+    rng = ""
+  elif hi is None:
+    rng = f" >= {lo}"
+  elif lo is None:
+    rng = f" <= {hi}"
+  else:
+    rng = f" in [{lo}, {hi}]"
+
+  def check(v):
+    if (not _is_int(v) or (lo is not None and v < lo) or (hi is not None and v > hi)):
+      return f"must be an integer{rng}{note}"
+  return check
+
+
+def Real(lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
+         hi_open: bool = False, allow_inf: bool = False, note: str = "") -> Rule:
+  """A number in the interval, finite unless `allow_inf`."""
+  unbounded = lo == -math.inf and hi == math.inf
+  rng = ("" if unbounded else
+         f" in {'(' if lo_open or lo == -math.inf else '['}{lo}, "
+         f"{hi}{')' if hi_open or hi == math.inf else ']'}")
+
+  def check(v):
+    ok = _is_real(v) and not math.isnan(v) and (allow_inf or math.isfinite(v))
+    ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+      return f"must be a {'' if allow_inf else 'finite '}number{rng}{note}"
+  return check
+
+
+def Choice(*values) -> Rule:
+  """One of `values`."""
+  def check(v):
+    if v not in values:
+      return f"expected one of {', '.join(repr(x) for x in values)}"
+  return check
+
+
+def Str(nonempty: bool = False, note: str = "") -> Rule:
+  """A string (non-empty if asked)."""
+  def check(v):
+    if not isinstance(v, str) or (nonempty and not v.strip()):
+      return f"must be a {'non-empty ' if nonempty else ''}string{note}"
+  return check
+
+
+def Bool() -> Rule:
+  """True or False."""
+  def check(v):
+    if not isinstance(v, bool):
+      return "must be True or False"
+  return check
+
+
+def Regexes() -> Rule:
+  """A string of comma-separated regular expressions."""
+  def check(v):
+    if not isinstance(v, str):
+      return "must be a string of comma-separated regular expressions"
+    for p in (p.strip() for p in v.split(",")):
+      if p:
+        try:
+          re.compile(p)
+        except re.error as e:
+          return f"{p!r} is not a regular expression ({e})"
+  return check
+
+
+# ------------------------------------------------------------------------ declarations
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+  """One config key: its dotted name ("train.log_every"), default, rule and meaning."""
+  name: str
+  default: Any
+  rule: Rule
+  doc: str
+
+
+def declare(keys: Iterable[Key]) -> Dict[str, Key]:
+  """{name: Key} of `keys`, in order; a name declared twice, or both a key and a section
+  ("a.b" and "a.b.c"), is a ValueError naming it."""
+  table: Dict[str, Key] = {}
+  for key in keys:
+    if key.name in table:
+      raise ValueError(f"config key {key.name!r} is declared twice (defaults "
+                       f"{table[key.name].default!r} and {key.default!r}): declare each "
+                       f"key once")
+    parts = key.name.split(".")
+    for i in range(1, len(parts)):
+      if ".".join(parts[:i]) in table:
+        raise ValueError(f"config key {key.name!r} is inside {'.'.join(parts[:i])!r}, "
+                         f"which is declared as a key, not a section")
+    if any(other.startswith(key.name + ".") for other in table):
+      raise ValueError(f"config key {key.name!r} is declared as a key but is already a "
+                       f"section")
+    if key.rule(key.default) is not None:
+      raise ValueError(f"config key {key.name!r}: its default {key.default!r} breaks its "
+                       f"own rule ({key.rule(key.default)})")
+    table[key.name] = key
+  return table
+
+
+FORMATS = ("synthetic", "precomp", "vlp")
+VLP_SPLITS = ("train", "dev", "test", "testall")
+DATASETS = ("f30k", "coco")
+# DSRAN's own keys: the range is checked by the family (see the module docstring).
+_DSRAN = " (DSRAN; range checked by models/dsran/config.py)"
+
+KEYS: Dict[str, Key] = declare([
+    # data: where the dataset is and how it is read
+    Key("data.format", "vlp", Choice(*FORMATS), "'synthetic' | 'precomp' | 'vlp'"),
+    Key("data.name", "f30k", Str(nonempty=True, note=" (vlp: 'f30k' or 'coco')"),
+        "'f30k' | 'coco': selects file layout and protocol"),
+    Key("data.root", "", Str(note=" (required for precomp and vlp)"),
+        "dataset directory (see README, 'Data layouts')"),
+    Key("data.tfds_dir", "", Str(),
+        "if set, read splits packed by dsran_jax.data.tfds_builder"),
+    Key("data.train_split", "train", Str(nonempty=True), "split trained on"),
+    Key("data.dev_split", "dev", Str(nonempty=True), "split of the dev evaluations"),
+    Key("data.test_split", "test", Str(nonempty=True),
+        "split of the test evaluation ('testall' for COCO 5K with precomp)"),
+    Key("data.max_len", 32, Int(3, 4096, note=" (tokens per caption, [CLS]/[SEP] or "
+                                             "<start>/<end> included)"),
+        "tokens per caption, [CLS]/[SEP] or <start>/<end> included"),
+    Key("data.shuffle_buffer", 0, Int(0, note=" (0: full shuffle)"),
+        "0: full shuffle of caption indices (cheap: indices only)"),
+    Key("data.prefetch", 2, Int(0), "batches prepared ahead"),
+    Key("data.num_regions", 100, Int(1),
+        "regions per image (padded/cut with a region mask)"),
+    Key("data.img_dim", 2048, Int(1), "width of the image features"),
+    Key("data.grid_file", "", Str(), "grid features; default {root}/{split}_grid.npy"),
+    Key("data.global_file", "", Str(note=" (default {root}/{split}_global.npy)"),
+        "pooled ResNet features; default {root}/{split}_global.npy"),
+    Key("data.vocab_file", "", Str(), "GRU vocabulary JSON; default {workdir}/vocab.json"),
+    # the synthetic world (data.format == "synthetic")
+    Key("data.synthetic.seed", 0, Int(0, 2**32 - 1), "seed of the synthetic world"),
+    Key("data.synthetic.num_train_images", 2000, Int(1), "synthetic train images"),
+    Key("data.synthetic.num_dev_images", 200, Int(1), "synthetic dev images"),
+    Key("data.synthetic.num_test_images", 200, Int(1), "synthetic test images"),
+    Key("data.synthetic.num_regions", 12, Int(1), "regions of a synthetic image"),
+
+    # model: the family, and the keys the families share
+    Key("model.name", "dsran", Str(nonempty=True),
+        "model family (dsran_jax/models/<name>/)"),
+    Key("model.text_encoder", "bert", Str(note=_DSRAN), "DSRAN: 'bert' | 'gru'"),
+    Key("model.embed_size", 1024, Int(note=_DSRAN), "joint embedding width"),
+    Key("model.K", 2, Int(note=_DSRAN), "JSR branches: 1, 2 or 4"),
+    Key("model.image_inputs", "grid+regions", Str(note=_DSRAN),
+        "'grid+regions' | 'regions'"),
+    Key("model.img_dim", 2048, Int(note=_DSRAN), "width of the region features"),
+    Key("model.pos_dim", 1607, Int(note=_DSRAN),
+        "region_pos width (6 box + 1601 class probs)"),
+    Key("model.use_region_pos", True, Bool(),
+        "BERT build: region_pos MLP; GRU build: none"),
+    Key("model.gat_heads", 8, Int(note=_DSRAN), "GAT attention heads"),
+    Key("model.gat_dropout", 0.2, Real(note=_DSRAN), "GAT dropout rate"),
+    Key("model.gat_layers", 1, Int(note=_DSRAN), "GAT layers"),
+    Key("model.text_padding", "masked", Str(note=_DSRAN),
+        "'masked' | 'reference' (authors' behaviour)"),
+    Key("model.dtype", "float32", Choice("float32", "bfloat16"),
+        "compute dtype (params and BatchNorm/softmax/loss stay fp32)"),
+    # BERT build
+    Key("model.bert_path", "", Str(), "local HF BERT directory or hub name"),
+    Key("model.bert_random_init", False, Bool(),
+        "True: BERT of shape model.bert.* with random weights"),
+    Key("model.bert.vocab_size", 30522, Int(1), "BERT WordPiece vocabulary"),
+    Key("model.bert.hidden_size", 768, Int(1), "BERT hidden width"),
+    Key("model.bert.num_layers", 12, Int(1), "BERT layers"),
+    Key("model.bert.num_heads", 12, Int(1), "BERT attention heads"),
+    Key("model.bert.intermediate_size", 3072, Int(1), "BERT feed-forward width"),
+    Key("model.bert.max_position", 512, Int(1), "BERT position embeddings"),
+    Key("model.bert.type_vocab_size", 2, Int(1), "BERT token types"),
+    # GRU build
+    Key("model.word_dim", 300, Int(note=_DSRAN), "word-embedding width"),
+    Key("model.vocab_size", 0, Int(note=_DSRAN), "0: size of the built vocabulary"),
+    Key("model.glove_path", "", Str(), "optional GloVe text file for word-embedding init"),
+
+    # train
+    Key("train.batch_size", 128, Int(1), "pairs per step (all devices)"),
+    Key("train.num_epochs", 12, Int(0, note=" (used when train.num_steps is 0)"),
+        "epochs (when train.num_steps is 0)"),
+    Key("train.num_steps", 0, Int(0, note=" (0: train.num_epochs epochs)"),
+        ">0 overrides num_epochs"),
+    Key("train.log_every", 100, Int(1), "steps between log lines"),
+    Key("train.eval_every", 0, Int(0, note=" (0: once per epoch)"),
+        "steps between dev evaluations; 0: once per epoch"),
+    Key("train.checkpoint_every", 1000, Int(1), "steps between 'latest' checkpoints"),
+    Key("train.checkpoint_every_s", 600.0,
+        Real(0, allow_inf=True, note=" (seconds; 0: after every step; inf: by steps only)"),
+        "... and at most this many seconds between them"),
+    Key("train.seed", 0, Int(0, 2**32 - 1), "seed of initialisation, order and dropout"),
+    Key("train.optimizer", "bertadam", Choice("bertadam", "adam"),
+        "'bertadam' (authors' BERT build) | 'adam' (GRU build)"),
+    Key("train.learning_rate", 2e-5, Real(0, lo_open=True), "peak learning rate"),
+    Key("train.lr_update", 6, Int(1, note=" (epochs between x0.1 decays; a large value "
+                                          "disables them)"),
+        "epochs between x0.1 decays"),
+    Key("train.warmup", 0.1, Real(0, 1, hi_open=True, note=" (fraction of the steps)"),
+        "fraction of total steps, linear warmup (BertAdam); 0: none"),
+    Key("train.grad_clip", 0.0, Real(0, note=" (0: no clipping)"),
+        "global-norm clip; 0: none (BertAdam clips per tensor at 1.0)"),
+    Key("train.bert_lr_scale", 1.0, Real(0), "lr multiplier for BERT weights"),
+    Key("train.freeze_bert", False, Bool(), "True: BERT weights are not trained"),
+    Key("train.freeze", "", Regexes(),
+        "comma-separated regexes of parameter paths never trained (added to the "
+        "family's own frozen layers)"),
+    Key("train.margin", 0.2, Real(0), "triplet loss margin"),
+    Key("train.max_violation", True, Bool(), "hardest negatives (VSE++)"),
+    Key("train.sum_violation_steps", 0, Int(0),
+        "VSE++ warm-up: sum of violations for this many steps"),
+
+    # eval
+    Key("eval.batch_size", 256, Int(1), "items encoded per batch"),
+    Key("eval.protocol", "1k", Choice("1k", "coco"),
+        "'1k' (Flickr30K) | 'coco' (5K and 5-fold 1K)"),
+    Key("eval.max_dev_images", 1000, Int(1), "COCO dev: first 1000 images"),
+    Key("eval.save_sims", False, Bool(), "also save the test sims matrix"),
+    Key("eval.chunk_size", 1000, Int(1), "images per block of the sims matrix when ranking"),
+    Key("eval.tile_images", 0, Int(0, note=" (0: the family's default)"),
+        "scoring tile (images x captions); 0: family default"),
+    Key("eval.tile_captions", 0, Int(0, note=" (0: the family's default)"),
+        "scoring tile's captions; 0: family default"),
+    # Two-stage evaluation: the embedding model of this workdir ranks everything, this
+    # model re-scores each query's top shortlist_k (both directions).
+    Key("eval.shortlist_workdir", "",
+        Str(note=" (a workdir of an embedding model; '': full evaluation)"),
+        "'': every pair scored (full evaluation)"),
+    Key("eval.shortlist_k", 50, Int(1, note=" (candidates re-scored per query)"),
+        "candidates per query (captions for i2t, images for t2i)"),
+    Key("eval.shortlist_fusion", 0.0, Real(0, 1, note=" (weight of the first stage's score)"),
+        "w: short list ordered by (1 - w) * this + w * first stage"),
+])
+
+
+def _set(c: ml_collections.ConfigDict, name: str, value) -> None:
+  *sections, leaf = name.split(".")
+  node = c
+  for s in sections:
+    if s not in node:
+      node[s] = ml_collections.ConfigDict()
+    node = node[s]
+  node[leaf] = value
 
 
 def get_base_config() -> ml_collections.ConfigDict:
   """Returns the default config: the authors' Flickr30K BERT recipe on VLP features."""
   c = ml_collections.ConfigDict()
-
-  c.data = ml_collections.ConfigDict()
-  c.data.format = "vlp"            # "synthetic" | "precomp" | "vlp"
-  c.data.name = "f30k"             # "f30k" | "coco": selects file layout and protocol
-  c.data.root = ""                 # dataset directory (see README, "Data layouts")
-  c.data.tfds_dir = ""             # if set, read splits packed by dsran_jax.data.tfds_builder
-  c.data.train_split = "train"
-  c.data.dev_split = "dev"
-  c.data.test_split = "test"       # "testall" for COCO 5K with precomp
-  c.data.max_len = 32              # tokens per caption, [CLS]/[SEP] or <start>/<end> included
-  c.data.shuffle_buffer = 0        # 0: full shuffle of caption indices (cheap: indices only)
-  c.data.prefetch = 2
-  c.data.num_regions = 100         # regions per image (padded/cut with a region mask)
-  c.data.img_dim = 2048
-  c.data.grid_file = ""            # grid features; default {root}/{split}_grid.npy
-  c.data.global_file = ""          # pooled ResNet features; default {root}/{split}_global.npy
-  c.data.vocab_file = ""           # GRU vocabulary JSON; default {workdir}/vocab.json
-  # synthetic world (data.format == "synthetic")
-  c.data.synthetic = ml_collections.ConfigDict()
-  c.data.synthetic.seed = 0
-  c.data.synthetic.num_train_images = 2000
-  c.data.synthetic.num_dev_images = 200
-  c.data.synthetic.num_test_images = 200
-  c.data.synthetic.num_regions = 12
-
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "dsran"           # model family (dsran_jax/models/<name>/); see below
-  c.model.text_encoder = "bert"    # DSRAN: "bert" | "gru"
-  c.model.embed_size = 1024
-  c.model.K = 2                    # JSR branches: 1, 2 or 4
-  c.model.image_inputs = "grid+regions"  # or "regions"
-  c.model.img_dim = 2048
-  c.model.pos_dim = 1607           # region_pos width (6 box + 1601 class probs)
-  c.model.use_region_pos = True    # BERT build: region_pos MLP; GRU build: none
-  c.model.gat_heads = 8
-  c.model.gat_dropout = 0.2
-  c.model.gat_layers = 1
-  c.model.text_padding = "masked"  # "masked" | "reference" (authors' behaviour)
-  c.model.dtype = "float32"        # compute dtype: "float32" | "bfloat16" (params and
-                                   # BatchNorm/softmax/loss stay fp32)
-  # BERT build
-  c.model.bert_path = ""           # local HF BERT directory or hub name
-  c.model.bert_random_init = False # True: BERT of shape model.bert.* with random weights
-  c.model.bert = ml_collections.ConfigDict()
-  c.model.bert.vocab_size = 30522
-  c.model.bert.hidden_size = 768
-  c.model.bert.num_layers = 12
-  c.model.bert.num_heads = 12
-  c.model.bert.intermediate_size = 3072
-  c.model.bert.max_position = 512
-  c.model.bert.type_vocab_size = 2
-  # GRU build
-  c.model.word_dim = 300
-  c.model.vocab_size = 0           # 0: size of the built vocabulary
-  c.model.glove_path = ""          # optional GloVe text file for word-embedding init
+  for key in KEYS.values():
+    _set(c, key.name, key.default)
   # Every family's own options, defaults included, under config.model.<family>.
-  from dsran_jax import models  # pylint: disable=g-import-not-at-top
   for name in models.names():
     section = models.family_config(name).defaults()
     if section is not None:
       c.model[name] = section
-
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 128
-  c.train.num_epochs = 12
-  c.train.num_steps = 0            # >0 overrides num_epochs
-  c.train.log_every = 100
-  c.train.eval_every = 0           # steps between dev evaluations; 0: once per epoch
-  c.train.checkpoint_every = 1000  # steps between "latest" checkpoints
-  c.train.checkpoint_every_s = 600.0  # ... and at most this many seconds between them
-  c.train.seed = 0
-  c.train.optimizer = "bertadam"   # "bertadam" (authors' BERT build) | "adam" (GRU build)
-  c.train.learning_rate = 2e-5
-  c.train.lr_update = 6            # epochs between x0.1 decays
-  c.train.warmup = 0.1             # fraction of total steps, linear warmup (BertAdam); 0: none
-  c.train.grad_clip = 0.0          # global-norm clip; 0: none (BertAdam clips per tensor at 1.0)
-  c.train.bert_lr_scale = 1.0      # lr multiplier for BERT weights
-  c.train.freeze_bert = False
-  c.train.freeze = ""              # comma-separated regexes of parameter paths never
-                                   # trained (added to the family's own frozen layers)
-  c.train.margin = 0.2
-  c.train.max_violation = True
-  c.train.sum_violation_steps = 0  # VSE++ warm-up: sum of violations for this many steps
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 256
-  c.eval.protocol = "1k"           # "1k" (Flickr30K) | "coco" (5K and 5-fold 1K)
-  c.eval.max_dev_images = 1000     # COCO dev: first 1000 images
-  c.eval.save_sims = False
-  c.eval.chunk_size = 1000         # images per block of the sims matrix when ranking
-  c.eval.tile_images = 0           # scoring tile (images x captions); 0: family default
-  c.eval.tile_captions = 0
-  # Two-stage evaluation (dsran_jax/two_stage.py): the embedding model of this workdir ranks
-  # everything, this model re-scores each query's top shortlist_k (both directions).
-  c.eval.shortlist_workdir = ""    # "": every pair scored (full evaluation)
-  c.eval.shortlist_k = 50          # candidates per query (captions for i2t, images for t2i)
-  c.eval.shortlist_fusion = 0.0    # w: short list ordered by (1 - w) * this + w * first stage
   return c
-
-
-DATASETS = ("f30k", "coco")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -136,7 +346,6 @@ def parse_config_arg(arg: str):
 
 def call_recipe(fn, c, what: str, kwargs):
   """`fn(c, **kwargs)`, with an unknown keyword named against the recipe's own."""
-  import inspect  # pylint: disable=g-import-not-at-top
   params = list(inspect.signature(fn).parameters)[1:]
   unknown = sorted(set(kwargs) - set(params))
   if unknown:
@@ -152,7 +361,6 @@ def recipe_config(dataset: str, family: str = "", **kwargs) -> ml_collections.Co
   `family` may carry recipe options (`parse_config_arg`: "sgraf,module=SAF"); they and
   `kwargs` go to the family's `recipe` (DSRAN: `text_encoder="gru"`).
   """
-  from dsran_jax import models  # pylint: disable=g-import-not-at-top
   if dataset not in DATASETS:
     raise ValueError(f"dataset {dataset!r}: expected one of {DATASETS}")
   family, options = parse_config_arg(family)
@@ -165,7 +373,7 @@ def recipe_config(dataset: str, family: str = "", **kwargs) -> ml_collections.Co
     c.data.test_split = "testall"
     c.eval.protocol = "coco"
   return call_recipe(models.family_config(c.model.name).recipe, c,
-                      f"the {c.model.name} recipe", {"dataset": dataset, **kwargs})
+                     f"the {c.model.name} recipe", {"dataset": dataset, **kwargs})
 
 
 def authors_recipe(dataset: str, text_encoder: str) -> ml_collections.ConfigDict:
@@ -179,8 +387,6 @@ CONFIG_FILE = "config.json"
 def save_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes the resolved config to `{workdir}/config.json` (eval and inference rebuild
   the model from it)."""
-  import json
-  import os
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CONFIG_FILE)
   tmp = path + ".tmp"
@@ -193,22 +399,23 @@ def save_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> str:
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   """The config saved in a workdir, laid over the defaults so keys added since still exist.
 
-  Raises a FileNotFoundError naming the file if the workdir has no config, and a KeyError
-  naming any key the defaults do not know.
+  Raises a FileNotFoundError naming the file if the workdir has no config, and a
+  ConfigError naming the file and any key the defaults do not know (or the JSON error).
   """
-  import json
-  import os
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a dsran_jax workdir?")
   with open(path) as f:
-    saved = json.load(f)
+    try:
+      saved = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{path}: not a config (invalid JSON: {e})", header="") from None
   config = get_base_config()
 
   def merge(dst, src, prefix):
     for key, value in src.items():
       if key not in dst:
-        raise KeyError(f"{path}: unknown config key {prefix}{key}")
+        raise ConfigError(f"{path}: unknown config key {prefix}{key}", header="")
       if isinstance(value, dict):
         merge(dst[key], value, f"{prefix}{key}.")
       else:
@@ -216,3 +423,4 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
 
   merge(config, saved, "")
   return config
+

@@ -33,15 +33,21 @@ import concurrent.futures
 import hashlib
 import json
 import os
-import sys
 import time
 import types
 from typing import List, Optional, Sequence, Tuple
 
-from absl import app
-from absl import flags
-from absl import logging
-import numpy as np
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dsran_jax import cli  # noqa: E402
+from dsran_jax.models.common import resnet  # noqa: E402
+from dsran_jax.progress import Progress  # noqa: E402
 
 RESIZE = 256
 CROP = 224
@@ -320,10 +326,6 @@ def run(images: str, weights: str, out: str, split: str = "test", batch_size: in
                         f"{files['record']}, so they are not an extraction this tool can "
                         f"continue; refusing to overwrite: {_restart_hint(files, split)}")
 
-  import jax  # pylint: disable=g-import-not-at-top  # after flag parsing: fast --help
-  from dsran_jax.models.common import resnet  # pylint: disable=g-import-not-at-top
-  from dsran_jax.progress import Progress  # pylint: disable=g-import-not-at-top
-
   config, variables = resnet.load_weights(weights)
   cells = (CROP // config.stride) ** 2 if CROP % config.stride == 0 else None
   if cells != GRID_CELLS:
@@ -412,16 +414,13 @@ def main(argv):
     if not getattr(f, name).value:
       raise app.UsageError(f"--{name} is required")
   logging.set_verbosity(logging.INFO)
-  try:
-    summary = run(f.images.value, f.weights.value, f.out.value, f.split.value,
-                  f.batch_size.value, f.num_workers.value)
-  except (OSError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  summary = run(f.images.value, f.weights.value, f.out.value, f.split.value,
+                f.batch_size.value, f.num_workers.value)
   print(json.dumps(summary))
 
 
 if __name__ == "__main__":
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   _FLAGS = _define_flags()
-  app.run(main)
+  # A missing image or weights file, an image that does not decode, weights that are not
+  # a ResNet, an output directory of another extraction: `error: ...`, exit 2.
+  cli.run_cli(main, errors=(OSError, ValueError))

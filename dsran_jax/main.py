@@ -11,20 +11,18 @@ keys given on the command line change them (model keys included, e.g.
 """
 import logging as py_logging
 import os
-import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dsran_jax import evaluation, figures, train
-from dsran_jax import cli, validation
+from dsran_jax import cli, evaluation, figures, train, validation
 from dsran_jax.workdir import CONFIG_FILE, Workdir
 
 # The default only types the --config.a.b=v overrides of `--mode=eval`, which apply to
 # the workdir's config.json; training asks for a config file.
 _BASE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_config.py")
-config_flags.DEFINE_config_file(
+cli.define_config_file(  # a mistyped --config.a.b key: one line
     "config", _BASE_CONFIG, "Path to a configs/*.py file, optionally with a model family "
     "and recipe options (configs/f30k.py:sgraf,module=SAF); override keys with "
     "--config.a.b=v.", lock_config=True)
@@ -115,8 +113,8 @@ def _check_flags():
 
 
 def run():
-  # Flag and config errors, and user errors raised later, as one `error:` line (cli.py).
-  cli.run(main, check=_check_flags)
+  # Flag and config errors, and user errors raised later, as one `error:` line.
+  cli.run_cli(main, check=_check_flags)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from dsran_jax import data, index as index_lib, inference
+from dsran_jax import cli, data, index as index_lib, inference
 from dsran_jax.evaluation import two_stage
 from dsran_jax.evaluation.shortlist import check_fusion, check_k, order_query
 from dsran_jax.workdir import Workdir
@@ -670,4 +670,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _FLAGS = _define_flags()
-  app.run(main)
+  cli.run_cli(main)  # user errors: one `error:` line, exit 2

@@ -1,4 +1,4 @@
-"""BSSAN-R (MODELS.md section 5): every attention and fusion against a float64 numpy
+"""BSSAN-R (docs/models/bssan.md): every attention and fusion against a float64 numpy
 implementation written from the equations (model.py's docstring), one pair at a time on
 the valid positions only; padding invariance; the coupled recurrence over a tile equals a
 per-pair loop; the PyTorch-layout LSTM against torch.nn.LSTM on packed sequences; config
@@ -14,7 +14,8 @@ import pytest
 
 from conftest import jitted_matching
 from dsran_jax import models
-from dsran_jax.default_config import recipe_config
+from dsran_jax.models.variables import init_variables
+from dsran_jax.default_config import ConfigError, recipe_config
 from dsran_jax.models.bssan import config as bssan_config
 from dsran_jax.models.common.text import LSTM, recurrent_tokens
 
@@ -40,7 +41,7 @@ def build(seed=0, **bssan):
   zero biases) so that a transposed or dropped term shows."""
   c = make_config(**bssan)
   model = models.build_model(c.model, vocab_size=VOCAB)
-  variables = models.init_variables(model, jax.random.PRNGKey(seed))
+  variables = init_variables(model, jax.random.PRNGKey(seed))
   leaves, tree = jax.tree.flatten(variables["params"])
   rng = np.random.default_rng(seed)
   leaves = [np.asarray(x) + 0.3 * rng.standard_normal(np.shape(x)).astype(np.float32)
@@ -404,7 +405,7 @@ def test_benchmark_set_flag_reaches_the_family_options():
   c = benchmark.make_config(args)
   assert (c.model.bssan.w2r, c.model.bssan.scan_unroll, c.model.bssan.txt_norm) == (
       "coupled", 32, False)
-  for item, error in (("model.bssan.nope=1", KeyError), ("model.bssan.w2r", ValueError),
+  for item, error in (("model.bssan.nope=1", ConfigError), ("model.bssan.w2r", ValueError),
                       ("model.bssan.txt_norm=maybe", ValueError)):
     with pytest.raises(error, match="--set"):
       benchmark.make_config(benchmark.parse_args(["--model=bssan", "--set", item]))

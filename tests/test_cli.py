@@ -1,5 +1,6 @@
-"""The absl CLIs: importable together (flags are defined only when run as a program) and
-each one's `--help` works."""
+"""The CLIs: importable together (flags are defined only when run as a program), each
+one's `--help` works, and each reports a user error as one line without a traceback."""
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -45,3 +46,51 @@ def test_cli_help(module):
   assert r.returncode in (0, 1), r.stderr[-3000:]  # absl exits 1 after --help
   assert "Traceback" not in r.stderr, r.stderr[-3000:]
   assert CLIS[module] in r.stdout, r.stdout[-3000:]
+
+
+# Module -> (arguments that are a user's mistake, text the one error line must hold,
+# exit status): a bad path, a bad config value or a mistyped key.
+USER_ERRORS = {
+    "dsran_jax.main": (["--config=configs/demo.py", "--config.data.mx_len=3",
+                        "--workdir=/nonexistent/w"],
+                       "config.data.mx_len=3: unknown key (did you mean "
+                       "config.data.max_len?)", 2),
+    "dsran_jax.extract": (["--images=/nonexistent/images", "--weights=/nonexistent/w.pth",
+                           "--out=/nonexistent/out"], "/nonexistent/images", 2),
+    "dsran_jax.search": (["--workdir=/nonexistent/w", "--query=a dog"],
+                         "/nonexistent/w/config.json", 2),
+    "dsran_jax.data.check": (["--config=configs/demo.py", "--config.data.max_len=0"],
+                             "config.data.max_len=0: must be an integer in [3, 4096]", 2),
+    "dsran_jax.data.tfds_builder": (["--config=configs/demo.py", "--config.data.max_len=0",
+                                     "--split=train", "--out_dir=/nonexistent/tfds"],
+                                    "config.data.max_len=0: must be an integer in", 2),
+    "dsran_jax.tools.rank": (["--sims=/nonexistent/sims.npy"], "/nonexistent/sims.npy", 1),
+    "dsran_jax.tools.convert_torch": (["--checkpoint=/nonexistent/model_best.pth.tar",
+                                       "--workdir=/nonexistent/w"],
+                                      "/nonexistent/model_best.pth.tar", 2),
+    "dsran_jax.tools.bench_two_stage": (["--workdir=/nonexistent/w",
+                                         "--shortlist_workdir=/nonexistent/s"],
+                                        "/nonexistent/w/config.json", 2),
+    "dsran_jax.benchmark": (["--batch_size=0"],
+                            "config.train.batch_size=0: must be an integer >= 1", 2),
+}
+
+
+@pytest.fixture(scope="module")
+def user_error_runs():
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    runs = pool.map(lambda m: (m, _python(["-m", m, *USER_ERRORS[m][0]])), USER_ERRORS)
+    return dict(runs)
+
+
+@pytest.mark.parametrize("module", sorted(USER_ERRORS))
+def test_cli_user_error_is_one_line(user_error_runs, module):
+  """Every CLI reports a user error as one `error:` line naming the key or file, with
+  no traceback (cli.run_cli)."""
+  _, expected, code = USER_ERRORS[module]
+  r = user_error_runs[module]
+  lines = [line for line in r.stderr.splitlines() if line.strip()]
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert r.returncode == code and len(lines) == 1, (r.returncode, r.stderr[-3000:])
+  assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+  assert r.stdout == ""

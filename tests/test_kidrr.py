@@ -1,7 +1,7 @@
-"""KIDRR family (a reconstruction on the SGRAF core, MODELS.md section 4): with every
+"""KIDRR family (a reconstruction on the SGRAF core, docs/models/kidrr.md): with every
 switch off it is SGRAF bit for bit (also from an SGRAF checkpoint through the
 converter), each module alone changes the scores, and each equation matches a small
-numpy version written from MODELS.md section 4 (float64, per pair on the real words
+numpy version written from docs/models/kidrr.md (float64, per pair on the real words
 and regions only)."""
 
 import jax
@@ -12,6 +12,7 @@ from flax import traverse_util
 
 from conftest import jitted_matching
 from dsran_jax import models
+from dsran_jax.models.variables import init_variables, variable_shapes
 from dsran_jax.default_config import get_base_config, recipe_config
 from dsran_jax.models.kidrr import config as kidrr_config
 from dsran_jax.models.kidrr import params as kidrr_params
@@ -74,7 +75,7 @@ def _perturbed(variables, seed=1):
 
 def _subset(variables, model):
   """`variables` restricted to the tree `model` has."""
-  want = models.variable_shapes(model)
+  want = variable_shapes(model)
   flat = traverse_util.flatten_dict(variables, sep="/")
   return traverse_util.unflatten_dict({k: flat[k] for k in want}, sep="/")
 
@@ -91,8 +92,8 @@ def test_all_off_is_sgraf_bit_for_bit(module):
   """Same variables, same eval scores and same train-mode scores and BatchNorm updates."""
   sgraf = _model(_config("sgraf", module))
   kidrr = _model(_config("kidrr", module))
-  assert models.variable_shapes(kidrr) == models.variable_shapes(sgraf)
-  v = _perturbed(models.init_variables(sgraf, jax.random.key(0)))
+  assert variable_shapes(kidrr) == variable_shapes(sgraf)
+  v = _perturbed(init_variables(sgraf, jax.random.key(0)))
   batch, _ = _data()
   np.testing.assert_array_equal(_reps_and_scores(kidrr, v, batch)[2],
                                 _reps_and_scores(sgraf, v, batch)[2])
@@ -115,8 +116,8 @@ def test_all_off_from_an_sgraf_checkpoint(torch_ref, tmp_path):
             opt=dict(embed_size=D, word_dim=8, img_dim=IMG_DIM, sim_dim=S, module_name="SAF"))
   ckpt = load_checkpoint(path)
   assert not kidrr_params.detect(ckpt) and sgraf_params.detect(ckpt)
-  as_kidrr = kidrr_params.convert(ckpt, {"path": path})
-  as_sgraf = sgraf_params.convert(ckpt, {"path": path})
+  as_kidrr = kidrr_params.convert(ckpt, {"path": path}, config=get_base_config())
+  as_sgraf = sgraf_params.convert(ckpt, {"path": path}, config=get_base_config())
   assert as_kidrr.config.model.name == "kidrr"
   for key, value in kidrr_config.OFF.items():
     assert as_kidrr.config.model.kidrr[key] == value, key
@@ -132,7 +133,8 @@ def test_all_off_from_an_sgraf_checkpoint(torch_ref, tmp_path):
                    lengths=lens, shard_size=2)
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
   with pytest.raises(ConversionError, match="KIDRR has no released checkpoints"):
-    kidrr_params.convert({"model": [ckpt["model"][0], ckpt["model"][1]]})
+    kidrr_params.convert({"model": [ckpt["model"][0], ckpt["model"][1]]},
+                         config=get_base_config())
 
 
 # ------------------------------------------------------------ each module matters
@@ -151,7 +153,7 @@ SWITCHES = [("SGR", dict(kgid_steps=2)), ("SGR", dict(kgid_steps=1, kgid_share_s
 def test_each_module_alone_changes_the_scores(module, switch):
   on = _model(_config("kidrr", module, **switch))
   off = _model(_config("kidrr", module))
-  v = _perturbed(models.init_variables(on, jax.random.key(5)))
+  v = _perturbed(init_variables(on, jax.random.key(5)))
   batch, _ = _data(1)
   s_on = _reps_and_scores(on, v, batch)[2]
   s_off = _reps_and_scores(off, _subset(v, off), batch)[2]
@@ -159,7 +161,7 @@ def test_each_module_alone_changes_the_scores(module, switch):
   assert np.abs(s_on - s_off).max() > 1e-4, switch
 
 
-# ------------------------------------------------- numpy versions of MODELS.md 4.2-4.4
+# ---------------------------------------------- numpy versions of docs/models/kidrr.md
 
 
 def _np(tree):
@@ -203,7 +205,7 @@ def _np_sa(p, s, x, raw, slots=None):
 
 
 def _np_kgid(p, s, x, g, steps, share, slots=None):
-  """MODELS.md 4.2, literally, on one item's real nodes x (n, d)."""
+  """docs/models/kidrr.md (KGID), literally, on one item's real nodes x (n, d)."""
   d = x.shape[1]
   for tau in range(steps):
     sfx = "" if share else f"_{tau}"
@@ -228,7 +230,7 @@ def _attend(queries, context, lam):
 
 
 def _np_pair(p, v, e, vg, eg, ext, module):
-  """MODELS.md 4.3 (nodes) and 4.4 (RGR + readouts) for one pair's real v, e. The
+  """docs/models/kidrr.md (nodes, RGR and readouts) for one pair's real v, e. The
   global-local queries are normalised together with the other side's local queries
   (the documented reading; a lone query makes the clipped l2 norm a sign)."""
   sim = lambda w, a, b: _l2n(_lin(p[w], np.square(a - b)))
@@ -277,7 +279,7 @@ def test_head_matches_numpy_models_md(module, ext):
   """The tiled head (sorted captions, chunks, length buckets, masks, fused SGR) equals
   the per-pair numpy version on the reps our encoders give."""
   model = _model(_config("kidrr", module, **ext))
-  v = _perturbed(models.init_variables(model, jax.random.key(6)))
+  v = _perturbed(init_variables(model, jax.random.key(6)))
   batch, lens = _data(4)
   img, txt, got = _reps_and_scores(model, v, batch)
   p = _np(v["params"]["sim_enc"])
@@ -298,7 +300,7 @@ def test_kgid_matches_numpy_models_md(share):
   and words (TextSA, padded words), eval mode."""
   model = _model(_config("kidrr", kgid_steps=2, kgid_share_steps=share))
   plain = _model(_config("kidrr"))
-  v = _perturbed(models.init_variables(model, jax.random.key(7)))
+  v = _perturbed(init_variables(model, jax.random.key(7)))
   batch, lens = _data(5)
   img, txt, _ = _reps_and_scores(model, v, batch)
   img0, txt0, _ = _reps_and_scores(plain, _subset(v, plain), batch)   # before KGID
@@ -326,7 +328,7 @@ def test_full_kidrr_padding_invariance_and_training_step():
   for key, value in kidrr_config.defaults().items():
     c.model.kidrr[key] = value
   model = _model(c)
-  v = _perturbed(models.init_variables(model, jax.random.key(8)))
+  v = _perturbed(init_variables(model, jax.random.key(8)))
   batch, _ = _data(6)
   base = _reps_and_scores(model, v, batch)[2]
   noisy = dict(batch)

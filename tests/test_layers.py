@@ -11,18 +11,22 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "dsran_jax"
 
 LAYERS = (
-    # foundations: contracts, conversion libraries and numpy/jax utilities
-    ("core", "convert", "hub", "progress", "ranking", "losses", "optim", "checkpointing"),
+    # contracts: batch keys, the word vocabulary, the text policy
+    ("core",),
+    # foundations: conversion libraries and numpy/jax utilities
+    ("convert", "hub", "progress", "ranking", "losses", "optim", "checkpointing"),
     ("models",),
     ("default_config",),
     ("validation",),
+    # the command lines' shared entry (one-line user errors)
+    ("cli",),
     ("workdir",),
     ("data",),
     ("evaluation", "index"),
     ("inference",),
     ("train", "search", "figures"),
     # command lines
-    ("main", "benchmark", "extract", "tools", "cli"),
+    ("main", "benchmark", "extract", "tools"),
 )
 # Third-party modules that may be imported inside a function: optional or heavy
 # dependencies used by one edge of the package.

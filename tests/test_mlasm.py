@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from dsran_jax import evaluation, inference, losses, models, optim, train
-from dsran_jax.default_config import load_workdir_config
+from dsran_jax.models.variables import init_variables
+from dsran_jax.default_config import get_base_config, load_workdir_config
 from dsran_jax.models.mlasm import MlasmConfig, build
 from dsran_jax.models.mlasm import model as mlasm_model
 
@@ -176,13 +177,13 @@ def test_converter_names_bad_keys(converted):
   del bad["model"][0]["cnn.module.layer1.0.conv2.weight"]
   bad["model"][3]["rnn.weight_ih_l1"] = bad["model"][3]["rnn.weight_ih_l0"]
   with pytest.raises(ConversionError, match=r"word_enc\.rnn\.weight_ih_l1"):
-    params.convert(bad)
+    params.convert(bad, config=get_base_config())
   del bad["model"][3]["rnn.weight_ih_l1"]
   with pytest.raises(ConversionError, match=r"img_enc\.cnn\.module\.layer1\.0\.conv2\.weight"):
-    params.convert(bad)
+    params.convert(bad, config=get_base_config())
   opt_t2i = dict(ckpt, opt={**ckpt["opt"], "cross_attn": "t2i"})
   with pytest.raises(ConversionError, match="cross_attn"):
-    params.convert(opt_t2i)
+    params.convert(opt_t2i, config=get_base_config())
 
 
 # --------------------------------------------------------- the two global modes
@@ -195,7 +196,7 @@ def _model_pair():
              global_dim=24, max_block_elements=2000)  # blocking on: several blocks
   pairwise = build(MlasmConfig(global_mode="pairwise", **cfg))
   reference = build(MlasmConfig(global_mode="reference", **cfg))
-  variables = models.init_variables(pairwise, jax.random.PRNGKey(1))
+  variables = init_variables(pairwise, jax.random.PRNGKey(1))
   rng = np.random.default_rng(2)  # no trivial weights (zero biases) anywhere
   variables = jax.tree.map(
       lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape).astype(np.float32),
@@ -408,8 +409,8 @@ def test_glove_rows_initialise_the_word_embeddings(tmp_path):
   glove.write_text("".join(f"{w} {' '.join(str(x) for x in v)}\n" for w, v in vectors.items()))
   c.model.glove_path = str(glove)
   model = models.build_model(c.model, vocab_size=len(vocab))
-  variables = models.load_pretrained(models.init_variables(model, jax.random.PRNGKey(0)),
-                                     c, str(tmp_path))
+  variables = models.load_pretrained(init_variables(model, jax.random.PRNGKey(0)),
+                                     c, vocab)
   table = np.asarray(variables["params"]["word_enc"]["embed"]["embedding"])
   for w, v in vectors.items():
     np.testing.assert_array_equal(table[vocab.word2idx[w]], v)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dsran_jax import models
+from dsran_jax.models.variables import init_variables
 from dsran_jax.default_config import get_base_config
 from dsran_jax.models.common.glove import load_glove
 from dsran_jax.models.common.layers import MaskedBatchNorm
@@ -41,7 +42,7 @@ def random_batch(rng, b=3, r=5, l=7, img_dim=24, vocab=50, grid=True):
 
 def init(model_cfg, vocab_size=50):
   model = models.build_model(model_cfg, vocab_size=vocab_size)
-  variables = models.init_variables(model, jax.random.PRNGKey(0))
+  variables = init_variables(model, jax.random.PRNGKey(0))
   # Non-trivial running statistics so eval mode is a real test of using them.
   stats = jax.tree_util.tree_map(
       lambda x: x + 0.3 * jnp.abs(jax.random.normal(jax.random.PRNGKey(1), x.shape)),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dsran_jax import models
+from dsran_jax.models.variables import init_variables
 from dsran_jax.default_config import get_base_config, recipe_config
 from dsran_jax.models.common import cross_attention as xa
 from dsran_jax.models.scan import config as scan_config
@@ -83,7 +84,7 @@ def test_authors_similarity_matrix(torch_ref, tmp_path, cross_attn, agg_func, bi
                    shard_size=4)
   ckpt = load_checkpoint(path)  # numpy-only reader: no torch in this process
   assert scan_params.detect(ckpt)
-  converted = scan_params.convert(ckpt, {"path": path})
+  converted = scan_params.convert(ckpt, {"path": path}, config=get_base_config())
   variables, config = converted.variables, converted.config
   assert converted.vocab is None
   s = config.model.scan
@@ -146,7 +147,7 @@ def test_authors_embeddings(torch_ref, tmp_path):
   torch_ref("scan.save_checkpoint", path=path, opt=_opt("t2i", "Mean", True, num_layers=2),
             vocab_size=VOCAB, seed=5)
   want = torch_ref("scan.embeddings", path=path, images=images, captions=ids, lengths=lens)
-  converted = scan_params.convert(load_checkpoint(path))
+  converted = scan_params.convert(load_checkpoint(path), config=get_base_config())
   variables, config = converted.variables, converted.config
   model = models.build_model(config.model, config.model.vocab_size)
   img, txt = jax.jit(lambda v, a, b: (model.apply(v, a, method="encode_images"),
@@ -385,7 +386,7 @@ def _tiny_model(**scan):
     c.model.scan[key] = value
   scan_config.validate(c)
   model = models.build_model(c.model, VOCAB)
-  return model, models.init_variables(model, jax.random.PRNGKey(0))
+  return model, init_variables(model, jax.random.PRNGKey(0))
 
 
 def _batch(rng, b=4, r=5, length=7):
@@ -508,7 +509,8 @@ def test_vocab_json_keeps_their_ids(tmp_path):
     assert vocab(w) == i
   assert vocab("zebra") == 3
   vocab.save(str(tmp_path / "vocab.json"))  # ours, read by the same reader
-  assert authors_vocab.load_vocab(str(tmp_path / "vocab.json")).idx2word == vocab.idx2word
+  again = authors_vocab.load_vocab(str(tmp_path / "vocab.json"))
+  assert again.idx2word == vocab.idx2word
   bad = dict(word2idx, runs=4)
   path.write_text(json.dumps({"word2idx": bad, "idx2word": {}, "idx": 7}))
   with pytest.raises(ValueError, match="each once"):
@@ -526,18 +528,18 @@ def test_converter_names_bad_keys_and_shapes(torch_ref, tmp_path):
   extra = {**ckpt, "model": [dict(ckpt["model"][0], **{"fc.extra": np.zeros(2)}),
                              ckpt["model"][1]]}
   with pytest.raises(ConversionError, match=r"img_enc\.fc\.extra"):
-    scan_params.convert(extra)
+    scan_params.convert(extra, config=get_base_config())
   txt = dict(ckpt["model"][1])
   txt["rnn.weight_hh_l0_reverse"] = txt["rnn.weight_hh_l0_reverse"][:, :-1]
   with pytest.raises(ConversionError, match=r"txt_enc\.rnn\.weight_hh_l0_reverse.*expects"):
-    scan_params.convert({**ckpt, "model": [ckpt["model"][0], txt]})
+    scan_params.convert({**ckpt, "model": [ckpt["model"][0], txt]}, config=get_base_config())
   with pytest.raises(ConversionError, match="opt.embed_size"):
-    scan_params.convert({**ckpt, "opt": dict(ckpt["opt"], embed_size=32)})
+    scan_params.convert({**ckpt, "opt": dict(ckpt["opt"], embed_size=32)}, config=get_base_config())
   txt = {k: v for k, v in ckpt["model"][1].items() if k != "rnn.bias_ih_l0"}
   missing = r"txt_enc/gru/b_ih \(checkpoint key txt_enc\.rnn\.bias_ih_l0\)"
   with pytest.raises(ConversionError, match=missing):
-    scan_params.convert({**ckpt, "model": [ckpt["model"][0], txt]})
-  converted = scan_params.convert(ckpt)
+    scan_params.convert({**ckpt, "model": [ckpt["model"][0], txt]}, config=get_base_config())
+  converted = scan_params.convert(ckpt, config=get_base_config())
   config = converted.config
   assert config.train.grad_clip == 2.0 and config.model.vocab_size == VOCAB
   assert config.data.format == "precomp" and config.model.name == "scan"

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from dsran_jax import inference, plots, search
+from dsran_jax import figures, inference, search
 from dsran_jax.models.dsran import attention as dsran_attention
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,13 +109,13 @@ def test_gallery_api_matches_evaluation_and_rebuilds_stale_cache(workdir, encode
 
 
 def test_evaluation_figures(workdir, encoder):
-  paths = plots.evaluation_figures(workdir, encoder=encoder)
+  paths = figures.evaluation_figures(workdir, encoder=encoder)
   assert set(paths) == {"training_curves", "recall_curves", "attention_map"}
   for p in paths.values():
     assert os.path.getsize(p) > 10_000 and p.startswith(workdir)
   from dsran_jax import data
   split = data.load_split(encoder.config, "test", workdir)
-  att = dsran_attention.jsr_attention(encoder, split.images(np.arange(3)))
+  att = dsran_attention.jsr_attention(encoder.model, encoder.variables, split.images(np.arange(3)))
   total = att["grid"].sum(1) + att["regions"].sum(1)
   np.testing.assert_allclose(total, 1.0, atol=1e-5)
   assert att["grid"].shape == (3, 49) and att["regions"].shape == (3, 4)

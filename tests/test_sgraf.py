@@ -12,8 +12,9 @@ import pytest
 
 from conftest import jitted_matching
 from dsran_jax import models, ranking
+from dsran_jax.models.variables import init_variables
 from dsran_jax.default_config import get_base_config, recipe_config
-from dsran_jax.models.common import similarity as sim
+from dsran_jax.models.sgraf import similarity as sim
 from dsran_jax.models.sgraf import config as sgraf_config
 from dsran_jax.models.sgraf import params as sgraf_params
 from dsran_jax.convert.engine import ConversionError, load_checkpoint
@@ -84,7 +85,7 @@ def test_authors_similarity_matrix(torch_ref, checkpoints, name):
                    shard_size=4)
   ckpt = load_checkpoint(path)
   assert sgraf_params.detect(ckpt)
-  converted = sgraf_params.convert(ckpt, {"path": path})
+  converted = sgraf_params.convert(ckpt, {"path": path}, config=get_base_config())
   config = converted.config
   s = config.model.sgraf
   assert (s.module, s.sim_dim, s.bi_gru, s.no_txtnorm) == (
@@ -106,7 +107,7 @@ def test_authors_embeddings_and_globals(torch_ref, checkpoints):
   images = rng.standard_normal((4, REGIONS, IMG_DIM)).astype(np.float32)
   ids, lens = _captions(rng, 5, 7)
   want = torch_ref("sgraf.embeddings", path=path, images=images, captions=ids, lengths=lens)
-  converted = sgraf_params.convert(load_checkpoint(path))
+  converted = sgraf_params.convert(load_checkpoint(path), config=get_base_config())
   model = models.build_model(converted.config.model, VOCAB)
   enc_i, enc_t, _ = jitted_matching(model)
   img = enc_i(converted.variables, {"regions": images})
@@ -129,7 +130,7 @@ def test_train_mode_matches_authors(torch_ref, checkpoints, name):
   ids, lens = _captions(rng, 6, 8, sort=True)
   want = torch_ref("sgraf.train_forward", path=path, images=images, captions=ids,
                    lengths=lens)
-  converted = sgraf_params.convert(load_checkpoint(path))
+  converted = sgraf_params.convert(load_checkpoint(path), config=get_base_config())
   config = converted.config
   config.model.sgraf.embed_dropout = config.model.sgraf.sa_dropout = 0.0
   model = models.build_model(config.model, VOCAB)
@@ -200,7 +201,7 @@ def _random_model(module="SGR", **sgraf):
   for key, value in sgraf.items():
     c.model.sgraf[key] = value
   model = models.build_model(c.model)
-  return c, model, models.init_variables(model, jax.random.key(1))
+  return c, model, init_variables(model, jax.random.key(1))
 
 
 @pytest.mark.parametrize("module", ["SGR", pytest.param("SAF", marks=pytest.mark.slow)])
@@ -288,15 +289,16 @@ def test_converter_names_bad_keys_and_shapes(torch_ref, checkpoints):
   sim_sd["SGR_module.0.extra.weight"] = np.zeros((2, 2), np.float32)
   bad = {**ckpt, "model": [ckpt["model"][0], ckpt["model"][1], sim_sd]}
   with pytest.raises(ConversionError) as e:
-    sgraf_params.convert(bad)
+    sgraf_params.convert(bad, config=get_base_config())
   assert "sim_enc.sim_tranloc_w.weight -> params/sim_enc/sim_tranloc_w/kernel" in str(e.value)
   assert "sim_enc.SGR_module.0.extra.weight" in str(e.value)
   missing = dict(ckpt["model"][2])
   del missing["v_global_w.embedding_local.1.running_var"]
   with pytest.raises(ConversionError, match="sim_enc.v_global_w.embedding_local.1.running_var"):
-    sgraf_params.convert({**ckpt, "model": [ckpt["model"][0], ckpt["model"][1], missing]})
+    sgraf_params.convert({**ckpt, "model": [ckpt["model"][0], ckpt["model"][1], missing]},
+                         config=get_base_config())
   with pytest.raises(ConversionError, match="opt.sim_dim=9"):
-    sgraf_params.convert({**ckpt, "opt": {**ckpt["opt"], "sim_dim": 9}})
+    sgraf_params.convert({**ckpt, "opt": {**ckpt["opt"], "sim_dim": 9}}, config=get_base_config())
   assert not sgraf_params.detect({"model": ckpt["model"][:2], "opt": ckpt["opt"]})
   from dsran_jax.tools.convert_torch import detect_family  # pylint: disable=g-import-not-at-top
   assert detect_family(ckpt, path) == "sgraf"

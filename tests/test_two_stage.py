@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from dsran_jax import checkpointing, data, evaluation, models, ranking, train
+from dsran_jax import checkpointing, data, evaluation, models, ranking
 from dsran_jax.evaluation import shortlist, two_stage
 from dsran_jax import validation
 from dsran_jax.models.variables import init_variables

@@ -2,6 +2,7 @@
 score shapes, `score` of encoded items equals the training call's matrix, padding
 invariance, tiled scoring over 8 devices equals one call, the loss falls on a fixed batch,
 and every config of the family validates and round-trips through a workdir."""
+import dataclasses
 import json
 import os
 
@@ -11,6 +12,7 @@ import optax
 import pytest
 
 from dsran_jax import evaluation, losses, models, optim
+from dsran_jax.models.variables import init_variables
 from dsran_jax.core.batch import KEY_SPECS, key_shape
 from dsran_jax.default_config import get_base_config, load_workdir_config, save_workdir_config
 
@@ -62,7 +64,7 @@ def family(request):
   name = request.param
   config = tiny_config(name)
   model = models.build_model(config.model, vocab_size=VOCAB)
-  variables = models.init_variables(model, jax.random.PRNGKey(0))
+  variables = init_variables(model, jax.random.PRNGKey(0))
   return name, config, model, variables
 
 
@@ -171,3 +173,66 @@ def test_configs_validate_and_round_trip(name, tmp_path):
       saved = json.load(f)
     if spec.defaults() is not None:  # every family key is written out, defaults included
       assert set(saved["model"][name]) == set(spec.defaults().to_dict())
+
+
+def _variants(name):
+  """Configs of family `name` whose batch keys may differ: its test size, its recipes,
+  and the options that change which inputs it reads."""
+  from dsran_jax.default_config import recipe_config  # pylint: disable=g-import-not-at-top
+  out = [tiny_config(name)]
+  if name != "dsran":  # DSRAN's recipes need the BERT files; its options vary below
+    out += [recipe_config(dataset, name) for dataset in ("f30k", "coco")]
+  options = {"dsran": [{"image_inputs": "regions"}, {"image_inputs": "grid+regions"}],
+             "bssan": [{"bssan.directions": d, "bssan.w2r_visual": v}
+                       for d in ("both", "w2r", "o2w") for v in ("regions36", "grid")]}
+  for overrides in options.get(name, ()):
+    c = tiny_config(name)
+    for key, value in overrides.items():
+      section, _, leaf = key.rpartition(".")
+      (c.model[section] if section else c.model)[leaf] = value
+    out.append(c)
+  return out
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_module_reads_the_batch_keys_its_config_declares(name):
+  """The config hooks (`models.image_keys(config)`, jax-free, used by data and
+  inference) and the built Module's `image_keys` / `text_keys` agree for every
+  variant."""
+  for c in _variants(name):
+    model = models.build_model(c.model, vocab_size=VOCAB)
+    assert tuple(model.image_keys) == models.image_keys(c), (name, c.model)
+    assert tuple(model.text_keys) == models.text_keys(c), (name, c.model)
+    assert set(model.image_keys) <= set(KEY_SPECS) and set(model.text_keys) <= set(KEY_SPECS)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_options_are_declared_once(name):
+  """A family's option table gives its config section, its checks and its Module's
+  config: the section's keys and defaults are the table's, the Module config carries
+  every option with the config's value, and a value out of range is refused by both
+  sides with the same message naming the key."""
+  spec = models.family_config(name)
+  table = spec.OPTIONS
+  base = get_base_config()
+  section = base.model[name] if table.section else base.model
+  for option in table.options:  # DSRAN's defaults are written by default_config.py
+    assert section[option.name] == option.default, (name, option.name)
+  if table.section:
+    assert list(spec.defaults().keys()) == sorted(table.names)
+  c = tiny_config(name)
+  model = models.build_model(c.model, vocab_size=VOCAB)
+  # The Module field built from the table (KIDRR: `kidrr`, beside SGRAF's `config`).
+  holder = next(getattr(model, f.name) for f in dataclasses.fields(model)
+                if getattr(getattr(model, f.name), "OPTIONS", None) is table)
+  for option in table.options:
+    if option.name != "vocab_size":
+      assert getattr(holder, option.name) == table.section_of(c.model)[option.name]
+  choice = next(o for o in table.options
+                if hasattr(o.rule, "values") and isinstance(o.default, str))
+  bad = tiny_config(name)
+  table.section_of(bad.model)[choice.name] = "nonsense"
+  with pytest.raises(ValueError, match=f"{table.key(choice.name)}='nonsense': expected"):
+    spec.validate(bad)
+  with pytest.raises(ValueError, match=f"{table.key(choice.name)}='nonsense': expected"):
+    models.build_model(bad.model, vocab_size=VOCAB)

@@ -1,5 +1,5 @@
-"""The authors' GRU vocabularies as our `data.tokenize.Vocabulary`, every word keeping
-its id, for the converters of every family (`models/<family>/params.py`).
+"""The authors' GRU vocabularies as our word vocabulary, every word keeping its id, for
+the converters of every family (`models/<family>/params.py`).
 
 `load_vocab` reads any of
 - a pickled `vocab.Vocabulary` (DSRAN's and MLASM's `vocab/<data_name>_vocab.pkl`, Python
@@ -14,6 +14,7 @@ import pickle
 from typing import Mapping
 
 from dsran_jax.convert.engine import ConversionError
+from dsran_jax.core.vocab import Vocabulary
 
 
 class _AuthorsVocabulary:
@@ -38,8 +39,7 @@ class _VocabUnpickler(pickle.Unpickler):
 
 
 def _from_word2idx(word2idx: Mapping[str, int], path: str):
-  """Our `Vocabulary` of the authors' `word2idx`, whose ids must be 0..n-1, each once."""
-  from dsran_jax.data.tokenize import Vocabulary  # pylint: disable=g-import-not-at-top
+  """Our vocabulary of the authors' `word2idx`, whose ids must be 0..n-1, each once."""
   words = [None] * len(word2idx)
   for word, idx in word2idx.items():
     if not isinstance(idx, int) or not 0 <= idx < len(words) or words[idx] is not None:
@@ -53,7 +53,7 @@ def _from_word2idx(word2idx: Mapping[str, int], path: str):
 
 
 def _from_pickle(path: str):
-  """The authors' pickled `Vocabulary` (DSRAN, MLASM) as our `Vocabulary`."""
+  """The authors' pickled `Vocabulary` (DSRAN, MLASM) as our vocabulary."""
   with open(path, "rb") as f:
     try:
       # Their files are Python 2 pickles: byte strings are UTF-8 words.
@@ -100,9 +100,9 @@ def _is_json(path: str) -> bool:
 
 
 def load_vocab(path: str):
-  """A GRU vocabulary from the authors' `.pkl`, SCAN's vocabulary JSON or a dsran_jax
-  `vocab.json`, ids unchanged."""
-  from dsran_jax.data.tokenize import Vocabulary  # pylint: disable=g-import-not-at-top
+  """A GRU vocabulary (`core.vocab.Vocabulary`)
+  from the authors' `.pkl`, SCAN's vocabulary JSON or a dsran_jax `vocab.json`, ids
+  unchanged."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"vocabulary not found: {path}")
   if not _is_json(path):
@@ -122,7 +122,8 @@ def check_vocab_rows(vocab, path: str, rows: int, tensor: str) -> None:
 
 
 def load_checked_vocab(path: str, rows: int, tensor: str):
-  """`load_vocab(path)`, checked to have the `rows` words of the checkpoint's `tensor`."""
+  """`load_vocab(path)`, checked to have the `rows` words of the checkpoint's
+  `tensor`."""
   vocab = load_vocab(path)
   check_vocab_rows(vocab, path, rows, tensor)
   return vocab

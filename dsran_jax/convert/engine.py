@@ -17,6 +17,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dsran_jax.convert import torch_pickle
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
   """{"a/b/c": leaf} of nested dicts (flax's traverse_util without importing jax)."""
   out = {}
@@ -154,7 +157,7 @@ def map_state_dict(state: Mapping[str, np.ndarray], rules: Sequence[Rule],
   Args:
     state: the (prefix-stripped) state dict as numpy arrays.
     rules: the family's table (first matching rule wins).
-    expected: `models.variable_shapes(model)` of the target model.
+    expected: `models.variables.variable_shapes(model)` of the target model.
     what: names the source in messages ("SCAN checkpoint", ...).
     extra: already-mapped flat variables (`params/...` -> array), checked and added as
       they are (subtrees a family maps itself, such as BERT).
@@ -242,7 +245,6 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
       (it is never built).
     ConversionError: the file holds something other than a checkpoint dict.
   """
-  from dsran_jax.convert import torch_pickle  # pylint: disable=g-import-not-at-top
   ckpt = torch_pickle.load(path)
   if not isinstance(ckpt, dict):
     raise ConversionError(f"{path}: expected a dict (a training checkpoint), got "
@@ -268,13 +270,13 @@ def state_dicts(ckpt: Mapping[str, Any], count: int, what: str) -> List[Dict[str
 
 
 class Converted:
-  """What a family's `params.convert(ckpt, options)` returns.
+  """What a family's `params.convert(ckpt, options, config=base config)` returns.
 
   Attributes:
     variables: `{"params", "batch_stats"}` nested dicts of float32 numpy arrays.
-    config: the full workdir config (`default_config.get_base_config()` with the model
-      the weights imply and what the checkpoint's `opt` says).
-    vocab: a `data.tokenize.Vocabulary` to save as `vocab.json`, or None.
+    config: the full workdir config (the base config the caller passed in, with the
+      model the weights imply and what the checkpoint's `opt` says).
+    vocab: a `core.vocab.Vocabulary` to save as `vocab.json`, or None.
     summary: JSON-able facts printed by the CLI (widths, build, ...).
     files: other workdir files, `{name: write(path)}` (MLASM's CNN weights).
   """
@@ -312,15 +314,14 @@ def apply_recipe_from_opt(config, opt: Mapping[str, Any]) -> None:
     config.data.name, config.eval.protocol, config.data.test_split = "coco", "coco", "testall"
 
 
-def workdir_config(family: str, model_options: Mapping[str, Any], opt: Mapping[str, Any],
+def workdir_config(c, family: str, model_options: Mapping[str, Any], opt: Mapping[str, Any],
                    data_format: str, num_regions: int = 36):
-  """The base config of a converted GRU-family workdir: `model.name = family`, the
-  model options the checkpoint implies (flat: `embed_size` sets `model.embed_size`,
-  `scan.bi_gru` sets `model.scan.bi_gru` cast to its default's type), `data.img_dim` =
-  `model.img_dim`, `data_format` with `num_regions` regions, Adam without warmup, then
-  the recipe `opt` records (`apply_recipe_from_opt`, for fine-tuning)."""
-  from dsran_jax.default_config import get_base_config  # pylint: disable=g-import-not-at-top
-  c = get_base_config()
+  """Fills `c`, the base config (`default_config.get_base_config()`, from the caller), as
+  the config of a converted GRU-family workdir: `model.name = family`, the model options
+  the checkpoint implies (flat: `embed_size` sets `model.embed_size`, `scan.bi_gru` sets
+  `model.scan.bi_gru` cast to its default's type), `data.img_dim` = `model.img_dim`,
+  `data_format` with `num_regions` regions, Adam without warmup, then the recipe `opt`
+  records (`apply_recipe_from_opt`, for fine-tuning). Returns `c`."""
   c.model.name = family
   for key, value in model_options.items():
     section, dot, sub = key.partition(".")
@@ -336,12 +337,12 @@ def workdir_config(family: str, model_options: Mapping[str, Any], opt: Mapping[s
   return c
 
 
-def validate_workdir_config(config, what: str):
-  """`config` if its family's `validate` accepts it, else a ConversionError saying the
-  checkpoint's opt is not `what` ("a SCAN", ...) configuration dsran_jax runs."""
-  from dsran_jax import models  # pylint: disable=g-import-not-at-top
+def validate_workdir_config(config, what: str, validate: Callable[[Any], None]):
+  """`config` if `validate` (the family's `config.validate`) accepts it, else a
+  ConversionError saying the checkpoint's opt is not `what` ("a SCAN", ...)
+  configuration dsran_jax runs."""
   try:
-    models.family_config(config.model.name).validate(config)
+    validate(config)
   except ValueError as e:
     raise ConversionError(f"the checkpoint's opt is not {what} configuration dsran_jax "
                           f"runs: {e}") from None

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from dsran_jax import data as data_lib
 from dsran_jax import models
-from dsran_jax import validation
+from dsran_jax import cli, validation
 from dsran_jax.data import formats
 from dsran_jax.data import precomp
 from dsran_jax.data import raw
@@ -564,4 +564,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _FLAGS = _define_flags()
-  app.run(main)
+  cli.run_cli(main)  # user errors: one `error:` line, exit 2

@@ -27,7 +27,6 @@ import sys
 import types
 from typing import Optional
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 import numpy as np
@@ -35,6 +34,7 @@ import tensorflow_datasets as tfds
 
 from dsran_jax import data as data_lib
 from dsran_jax import models
+from dsran_jax import cli, validation
 from dsran_jax.data import base
 from dsran_jax.data import raw as raw_lib
 # The reading side (re-exported: `tfds_builder.load_tfds_split` etc. keep working).
@@ -232,4 +232,5 @@ def main(argv):
 
 if __name__ == "__main__":
   _FLAGS = _define_flags()
-  app.run(main)
+  # A bad config value fails before any data is read; user errors: one `error:` line.
+  cli.run_cli(main, check=lambda: validation.validate_config(_FLAGS.config.value))

@@ -1,63 +1,19 @@
-"""DSRAN's own figure: where the first JSR graph-attention block looks, over the 7x7
-grid cells and the regions (labelled with object names on synthetic data), next to the
-image's captions. `figures(workdir, config)` is the family's figure hook, called by
-`plots.evaluation_figures` after an evaluation."""
-import os
-from typing import Any, Dict, List, Optional, Sequence
+"""The attention figure: where a model's attention over image nodes looks (the 7x7 grid
+cells and the regions, labelled with object names on synthetic data), next to the
+image's captions. A family shows one by exposing the hook
+`attention_maps(model, variables, images) -> {"grid", "regions", "region_mask", "title"}`
+in its package; `attention_figures` is what
+`evaluation_figures` calls after an evaluation."""
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from dsran_jax.plots import _figure, _save, _wrap
+from dsran_jax import data, inference, models
+from dsran_jax.data import synthetic
+from dsran_jax.figures.canvas import figure, save, wrap
+from dsran_jax.workdir import Workdir
 
 GRID_SIDE = 7
-
-
-def jsr_attention(encoder, images: Dict[str, np.ndarray]) -> Dict[str, Optional[np.ndarray]]:
-  """Attention of the first JSR GAT (`jsr/gat_0`, first layer), per image.
-
-  The weights are read from the `intermediates` the attention layer sows, in eval mode;
-  params and outputs are unchanged. They are averaged over heads and over the real query
-  nodes: the weight each node gets in the block's mean-pooled output.
-
-  Args:
-    encoder: an `inference.Matcher` of a DSRAN workdir.
-    images: image-side arrays of B images (`grid`, `regions`, `region_pos`,
-      `region_mask`), e.g. `split.images(indices)`.
-
-  Returns:
-    {"grid": (B, 49) or None, "regions": (B, R), "region_mask": (B, R)}; each image's
-    weights over all its nodes sum to 1.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from dsran_jax.models.dsran.model import DSRAN  # pylint: disable=g-import-not-at-top
-  model = encoder.model
-  uses_grid = model.config.image_inputs == "grid+regions"
-  keys = ["regions", "region_pos", "region_mask"] + (["grid"] if uses_grid else [])
-  batch = {k: np.asarray(images[k]) for k in keys if k in images}
-  regions = batch["regions"]
-  b, r = regions.shape[:2]
-  mask = batch.get("region_mask")
-  mask = np.ones((b, r), bool) if mask is None else mask.astype(bool)
-  batch["region_mask"] = mask
-  if "region_pos" not in batch:
-    batch["region_pos"] = np.zeros((b, r, model.config.pos_dim), np.float32)
-
-  def run(variables, batch):
-    _, state = model.apply(variables, **batch, train=False, method=DSRAN.embed_images,
-                           mutable=["intermediates"])
-    probs = state["intermediates"]["jsr"]["gat_0"]["layer_0"]["mha"]["attention"][0]
-    return probs.mean(axis=1)  # over heads: (B, N_query, N_key)
-
-  probs = np.asarray(jax.jit(run)(encoder.variables, batch), np.float64)
-  n_grid = probs.shape[-1] - r
-  # Reference padding attends from (and to) every region; masked mode only real ones.
-  if model.config.text_padding == "reference":
-    query_mask = np.ones((b, probs.shape[1]), bool)
-  else:
-    query_mask = np.concatenate([np.ones((b, n_grid), bool), mask], axis=1)
-  w = (probs * query_mask[:, :, None]).sum(1) / query_mask.sum(1, keepdims=True)
-  return {"grid": w[:, :n_grid] if n_grid else None, "regions": w[:, n_grid:],
-          "region_mask": mask}
 
 
 def synthetic_region_labels(world, description: dict, region_pos: np.ndarray) -> List[str]:
@@ -68,7 +24,6 @@ def synthetic_region_labels(world, description: dict, region_pos: np.ndarray) ->
   (part) and [background] names; objects also get their colour from `description`
   (`SyntheticWorld.describe`: an image's classes are distinct).
   """
-  from dsran_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   vg = np.asarray(region_pos)[:, -synthetic.NUM_VG_CLASSES:].argmax(-1)
   names = {int(v): synthetic.CLASSES[c][0][0] for c, v in enumerate(world.vg_class)}
   names.update({int(v): f"({synthetic.PARTS[p]})" for p, v in enumerate(world.vg_part)})
@@ -81,10 +36,27 @@ def synthetic_region_labels(world, description: dict, region_pos: np.ndarray) ->
   return labels
 
 
+def attention_maps_hook(model_name: str) -> Optional[Callable]:
+  """The family's `attention_maps(model, variables, images)` hook, or None if it has no
+  attention over image nodes to show."""
+  return getattr(models.family(model_name), "attention_maps", None)
+
+
+def attention_weights(encoder, images: Dict[str, np.ndarray]) -> Dict[str, Any]:
+  """The family's attention maps of `images` under a loaded `inference.Matcher`:
+  {"grid": (B, cells) or None, "regions": (B, R), "region_mask": (B, R), "title"}."""
+  hook = attention_maps_hook(encoder.config.model.name)
+  if hook is None:
+    raise ValueError(f"config.model.name={encoder.config.model.name!r}: the family has no "
+                     f"attention_maps hook")
+  return hook(encoder.model, encoder.variables, images)
+
+
 def attention_map(workdir: str, images: Sequence[Any] = (0,), path: Optional[str] = None,
                   split: Optional[str] = None, encoder=None, config=None,
                   max_regions: int = 20) -> str:
-  """Attention of the first JSR GAT for some test images; returns the PNG path.
+  """The model's attention over image nodes (the family's `attention_maps` hook) for
+  some test images; returns the PNG path.
 
   One row per image: the attention over the 49 grid cells as a 7x7 heatmap (on synthetic
   data with the objects' cells marked), the attention over the regions as bars (labelled
@@ -99,7 +71,6 @@ def attention_map(workdir: str, images: Sequence[Any] = (0,), path: Optional[str
     config: config whose `data` section locates the split (default: the workdir's).
     max_regions: regions shown per image (the most attended ones, in detector order).
   """
-  from dsran_jax import data, inference  # pylint: disable=g-import-not-at-top
   encoder = encoder or inference.load(workdir)
   config = config or encoder.config
   split_name = split or config.data.test_split
@@ -118,14 +89,13 @@ def attention_map(workdir: str, images: Sequence[Any] = (0,), path: Optional[str
                        f"{', '.join(ids[:3])})")
       rows.append(ids.index(str(item)))
   arrays = ds.images(np.array(rows))
-  att = jsr_attention(encoder, arrays)
-  synthetic = config.data.format == "synthetic"
+  att = attention_weights(encoder, arrays)
+  on_synthetic = config.data.format == "synthetic"
   world = layouts = None
-  if synthetic:
-    from dsran_jax.data import synthetic as synth  # pylint: disable=g-import-not-at-top
-    world, layouts = synth.world_and_layouts(config, split_name)
+  if on_synthetic:
+    world, layouts = synthetic.world_and_layouts(config, split_name)
 
-  fig = _figure((15.0, 3.9 * len(rows)))
+  fig = figure((15.0, 3.9 * len(rows)))
   axes = fig.subplots(len(rows), 3, squeeze=False,
                       gridspec_kw={"width_ratios": [1.0, 1.6, 1.5]})
   for n, i in enumerate(rows):
@@ -133,7 +103,7 @@ def attention_map(workdir: str, images: Sequence[Any] = (0,), path: Optional[str
     grid_w, reg_w = att["grid"], att["regions"][n]
     mask = att["region_mask"][n]
     grid_mass = float(grid_w[n].sum()) if grid_w is not None else 0.0
-    desc = world.describe(layouts, i) if synthetic else None
+    desc = world.describe(layouts, i) if on_synthetic else None
     # -- grid cells
     if grid_w is not None and grid_w.shape[1] == GRID_SIDE * GRID_SIDE:
       heat = grid_w[n].reshape(GRID_SIDE, GRID_SIDE)
@@ -151,7 +121,7 @@ def attention_map(workdir: str, images: Sequence[Any] = (0,), path: Optional[str
     # -- regions
     real = np.flatnonzero(mask)
     labels = [f"region {k}" for k in range(len(reg_w))]
-    if synthetic:
+    if on_synthetic:
       labels = synthetic_region_labels(world, desc, arrays["region_pos"][n])
     shown = real
     if len(real) > max_regions:  # keep the most attended, shown in detector order
@@ -175,18 +145,20 @@ def attention_map(workdir: str, images: Sequence[Any] = (0,), path: Optional[str
       # Whatever else the world tells about the image (hard-negative family, ...).
       text += [f"{k}: {v}" for k, v in desc.items() if k != "objects"]
     text += [""] + [f"• {c}" for c in ds.texts[i * k:(i + 1) * k]]
-    ax_t.text(0.0, 1.0, "\n".join(_wrap(t, 55) for t in text), va="top", ha="left",
+    ax_t.text(0.0, 1.0, "\n".join(wrap(t, 55) for t in text), va="top", ha="left",
               fontsize=8, transform=ax_t.transAxes)
-  fig.suptitle("first JSR graph-attention block: attention averaged over heads and nodes",
-               fontsize=10)
+  fig.suptitle(att.get("title", "attention over the image's nodes"), fontsize=10)
   fig.tight_layout()
-  return _save(fig, path or os.path.join(workdir, "attention_map.png"))
+  return save(fig, path or Workdir(workdir).figure_file("attention_map"))
 
 
-def figures(workdir: str, config, num_images: int = 3, encoder=None) -> Dict[str, str]:
-  """The attention map of the first test images, on synthetic data (whose objects are
-  known, so the figure can be read); {} otherwise."""
-  if config.data.format != "synthetic" or num_images <= 0:
+def attention_figures(workdir: str, config, num_images: int = 3,
+                      encoder=None) -> Dict[str, str]:
+  """The attention map of the first test images, for a family with an `attention_maps`
+  hook on synthetic data (whose objects are known, so the figure can be read); {}
+  otherwise."""
+  if (config.data.format != "synthetic" or num_images <= 0
+      or attention_maps_hook(config.model.name) is None):
     return {}
   return {"attention_map": attention_map(workdir, list(range(num_images)), encoder=encoder,
                                          config=config)}

@@ -11,7 +11,8 @@ A family is a package `dsran_jax/models/<name>/` with
     `frozen_paths(model_config) -> tuple of regexes`  parameters never trained;
     `eval_tile(model_config) -> (images, captions)`  default scoring tile;
 - `__init__.py`: `build(model_config, vocab_size) -> flax Module` and
-  `load_pretrained(variables, config, workdir) -> variables` (BERT, GloVe, ...);
+  `load_pretrained(variables, config, vocab=None) -> variables` (BERT, GloVe, ...;
+  `vocab` the word vocabulary, from the caller);
 - `params.py`: its PyTorch checkpoint rules for `tools.convert_torch`.
 
 Every family's Module implements the `MatchingModel` contract (`common/base.py`):
@@ -23,8 +24,6 @@ import importlib
 import importlib.util
 import pkgutil
 from typing import Optional, Tuple
-
-from dsran_jax.core.batch import example_arrays
 
 DEFAULT = "dsran"
 _NOT_FAMILIES = ("common",)
@@ -88,37 +87,12 @@ def build_model(model_config, vocab_size: Optional[int] = None):
   return family(model_config.name).build(model_config, vocab_size)
 
 
-def example_batch(model, batch_size: int = 2, num_regions: int = 4, max_len: int = 8):
-  """A batch of every key `model` reads, with valid shapes (for init and shape checks)."""
-  return example_arrays(tuple(model.image_keys) + tuple(model.text_keys), model.input_dims,
-                        batch_size, num_regions, max_len)
+def load_pretrained(variables: dict, config, vocab=None) -> dict:
+  """The family's pretrained-weight hook (BERT, GloVe, ...) applied to fresh variables.
 
-
-def init_variables(model, rng) -> dict:
-  """Randomly initialised {'params', 'batch_stats'} of any family's module."""
-  import jax  # pylint: disable=g-import-not-at-top
-  params_rng, dropout_rng = jax.random.split(rng)
-  batch = example_batch(model)
-  variables = jax.jit(lambda r1, r2: model.init({"params": r1, "dropout": r2}, batch,
-                                                train=False))(params_rng, dropout_rng)
-  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {}),
-          **{k: v for k, v in variables.items() if k not in ("params", "batch_stats")}}
-
-
-def variable_shapes(model) -> dict:
-  """{"params/a/b": shape, ...} of `model`, computed without running it."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  batch = example_batch(model)
-  shapes = jax.eval_shape(lambda: model.init(
-      {"params": jax.random.key(0), "dropout": jax.random.key(1)}, batch, train=False))
-  flat = traverse_util.flatten_dict(dict(shapes), sep="/")
-  return {k: tuple(v.shape) for k, v in flat.items()}
-
-
-def load_pretrained(variables: dict, config, workdir: Optional[str] = None) -> dict:
-  """The family's pretrained-weight hook (BERT, GloVe, ...) applied to fresh variables."""
-  return family(config.model.name).load_pretrained(variables, config, workdir)
+  `vocab`: the word vocabulary (`core.vocab.Vocabulary`) of a word-id model, whose rows
+  GloVe fills when `model.glove_path` is set; None for BERT tokenizers."""
+  return family(config.model.name).load_pretrained(variables, config, vocab)
 
 
 def frozen_paths(model_config) -> Tuple[str, ...]:

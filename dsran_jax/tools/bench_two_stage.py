@@ -28,7 +28,7 @@ import types
 import numpy as np
 from absl import app, flags, logging
 
-from dsran_jax import data, evaluation, index, inference, search
+from dsran_jax import cli, data, evaluation, index, inference, search
 from dsran_jax.evaluation import two_stage
 from dsran_jax.workdir import Workdir
 
@@ -265,4 +265,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _FLAGS = _define_flags()
-  app.run(main)
+  cli.run_cli(main)  # user errors: one `error:` line, exit 2

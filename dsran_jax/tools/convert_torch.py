@@ -24,12 +24,14 @@ from typing import Any, Dict, Optional, Sequence
 from absl import app
 from absl import flags
 
+from dsran_jax import checkpointing, models
+from dsran_jax import cli
 from dsran_jax.convert.engine import ConversionError, check_finite, load_checkpoint
+from dsran_jax.default_config import get_base_config, save_workdir_config
 
 
 def detect_family(ckpt: Dict[str, Any], path: str) -> str:
   """The one family whose `params.detect` recognises `ckpt`."""
-  from dsran_jax import models  # pylint: disable=g-import-not-at-top
   found = []
   for name in models.names():
     try:
@@ -62,8 +64,6 @@ def convert_checkpoint(checkpoint: str, workdir: str, model: Optional[str] = Non
 
   Returns a summary dict (family, widths, step, ...), also printed by the CLI.
   """
-  from dsran_jax import checkpointing, models  # pylint: disable=g-import-not-at-top
-  from dsran_jax.default_config import save_workdir_config  # pylint: disable=g-import-not-at-top
   data_format = options.get("data_format") or ""
   if data_format not in ("", "vlp", "precomp"):
     raise ValueError(f"--data_format={data_format!r}: expected 'vlp' or 'precomp'")
@@ -76,7 +76,9 @@ def convert_checkpoint(checkpoint: str, workdir: str, model: Optional[str] = Non
   except ModuleNotFoundError:
     raise ConversionError(f"--model={family}: this family has no converter (no public "
                           "PyTorch code to convert from)") from None
-  converted = rules.convert(ckpt, {**options, "path": checkpoint})
+  # The family fills in the base config (its model, the recipe the checkpoint's opt
+  # records) and validates it with its own rules.
+  converted = rules.convert(ckpt, {**options, "path": checkpoint}, config=get_base_config())
   check_finite(converted.variables, checkpoint)
   config = converted.config
   os.makedirs(workdir, exist_ok=True)
@@ -142,4 +144,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   _FLAGS = _define_flags()
-  app.run(main)
+  cli.run_cli(main)  # user errors: one `error:` line, exit 2

@@ -12,7 +12,6 @@ plus `protocol` (`ranking.protocol_info`: sizes, folds, rank and tie rules, the 
 """
 import json
 import os
-import sys
 import types
 from typing import Dict, List, Sequence
 
@@ -20,7 +19,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from dsran_jax import ranking
+from dsran_jax import cli, ranking
 
 
 def load_sims(paths: Sequence[str]) -> List[np.ndarray]:
@@ -82,11 +81,7 @@ def main(argv):
   if not f.sims.value:
     raise app.UsageError("give at least one --sims=FILE.npy")
   cpi = f.captions_per_image.value
-  try:
-    metrics = rank_files(f.sims.value, f.fold5.value, f.rerank.value, cpi)
-  except (OSError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  metrics = rank_files(f.sims.value, f.fold5.value, f.rerank.value, cpi)
   # The conditions travel with the numbers (sizes, folds, tie rule, ensemble).
   n_img = int(np.load(f.sims.value[0], mmap_mode="r").shape[0])
   protocol = ranking.protocol_info(n_img, cpi, fold5=f.fold5.value, rerank=f.rerank.value,
@@ -96,4 +91,5 @@ def main(argv):
 
 if __name__ == "__main__":
   _FLAGS = _define_flags()
-  app.run(main)
+  # A file that is missing, not a sims matrix or not finite: `error: ...`, exit 1.
+  cli.run_cli(main, errors=(OSError, ValueError), exit_code=1)

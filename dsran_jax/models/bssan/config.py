@@ -1,54 +1,18 @@
 """BSSAN's config hooks (jax-free). BSSAN (Huang et al., IEEE TIP 28(4), 2019,
 "Bi-Directional Spatial-Semantic Attention Networks for Image-Text Matching") has only its
-abstract public, so this family is the reconstruction of /work/shared/MODELS.md section 5
-("BSSAN-R"); every choice the abstract does not fix is a key here, its default the one
-MODELS.md 5.1 / 5.2 proposes (tags: [INFERRED] a design choice, [UNKNOWN] nothing found,
-a default borrowed from SCAN).
-
-Options under `config.model.bssan`:
-
-    directions     "both" | "w2r" | "o2w": which attention networks score a pair (the
-                   paper unifies both; one alone is the ablation)
-    w2r            "decoupled" (a text-only LSTM; W_b^T h_t precomputed per caption) |
-                   "coupled" (the LSTM input at step t is [x_t; c_t], c_t attended with
-                   h_{t-1}, so the states depend on the pair)              [INFERRED]
-    w2r_visual     "regions36" (the detector regions) | "grid" (the 7x7 CNN grid,
-                   `{split}_grid.npy`) as W2R's context; O2W always reads the regions
-                   ("regions36" names the BUTD release; any data.num_regions works)
-                                                                            [INFERRED]
-    bi_lstm        text LSTM bidirectional, halves averaged (False). The coupled
-                   recurrence runs forward only, so w2r="coupled" needs False [UNKNOWN]
-    lstm_dropout   dropout on the LSTM inputs (the word embeddings)    0.2  [UNKNOWN]
-    txt_norm       l2-normalise each LSTM state before it is used (SCAN) [INFERRED]
-    lambda_w2r     softmax temperature of W2R's bilinear logits  9 (SCAN t2i) [UNKNOWN]
-    lambda_o2w     softmax temperature of O2W's bilinear logits  4 (SCAN i2t) [UNKNOWN]
-    w2r_agg, o2w_agg  "Mean" | "LogSumExp" over words / regions (Mean)      [INFERRED]
-    lambda_lse     LogSumExp temperature (6, SCAN)                          [UNKNOWN]
-    cosine_proj    score R = cos(P a, P' b) with learned d->d projections (True) or
-                   the plain cosine of the two vectors (False)              [INFERRED]
-    bilinear_init  "identity" (W_b, W_o start as I: the logits start as SCAN's cosines)
-                   | "xavier"                                               [UNKNOWN]
-    fuse           "fixed" (S = w S_W2R + (1-w) S_O2W) | "learned" (w = sigmoid(theta),
-                   theta starts at logit(fuse_weight)) | "mlp" (an MLP and a sigmoid over
-                   the pooled [mean_t c_t; mean_t h_t; mean_r u_r; mean_r o_r] and the
-                   two branch scores S_W2R, S_O2W)  [INFERRED]
-    fuse_weight    w (0.5)                                                  [INFERRED]
-    mlp_hidden     hidden width of fuse="mlp" (256)                         [UNKNOWN]
-    scan_unroll    steps of the coupled recurrence unrolled per loop iteration (1; a
-                   value >= data.max_len unrolls it fully, so XLA's cost analysis, which
-                   counts a loop body once, sees every step)
-    max_block_elements  memory bound of `score`: captions per block so that one
-                   (images, captions, positions, positions) or (images, captions, 4H)
-                   intermediate holds at most this many floats (0: no blocking)
+abstract public, so this family is a reconstruction ("BSSAN-R", specified in
+docs/models/bssan.md); every choice the abstract does not fix is an option here, declared
+once in `OPTIONS` below with the default the specification proposes (tags: [INFERRED] a
+design choice, [UNKNOWN] nothing found, a default borrowed from SCAN).
 
 The loss is the framework's (`train.margin` 0.2, `train.max_violation` True: hardest
 negatives; False sums the violations as DAN / sm-LSTM did [UNKNOWN]). Shared widths:
 `model.embed_size` (d, also the LSTM width), `model.word_dim`, `model.img_dim`,
 `model.vocab_size`.
 """
-import ml_collections
-
 from dsran_jax.models.common import recipes
+from dsran_jax.models.common.options import (Option, Options, at_least, greater_than,
+                                              one_of, within)
 
 DIRECTIONS = ("both", "w2r", "o2w")
 W2R = ("decoupled", "coupled")
@@ -56,31 +20,59 @@ W2R_VISUAL = ("regions36", "grid")
 AGGS = ("Mean", "LogSumExp")
 BILINEAR_INITS = ("identity", "xavier")
 FUSE = ("fixed", "learned", "mlp")
-# MODELS.md 5.2 (SCAN's recipe, [UNKNOWN] for BSSAN): (epochs, lr decay epoch).
+# docs/models/bssan.md, recipe (SCAN's, [UNKNOWN] for BSSAN): (epochs, lr decay epoch).
 SCHEDULES = {"f30k": (30, 15), "coco": (20, 10)}
 
 
-def defaults() -> ml_collections.ConfigDict:
-  s = ml_collections.ConfigDict()
-  s.directions = "both"
-  s.w2r = "decoupled"
-  s.w2r_visual = "regions36"
-  s.bi_lstm = False
-  s.lstm_dropout = 0.2
-  s.txt_norm = True
-  s.lambda_w2r = 9.0
-  s.lambda_o2w = 4.0
-  s.w2r_agg = "Mean"
-  s.o2w_agg = "Mean"
-  s.lambda_lse = 6.0
-  s.cosine_proj = True
-  s.bilinear_init = "identity"
-  s.fuse = "fixed"
-  s.fuse_weight = 0.5
-  s.mlp_hidden = 256
-  s.scan_unroll = 1
-  s.max_block_elements = 1 << 25
-  return s
+OPTIONS = Options("bssan", [
+    Option("directions", "both", one_of(*DIRECTIONS),
+           "which attention networks score a pair (the paper unifies both; one alone is "
+           "the ablation)"),
+    Option("w2r", "decoupled", one_of(*W2R),
+           '"decoupled" (a text-only LSTM; W_b^T h_t precomputed per caption) | "coupled" '
+           "(the LSTM input at step t is [x_t; c_t], c_t attended with h_{t-1}, so the "
+           "states depend on the pair) [INFERRED]"),
+    Option("w2r_visual", "regions36", one_of(*W2R_VISUAL),
+           '"regions36" (the detector regions) | "grid" (the 7x7 CNN grid, '
+           "`{split}_grid.npy`) as W2R's context; O2W always reads the regions "
+           '("regions36" names the BUTD release; any data.num_regions works) [INFERRED]'),
+    Option("bi_lstm", False, None,
+           "text LSTM bidirectional, halves averaged. The coupled recurrence runs "
+           'forward only, so w2r="coupled" needs False [UNKNOWN]'),
+    Option("lstm_dropout", 0.2, within(0.0, 1.0, high_open=True),
+           "dropout on the LSTM inputs (the word embeddings) [UNKNOWN]"),
+    Option("txt_norm", True, None,
+           "l2-normalise each LSTM state before it is used (SCAN) [INFERRED]"),
+    Option("lambda_w2r", 9.0, greater_than(0),
+           "softmax temperature of W2R's bilinear logits (SCAN t2i) [UNKNOWN]"),
+    Option("lambda_o2w", 4.0, greater_than(0),
+           "softmax temperature of O2W's bilinear logits (SCAN i2t) [UNKNOWN]"),
+    Option("w2r_agg", "Mean", one_of(*AGGS), '"Mean" | "LogSumExp" over words [INFERRED]'),
+    Option("o2w_agg", "Mean", one_of(*AGGS), '"Mean" | "LogSumExp" over regions [INFERRED]'),
+    Option("lambda_lse", 6.0, greater_than(0), "LogSumExp temperature (SCAN) [UNKNOWN]"),
+    Option("cosine_proj", True, None,
+           "score R = cos(P a, P' b) with learned d->d projections (True) or the plain "
+           "cosine of the two vectors (False) [INFERRED]"),
+    Option("bilinear_init", "identity", one_of(*BILINEAR_INITS),
+           '"identity" (W_b, W_o start as I: the logits start as SCAN\'s cosines) | '
+           '"xavier" [UNKNOWN]'),
+    Option("fuse", "fixed", one_of(*FUSE),
+           '"fixed" (S = w S_W2R + (1-w) S_O2W) | "learned" (w = sigmoid(theta), theta '
+           'starts at logit(fuse_weight)) | "mlp" (an MLP and a sigmoid over the pooled '
+           "[mean_t c_t; mean_t h_t; mean_r u_r; mean_r o_r] and the two branch scores "
+           "S_W2R, S_O2W) [INFERRED]"),
+    Option("fuse_weight", 0.5, within(0.0, 1.0), "w [INFERRED]"),
+    Option("mlp_hidden", 256, at_least(1), 'hidden width of fuse="mlp" [UNKNOWN]'),
+    Option("scan_unroll", 1, at_least(1),
+           "steps of the coupled recurrence unrolled per loop iteration (a value >= "
+           "data.max_len unrolls it fully, so XLA's cost analysis, which counts a loop "
+           "body once, sees every step)"),
+    Option("max_block_elements", 1 << 25, recipes.block_elements_rule,
+           "memory bound of `score`: captions per block so that one (images, captions, "
+           "positions, positions) or (images, captions, 4H) intermediate holds at most "
+           "this many floats (0: no blocking)"),
+])
+defaults = OPTIONS.defaults
 
 
 def uses_w2r(model_config) -> bool:
@@ -92,12 +84,13 @@ def uses_o2w(model_config) -> bool:
 
 
 def image_keys(model_config):
-  """Regions for O2W and for W2R over regions; the grid for W2R over the grid."""
-  s = model_config.bssan
+  """Regions for O2W and for W2R over regions; the grid for W2R over the grid.
+  `model_config`: `config.model`, or the Module's BssanConfig (the same options)."""
+  s = getattr(model_config, "bssan", model_config)
   keys = ()
-  if uses_o2w(model_config) or s.w2r_visual == "regions36":
+  if s.directions in ("both", "o2w") or s.w2r_visual == "regions36":
     keys += ("regions", "region_mask")
-  if uses_w2r(model_config) and s.w2r_visual == "grid":
+  if s.directions in ("both", "w2r") and s.w2r_visual == "grid":
     keys += ("grid",)
   return keys
 
@@ -118,7 +111,7 @@ def eval_tile(model_config):
 
 
 def recipe(c, dataset: str):
-  """MODELS.md 5.2 for `dataset` ("f30k" | "coco"): BUTD precomp regions (36), embed
+  """Recipe of docs/models/bssan.md, `dataset` "f30k" | "coco": precomp regions (36), embed
   1024, word_dim 300, Adam lr 2e-4 with global-norm clip 2.0, batch 128, hinge margin 0.2
   with hardest negatives; F30K 30 epochs, COCO 20, x0.1 at the midpoint (SCAN's schedule;
   every number [UNKNOWN] for BSSAN). `w2r_visual="grid"` also reads `{split}_grid.npy`."""
@@ -143,32 +136,15 @@ def demo(c):
 
 def validate(c):
   """Raises ValueError naming the first BSSAN key out of range."""
+  OPTIONS.validate(c.model)
   s = c.model.bssan
-  allowed = {"directions": DIRECTIONS, "w2r": W2R, "w2r_visual": W2R_VISUAL,
-             "w2r_agg": AGGS, "o2w_agg": AGGS, "bilinear_init": BILINEAR_INITS,
-             "fuse": FUSE}
-  for key, values in allowed.items():
-    if s[key] not in values:
-      raise ValueError(f"config.model.bssan.{key}={s[key]!r}: expected one of {values}")
-  for key in ("lambda_w2r", "lambda_o2w", "lambda_lse"):
-    if not s[key] > 0:
-      raise ValueError(f"config.model.bssan.{key}={s[key]}: must be > 0")
-  if not 0.0 <= s.lstm_dropout < 1.0:
-    raise ValueError(f"config.model.bssan.lstm_dropout={s.lstm_dropout}: must be in [0, 1)")
   if s.fuse == "learned" and not 0.0 < s.fuse_weight < 1.0:
     raise ValueError(f"config.model.bssan.fuse_weight={s.fuse_weight}: fuse='learned' "
                      f"starts at logit(w), so w must be in (0, 1)")
-  if not 0.0 <= s.fuse_weight <= 1.0:
-    raise ValueError(f"config.model.bssan.fuse_weight={s.fuse_weight}: must be in [0, 1]")
-  if s.mlp_hidden < 1:
-    raise ValueError(f"config.model.bssan.mlp_hidden={s.mlp_hidden}: must be >= 1")
   if s.w2r == "coupled" and s.bi_lstm and uses_w2r(c.model):
     raise ValueError("config.model.bssan.bi_lstm=True with w2r='coupled': the coupled "
                      "recurrence runs forward only (set bi_lstm=False)")
   if s.fuse == "mlp" and s.directions != "both":
     raise ValueError(f"config.model.bssan.fuse='mlp' needs directions='both' (got "
                      f"{s.directions!r}): its pooled input has a W2R and an O2W half")
-  if s.scan_unroll < 1:
-    raise ValueError(f"config.model.bssan.scan_unroll={s.scan_unroll}: must be >= 1")
-  recipes.validate_max_block_elements(c, "bssan")
   recipes.validate_widths(c)

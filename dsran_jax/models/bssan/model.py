@@ -1,5 +1,5 @@
 """BSSAN-R: the reconstruction of BSSAN (Huang et al., IEEE TIP 2019) that
-/work/shared/MODELS.md section 5.1 proposes, as a `MatchingModel`. Only the abstract is
+docs/models/bssan.md specifies, as a `MatchingModel`. Only the abstract is
 public, so every equation below is a design choice; the switches are in config.py.
 
 Encoders (per item):
@@ -27,7 +27,7 @@ O2W (regions r of image i over the words of caption j):
 Fusion:  fixed  S = w S_W2R + (1 - w) S_O2W;   learned  w = sigmoid(theta);
          mlp    S = sigmoid(w_2 . ReLU(W_1 p + b_1) + b_2),
                 p = [mean_t ctx_t; mean_t h_t; mean_r u_r; mean_r o_r; S_W2R; S_O2W]
-                (coupled: the pair's h_t). MODELS.md's pooled features plus the two
+                (coupled: the pair's h_t). Pooled features (docs/models/bssan.md) plus the two
                 branch scores, so the cosine heads keep a gradient [INFERRED]
 
 How a tile is scored without (I, J, L, d) intermediates: every map after an attention is
@@ -44,7 +44,6 @@ matmuls; the context's share of the input gates, `W_c c_n`, is precomputed per i
 Padding never enters an attention, a normaliser, a mean or an LSTM step: masked softmaxes,
 masked aggregations, frozen states on padded steps; a fully padded item scores 0 (finite).
 """
-import dataclasses
 import math
 
 import flax.linen as nn
@@ -55,6 +54,7 @@ from dsran_jax.models.bssan import config as spec
 from dsran_jax.models.common import cross_attention as xattn
 from dsran_jax.models.common.base import RegionWordModel, region_inputs
 from dsran_jax.models.common.layers import Dropout, Linear, l2norm, masked_mean
+from dsran_jax.models.common.options import WIDTHS
 from dsran_jax.models.common.text import LSTM, lstm_update
 
 EPS = 1e-8  # SCAN's l2norm / cosine eps
@@ -62,40 +62,13 @@ HIGHEST = jax.lax.Precision.HIGHEST
 GRID_CELLS = 49
 
 
-@dataclasses.dataclass(frozen=True)
-class BssanConfig:
-  """Hashable BSSAN-R description (built from `config.model` by `bssan.build`)."""
-  vocab_size: int
-  embed_size: int = 1024
-  word_dim: int = 300
-  img_dim: int = 2048
-  directions: str = "both"
-  w2r: str = "decoupled"
-  w2r_visual: str = "regions36"
-  bi_lstm: bool = False
-  lstm_dropout: float = 0.2
-  txt_norm: bool = True
-  lambda_w2r: float = 9.0
-  lambda_o2w: float = 4.0
-  w2r_agg: str = "Mean"
-  o2w_agg: str = "Mean"
-  lambda_lse: float = 6.0
-  cosine_proj: bool = True
-  bilinear_init: str = "identity"
-  fuse: str = "fixed"
-  fuse_weight: float = 0.5
-  mlp_hidden: int = 256
-  scan_unroll: int = 1
-  max_block_elements: int = 1 << 25
+class BssanConfig(spec.OPTIONS.dataclass("BssanConfigFields", head=WIDTHS)):
+  """Hashable BSSAN-R description: the shared widths and every `config.model.bssan`
+  option (fields, defaults and rules from `bssan.config.OPTIONS`); built by
+  `bssan.build`."""
 
   def __post_init__(self):
-    checks = {"directions": spec.DIRECTIONS, "w2r": spec.W2R, "w2r_visual": spec.W2R_VISUAL,
-              "w2r_agg": spec.AGGS, "o2w_agg": spec.AGGS,
-              "bilinear_init": spec.BILINEAR_INITS, "fuse": spec.FUSE}
-    for key, allowed in checks.items():
-      if getattr(self, key) not in allowed:
-        raise ValueError(f"config.model.bssan.{key}={getattr(self, key)!r}: expected one "
-                         f"of {allowed}")
+    super().__post_init__()
     if self.vocab_size <= 0:
       raise ValueError(f"BSSAN needs a word vocabulary: vocab_size={self.vocab_size}")
     if self.coupled and self.bi_lstm:
@@ -373,16 +346,8 @@ class BSSAN(RegionWordModel):
   """BSSAN-R: W2R (LSTM + bilinear attention) and O2W (bilinear attention) scores of every
   pair, fused. Reps are token-level (see `encode_images` / `encode_texts`); `score` does
   all the pairwise work, so evaluation can tile a gallery freely."""
+  spec = spec
   config: BssanConfig
-
-  @property
-  def image_keys(self):
-    keys = ()
-    if self.config.use_regions:
-      keys += ("regions", "region_mask")
-    if self.config.use_grid:
-      keys += ("grid",)
-    return keys
 
   def setup(self):
     c = self.config

@@ -1,1 +1,2 @@
-"""Building blocks shared by the model families (text encoders, cross attention, BERT, ResNet, recipes)."""
+"""Building blocks shared by the model families: layers, text encoders, cross attention,
+BERT, ResNet, GloVe, the training recipes and the option declarations (`options`)."""

@@ -23,18 +23,25 @@ PyTree = Any
 class MatchingModel(nn.Module):
   """Base class of the families' modules (see the module docstring).
 
-  Subclasses define `image_keys`, `text_keys` (the batch keys they read) and
+  Subclasses set `spec`, their family's jax-free config module (`models/<family>/
+  config.py`): its `image_keys(model_config)` / `text_keys(model_config)` hooks declare
+  the batch keys once, for the config side (`models.image_keys(config)`) and for the
+  Module, whose `image_keys` / `text_keys` call them with its own `config` (which holds
+  the same options, so the hooks read attributes both have). Subclasses also define
   `input_dims` (`{"img_dim": ..., "pos_dim": ..., "global_dim": ...}` as needed, for
   example batches and input checks), and the three methods below.
   """
+  spec = None  # the family's config module (a class attribute, not a Module field)
 
   @property
   def image_keys(self) -> Tuple[str, ...]:
-    raise NotImplementedError
+    """The image-side batch keys this module reads (`spec.image_keys`)."""
+    return tuple(self.spec.image_keys(self.config))
 
   @property
   def text_keys(self) -> Tuple[str, ...]:
-    raise NotImplementedError
+    """The caption-side batch keys this module reads (`spec.text_keys`)."""
+    return tuple(self.spec.text_keys(self.config))
 
   @property
   def input_dims(self) -> Dict[str, int]:
@@ -61,14 +68,6 @@ class MatchingModel(nn.Module):
 class RegionWordModel(MatchingModel):
   """A family that reads detector regions and word ids (SCAN and the models built like
   it); its `config` has `img_dim`."""
-
-  @property
-  def image_keys(self) -> Tuple[str, ...]:
-    return ("regions", "region_mask")
-
-  @property
-  def text_keys(self) -> Tuple[str, ...]:
-    return ("input_ids", "attention_mask")
 
   @property
   def input_dims(self) -> Dict[str, int]:

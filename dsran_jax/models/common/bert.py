@@ -29,6 +29,7 @@ import numpy as np
 from flax import traverse_util
 
 from dsran_jax import hub
+from dsran_jax.convert import torch_pickle
 from dsran_jax.models.common.layers import Dropout, Linear
 
 
@@ -310,8 +311,7 @@ def load_hf_state_dict(directory: Union[str, os.PathLike]) -> dict[str, np.ndarr
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     return dict(load_file(str(st)))
   if pt.is_file():
-    from dsran_jax.convert import torch_pickle  # pylint: disable=g-import-not-at-top
-    # Read without torch; bfloat16 comes back as float32, what the params end up in.
+      # Read without torch; bfloat16 comes back as float32, what the params end up in.
     return dict(torch_pickle.load(pt))
   raise FileNotFoundError(
       f"no BERT weights in {directory}: looked for {st.name} and {pt.name}")

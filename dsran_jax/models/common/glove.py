@@ -1,9 +1,11 @@
 """GloVe initialisation of a word-embedding table from a local text file."""
-from typing import Mapping
+from typing import Mapping, Optional
 
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+
+from dsran_jax.core.vocab import Vocabulary
 
 
 def _lookup_forms(word: str):
@@ -49,13 +51,14 @@ def load_glove(variables: dict, path: str, word2idx: Mapping[str, int],
   return {**variables, "params": params}
 
 
-def load_configured_glove(variables: dict, config, workdir=None, module: str = "text_enc"
-                          ) -> dict:
-  """`load_glove` from `config.model.glove_path` with the workdir's GRU vocabulary
-  (`data.gru_vocabulary`) into `<module>/embed`; `variables` unchanged when no
-  glove_path is set."""
+def load_configured_glove(variables: dict, config, vocab: Optional[Vocabulary] = None,
+                          module: str = "text_enc") -> dict:
+  """`load_glove` from `config.model.glove_path` with the model's word vocabulary `vocab`
+  (the caller's: training passes `data.gru_vocabulary`) into `<module>/embed`;
+  `variables` unchanged when no glove_path is set."""
   if not config.model.glove_path:
     return variables
-  from dsran_jax import data  # pylint: disable=g-import-not-at-top
-  return load_glove(variables, config.model.glove_path,
-                    data.gru_vocabulary(config, workdir).word2idx, module=module)
+  if vocab is None:
+    raise ValueError(f"config.model.glove_path={config.model.glove_path!r} needs the "
+                     f"model's word vocabulary, and none was given")
+  return load_glove(variables, config.model.glove_path, vocab.word2idx, module=module)

@@ -1,5 +1,5 @@
 """Recipe pieces shared by the families' config hooks. Jax-free, as every `config.py`:
-it imports nothing and works on the ml_collections ConfigDicts it is handed.
+it imports only `options` and works on the ml_collections ConfigDicts it is handed.
 
 The GRU families (SCAN, SGRAF, BSSAN, MLASM, KIDRR) train with the VSE++ / SCAN recipe:
 36 BUTD regions of 2048 floats, a 1024-wide joint space over 300-d word embeddings, Adam
@@ -7,6 +7,7 @@ with a global-norm clip of 2.0 and batch 128, and the hinge loss (margin 0.2) on
 hardest negatives. Each family's `recipe` / `demo` calls the pieces below and sets only
 its own numbers (schedule, widths, options).
 """
+from dsran_jax.models.common.options import at_least
 
 
 def region_features(c, data_format: str = "precomp", num_regions: int = 36,
@@ -91,12 +92,8 @@ def validate_widths(c):
                      f"(0: the size of the built vocabulary)")
 
 
-def validate_max_block_elements(c, family: str):
-  """Raises ValueError if `config.model.<family>.max_block_elements` is negative."""
-  value = c.model[family].max_block_elements
-  if value < 0:
-    raise ValueError(f"config.model.{family}.max_block_elements={value}: must "
-                     f"be >= 0 (0: no blocking)")
+# The rule of the families' `max_block_elements` option (a scoring memory bound).
+block_elements_rule = at_least(0, " (0: no blocking)")
 
 
 # Hooks shared by the families that read detector regions and word ids (a family's

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from dsran_jax.convert import torch_pickle
 from dsran_jax.models.common.layers import MaskedBatchNorm
 
 
@@ -506,7 +507,6 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, np.ndarray]:
   if not path.endswith(TORCH_SUFFIXES):
     raise ValueError(f"{path}: unknown weights format; expected .safetensors or a PyTorch "
                      f"state dict ({', '.join(TORCH_SUFFIXES)})")
-  from dsran_jax.convert import torch_pickle  # pylint: disable=g-import-not-at-top
   state = torch_pickle.load(path)  # its errors (ValueError subclasses) name the file
   if not isinstance(state, Mapping):
     raise ValueError(f"{path}: expected a state dict (a dict of tensors), got "

@@ -6,20 +6,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsran_jax.models.dsran.model import DSRAN, GRID_NODES, DSRANConfig
 from dsran_jax.core.text_policy import TextPolicy
+from dsran_jax.hub import resolve_pretrained_dir
+from dsran_jax.models.common.bert import BertConfig, load_hf_bert
+from dsran_jax.models.common.glove import load_configured_glove
+from dsran_jax.models.dsran.attention import jsr_attention
+from dsran_jax.models.dsran.config import OPTIONS
+from dsran_jax.models.dsran.model import DSRAN, GRID_NODES, DSRANConfig
 
 
 def bert_config_from(model_config):
   """The BertConfig a config asks for: model.bert.* if random init, else config.json."""
-  from dsran_jax.models.common.bert import BertConfig  # pylint: disable=g-import-not-at-top
   if model_config.bert_random_init:
     b = model_config.bert
     return BertConfig(vocab_size=b.vocab_size, hidden_size=b.hidden_size,
                       num_layers=b.num_layers, num_heads=b.num_heads,
                       intermediate_size=b.intermediate_size, max_position=b.max_position,
                       type_vocab_size=b.type_vocab_size)
-  from dsran_jax.hub import resolve_pretrained_dir  # pylint: disable=g-import-not-at-top
   return BertConfig.from_hf_json(resolve_pretrained_dir(model_config.bert_path) / "config.json")
 
 
@@ -27,12 +30,9 @@ def model_config_from(model_config, vocab_size: Optional[int] = None) -> DSRANCo
   """Turns `config.model` (ml_collections) into the hashable DSRANConfig."""
   m = model_config
   bert = bert_config_from(m) if m.text_encoder == "bert" else None
-  return DSRANConfig(
-      embed_size=m.embed_size, K=m.K, text_encoder=m.text_encoder,
-      image_inputs=m.image_inputs, img_dim=m.img_dim, pos_dim=m.pos_dim,
-      use_region_pos=m.use_region_pos, gat_heads=m.gat_heads, gat_dropout=m.gat_dropout,
-      gat_layers=m.gat_layers, text_padding=m.text_padding, dtype=m.dtype, bert=bert,
-      vocab_size=vocab_size or m.vocab_size, word_dim=m.word_dim)
+  values = OPTIONS.values(m)
+  values["vocab_size"] = int(vocab_size or m.vocab_size)
+  return DSRANConfig(**values, bert=bert)
 
 
 def build(model_config, vocab_size: Optional[int] = None) -> DSRAN:
@@ -44,7 +44,6 @@ def build(model_config, vocab_size: Optional[int] = None) -> DSRAN:
 
 def load_pretrained_bert(variables: dict, model_config) -> dict:
   """Replaces the BERT weights in `variables` with the pretrained ones at model.bert_path."""
-  from dsran_jax.models.common.bert import load_hf_bert  # pylint: disable=g-import-not-at-top
   _, bert_params = load_hf_bert(model_config.bert_path)
   params = dict(variables["params"])
   text = dict(params["text_enc"])
@@ -59,15 +58,14 @@ def load_pretrained_bert(variables: dict, model_config) -> dict:
   return {**variables, "params": params}
 
 
-def load_pretrained(variables: dict, config, workdir: Optional[str] = None) -> dict:
+def load_pretrained(variables: dict, config, vocab=None) -> dict:
   """BERT build: the pretrained BERT at model.bert_path (unless bert_random_init);
-  GRU build: GloVe rows for the vocabulary when model.glove_path is set."""
+  GRU build: GloVe rows for the word vocabulary `vocab` when model.glove_path is set."""
   m = config.model
   if m.text_encoder == "bert" and not m.bert_random_init:
     return load_pretrained_bert(variables, m)
   if m.text_encoder == "gru":
-    from dsran_jax.models.common.glove import load_configured_glove  # pylint: disable=g-import-not-at-top
-    return load_configured_glove(variables, config, workdir)
+    return load_configured_glove(variables, config, vocab)
   return variables
 
 
@@ -91,11 +89,10 @@ def text_policy(model: DSRAN, config):
   return TextPolicy()
 
 
-def figures(workdir: str, config, encoder=None) -> dict:
-  """The family's figure hook (see `dsran_jax.plots.evaluation_figures`)."""
-  from dsran_jax.models.dsran import attention  # pylint: disable=g-import-not-at-top
-  return attention.figures(workdir, config, encoder=encoder)
+# The attention-figure hook (`dsran_jax.figures.attention`): the first JSR block's
+# attention over the grid cells and regions of some images.
+attention_maps = jsr_attention
 
 
-__all__ = ["DSRAN", "DSRANConfig", "GRID_NODES", "build", "load_pretrained",
-           "load_pretrained_bert", "model_config_from", "bert_config_from"]
+__all__ = ["DSRAN", "DSRANConfig", "GRID_NODES", "attention_maps", "bert_config_from", "build",
+           "load_pretrained", "load_pretrained_bert", "model_config_from"]

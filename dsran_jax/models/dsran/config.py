@@ -1,5 +1,11 @@
-"""DSRAN's config hooks. Its options are the top-level `config.model.*` keys of DESIGN
-section 4 (`text_encoder`, `K`, `image_inputs`, ...), so it has no `model.dsran` section."""
+"""DSRAN's config hooks (jax-free). Its options are top-level `config.model.*` keys
+(`text_encoder`, `K`, `image_inputs`, ...; their defaults are written by
+`dsran_jax/default_config.py`), so it has no `model.dsran` section; they are declared
+once in `OPTIONS` below, from which `validate` and the Module's `DSRANConfig` come. The
+model's specification: docs/models/dsran.md."""
+from dsran_jax.hub import minilm_dir
+from dsran_jax.models.common.options import (Option, Options, at_least, one_of,
+                                              within)
 
 # The authors' README recipes: (epochs, batch, lr_update epoch, K) per dataset and build.
 RECIPES = {
@@ -10,11 +16,32 @@ RECIPES = {
 }
 
 
+OPTIONS = Options(None, [
+    Option("embed_size", 1024, at_least(1), "joint embedding width"),
+    Option("K", 2, one_of(1, 2, 4), "JSR branches"),
+    Option("text_encoder", "bert", one_of("bert", "gru"), "the build: BERT or GRU"),
+    Option("image_inputs", "grid+regions", one_of("grid+regions", "regions"),
+           "the 7x7 grid and the regions, or the regions alone"),
+    Option("img_dim", 2048, at_least(1), "width of the region (and grid) features"),
+    Option("pos_dim", 1607, at_least(1), "width of the region positions + class scores"),
+    Option("use_region_pos", True, None, "the BERT build's position branch"),
+    Option("gat_heads", 8, at_least(1), "GAT attention heads"),
+    Option("gat_dropout", 0.2, within(0.0, 1.0, high_open=True), "GAT dropout rate"),
+    Option("gat_layers", 1, at_least(0), "GAT layers"),
+    Option("text_padding", "masked", one_of("masked", "reference"),
+           '"masked" | "reference" (the authors\' padding, for converted checkpoints)'),
+    Option("dtype", "float32", one_of("float32", "bfloat16"), "compute dtype"),
+    Option("vocab_size", 0, at_least(0), "GRU build: 0: size of the built vocabulary"),
+    Option("word_dim", 300, at_least(1), "GRU build: word-embedding width"),
+])
+
+
 def defaults():
-  return None
+  return None  # the keys are top-level, written by default_config.py
 
 
 def image_keys(model_config):
+  """`model_config`: `config.model`, or the Module's DSRANConfig (the same options)."""
   keys = ("regions", "region_pos", "region_mask")
   return (("grid",) + keys) if model_config.image_inputs == "grid+regions" else keys
 
@@ -60,7 +87,6 @@ def recipe(c, dataset: str, text_encoder: str = "bert"):
 
 def demo(c):
   """Frozen MiniLM BERT build, K=2, 256-wide: 3 epochs of 1000 synthetic images."""
-  from dsran_jax.hub import minilm_dir  # pylint: disable=g-import-not-at-top
   c.model.text_encoder = "bert"
   c.model.bert_path = minilm_dir()
   c.model.embed_size = 256
@@ -79,18 +105,8 @@ def demo(c):
 
 def validate(c):
   """Raises ValueError naming the first DSRAN key out of range."""
+  OPTIONS.validate(c.model)
   m = c.model
-  allowed = {"text_encoder": ("bert", "gru"), "image_inputs": ("grid+regions", "regions"),
-             "text_padding": ("masked", "reference"), "K": (1, 2, 4)}
-  for key, values in allowed.items():
-    if m[key] not in values:
-      raise ValueError(f"config.model.{key}={m[key]!r}: expected one of {values}")
-  for key in ("embed_size", "gat_heads", "gat_layers", "img_dim", "pos_dim", "word_dim"):
-    if m[key] < (0 if key == "gat_layers" else 1):
-      raise ValueError(f"config.model.{key}={m[key]}: must be >= "
-                       f"{0 if key == 'gat_layers' else 1}")
   if m.embed_size % m.gat_heads:
     raise ValueError(f"config.model.embed_size={m.embed_size} must be divisible by "
                      f"config.model.gat_heads={m.gat_heads}")
-  if not 0.0 <= m.gat_dropout < 1.0:
-    raise ValueError(f"config.model.gat_dropout={m.gat_dropout}: must be in [0, 1)")

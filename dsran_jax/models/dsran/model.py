@@ -1,6 +1,5 @@
 """The DSRAN network: SSR on grid and region nodes, JSR over both, a text encoder with its
 own GAT; returns L2-normalised image and text embeddings."""
-import dataclasses
 from typing import Optional
 
 import jax
@@ -10,45 +9,22 @@ from dsran_jax.core.batch import GRID_CELLS
 from dsran_jax.models.common.base import MatchingModel, select
 from dsran_jax.models.common.bert import BertConfig
 from dsran_jax.models.common.layers import l2norm, masked_mean
+from dsran_jax.models.dsran import config as spec
 from dsran_jax.models.dsran.gat import GAT
 from dsran_jax.models.dsran.image import JSR, GridEncoder, RegionEncoder
 from dsran_jax.models.dsran.text import BertTextEncoder, GruTextEncoder
 
 GRID_NODES = GRID_CELLS
-IMAGE_KEYS = ("grid", "regions", "region_pos", "region_mask")
-TEXT_KEYS = ("input_ids", "attention_mask")
 
 
-@dataclasses.dataclass(frozen=True)
-class DSRANConfig:
-  """Hashable model description (built from `config.model` by `models.build_model`)."""
-  embed_size: int = 1024
-  K: int = 2
-  text_encoder: str = "bert"
-  image_inputs: str = "grid+regions"
-  img_dim: int = 2048
-  pos_dim: int = 1607
-  use_region_pos: bool = True
-  gat_heads: int = 8
-  gat_dropout: float = 0.2
-  gat_layers: int = 1
-  text_padding: str = "masked"
-  dtype: str = "float32"
-  bert: Optional[BertConfig] = None
-  vocab_size: int = 0
-  word_dim: int = 300
+class DSRANConfig(spec.OPTIONS.dataclass(
+    "DSRANConfigFields", tail=(("bert", Optional[BertConfig], None),))):
+  """Hashable model description: every DSRAN option (fields, defaults and rules from
+  `dsran.config.OPTIONS`) and the BERT build's `BertConfig`; built from `config.model`
+  by `dsran.build`."""
 
   def __post_init__(self):
-    checks = {
-        "text_encoder": (self.text_encoder, ("bert", "gru")),
-        "image_inputs": (self.image_inputs, ("grid+regions", "regions")),
-        "text_padding": (self.text_padding, ("masked", "reference")),
-        "dtype": (self.dtype, ("float32", "bfloat16")),
-        "K": (self.K, (1, 2, 4)),
-    }
-    for key, (value, allowed) in checks.items():
-      if value not in allowed:
-        raise ValueError(f"config.model.{key}={value!r}; expected one of {allowed}")
+    super().__post_init__()
     if self.text_encoder == "bert" and self.bert is None:
       raise ValueError("the BERT build needs a BertConfig (config.model.bert_path)")
     if self.text_encoder == "gru" and self.vocab_size <= 0:
@@ -71,17 +47,10 @@ class DSRAN(MatchingModel):
   Reps are the L2-normalised (B, E) embeddings and `score` is their dot product (cosine),
   so `__call__(batch, train)` gives the (B, B) cosine matrix the VSE++ loss takes.
   `embed_images` / `embed_texts` take the arrays as keywords (use with
-  `apply(..., method=...)`). Batch keys are listed in docs/architecture.md.
+  `apply(..., method=...)`). Batch keys: `config.image_keys` / `text_keys` (`spec`).
   """
+  spec = spec
   config: DSRANConfig
-
-  @property
-  def image_keys(self):
-    return IMAGE_KEYS if self.config.image_inputs == "grid+regions" else IMAGE_KEYS[1:]
-
-  @property
-  def text_keys(self):
-    return TEXT_KEYS
 
   @property
   def input_dims(self):

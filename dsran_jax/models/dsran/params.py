@@ -7,6 +7,7 @@ widths and the BERT shape are read off the weights; the workdir uses
 `model.text_padding = "reference"` so their weights give their embeddings, and their eval
 batch size (it sets the GRU build's padding width).
 """
+import json
 import os
 import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -17,6 +18,9 @@ from dsran_jax.convert import authors_vocab
 from dsran_jax.convert.engine import (DROP, ConversionError, Converted, Rule,
                                             apply_recipe_from_opt, flatten, map_state_dict,
                                             opt_of, state_dicts, strip_prefix, to_numpy)
+from dsran_jax.models.common.bert import BertConfig, hf_state_dict_to_params
+from dsran_jax.models.dsran.model import DSRAN, DSRANConfig
+from dsran_jax.models.variables import variable_shapes
 
 BERT = "bert"  # kind of the BERT subtree, mapped by models.common.bert
 
@@ -130,7 +134,6 @@ def infer_bert_config(bert_state: Mapping[str, np.ndarray], heads: Optional[int]
   The number of attention heads leaves no trace in the weights: `heads`, else
   hidden / 64 (every released BERT's head width).
   """
-  from dsran_jax.models.common.bert import BertConfig  # pylint: disable=g-import-not-at-top
   words = _need(bert_state, "embeddings.word_embeddings.weight", "the BERT vocabulary/width")
   pos = _need(bert_state, "embeddings.position_embeddings.weight", "BERT max positions")
   types = _need(bert_state, "embeddings.token_type_embeddings.weight", "BERT token types")
@@ -191,16 +194,13 @@ def convert_state_dict(state_dict: Mapping[str, Any], build: Optional[str] = Non
     ConversionError: naming every unexpected key, every missing param (with its torch
       key), and every shape that does not match the inferred config.
   """
-  from dsran_jax import models  # pylint: disable=g-import-not-at-top
-  from dsran_jax.models.common.bert import hf_state_dict_to_params  # pylint: disable=g-import-not-at-top
   state = {k: to_numpy(v) for k, v in strip_prefix(state_dict).items()}
   build = build or detect_build(state)
   if build not in ("bert", "gru"):
     raise ValueError(f"build={build!r}: expected 'bert' or 'gru'")
   overrides = infer_overrides(state, build, bert_heads)
   rules = bert_rules() if build == "bert" else gru_rules(overrides["K"])
-  from dsran_jax.models.dsran.model import DSRAN  # pylint: disable=g-import-not-at-top
-  expected = models.variable_shapes(DSRAN(_dsran_config(overrides)))
+  expected = variable_shapes(DSRAN(_dsran_config(overrides)))
   what = (f"{build.upper()}-build checkpoint (K={overrides['K']}, "
           f"embed_size={overrides['embed_size']})")
   extra, problems = {}, []
@@ -233,17 +233,15 @@ _BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_layers=12)
 
 
 def _dsran_config(overrides: Mapping[str, Any]):
-  from dsran_jax.models.dsran.model import DSRANConfig  # pylint: disable=g-import-not-at-top
   keys = ("embed_size", "K", "text_encoder", "img_dim", "pos_dim", "use_region_pos",
           "text_padding", "bert", "vocab_size", "word_dim")
   return DSRANConfig(**{k: overrides[k] for k in keys if k in overrides})
 
 
-def make_config(overrides: Mapping[str, Any], opt: Mapping[str, Any], bert_path: str = "",
+def make_config(c, overrides: Mapping[str, Any], opt: Mapping[str, Any], bert_path: str = "",
                 data_format: str = "vlp"):
-  """The workdir config: base config + the inferred model + what `opt` tells us."""
-  from dsran_jax.default_config import get_base_config  # pylint: disable=g-import-not-at-top
-  c = get_base_config()
+  """The workdir config: the base config `c` (from the caller) + the inferred model +
+  what `opt` tells us."""
   m = c.model
   m.name = "dsran"
   for key in ("text_encoder", "embed_size", "K", "img_dim", "use_region_pos", "text_padding"):
@@ -282,9 +280,10 @@ def detect(ckpt: Mapping[str, Any]) -> bool:
           and any(k.startswith("gat_cat") for k in keys))
 
 
-def convert(ckpt: Mapping[str, Any], options: Mapping[str, Any]) -> Converted:
+def convert(ckpt: Mapping[str, Any], options: Mapping[str, Any], *, config) -> Converted:
   """An authors' DSRAN checkpoint as a workdir (`options`: bert_path, bert_heads, vocab,
-  data_format, path)."""
+  data_format, path; `config`: the base config, `default_config.get_base_config()`,
+  filled in as the workdir's)."""
   path = options.get("path", "checkpoint")
   (state_dict,) = state_dicts(ckpt, 1, path)
   opt = opt_of(ckpt)
@@ -304,7 +303,7 @@ def convert(ckpt: Mapping[str, Any], options: Mapping[str, Any]) -> Converted:
                        "--bert_path")
     vocab = authors_vocab.load_checked_vocab(options["vocab"], overrides["vocab_size"],
                                              "word embedding txt_enc.embed.weight")
-  config = make_config(overrides, opt, bert_path, options.get("data_format") or "vlp")
+  config = make_config(config, overrides, opt, bert_path, options.get("data_format") or "vlp")
   summary = {"build": overrides["text_encoder"], "K": overrides["K"],
              "embed_size": overrides["embed_size"], "img_dim": overrides["img_dim"]}
   if overrides["text_encoder"] == "bert":
@@ -324,7 +323,6 @@ def convert(ckpt: Mapping[str, Any], options: Mapping[str, Any]) -> Converted:
 
 def _heads_from_bert_dir(bert_path: str, state_dict) -> Optional[int]:
   """num_attention_heads from a local BERT directory's config.json if its width matches."""
-  import json  # pylint: disable=g-import-not-at-top
   cfg = os.path.join(os.path.expanduser(bert_path), "config.json")
   if not os.path.isfile(cfg):
     return None

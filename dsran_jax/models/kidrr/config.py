@@ -1,26 +1,15 @@
 """KIDRR's config hooks (jax-free). KIDRR is a reconstruction on the SGRAF core
-(MODELS.md section 4): the core's options are SGRAF's, under `config.model.sgraf`
+(docs/models/kidrr.md): the core's options are SGRAF's, under `config.model.sgraf`
 (`module` = "SGR" | "SAF" picks the SGR-like or SAF-like readout, `sim_dim`, `sgr_step`
-= T_r, ...), and every inferred KIDRR module is a switch under `config.model.kidrr`:
+= T_r, ...), and every inferred KIDRR module is a switch under `config.model.kidrr`,
+declared once in `OPTIONS` below.
 
-    kgid_steps        knowledge dissemination steps T_k over regions and words (2; 0 off)
-    kgid_share_steps  one set of KGID weights for every step (True)
-    i2t               i2t local similarity nodes, one per region (True)
-    lambda_i2t        their softmax temperature (SCAN's 4)
-    global_local      two global-local nodes (True)
-    rgr_blend         relation-graph reconstruction: "scalar" | "node" edge blending
-                      across steps ("scalar"); "none" off
-    rgr_topk          keep each node's top-k edges (0: dense; optional sparsification)
-    rgr_residual      N <- ReLU(...) + N in every reasoning step (True)
-    saf_steps         reasoning steps before the SAF-like readout (3; SGRAF's SAF has 0)
-
-The defaults are the full model; with `kgid_steps=0 i2t=False global_local=False
-rgr_blend=none rgr_topk=0 rgr_residual=False saf_steps=0` it is SGRAF exactly (the same
-parameters and scores). KIDRR* is the SGR-like and SAF-like models' summed sims
-(`tools.rank --sims=a.npy --sims=b.npy`), as SGRAF*.
+The defaults are the full model; with every switch at its `OFF` value it is SGRAF
+exactly (the same parameters and scores). KIDRR* is the SGR-like and SAF-like models'
+summed sims (`tools.rank --sims=a.npy --sims=b.npy`), as SGRAF*.
 """
-import ml_collections
-
+from dsran_jax.models.common.options import (Option, Options, greater_than,
+                                              integer_at_least, one_of)
 from dsran_jax.models.sgraf import config as sgraf_config
 
 BLENDS = ("none", "scalar", "node")
@@ -29,18 +18,23 @@ OFF = {"kgid_steps": 0, "i2t": False, "global_local": False, "rgr_blend": "none"
        "rgr_topk": 0, "rgr_residual": False, "saf_steps": 0}
 
 
-def defaults() -> ml_collections.ConfigDict:
-  k = ml_collections.ConfigDict()
-  k.kgid_steps = 2
-  k.kgid_share_steps = True
-  k.i2t = True
-  k.lambda_i2t = 4.0
-  k.global_local = True
-  k.rgr_blend = "scalar"
-  k.rgr_topk = 0
-  k.rgr_residual = True
-  k.saf_steps = 3
-  return k
+OPTIONS = Options("kidrr", [
+    Option("kgid_steps", 2, integer_at_least(0),
+           "knowledge dissemination steps T_k over regions and words (0: off)"),
+    Option("kgid_share_steps", True, None, "one set of KGID weights for every step"),
+    Option("i2t", True, None, "i2t local similarity nodes, one per region"),
+    Option("lambda_i2t", 4.0, greater_than(0), "their softmax temperature (SCAN's 4)"),
+    Option("global_local", True, None, "two global-local nodes"),
+    Option("rgr_blend", "scalar", one_of(*BLENDS),
+           'relation-graph reconstruction: "scalar" | "node" edge blending across '
+           'steps; "none" off'),
+    Option("rgr_topk", 0, integer_at_least(0),
+           "keep each node's top-k edges (0: dense; optional sparsification)"),
+    Option("rgr_residual", True, None, "N <- ReLU(...) + N in every reasoning step"),
+    Option("saf_steps", 3, integer_at_least(0),
+           "reasoning steps before the SAF-like readout (SGRAF's SAF has 0)"),
+])
+defaults = OPTIONS.defaults
 
 
 def _set(c, values):
@@ -67,7 +61,7 @@ def eval_tile(model_config):
 
 
 def recipe(c, dataset: str, module: str = "SGR"):
-  """SGRAF's recipe for `dataset` and `module` (MODELS.md 4.5: unknown, so SGRAF's)
+  """SGRAF's recipe for `dataset` and `module` (docs/models/kidrr.md: unknown, so SGRAF's)
   with the full KIDRR (this module's defaults)."""
   sgraf_config.apply_recipe(c, dataset, module)
   return _set(c, defaults().to_dict())
@@ -89,11 +83,4 @@ def demo(c):
 def validate(c):
   """Raises ValueError naming the first SGRAF or KIDRR key out of range."""
   sgraf_config.validate(c)
-  k = c.model.kidrr
-  for key in ("kgid_steps", "rgr_topk", "saf_steps"):
-    if int(k[key]) != k[key] or k[key] < 0:
-      raise ValueError(f"config.model.kidrr.{key}={k[key]}: must be an integer >= 0")
-  if k.rgr_blend not in BLENDS:
-    raise ValueError(f"config.model.kidrr.rgr_blend={k.rgr_blend!r}: expected one of {BLENDS}")
-  if not k.lambda_i2t > 0:
-    raise ValueError(f"config.model.kidrr.lambda_i2t={k.lambda_i2t}: must be > 0")
+  OPTIONS.validate(c.model)

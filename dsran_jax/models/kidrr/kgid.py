@@ -1,5 +1,5 @@
 """KIDRR's knowledge graph iterative dissemination (KGID), a reconstruction
-(MODELS.md section 4.2, [INFERRED]: only the abstract of the paper is public).
+(docs/models/kidrr.md, KGID, [INFERRED]: only the abstract of the paper is public).
 
 Per item and modality, on the local nodes X (n x d: the regions or the real words) and
 the item's global vector g0 (SGRAF's VisualSA / TextSA output):
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from dsran_jax.models.common.cross_attention import masked_softmax
 from dsran_jax.models.common.layers import Linear
-from dsran_jax.models.common.similarity import HIGHEST, TextSA, VisualSA, l2n
+from dsran_jax.models.sgraf.similarity import HIGHEST, TextSA, VisualSA, l2n
 
 MODALITIES = ("image", "text")
 

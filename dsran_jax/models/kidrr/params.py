@@ -18,13 +18,15 @@ def detect(ckpt: Mapping[str, Any]) -> bool:
   return False
 
 
-def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None) -> Converted:
-  """An SGRAF checkpoint as a KIDRR workdir with every module off (module docstring)."""
+def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None, *,
+            config) -> Converted:
+  """An SGRAF checkpoint as a KIDRR workdir with every module off (module docstring);
+  `config` is the base config to fill in (see `sgraf.params.convert`)."""
   if not sgraf_params.detect(ckpt):
     raise ConversionError("KIDRR has no released checkpoints; --model=kidrr converts an "
                           "SGRAF checkpoint (model = [img_enc, txt_enc, sim_enc]) into "
                           "KIDRR with every module off, and this file is not one")
   converted = sgraf_params.convert(ckpt, options, family=FAMILY,
-                                   configure=kidrr_config.switch_off)
+                                   configure=kidrr_config.switch_off, config=config)
   converted.summary["kidrr"] = "every module off (SGRAF's variables and scores)"
   return converted

@@ -4,18 +4,14 @@ model.py; the converter of the authors' checkpoints (ResNet weights included): p
 """
 from typing import Optional
 
+from dsran_jax.models.common.glove import load_configured_glove
+from dsran_jax.models.mlasm.config import OPTIONS
 from dsran_jax.models.mlasm.model import MLASM, MlasmConfig
 
 
 def model_config_from(model_config, vocab_size: Optional[int] = None) -> MlasmConfig:
   """Turns `config.model` (ml_collections) into the hashable MlasmConfig."""
-  m = model_config
-  s = m.mlasm
-  return MlasmConfig(
-      vocab_size=int(vocab_size or m.vocab_size), embed_size=int(m.embed_size),
-      word_dim=int(m.word_dim), img_dim=int(m.img_dim), global_dim=int(s.global_dim),
-      ratio=float(s.ratio), global_mode=str(s.global_mode),
-      embed_dropout=float(s.embed_dropout), max_block_elements=int(s.max_block_elements))
+  return OPTIONS.module_config(MlasmConfig, model_config, vocab_size)
 
 
 def build(model_config, vocab_size: Optional[int] = None) -> MLASM:
@@ -25,13 +21,12 @@ def build(model_config, vocab_size: Optional[int] = None) -> MLASM:
   return MLASM(cfg)
 
 
-def load_pretrained(variables: dict, config, workdir: Optional[str] = None) -> dict:
+def load_pretrained(variables: dict, config, vocab=None) -> dict:
   """The authors initialise the word embeddings from GloVe (torchtext's glove.840B.300d,
   with their word-hit trick; rows not found keep PyTorch's N(0, 1)): with
   `model.glove_path` set to that text file, the vocabulary's rows are copied in.
   Without it the embeddings start from N(0, 1) alone (a deviation; say so in results)."""
-  from dsran_jax.models.common.glove import load_configured_glove  # pylint: disable=g-import-not-at-top
-  return load_configured_glove(variables, config, workdir, module="word_enc")
+  return load_configured_glove(variables, config, vocab, module="word_enc")
 
 
 __all__ = ["MLASM", "MlasmConfig", "build", "load_pretrained", "model_config_from"]

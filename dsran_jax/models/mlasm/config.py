@@ -1,20 +1,13 @@
 """MLASM's config hooks (jax-free). Its options live under `config.model.mlasm`
-(xiaohu306/MLASM @ 77e6f58; the spec is ../shared/MODELS.md section 3):
+(xiaohu306/MLASM @ 77e6f58; the specification is docs/models/mlasm.md), declared once
+in `OPTIONS` below. `global_mode`:
 
-    ratio              S = ratio * S_local + (1 - ratio) * S_global (opts.py --ratio, 0.8);
-                       1.0 is the local alignment alone (the global branch is skipped)
-    global_mode        "pairwise" (default): the global vectors of every candidate pair
-                       (i, j) are computed inside `score` from the pair's own attention,
-                       so pair (i, j) depends on image i and caption j only;
-                       "reference": the authors' code, which conditions image i's global
-                       vector on its *ground-truth* caption and caption j's on its
-                       ground-truth image (valid only on paired inputs; see model.py and
-                       docs/mlasm.md for the protocol problem)
-    global_dim         width of `global_feat`, the average-pooled ResNet feature (2048)
-    embed_dropout      dropout on the word embeddings (their 0.1)
-    max_block_elements scoring memory bound: captions per block inside `score` so that
-                       one (images, captions, k, L) or (images, captions, embed)
-                       intermediate holds at most this many floats (0: no blocking)
+    "pairwise" (default): the global vectors of every candidate pair (i, j) are computed
+        inside `score` from the pair's own attention, so pair (i, j) depends on image i
+        and caption j only;
+    "reference": the authors' code, which conditions image i's global vector on its
+        *ground-truth* caption and caption j's on its ground-truth image (valid only on
+        paired inputs; see model.py and docs/models/mlasm.md for the protocol problem).
 
 The attention temperatures are the authors' hard-coded 9 (t2i) and 4 (i2t), with SCAN's
 clipped_l2norm and mean aggregation in both directions. Shared widths are the top-level
@@ -22,23 +15,31 @@ clipped_l2norm and mean aggregation in both directions. Shared widths are the to
 and `model.glove_path` (GloVe init of the word embeddings, as the authors'
 `torchtext.vocab.GloVe()`: glove.840B.300d).
 """
-import ml_collections
-
 from dsran_jax.models.common import recipes
+from dsran_jax.models.common.options import (Option, Options, integer_at_least, one_of,
+                                              within)
 
 GLOBAL_MODES = ("pairwise", "reference")
 LAMBDA_T2I = 9.0  # model.py: func_attention(..., smooth=9.) in xattn_score_t2i
 LAMBDA_I2T = 4.0  # model.py: func_attention(..., smooth=4.) in xattn_score_i2t
 
 
-def defaults() -> ml_collections.ConfigDict:
-  s = ml_collections.ConfigDict()
-  s.ratio = 0.8
-  s.global_mode = "pairwise"
-  s.global_dim = 2048
-  s.embed_dropout = 0.1
-  s.max_block_elements = 1 << 25
-  return s
+OPTIONS = Options("mlasm", [
+    Option("ratio", 0.8, within(0.0, 1.0),
+           "S = ratio * S_local + (1 - ratio) * S_global (opts.py --ratio); 1.0 is the "
+           "local alignment alone (the global branch is skipped)"),
+    Option("global_mode", "pairwise", one_of(*GLOBAL_MODES),
+           '"pairwise" | "reference" (module docstring)'),
+    Option("global_dim", 2048, integer_at_least(1),
+           "width of `global_feat`, the average-pooled ResNet feature"),
+    Option("embed_dropout", 0.1, within(0.0, 1.0, high_open=True),
+           "dropout on the word embeddings (their 0.1)"),
+    Option("max_block_elements", 1 << 25, recipes.block_elements_rule,
+           "scoring memory bound: captions per block inside `score` so that one (images, "
+           "captions, k, L) or (images, captions, embed) intermediate holds at most this "
+           "many floats (0: no blocking)"),
+])
+defaults = OPTIONS.defaults
 
 
 def image_keys(model_config):
@@ -103,18 +104,9 @@ def demo(c):
 
 def validate(c):
   """Raises ValueError naming the first MLASM key out of range."""
-  s = c.model.mlasm
-  if s.global_mode not in GLOBAL_MODES:
-    raise ValueError(f"config.model.mlasm.global_mode={s.global_mode!r}: expected one of "
-                     f"{GLOBAL_MODES}")
-  if not 0.0 <= s.ratio <= 1.0:
-    raise ValueError(f"config.model.mlasm.ratio={s.ratio}: must be in [0, 1]")
-  if int(s.global_dim) != s.global_dim or s.global_dim < 1:
-    raise ValueError(f"config.model.mlasm.global_dim={s.global_dim}: must be an integer >= 1")
-  if not 0.0 <= s.embed_dropout < 1.0:
-    raise ValueError(f"config.model.mlasm.embed_dropout={s.embed_dropout}: must be in [0, 1)")
-  recipes.validate_max_block_elements(c, "mlasm")
+  OPTIONS.validate(c.model)
   recipes.validate_widths(c)
+  s = c.model.mlasm
   if c.data.format == "synthetic" and s.global_dim != c.data.img_dim:
     raise ValueError(f"config.model.mlasm.global_dim={s.global_dim}: the synthetic world's "
                      f"global_feat (its grid's mean) has data.img_dim={c.data.img_dim} values")

@@ -1,6 +1,6 @@
 """MLASM (ICANN 2022; xiaohu306/MLASM @ 77e6f58, the class `JZK`), as a `MatchingModel`.
 
-The authors' model, in their notation (MODELS.md section 3):
+The authors' model, in their notation (docs/models/mlasm.md):
 
     V   = l2n(fc_region(regions))                      (k, E)  region_enc
     E   = l2n(GRU(Dropout_0.1(embed(ids))))            (L, E)  word_enc, unidirectional
@@ -51,7 +51,6 @@ Reps (leading dim B): images `{"regions" (B, k, E), "region_mask" (B, k), "globa
 pairwise mode, `"text_proj"` T (B, L, E); in reference mode, after the paired pre-pass,
 both sides also carry `"global_emb"` (B, E).
 """
-import dataclasses
 from typing import Optional
 
 import flax.linen as nn
@@ -62,34 +61,23 @@ from dsran_jax.models.common import cross_attention as xattn
 from dsran_jax.models.common.base import RegionWordModel, region_inputs
 from dsran_jax.models.common.layers import Linear, dense, l2norm, masked_mean
 from dsran_jax.models.common.text import recurrent_tokens
-from dsran_jax.models.mlasm.config import GLOBAL_MODES, LAMBDA_I2T, LAMBDA_T2I
+from dsran_jax.models.common.options import WIDTHS
+from dsran_jax.models.mlasm import config as spec
+from dsran_jax.models.mlasm.config import LAMBDA_I2T, LAMBDA_T2I
 
-IMAGE_KEYS = ("regions", "region_mask", "global_feat")
 EPS = 1e-8          # their l2norm adds 1e-8 to the norm; cosine_similarity clamps at 1e-8
 NORM = "clipped_l2norm"  # their func_attention: LeakyReLU(0.1), then l2 over the queries
 HIGHEST = jax.lax.Precision.HIGHEST
 PAIRWISE_LEAVES = ("attn_proj", "gate_proj", "gate_base")
 
 
-@dataclasses.dataclass(frozen=True)
-class MlasmConfig:
-  """Hashable MLASM description (built from `config.model` by `mlasm.build`)."""
-  vocab_size: int
-  embed_size: int = 1024
-  word_dim: int = 300
-  img_dim: int = 2048
-  global_dim: int = 2048
-  ratio: float = 0.8
-  global_mode: str = "pairwise"
-  embed_dropout: float = 0.1
-  max_block_elements: int = 1 << 25
+class MlasmConfig(spec.OPTIONS.dataclass("MlasmConfigFields", head=WIDTHS)):
+  """Hashable MLASM description: the shared widths and every `config.model.mlasm`
+  option (fields, defaults and rules from `mlasm.config.OPTIONS`); built by
+  `mlasm.build`."""
 
   def __post_init__(self):
-    if self.global_mode not in GLOBAL_MODES:
-      raise ValueError(f"config.model.mlasm.global_mode={self.global_mode!r}: expected one "
-                       f"of {GLOBAL_MODES}")
-    if not 0.0 <= self.ratio <= 1.0:
-      raise ValueError(f"config.model.mlasm.ratio={self.ratio}: must be in [0, 1]")
+    super().__post_init__()
     if self.vocab_size <= 0:
       raise ValueError(f"MLASM needs a word vocabulary: vocab_size={self.vocab_size}")
 
@@ -337,11 +325,8 @@ class MLASM(RegionWordModel):
   mode `score(encode_images(batch), encode_texts(batch))`; in reference mode the global
   term is `img_emb(i | caption i) . cap_emb(j | image j)`, the batch's diagonal partners.
   """
+  spec = spec
   config: MlasmConfig
-
-  @property
-  def image_keys(self):
-    return IMAGE_KEYS
 
   @property
   def input_dims(self):

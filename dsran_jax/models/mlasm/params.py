@@ -23,10 +23,14 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from dsran_jax import models
 from dsran_jax.convert import authors_vocab
 from dsran_jax.convert.engine import (ConversionError, Converted, map_state_dict, opt_of,
                                             state_dicts, to_numpy, validate_workdir_config,
                                             workdir_config)
+from dsran_jax.models.common import resnet
+from dsran_jax.models.mlasm import config as mlasm_config
+from dsran_jax.models.variables import variable_shapes
 
 FAMILY = "mlasm"
 ENCODERS = ("img_enc", "cap_enc", "region_enc", "word_enc")
@@ -112,7 +116,6 @@ def cnn_state(state: Mapping[str, np.ndarray], global_dim: int, what: str):
   """`(resnet_config, torchvision state dict)` of the checkpoint's `img_enc.cnn.module.*`,
   checked against dsran_jax's ResNet (every key and shape), BatchNorm step counters
   dropped, keys without the prefix (torchvision's names)."""
-  from dsran_jax.models.common import resnet  # pylint: disable=g-import-not-at-top
   cnn = {k: v for k, v in state.items() if k.startswith("img_enc.cnn.")}
   if not cnn:
     raise ConversionError(f"{what}: no img_enc.cnn.* weights; MLASM's checkpoints hold their "
@@ -142,14 +145,14 @@ def convert_state(state: Mapping[str, np.ndarray], expected: Mapping[str, Tuple[
   return map_state_dict(rest, RULES, expected, what)
 
 
-def make_config(options: Mapping[str, Any], opt: Mapping[str, Any], data_format: str):
-  """The workdir config: model.name="mlasm", the widths and `model.mlasm` keys the
-  checkpoint implies (every key written out), their recipe from `opt` (for
-  fine-tuning) and the region layout they train on (36 regions)."""
-  c = workdir_config(FAMILY, options, opt, data_format)
+def make_config(c, options: Mapping[str, Any], opt: Mapping[str, Any], data_format: str):
+  """The workdir config: the base config `c` with model.name="mlasm", the widths and
+  `model.mlasm` keys the checkpoint implies (every key written out), their recipe from
+  `opt` (for fine-tuning) and the region layout they train on (36 regions)."""
+  c = workdir_config(c, FAMILY, options, opt, data_format)
   # Their ContrastiveLoss takes the hardest negatives whatever opt.max_violation says.
   c.train.max_violation = True
-  return validate_workdir_config(c, "an MLASM")
+  return validate_workdir_config(c, "an MLASM", mlasm_config.validate)
 
 
 def _save_safetensors(arrays: Dict[str, np.ndarray]):
@@ -161,7 +164,8 @@ def _save_safetensors(arrays: Dict[str, np.ndarray]):
   return write
 
 
-def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None) -> Converted:
+def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None, *,
+            config) -> Converted:
   """A loaded MLASM checkpoint (`convert_engine.load_checkpoint`) as a workdir's content.
 
   Args:
@@ -169,11 +173,12 @@ def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None
     options: converter options: `vocab` (their `vocab/<data_name>_vocab.pkl` or a
       dsran_jax vocab.json), `data_format` ("vlp", their features, or "precomp"),
       `path` (for messages).
+    config: the base config (`default_config.get_base_config()`, from the caller), filled
+      in as the workdir's config.
 
   Returns:
     `Converted` whose `files` hold the CNN weights file (`cnn_weights_name`).
   """
-  from dsran_jax import models  # pylint: disable=g-import-not-at-top
   options = dict(options or {})
   what = f"MLASM checkpoint {options['path']}" if options.get("path") else "MLASM checkpoint"
   state = _states(ckpt, what)
@@ -182,9 +187,9 @@ def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None
     model_opts = model_options(opt, state)
   except ConversionError as e:
     raise ConversionError(f"{what}: {e}") from None
-  config = make_config(model_opts, opt, options.get("data_format") or "vlp")
+  config = make_config(config, model_opts, opt, options.get("data_format") or "vlp")
   model = models.build_model(config.model, config.model.vocab_size)
-  variables = convert_state(state, models.variable_shapes(model), what)
+  variables = convert_state(state, variable_shapes(model), what)
   resnet_config, tv = cnn_state(state, config.model.mlasm.global_dim, what)
   cnn_file = cnn_weights_name(resnet_config)
   vocab = None

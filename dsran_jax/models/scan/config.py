@@ -1,28 +1,15 @@
-"""SCAN's config hooks (jax-free). Its options live under `config.model.scan` and mirror
-the authors' train.py flags that change the model (kuanghuei/SCAN):
-
-    cross_attn        "t2i" (words attend to regions) | "i2t" (regions attend to words)
-    agg_func          "LogSumExp" | "Mean" | "Max" | "Sum"   (train.py default LogSumExp)
-    lambda_softmax    attention softmax temperature (9; the README uses 4 for i2t)
-    lambda_lse        LogSumExp temperature (6; README i2t: 5 F30K, 20 COCO)
-    raw_feature_norm  "clipped_l2norm" (LeakyReLU(0.1), l2 over the query axis) |
-                      "l2norm" | "softmax" | "clipped" | "no_norm"
-    bi_gru            bidirectional GRU, halves averaged (every README recipe sets it)
-    num_layers        GRU layers (1)
-    no_imgnorm        no l2norm of the region embeddings
-    no_txtnorm        no l2norm of the word embeddings
-    precomp_enc_type  "basic" (Linear) | "weight_norm" (weight_norm(Linear, dim=None))
-
-The defaults are train.py's argparse defaults, so a released `opt` maps onto them one to
-one; `recipe` sets a README row. The temperatures do not follow `cross_attn`: switching
-direction on the command line needs the README's lambdas too
+"""SCAN's config hooks (jax-free). Its options live under `config.model.scan`, declared
+once in `OPTIONS` below, and mirror the authors' train.py flags that change the model
+(kuanghuei/SCAN); the defaults are train.py's argparse defaults, so a released `opt`
+maps onto them one to one; `recipe` sets a README row. The temperatures do not follow
+`cross_attn`: switching direction on the command line needs the README's lambdas too
 (`--config.model.scan.cross_attn=i2t --config.model.scan.lambda_softmax=4`).
 Shared widths are the top-level `model.embed_size`, `model.word_dim`, `model.img_dim`
-and `model.vocab_size`.
+and `model.vocab_size`. The model's specification: docs/models/scan.md.
 """
-import ml_collections
-
 from dsran_jax.models.common import recipes
+from dsran_jax.models.common.options import (Option, Options, greater_than,
+                                              integer_at_least, one_of)
 
 CROSS_ATTN = ("t2i", "i2t")
 AGG_FUNCS = ("LogSumExp", "Mean", "Max", "Sum")
@@ -44,23 +31,42 @@ README_ROWS = {
 SCHEDULES = {"f30k": (2e-4, 30, 15), "coco": (5e-4, 20, 10)}
 
 
-def defaults() -> ml_collections.ConfigDict:
-  s = ml_collections.ConfigDict()
-  s.cross_attn = "t2i"
-  s.agg_func = "LogSumExp"
-  s.lambda_softmax = 9.0
-  s.lambda_lse = 6.0
-  s.raw_feature_norm = "clipped_l2norm"
-  s.bi_gru = False
-  s.num_layers = 1
-  s.no_imgnorm = False
-  s.no_txtnorm = False
-  s.precomp_enc_type = "basic"
-  # Scoring memory bound: captions per block so that one (images, captions, k, L)
-  # intermediate holds at most this many floats (0: no blocking inside `score`).
-  s.max_block_elements = 1 << 25
-  return s
 
+
+def _raw_feature_norm(value):
+  problem = one_of(*RAW_FEATURE_NORMS)(value)
+  if problem and value in ("l1norm", "clipped_l1norm"):
+    problem += (" (listed in SCAN's --help, but their func_attention calls an undefined "
+                "l1norm_d for it)")
+  return problem
+
+
+OPTIONS = Options("scan", [
+    Option("cross_attn", "t2i", one_of(*CROSS_ATTN),
+           '"t2i" (words attend to regions) | "i2t" (regions attend to words)'),
+    Option("agg_func", "LogSumExp", one_of(*AGG_FUNCS),
+           "aggregation over the attended items (train.py default LogSumExp)"),
+    Option("lambda_softmax", 9.0, greater_than(0),
+           "attention softmax temperature (9; the README uses 4 for i2t)"),
+    Option("lambda_lse", 6.0, greater_than(0),
+           "LogSumExp temperature (6; README i2t: 5 F30K, 20 COCO)"),
+    Option("raw_feature_norm", "clipped_l2norm", _raw_feature_norm,
+           '"clipped_l2norm" (LeakyReLU(0.1), l2 over the query axis) | "l2norm" | '
+           '"softmax" | "clipped" | "no_norm"'),
+    Option("bi_gru", False, None,
+           "bidirectional GRU, halves averaged (every README recipe sets it)"),
+    Option("num_layers", 1, integer_at_least(1), "GRU layers"),
+    Option("no_imgnorm", False, None, "no l2norm of the region embeddings"),
+    Option("no_txtnorm", False, None, "no l2norm of the word embeddings"),
+    Option("precomp_enc_type", "basic", one_of(*PRECOMP_ENC_TYPES),
+           '"basic" (Linear) | "weight_norm" (weight_norm(Linear, dim=None))'),
+    # Scoring memory bound: captions per block so that one (images, captions, k, L)
+    # intermediate holds at most this many floats (0: no blocking inside `score`).
+    Option("max_block_elements", 1 << 25, recipes.block_elements_rule,
+           "floats in the largest (images, captions, k, L) scoring intermediate "
+           "(0: no blocking)"),
+])
+defaults = OPTIONS.defaults
 
 image_keys = recipes.region_keys
 text_keys = recipes.word_keys
@@ -118,20 +124,5 @@ def demo(c):
 
 def validate(c):
   """Raises ValueError naming the first SCAN key out of range."""
-  s = c.model.scan
-  allowed = {"cross_attn": CROSS_ATTN, "agg_func": AGG_FUNCS,
-             "raw_feature_norm": RAW_FEATURE_NORMS, "precomp_enc_type": PRECOMP_ENC_TYPES}
-  for key, values in allowed.items():
-    if s[key] not in values:
-      hint = ""
-      if key == "raw_feature_norm" and s[key] in ("l1norm", "clipped_l1norm"):
-        hint = " (listed in SCAN's --help, but their func_attention calls an undefined " \
-               "l1norm_d for it)"
-      raise ValueError(f"config.model.scan.{key}={s[key]!r}: expected one of {values}{hint}")
-  for key in ("lambda_softmax", "lambda_lse"):
-    if not s[key] > 0:
-      raise ValueError(f"config.model.scan.{key}={s[key]}: must be > 0")
-  if int(s.num_layers) != s.num_layers or s.num_layers < 1:
-    raise ValueError(f"config.model.scan.num_layers={s.num_layers}: must be an integer >= 1")
-  recipes.validate_max_block_elements(c, "scan")
+  OPTIONS.validate(c.model)
   recipes.validate_widths(c)

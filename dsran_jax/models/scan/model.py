@@ -5,8 +5,6 @@ Reps are token-level: images `{"regions": (B, k, E), "region_mask": (B, k)}`, ca
 `{"words": (B, L, E), "word_mask": (B, L)}`; all the cross-modal work happens in `score`
 (common/cross_attention.py), so evaluation can tile a gallery freely.
 """
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,43 +12,21 @@ import jax.numpy as jnp
 from dsran_jax.models.common import cross_attention as xattn
 from dsran_jax.models.common.base import RegionWordModel, region_inputs
 from dsran_jax.models.common.layers import Linear, dense, l2norm
+from dsran_jax.models.common.options import WIDTHS
 from dsran_jax.models.common.text import GRU
+from dsran_jax.models.scan import config as spec
 
 EPS = 1e-8  # SCAN's l2norm adds 1e-8 to the norm
 
 
-@dataclasses.dataclass(frozen=True)
-class ScanConfig:
-  """Hashable SCAN description (built from `config.model` by `scan.build`)."""
-  vocab_size: int
-  embed_size: int = 1024
-  word_dim: int = 300
-  img_dim: int = 2048
-  cross_attn: str = "t2i"
-  agg_func: str = "LogSumExp"
-  lambda_softmax: float = 9.0
-  lambda_lse: float = 6.0
-  raw_feature_norm: str = "clipped_l2norm"
-  bi_gru: bool = False
-  num_layers: int = 1
-  no_imgnorm: bool = False
-  no_txtnorm: bool = False
-  precomp_enc_type: str = "basic"
-  max_block_elements: int = 1 << 25
+class ScanConfig(spec.OPTIONS.dataclass("ScanConfigFields", head=WIDTHS)):
+  """Hashable SCAN description: the shared widths and every `config.model.scan` option
+  (fields, defaults and rules from `scan.config.OPTIONS`); built by `scan.build`."""
 
   def __post_init__(self):
-    from dsran_jax.models.scan import config as spec  # pylint: disable=g-import-not-at-top
-    checks = {"cross_attn": spec.CROSS_ATTN, "agg_func": spec.AGG_FUNCS,
-              "raw_feature_norm": spec.RAW_FEATURE_NORMS,
-              "precomp_enc_type": spec.PRECOMP_ENC_TYPES}
-    for key, allowed in checks.items():
-      if getattr(self, key) not in allowed:
-        raise ValueError(f"config.model.scan.{key}={getattr(self, key)!r}: expected one "
-                         f"of {allowed}")
+    super().__post_init__()
     if self.vocab_size <= 0:
       raise ValueError(f"SCAN needs a word vocabulary: vocab_size={self.vocab_size}")
-    if self.num_layers < 1:
-      raise ValueError(f"config.model.scan.num_layers={self.num_layers}: must be >= 1")
 
 
 class WeightNormLinear(nn.Module):
@@ -129,6 +105,7 @@ class SCAN(RegionWordModel):
   `__call__(batch, train)` is `score(encode_images(batch), encode_texts(batch))`: the
   (B, B) matrix SCAN's ContrastiveLoss builds with xattn_score_t2i / _i2t.
   """
+  spec = spec
   config: ScanConfig
 
   def setup(self):

@@ -20,10 +20,13 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
+from dsran_jax import models
 from dsran_jax.convert import authors_vocab
 from dsran_jax.convert.engine import (ConversionError, Converted, map_state_dict, opt_of,
                                             state_dicts, to_numpy, validate_workdir_config,
                                             workdir_config)
+from dsran_jax.models.scan import config as scan_config
+from dsran_jax.models.variables import variable_shapes
 
 FAMILY = "scan"
 # train.py flags that change the model; same names under config.model.scan.
@@ -151,7 +154,7 @@ def convert_state_dicts(img: Mapping[str, np.ndarray], txt: Mapping[str, np.ndar
   """Maps SCAN's img_enc / txt_enc state dicts (numpy) onto our `{"params", ...}`.
 
   Args:
-    expected: `models.variable_shapes(model)` of the model they should fill.
+    expected: `variables.variable_shapes(model)` of the model they should fill.
 
   Raises:
     ConversionError naming every unexpected key, missing param and shape mismatch.
@@ -166,15 +169,16 @@ def convert_state_dicts(img: Mapping[str, np.ndarray], txt: Mapping[str, np.ndar
   return variables
 
 
-def make_config(model_opts: Mapping[str, Any], opt: Mapping[str, Any]):
-  """The workdir config: the base config with model.name="scan", the model options the
-  checkpoint implies (every model.scan key written out), the recipe its `opt` records
-  (for fine-tuning) and the precomp data layout SCAN trains on."""
-  c = workdir_config(FAMILY, model_opts, opt, "precomp")
-  return validate_workdir_config(c, "a SCAN")
+def make_config(c, model_opts: Mapping[str, Any], opt: Mapping[str, Any]):
+  """The workdir config: the base config `c` with model.name="scan", the model options
+  the checkpoint implies (every model.scan key written out), the recipe its `opt`
+  records (for fine-tuning) and the precomp data layout SCAN trains on."""
+  c = workdir_config(c, FAMILY, model_opts, opt, "precomp")
+  return validate_workdir_config(c, "a SCAN", scan_config.validate)
 
 
-def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None) -> Converted:
+def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None, *,
+            config) -> Converted:
   """A loaded SCAN checkpoint (`convert_engine.load_checkpoint`) as a workdir's content.
 
   Args:
@@ -182,8 +186,9 @@ def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None
     options: converter options; SCAN reads `vocab` (their `*_precomp_vocab.json` or a
       dsran_jax vocab.json) and `path` (for messages). The data layout is always
       "precomp", the features SCAN is trained on.
+    config: the base config (`default_config.get_base_config()`, from the caller), filled
+      in as the workdir's config.
   """
-  from dsran_jax import models  # pylint: disable=g-import-not-at-top
   options = dict(options or {})
   what = f"SCAN checkpoint {options['path']}" if options.get("path") else "SCAN checkpoint"
   img, txt = _encoder_states(ckpt, what)
@@ -192,9 +197,9 @@ def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None
     model_opts = model_options(opt, img, txt)
   except ValueError as e:
     raise ConversionError(f"{what}: {e}") from None
-  config = make_config(model_opts, opt)
+  config = make_config(config, model_opts, opt)
   model = models.build_model(config.model, config.model.vocab_size)
-  variables = convert_state_dicts(img, txt, models.variable_shapes(model), what)
+  variables = convert_state_dicts(img, txt, variable_shapes(model), what)
   vocab = None
   if options.get("vocab"):
     vocab = authors_vocab.load_checked_vocab(options["vocab"], config.model.vocab_size,

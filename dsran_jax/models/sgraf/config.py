@@ -1,37 +1,21 @@
-"""SGRAF's config hooks (jax-free). Its options live under `config.model.sgraf` and
-mirror the authors' opts.py flags that change the model (Paranioar/SGRAF):
-
-    module             "SGR" | "SAF"                        (--module_name, default SGR)
-    sim_dim            similarity-vector width (256)        (--sim_dim)
-    sgr_step           graph reasoning steps (3)            (--sgr_step)
-    bi_gru             BiGRU, halves averaged (True)        (--bi_gru is store_false)
-    num_layers         GRU layers (1; the only value supported)
-    no_imgnorm / no_txtnorm   skip the l2norm of regions / words
-    num_regions        region slots of VisualSA's BatchNorm1d(36) (their hard-coded 36)
-
-and the implementation's own knobs:
-
-    embed_dropout      dropout on the word embeddings (their 0.4)
-    sa_dropout         dropout inside VisualSA / TextSA (their 0.4)
-    reference_bn       VisualSA's BatchNorm over region *slots*, as theirs (True), or a
-                       per-feature BatchNorm over the real regions (False)
-    lambda_softmax     SCAN_attention's smooth (their hard-coded 9)
-    max_block_elements floats in the largest per-chunk intermediate (I, C, L, d) of the
-                       pair head (memory bound; 0: one chunk per tile)
-    length_bucket      captions run at the smallest multiple of this holding the chunk's
-                       longest caption (0: always at data.max_len)
+"""SGRAF's config hooks (jax-free). Its options live under `config.model.sgraf`, declared
+once in `OPTIONS` below: the authors' opts.py flags that change the model
+(Paranioar/SGRAF; `--module_name`, `--sim_dim`, `--sgr_step`, `--bi_gru`, ...) and the
+implementation's own knobs (dropouts, the reference BatchNorm, the scoring memory bound).
 
 The compute dtype of the pair head's projections is the shared `model.dtype` ("float32"
 default; "bfloat16" runs W_loc / W_glo / the SGR projections in bf16 with fp32 sums).
 Shared widths: `model.embed_size`, `model.word_dim`, `model.img_dim`, `model.vocab_size`.
+The model's specification: docs/models/sgraf.md.
 
 SGRAF* (the paper's ensemble row) is two trained models, SGR and SAF, whose saved
 similarity matrices are summed: `python -m dsran_jax.tools.rank --sims=sgr.npy
 --sims=saf.npy` (each from `--config.eval.save_sims=True`).
 """
-import ml_collections
-
 from dsran_jax.models.common import recipes
+from dsran_jax.models.common.options import (Option, Options, at_least, exactly,
+                                              greater_than, integer_at_least, one_of,
+                                              within)
 
 MODULES = ("SGR", "SAF")
 # README "Training new models from scratch": (num_epochs, lr_update) per dataset/module.
@@ -39,23 +23,35 @@ SCHEDULES = {("f30k", "SGR"): (40, 30), ("f30k", "SAF"): (30, 20),
              ("coco", "SGR"): (20, 10), ("coco", "SAF"): (20, 10)}
 
 
-def defaults() -> ml_collections.ConfigDict:
-  s = ml_collections.ConfigDict()
-  s.module = "SGR"
-  s.sim_dim = 256
-  s.sgr_step = 3
-  s.bi_gru = True
-  s.num_layers = 1
-  s.no_imgnorm = False
-  s.no_txtnorm = False
-  s.num_regions = 36
-  s.embed_dropout = 0.4
-  s.sa_dropout = 0.4
-  s.reference_bn = True
-  s.lambda_softmax = 9.0
-  s.max_block_elements = 1 << 24
-  s.length_bucket = 8
-  return s
+OPTIONS = Options("sgraf", [
+    Option("module", "SGR", one_of(*MODULES), '"SGR" | "SAF" (--module_name, default SGR)'),
+    Option("sim_dim", 256, integer_at_least(1), "similarity-vector width (--sim_dim)"),
+    Option("sgr_step", 3, integer_at_least(1), "graph reasoning steps (--sgr_step)"),
+    Option("bi_gru", True, None, "BiGRU, halves averaged (--bi_gru is store_false)"),
+    Option("num_layers", 1, exactly(1, "only 1 is supported (every SGRAF recipe and "
+                                       "release uses one GRU layer)"),
+           "GRU layers (1; the only value supported)"),
+    Option("no_imgnorm", False, None, "skip the l2norm of the regions"),
+    Option("no_txtnorm", False, None, "skip the l2norm of the words"),
+    Option("num_regions", 36, integer_at_least(1),
+           "region slots of VisualSA's BatchNorm1d(36) (their hard-coded 36)"),
+    Option("embed_dropout", 0.4, within(0.0, 1.0, high_open=True),
+           "dropout on the word embeddings (their 0.4)"),
+    Option("sa_dropout", 0.4, within(0.0, 1.0, high_open=True),
+           "dropout inside VisualSA / TextSA (their 0.4)"),
+    Option("reference_bn", True, None,
+           "VisualSA's BatchNorm over region *slots*, as theirs (True), or a per-feature "
+           "BatchNorm over the real regions (False)"),
+    Option("lambda_softmax", 9.0, greater_than(0),
+           "SCAN_attention's smooth (their hard-coded 9)"),
+    Option("max_block_elements", 1 << 24, at_least(0, " (0: off)"),
+           "floats in the largest per-chunk intermediate (I, C, L, d) of the pair head "
+           "(memory bound; 0: one chunk per tile)"),
+    Option("length_bucket", 8, at_least(0, " (0: off)"),
+           "captions run at the smallest multiple of this holding the chunk's longest "
+           "caption (0: always at data.max_len)"),
+])
+defaults = OPTIONS.defaults
 
 
 image_keys = recipes.region_keys
@@ -126,22 +122,8 @@ def demo(c):
 
 def validate(c):
   """Raises ValueError naming the first SGRAF key out of range."""
+  OPTIONS.validate(c.model)
   s = c.model.sgraf
-  if s.module not in MODULES:
-    raise ValueError(f"config.model.sgraf.module={s.module!r}: expected one of {MODULES}")
-  for key in ("sim_dim", "sgr_step", "num_regions"):
-    if int(s[key]) != s[key] or s[key] < 1:
-      raise ValueError(f"config.model.sgraf.{key}={s[key]}: must be an integer >= 1")
-  if s.num_layers != 1:
-    raise ValueError(f"config.model.sgraf.num_layers={s.num_layers}: only 1 is supported")
-  for key in ("embed_dropout", "sa_dropout"):
-    if not 0.0 <= s[key] < 1.0:
-      raise ValueError(f"config.model.sgraf.{key}={s[key]}: must be in [0, 1)")
-  if not s.lambda_softmax > 0:
-    raise ValueError(f"config.model.sgraf.lambda_softmax={s.lambda_softmax}: must be > 0")
-  for key in ("max_block_elements", "length_bucket"):
-    if s[key] < 0:
-      raise ValueError(f"config.model.sgraf.{key}={s[key]}: must be >= 0 (0: off)")
   if s.reference_bn and c.data.num_regions > s.num_regions:
     raise ValueError(f"config.data.num_regions={c.data.num_regions} exceeds "
                      f"config.model.sgraf.num_regions={s.num_regions}, the slots of "

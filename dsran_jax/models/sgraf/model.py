@@ -1,6 +1,6 @@
 """SGRAF (Diao et al., AAAI 2021; Paranioar/SGRAF model.py) as a `MatchingModel`:
 region and word encoders, the per-item self-attention globals, and the SGR or SAF
-similarity head (`common/similarity.py`).
+similarity head (`similarity.py`).
 
 Reps: images `{"regions": (B, k, d), "region_mask": (B, k), "global": (B, d)}`,
 captions `{"words": (B, L, d), "word_mask": (B, L), "global": (B, d)}`. Everything that
@@ -11,56 +11,29 @@ Parameter paths mirror their state dicts (`model = [img_enc, txt_enc, sim_enc]`)
 `img_enc/fc`, `txt_enc/{embed,gru,gru_reverse}`, `sim_enc/{v_global_w,t_global_w,
 sim_tranloc_w,sim_tranglo_w,sim_eval_w,SGR_module_<i>,SAF_module}`.
 """
-import dataclasses
-
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dsran_jax.models.common import similarity as sim
+from dsran_jax.models.sgraf import similarity as sim
 from dsran_jax.models.common.base import RegionWordModel, region_inputs
 from dsran_jax.models.common.layers import Linear, l2norm, masked_mean
+from dsran_jax.models.common.options import WIDTHS
 from dsran_jax.models.common.text import recurrent_tokens
+from dsran_jax.models.sgraf import config as spec
 
 
-
-@dataclasses.dataclass(frozen=True)
-class SgrafConfig:
-  """Hashable SGRAF description (built from `config.model` by `sgraf.build`).
-
-  `ext` holds KIDRR's per-pair modules; SGRAF itself always leaves them off.
-  """
-  vocab_size: int
-  embed_size: int = 1024
-  word_dim: int = 300
-  img_dim: int = 2048
-  num_regions: int = 36
-  module: str = "SGR"
-  sim_dim: int = 256
-  sgr_step: int = 3
-  bi_gru: bool = True
-  num_layers: int = 1
-  no_imgnorm: bool = False
-  no_txtnorm: bool = False
-  embed_dropout: float = 0.4
-  sa_dropout: float = 0.4
-  reference_bn: bool = True
-  lambda_softmax: float = 9.0
-  max_block_elements: int = 1 << 24
-  length_bucket: int = 8
-  dtype: str = "float32"
-  ext: sim.Extensions = sim.Extensions()
+class SgrafConfig(spec.OPTIONS.dataclass(
+    "SgrafConfigFields", head=WIDTHS,
+    tail=(("dtype", str, "float32"), ("ext", sim.Extensions, sim.Extensions())))):
+  """Hashable SGRAF description: the shared widths, every `config.model.sgraf` option
+  (fields, defaults and rules from `sgraf.config.OPTIONS`), the compute `dtype` and
+  `ext`, KIDRR's per-pair modules (SGRAF itself always leaves them off); built by
+  `sgraf.build`."""
 
   def __post_init__(self):
-    if self.module not in sim.HEADS:
-      raise ValueError(f"config.model.sgraf.module={self.module!r}: expected one of "
-                       f"{sim.HEADS}")
+    super().__post_init__()
     if self.vocab_size <= 0:
       raise ValueError(f"SGRAF needs a word vocabulary: vocab_size={self.vocab_size}")
-    if self.num_layers != 1:
-      raise ValueError(f"config.model.sgraf.num_layers={self.num_layers}: only 1 is "
-                       f"supported (every SGRAF recipe and release uses one GRU layer)")
-    if self.sgr_step < 1 and self.module == "SGR":
-      raise ValueError(f"config.model.sgraf.sgr_step={self.sgr_step}: must be >= 1")
 
   @property
   def reasoning_steps(self) -> int:
@@ -164,6 +137,7 @@ class SGRAF(RegionWordModel):
   `__call__(batch, train)` is `score(encode_images(batch), encode_texts(batch))`: the
   (B, B) matrix their `forward_sim` builds for the contrastive loss.
   """
+  spec = spec
   config: SgrafConfig
 
   def setup(self):

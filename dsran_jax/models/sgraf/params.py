@@ -24,10 +24,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
+from dsran_jax import models
 from dsran_jax.convert import authors_vocab
 from dsran_jax.convert.engine import (ConversionError, Converted, map_state_dict, opt_of,
                                             state_dicts, to_numpy, validate_workdir_config,
                                             workdir_config)
+from dsran_jax.models.variables import variable_shapes
 
 FAMILY = "sgraf"
 _VSA = r"sim_enc\.v_global_w"
@@ -140,7 +142,7 @@ def convert_state_dicts(img: Mapping[str, np.ndarray], txt: Mapping[str, np.ndar
   """Maps their img_enc / txt_enc / sim_enc state dicts (numpy) onto our variables.
 
   Args:
-    expected: `models.variable_shapes(model)` of the model they should fill.
+    expected: `variables.variable_shapes(model)` of the model they should fill.
 
   Raises:
     ConversionError naming every unexpected key, missing param and shape mismatch.
@@ -153,23 +155,23 @@ def convert_state_dicts(img: Mapping[str, np.ndarray], txt: Mapping[str, np.ndar
   return map_state_dict(state, RULES, expected, what)
 
 
-def make_config(options: Mapping[str, Any], opt: Mapping[str, Any], family: str = FAMILY,
+def make_config(c, options: Mapping[str, Any], opt: Mapping[str, Any], family: str = FAMILY,
                 configure: Optional[Callable[[Any], Any]] = None):
-  """The workdir config: the base config with model.name=`family`, the model options
+  """The workdir config: the base config `c` with model.name=`family`, the model options
   the checkpoint implies (every model.sgraf key written out), the recipe its `opt`
   records (for fine-tuning) and the precomp layout SGRAF trains on; `configure(c)`
   then adjusts it (KIDRR: every module off) before it is validated."""
-  c = workdir_config(family, options, opt, "precomp",
+  c = workdir_config(c, family, options, opt, "precomp",
                      num_regions=options["sgraf.num_regions"])
   c.data.max_len = 64
   if configure is not None:
     configure(c)
-  return validate_workdir_config(c, "an SGRAF")
+  return validate_workdir_config(c, "an SGRAF", models.family_config(family).validate)
 
 
 def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None,
-            family: str = FAMILY, configure: Optional[Callable[[Any], Any]] = None
-            ) -> Converted:
+            family: str = FAMILY, configure: Optional[Callable[[Any], Any]] = None, *,
+            config) -> Converted:
   """A loaded SGRAF checkpoint (`convert_engine.load_checkpoint`) as a workdir's content.
 
   Args:
@@ -178,8 +180,9 @@ def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None
       vocab.json) and `path` (for messages). The data layout is always "precomp".
     family: the family the workdir runs ("kidrr" for KIDRR with every module off).
     configure: adjusts the config before the model is built (see make_config).
+    config: the base config (`default_config.get_base_config()`, from the caller), filled
+      in as the workdir's config.
   """
-  from dsran_jax import models  # pylint: disable=g-import-not-at-top
   options = dict(options or {})
   what = f"SGRAF checkpoint {options['path']}" if options.get("path") else "SGRAF checkpoint"
   img, txt, sim = _states(ckpt, what)
@@ -188,9 +191,9 @@ def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None
     model_opts = model_options(opt, img, txt, sim)
   except ValueError as e:
     raise ConversionError(f"{what}: {e}") from None
-  config = make_config(model_opts, opt, family, configure)
+  config = make_config(config, model_opts, opt, family, configure)
   model = models.build_model(config.model, config.model.vocab_size)
-  variables = convert_state_dicts(img, txt, sim, models.variable_shapes(model), what)
+  variables = convert_state_dicts(img, txt, sim, variable_shapes(model), what)
   vocab = None
   if options.get("vocab"):
     vocab = authors_vocab.load_checked_vocab(options["vocab"], config.model.vocab_size,

@@ -1,6 +1,6 @@
-"""SGRAF-shaped blocks (Diao et al., AAAI 2021; Paranioar/SGRAF model.py) shared by the
-`sgraf` and `kidrr` families: the per-item self-attention globals, similarity vectors,
-graph reasoning and attention filtration, and the fused per-pair head over a tile.
+"""SGRAF's blocks (Diao et al., AAAI 2021; Paranioar/SGRAF model.py): the per-item
+self-attention globals, similarity vectors, graph reasoning and attention filtration,
+and the fused per-pair head over a tile. KIDRR, built on SGRAF, imports them from here.
 
 Per item (computed once, in `encode_*`):
 
@@ -21,7 +21,7 @@ Per pair (i, j) (`tile_scores`, every pair of a tile at once):
     SAF: alpha = l1n(sigmoid(BN_1(w_a . N))), z = l2n(alpha N)
     score = sigmoid(w_e . (N_0 | z) + b_e)
 
-The KIDRR extensions (MODELS.md section 4.3-4.4, `Extensions`, all off by default) add
+The KIDRR extensions (docs/models/kidrr.md, `Extensions`, all off by default) add
 nodes (i2t local, global-local) and change the reasoning step (edge blending, top-k,
 residual); with all of them off the code path is SGRAF's, operation for operation.
 
@@ -256,7 +256,7 @@ class FiltrationParams(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class Extensions:
-  """KIDRR's per-pair modules on the SGRAF core (MODELS.md 4.3-4.4); all off is SGRAF.
+  """KIDRR's per-pair modules on the SGRAF core (docs/models/kidrr.md); all off is SGRAF.
 
   Attributes:
     i2t: add one i2t local node per region, `l2n(W_i2t (b_r - v_r)^2)` with
@@ -281,10 +281,10 @@ class Extensions:
 
   def __post_init__(self):
     if self.blend not in BLENDS:
-      raise ValueError(f"config.model.kidrr.rgr_blend={self.blend!r}: expected one of {BLENDS}")
+      raise ValueError(f"Extensions.blend={self.blend!r}: expected one of {BLENDS}")
     if self.topk < 0 or self.saf_steps < 0:
-      raise ValueError(f"config.model.kidrr.rgr_topk={self.topk} / saf_steps="
-                       f"{self.saf_steps}: must be >= 0")
+      raise ValueError(f"Extensions.topk={self.topk} / saf_steps={self.saf_steps}: must "
+                       f"be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

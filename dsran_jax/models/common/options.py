@@ -1,0 +1,210 @@
+"""A family's options, declared once (jax-free, as every `config.py`).
+
+A family lists its options as a table of `Option(name, default, rule, doc)`:
+
+    OPTIONS = Options("scan", [
+        Option("cross_attn", "t2i", one_of("t2i", "i2t"), "words attend to regions | ..."),
+        Option("lambda_softmax", 9.0, greater_than(0), "attention softmax temperature"),
+        ...
+    ])
+
+and everything else is derived from it:
+- `OPTIONS.defaults()`: the `config.model.<section>` ConfigDict (key names, defaults and
+  their types, in table order);
+- `OPTIONS.validate(config.model)`: raises ValueError naming the first key out of range,
+  e.g. `config.model.scan.cross_attn='x': expected one of 't2i', 'i2t'`;
+- `OPTIONS.values(config.model)`: {name: value cast to its default's type};
+- `OPTIONS.dataclass(name, head, tail)`: the frozen (hashable) dataclass of the Flax
+  Module's config, whose fields are `head` (shared widths such as `WIDTHS`), the options
+  and `tail`, and which checks its option values with the same rules when built;
+  `OPTIONS.module_config(cls, model_config, vocab_size)` builds one from `config.model`.
+
+A rule is a function `value -> None | str`: None when the value is allowed, else what is
+allowed ("must be > 0"); the helpers below cover the usual ones.
+"""
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import ml_collections
+
+Rule = Callable[[Any], Optional[str]]
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def one_of(*values) -> Rule:
+  """The value is one of `values`."""
+  shown = ", ".join(repr(v) for v in values)
+
+  def rule(value):
+    return None if value in values else f"expected one of {shown}"
+  rule.values = values
+  return rule
+
+
+def greater_than(bound) -> Rule:
+  """value > bound."""
+  return lambda value: None if value > bound else f"must be > {bound}"
+
+
+def at_least(bound, note: str = "") -> Rule:
+  """value >= bound (`note` is appended to the message, e.g. " (0: off)")."""
+  return lambda value: None if value >= bound else f"must be >= {bound}{note}"
+
+
+def integer_at_least(bound) -> Rule:
+  """An integer >= bound."""
+  return lambda value: (None if int(value) == value and value >= bound
+                        else f"must be an integer >= {bound}")
+
+
+def within(low, high, high_open: bool = False) -> Rule:
+  """low <= value <= high (value < high with `high_open`)."""
+  closing = ")" if high_open else "]"
+
+  def rule(value):
+    ok = low <= value < high if high_open else low <= value <= high
+    return None if ok else f"must be in [{low}, {high}{closing}"
+  return rule
+
+
+def exactly(expected, why: str) -> Rule:
+  """value == expected (`why` says why no other value is supported)."""
+  return lambda value: None if value == expected else why
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+  """One option: its key under `config.model.<section>`, its default (whose type is the
+  option's type), its rule (None: any value of the type) and a line of documentation."""
+  name: str
+  default: Any
+  rule: Optional[Rule] = None
+  doc: str = ""
+
+  @property
+  def kind(self) -> type:
+    return type(self.default)
+
+  def problem(self, value) -> Optional[str]:
+    return self.rule(value) if self.rule is not None else None
+
+
+# The widths every word-id family shares (top-level `config.model.*` keys): the Module
+# config's head fields, `(name, type, default)`; vocab_size has no default.
+WIDTHS: Tuple[Tuple[Any, ...], ...] = (
+    ("vocab_size", int), ("embed_size", int, 1024), ("word_dim", int, 300),
+    ("img_dim", int, 2048))
+
+
+def widths_from(model_config, vocab_size: Optional[int] = None) -> Dict[str, int]:
+  """The `WIDTHS` of `config.model` (`vocab_size`: the word vocabulary's, if given)."""
+  m = model_config
+  return {"vocab_size": int(vocab_size or m.vocab_size), "embed_size": int(m.embed_size),
+          "word_dim": int(m.word_dim), "img_dim": int(m.img_dim)}
+
+
+class Options:
+  """A family's option table (see the module docstring).
+
+  Args:
+    section: the key under `config.model` holding the options (None: they are
+      top-level `config.model.*` keys, as DSRAN's).
+    options: the table, in the order `defaults()` writes the keys.
+  """
+
+  def __init__(self, section: Optional[str], options: Sequence[Option]):
+    self.section = section
+    self.options = tuple(options)
+    names = [o.name for o in self.options]
+    if len(set(names)) != len(names):
+      raise ValueError(f"options of {section!r} declared twice: "
+                       f"{sorted({n for n in names if names.count(n) > 1})}")
+    self.by_name = {o.name: o for o in self.options}
+
+  @property
+  def names(self) -> Tuple[str, ...]:
+    return tuple(self.by_name)
+
+  def __getitem__(self, name: str) -> Option:
+    return self.by_name[name]
+
+  def key(self, name: str) -> str:
+    """The option's full config key: `config.model.<section>.<name>`."""
+    return f"config.model.{self.section}.{name}" if self.section else f"config.model.{name}"
+
+  def section_of(self, model_config):
+    """The ConfigDict (or mapping) holding the options in `config.model`."""
+    return model_config[self.section] if self.section else model_config
+
+  # ------------------------------------------------------------------- config side
+
+  def defaults(self) -> ml_collections.ConfigDict:
+    """The `config.model.<section>` ConfigDict of every option at its default."""
+    s = ml_collections.ConfigDict()
+    for o in self.options:
+      s[o.name] = o.default
+    return s
+
+  def problems(self, values) -> List[str]:
+    """Every `key=value: what is allowed` message of `values` (a mapping or an object
+    with the options as attributes), in table order."""
+    out = []
+    for o in self.options:
+      value = values[o.name] if hasattr(values, "keys") else getattr(values, o.name)
+      problem = o.problem(value)
+      if problem:
+        out.append(f"{self.key(o.name)}={value!r}: {problem}")
+    return out
+
+  def validate(self, model_config) -> None:
+    """Raises ValueError naming the first option of `config.model` out of range."""
+    problems = self.problems(self.section_of(model_config))
+    if problems:
+      raise ValueError(problems[0])
+
+  def values(self, model_config) -> Dict[str, Any]:
+    """{name: value} of `config.model`'s options, each cast to its default's type."""
+    s = self.section_of(model_config)
+    return {o.name: o.kind(s[o.name]) for o in self.options}
+
+  # ------------------------------------------------------------------- module side
+
+  def dataclass(self, name: str, head: Sequence[Tuple[Any, ...]] = (),
+                tail: Sequence[Tuple[Any, ...]] = ()) -> type:
+    """A frozen dataclass with fields `head`, the options (their defaults), then `tail`
+    (`(name, type[, default])` each); building one checks the options' rules."""
+    fields = [f if len(f) == 2 else (f[0], f[1], _field(f[2])) for f in head]
+    fields += [(o.name, o.kind, _field(o.default)) for o in self.options]
+    fields += [f if len(f) == 2 else (f[0], f[1], _field(f[2])) for f in tail]
+    table = self
+
+    def __post_init__(self):  # pylint: disable=invalid-name
+      problems = table.problems(self)
+      if problems:
+        raise ValueError(problems[0])
+
+    cls = dataclasses.make_dataclass(name, fields, frozen=True,
+                                     namespace={"__post_init__": __post_init__})
+    cls.OPTIONS = self
+    return cls
+
+  def module_config(self, cls, model_config, vocab_size: Optional[int] = None, **extra):
+    """`cls` (a `dataclass(..., head=WIDTHS)`) of `config.model`: the shared widths, the
+    options cast to their types, and `extra` fields."""
+    return cls(**widths_from(model_config, vocab_size), **self.values(model_config), **extra)
+
+  def doc(self) -> str:
+    """The table as text: one `name (default): doc` line per option."""
+    return "\n".join(f"    {o.name} ({o.default!r}): {o.doc}" for o in self.options)
+
+
+def _field(default):
+  """A dataclass field of `default` (a factory for unhashable or dataclass defaults)."""
+  if dataclasses.is_dataclass(default) or isinstance(default, (list, dict, set)):
+    return dataclasses.field(default_factory=lambda: default)
+  return dataclasses.field(default=default)
