@@ -4,7 +4,7 @@
 reports COCO 5K and the 5-fold COCO 1K.
 
     python -m dsran_jax.main --config=configs/coco.py --workdir=workdirs/coco \
-        --config.data.root=/path/to/coco --config.model.bert_path=/path/to/bert-base-uncased
+        --config.data.root=/path/to/coco --config.model.dsran.bert_path=/path/to/bert-base-uncased
     python -m dsran_jax.main --config=configs/coco.py:scan --workdir=workdirs/coco_scan \
         --config.data.root=/path/to/coco_precomp
 """

@@ -4,7 +4,7 @@ their VLP region features plus grid features; `configs/f30k.py:<family>` (scan, 
 takes that family's recipe (see dsran_jax/models/<family>/config.py).
 
     python -m dsran_jax.main --config=configs/f30k.py --workdir=workdirs/f30k \
-        --config.data.root=/path/to/f30k --config.model.bert_path=/path/to/bert-base-uncased
+        --config.data.root=/path/to/f30k --config.model.dsran.bert_path=/path/to/bert-base-uncased
     python -m dsran_jax.main --config=configs/f30k.py:scan --workdir=workdirs/f30k_scan \
         --config.data.root=/path/to/f30k_precomp
 """

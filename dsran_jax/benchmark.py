@@ -34,7 +34,9 @@ prints one JSON line:
 `--model=NAME` picks the family (default dsran, whose BERT has random weights at the
 `--bert_*` shape; families with a word vocabulary get `--vocab_size` words), with the
 family's defaults for everything the flags do not set; `--set KEY=VALUE` (repeatable)
-overrides any config key after the flags (`--set model.bssan.w2r=coupled`).
+overrides any config key after the flags (`--set model.bssan.w2r=coupled`,
+`--set model.dsran.image_inputs=regions`). DSRAN's flags (`--K`, `--pos_dim`,
+`--text_padding`, `--bert_*`) are `--set model.dsran.*` defaults (`dsran_overrides`).
 
 Scoring mode (`--score_images=I --score_captions=J`) encodes I random images and J random
 captions (not timed), then times `evaluation.ModelScorer.score_into` over the whole
@@ -117,31 +119,35 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
+# DSRAN's shape flags are `--set` defaults, applied before the user's `--set` items: BERT
+# with random weights at the `--bert_*` shape. Another family never reads that section.
+def dsran_overrides(args: argparse.Namespace) -> list:
+  """The `--set KEY=VALUE` items DSRAN's flags (`--K`, `--pos_dim`, `--text_padding`,
+  `--bert_*`) stand for."""
+  shape = {"K": args.K, "pos_dim": args.pos_dim, "text_padding": args.text_padding,
+           "bert_random_init": True,
+           "bert.hidden_size": args.bert_hidden, "bert.num_layers": args.bert_layers,
+           "bert.num_heads": args.bert_heads or max(1, args.bert_hidden // 64),
+           "bert.intermediate_size": args.bert_intermediate or 4 * args.bert_hidden,
+           "bert.max_position": max(512, args.seq_len)}
+  return [f"model.dsran.{key}={value}" for key, value in shape.items()]
+
+
 def make_config(args: argparse.Namespace):
   """The full config (DSRAN: the authors' F30K BERT recipe) at the benchmark's shape."""
   c = get_base_config()
   m = c.model
   m.name = args.model
   m.vocab_size = args.vocab_size
-  m.text_encoder = "bert"
   m.embed_size = args.embed_size
-  m.K = args.K
   m.img_dim = args.img_dim
-  m.pos_dim = args.pos_dim
-  m.text_padding = args.text_padding
   m.dtype = "bfloat16" if args.bf16 else "float32"
-  m.bert_random_init = True
-  m.bert.hidden_size = args.bert_hidden
-  m.bert.num_layers = args.bert_layers
-  m.bert.num_heads = args.bert_heads or max(1, args.bert_hidden // 64)
-  m.bert.intermediate_size = args.bert_intermediate or 4 * args.bert_hidden
-  m.bert.max_position = max(512, args.seq_len)
   c.data.num_regions = args.regions
   c.data.max_len = args.seq_len
   c.train.batch_size = args.batch_size
   c.train.seed = args.seed
   c.train.optimizer = "bertadam"
-  for item in args.set:
+  for item in dsran_overrides(args) + args.set:
     _override(c, item)
   # Every value checked before anything is built (the benchmark reads no dataset, so the
   # data keys are checked as for the synthetic world).

@@ -13,9 +13,10 @@ A rule is a function of the value returning None (valid) or what is wrong with i
 
     config.train.checkpoint_every=0: must be an integer >= 1
 
-DSRAN's options are still top-level `config.model.*` keys, declared here; their ranges
-are checked by DSRAN's `validate` (`dsran_jax/models/dsran/config.py`), so their rules
-here check the type only.
+The top-level `config.model.*` keys are those the families share (the family's name,
+the compute dtype and the widths of the word-vocabulary families); their ranges are
+checked by each family's `validate`, so their rules here check the type only. Every
+option of one family, DSRAN's included, lives in its `config.model.<family>` section.
 """
 import dataclasses
 import inspect
@@ -171,8 +172,8 @@ def declare(keys: Iterable[Key]) -> Dict[str, Key]:
 FORMATS = ("synthetic", "precomp", "vlp")
 VLP_SPLITS = ("train", "dev", "test", "testall")
 DATASETS = ("f30k", "coco")
-# DSRAN's own keys: the range is checked by the family (see the module docstring).
-_DSRAN = " (DSRAN; range checked by models/dsran/config.py)"
+# The shared model widths: the range is checked by the family (see the module docstring).
+_FAMILY = " (range checked by the model family)"
 
 KEYS: Dict[str, Key] = declare([
     # data: where the dataset is and how it is read
@@ -210,37 +211,14 @@ KEYS: Dict[str, Key] = declare([
     # model: the family, and the keys the families share
     Key("model.name", "dsran", Str(nonempty=True),
         "model family (dsran_jax/models/<name>/)"),
-    Key("model.text_encoder", "bert", Str(note=_DSRAN), "DSRAN: 'bert' | 'gru'"),
-    Key("model.embed_size", 1024, Int(note=_DSRAN), "joint embedding width"),
-    Key("model.K", 2, Int(note=_DSRAN), "JSR branches: 1, 2 or 4"),
-    Key("model.image_inputs", "grid+regions", Str(note=_DSRAN),
-        "'grid+regions' | 'regions'"),
-    Key("model.img_dim", 2048, Int(note=_DSRAN), "width of the region features"),
-    Key("model.pos_dim", 1607, Int(note=_DSRAN),
-        "region_pos width (6 box + 1601 class probs)"),
-    Key("model.use_region_pos", True, Bool(),
-        "BERT build: region_pos MLP; GRU build: none"),
-    Key("model.gat_heads", 8, Int(note=_DSRAN), "GAT attention heads"),
-    Key("model.gat_dropout", 0.2, Real(note=_DSRAN), "GAT dropout rate"),
-    Key("model.gat_layers", 1, Int(note=_DSRAN), "GAT layers"),
-    Key("model.text_padding", "masked", Str(note=_DSRAN),
-        "'masked' | 'reference' (authors' behaviour)"),
+    Key("model.embed_size", 1024, Int(note=_FAMILY), "joint embedding width"),
+    Key("model.img_dim", 2048, Int(note=_FAMILY),
+        "width of the region (and grid) features"),
     Key("model.dtype", "float32", Choice("float32", "bfloat16"),
         "compute dtype (params and BatchNorm/softmax/loss stay fp32)"),
-    # BERT build
-    Key("model.bert_path", "", Str(), "local HF BERT directory or hub name"),
-    Key("model.bert_random_init", False, Bool(),
-        "True: BERT of shape model.bert.* with random weights"),
-    Key("model.bert.vocab_size", 30522, Int(1), "BERT WordPiece vocabulary"),
-    Key("model.bert.hidden_size", 768, Int(1), "BERT hidden width"),
-    Key("model.bert.num_layers", 12, Int(1), "BERT layers"),
-    Key("model.bert.num_heads", 12, Int(1), "BERT attention heads"),
-    Key("model.bert.intermediate_size", 3072, Int(1), "BERT feed-forward width"),
-    Key("model.bert.max_position", 512, Int(1), "BERT position embeddings"),
-    Key("model.bert.type_vocab_size", 2, Int(1), "BERT token types"),
-    # GRU build
-    Key("model.word_dim", 300, Int(note=_DSRAN), "word-embedding width"),
-    Key("model.vocab_size", 0, Int(note=_DSRAN), "0: size of the built vocabulary"),
+    # word-vocabulary families (DSRAN's GRU build, SCAN, SGRAF, ...)
+    Key("model.word_dim", 300, Int(note=_FAMILY), "word-embedding width"),
+    Key("model.vocab_size", 0, Int(note=_FAMILY), "0: size of the built vocabulary"),
     Key("model.glove_path", "", Str(), "optional GloVe text file for word-embedding init"),
 
     # train
@@ -359,7 +337,7 @@ def recipe_config(dataset: str, family: str = "", **kwargs) -> ml_collections.Co
   "coco"); an empty family means DSRAN. COCO tests on 5K + 5x1K.
 
   `family` may carry recipe options (`parse_config_arg`: "sgraf,module=SAF"); they and
-  `kwargs` go to the family's `recipe` (DSRAN: `text_encoder="gru"`).
+  `kwargs` go to the family's `recipe` (DSRAN: "dsran,text_encoder=gru").
   """
   if dataset not in DATASETS:
     raise ValueError(f"dataset {dataset!r}: expected one of {DATASETS}")
@@ -397,7 +375,8 @@ def save_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config saved in a workdir, laid over the defaults so keys added since still exist.
+  """The config saved in a workdir, migrated (`models.migrations()`) and laid over the
+  defaults so keys added since still exist.
 
   Raises a FileNotFoundError naming the file if the workdir has no config, and a
   ConfigError naming the file and any key the defaults do not know (or the JSON error).
@@ -410,6 +389,8 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
       saved = json.load(f)
     except json.JSONDecodeError as e:
       raise ConfigError(f"{path}: not a config (invalid JSON: {e})", header="") from None
+  for migrate in models.migrations():  # keys moved since (e.g. DSRAN's into model.dsran)
+    saved = migrate(saved)
   config = get_base_config()
 
   def merge(dst, src, prefix):

@@ -11,7 +11,8 @@ def resolve_pretrained_dir(path_or_name: str) -> Path:
   it: `HF_HUB_OFFLINE=1` makes a missing model an error instead of a download).
   """
   if not path_or_name:
-    raise ValueError("model.bert_path is empty: give a local BERT directory or a hub name")
+    raise ValueError("the BERT path is empty: give the model family's BERT directory "
+                     "(a local directory or a hub name)")
   p = Path(os.path.expanduser(path_or_name))
   if p.is_dir():
     return p

@@ -212,7 +212,7 @@ class Matcher:
 
     Args:
       texts: captions (tokenised with the model's tokenizer: BERT WordPiece from
-        `model.bert_path`, or the word vocabulary `{workdir}/vocab.json`).
+        `models.bert_path`, or the word vocabulary `{workdir}/vocab.json`).
       input_ids: int (B, L), 0-padded, laid out as `tokenize` returns them.
       attention_mask: (B, L), 1 for tokens; None: `input_ids != 0`.
     """

@@ -4,10 +4,12 @@ A bad value used to fail minutes later (`train.checkpoint_every=0` at the first 
 `train.num_steps=-5` as a FileNotFoundError after training nothing) or never (a mistyped
 `model.dtype` computed in float32). Each key's rule is declared with the key itself, in
 `default_config.KEYS` (`RULES` here is derived from it): every `data.*`, `train.*` and
-`eval.*` key, and the model keys the families share (`model.name`, `model.dtype`,
-`model.bert.*`); the family's own `validate(config)` checks the rest of `config.model`,
-and `_cross_checks` the rules over several keys. All problems are reported at once (a
-`ConfigError` whose `problems` name each key, its value and the allowed range):
+`eval.*` key, and the model keys the families share (`model.name`, `model.dtype`, the
+types of the shared widths); the family's own `validate(config)` checks the rest of
+`config.model` (its section, and its rules over several keys, e.g. DSRAN's
+`data.max_len` against its BERT's positions), and `_cross_checks` the shared rules over
+several keys. All problems are reported at once (a `ConfigError` whose `problems` name
+each key, its value and the allowed range):
 
     config.train.checkpoint_every=0: must be an integer >= 1
 
@@ -74,13 +76,6 @@ def _cross_checks(config, num_devices: Optional[int], num_processes: Optional[in
       if d[key] not in VLP_SPLITS:
         errors.append(f"config.data.{key}={d[key]!r}: data.format='vlp' expects one of "
                       f"{', '.join(repr(s) for s in VLP_SPLITS)}")
-  m = config.model
-  if "bert" in m and m.bert.hidden_size % m.bert.num_heads:
-    errors.append(f"config.model.bert.hidden_size={m.bert.hidden_size} must be divisible "
-                  f"by config.model.bert.num_heads={m.bert.num_heads}")
-  if "bert" in m and m.get("bert_random_init", False) and d.max_len > m.bert.max_position:
-    errors.append(f"config.data.max_len={d.max_len} exceeds config.model.bert.max_position="
-                  f"{m.bert.max_position}")
   for n, what in ((num_devices, "devices"), (num_processes, "hosts")):
     if n and t.batch_size % n:
       errors.append(f"config.train.batch_size={t.batch_size} must be divisible by the {n} "

@@ -114,8 +114,8 @@ def test_bert_build_parity(tmp_path, torch_ref, K):
   assert summary["bert"]["num_heads"] == (1 if K == 1 else 4)
 
   cfg = load_workdir_config(str(workdir))
-  assert cfg.model.text_padding == "reference" and cfg.model.bert_random_init
-  assert cfg.model.bert.num_layers == 2 and cfg.data.max_len == 32 and cfg.model.K == K
+  assert cfg.model.dsran.text_padding == "reference" and cfg.model.dsran.bert_random_init
+  assert cfg.model.dsran.bert.num_layers == 2 and cfg.data.max_len == 32 and cfg.model.dsran.K == K
   enc = inference.load(str(workdir))
   assert enc.meta["best_rsum"] == 500.25 and enc.meta["epoch"] == 7
 
@@ -140,7 +140,7 @@ def test_gru_build_parity(tmp_path, torch_ref, K):
   assert summary["build"] == "gru" and summary["K"] == K and summary["vocab_size"] == 50
   cfg = load_workdir_config(str(workdir))
   assert cfg.model.vocab_size == 50 and cfg.model.word_dim == 12
-  assert not cfg.model.use_region_pos and cfg.data.format == "precomp"
+  assert not cfg.model.dsran.use_region_pos and cfg.data.format == "precomp"
   assert cfg.eval.batch_size == 4 and cfg.train.grad_clip == 2.0
 
   enc = inference.load(str(workdir))

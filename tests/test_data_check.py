@@ -60,7 +60,7 @@ def _overrides(family, root, bert):
   """The command-line overrides that put `configs/f30k.py:<family>` on a precomp copy."""
   out = {"data.root": str(root), "data.format": "precomp"}
   if models.tokenizer_kind(_f30k(family)) == "bert":
-    out["model.bert_path"] = str(bert)
+    out["model.dsran.bert_path"] = str(bert)
   return out
 
 
@@ -74,8 +74,11 @@ def _f30k(family):
 def _config(family, root, bert):
   c = _f30k(family)
   for key, value in _overrides(family, root, bert).items():
-    section, name = key.split(".")
-    c[section][name] = value
+    *sections, name = key.split(".")
+    node = c
+    for section in sections:
+      node = node[section]
+    node[name] = value
   return c
 
 
@@ -148,7 +151,7 @@ def test_check_cli_good_bad_and_user_error(good_root, bert_dir):
   good = _run_cli("scan", good_root, bert_dir)
   assert good.returncode == 0, good.stdout + good.stderr
   assert "OK: every split is readable and finite" in good.stdout
-  assert "model.bert_path" not in good.stdout + good.stderr  # SCAN reads words, not BERT
+  assert "model.dsran.bert_path" not in good.stdout + good.stderr  # SCAN reads words, not BERT
   # The DSRAN build that does use BERT, with its tokenizer given.
   dsran = _run_cli("dsran", good_root, bert_dir, "--release=off")
   assert dsran.returncode == 0, dsran.stdout + dsran.stderr

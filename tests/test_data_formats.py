@@ -30,7 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _config(fmt, root, name="f30k", encoder="gru", inputs="regions", **data):
   c = get_base_config()
   c.data.format, c.data.root, c.data.name = fmt, str(root), name
-  c.model.text_encoder, c.model.image_inputs = encoder, inputs
+  c.model.dsran.text_encoder, c.model.dsran.image_inputs = encoder, inputs
   for k, v in data.items():
     setattr(c.data, k, v)
   return c
@@ -330,8 +330,8 @@ def test_check_cli(f30k_root, tmp_path_factory):
         c.data.format = "vlp"
         c.data.name = "f30k"
         c.data.max_len = 8
-        c.model.text_encoder = "gru"
-        c.model.image_inputs = "regions"
+        c.model.dsran.text_encoder = "gru"
+        c.model.dsran.image_inputs = "regions"
         return c
   """))
   good = _run_check(cfg, root)

@@ -88,7 +88,7 @@ def test_train_batches_content_and_epoch_coverage():
   np.testing.assert_array_equal(b["input_ids"][:, 0], b["caption_index"] * 10)
   seen = np.concatenate([b["caption_index"] for b in batches])
   assert len(set(seen.tolist())) == 48  # one epoch: no caption twice
-  config.model.image_inputs = "regions"
+  config.model.dsran.image_inputs = "regions"
   b = next(pipeline.train_batches(split, config, process_index=0, process_count=1))
   assert "grid" not in b
 
@@ -241,7 +241,7 @@ def test_load_split_reads_the_packed_copy_when_tfds_dir_is_set(tmp_path, minilm_
   config.data.img_dim = 16
   config.data.synthetic.num_dev_images = 3
   config.data.synthetic.num_regions = 4
-  config.model.bert_path = minilm_dir
+  config.model.dsran.bert_path = minilm_dir
   direct = data.load_split(config, "dev")
   tfds_builder.build_split(direct, str(tmp_path), tfds_builder.dataset_config_name(config, "dev"))
   config.data.tfds_dir = str(tmp_path)

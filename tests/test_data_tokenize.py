@@ -103,7 +103,7 @@ def test_bert_vocab_txt_only_dir(minilm_dir, tmp_path):
 
 def test_make_tokenizer_bert(minilm_dir):
   c = get_base_config()
-  c.model.bert_path, c.data.max_len = minilm_dir, 16
+  c.model.dsran.bert_path, c.data.max_len = minilm_dir, 16
   ids, _ = tokenize.make_tokenizer(c).encode(["a dog"])
   assert ids.shape == (1, 16) and ids[0, 0] == 101
 
@@ -128,7 +128,7 @@ def test_gru_vocabulary_from_train_only(tmp_path):
     return train
 
   c = get_base_config()
-  c.model.text_encoder, c.data.max_len = "gru", 6
+  c.model.dsran.text_encoder, c.data.max_len = "gru", 6
   tok = tokenize.make_tokenizer(c, str(tmp_path), train_texts)
   vocab = tok.vocab
   assert vocab.idx2word[:4] == ["<pad>", "<start>", "<end>", "<unk>"]
@@ -157,7 +157,7 @@ def test_no_vocabulary_is_built_beside_existing_checkpoints(tmp_path):
   # A converted workdir without the authors' vocabulary: a vocabulary built from the
   # training captions would silently give the embedding the wrong word ids.
   c = get_base_config()
-  c.model.text_encoder = "gru"
+  c.model.dsran.text_encoder = "gru"
   (tmp_path / "checkpoints" / "best").mkdir(parents=True)
   with pytest.raises(ValueError, match=r"has checkpoints but no word vocabulary at .*"
                      r"vocab\.json.*--vocab="):

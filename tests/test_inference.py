@@ -49,7 +49,7 @@ def test_bert_workdir_matches_torch_and_chunks(bert_run, torch_ref):
   ckpt, workdir = bert_run
   one_shot = inference.load(workdir)
   chunked = inference.load(workdir, batch_size=4)
-  assert one_shot.model.config.K == 2 and one_shot.config.model.text_encoder == "bert"
+  assert one_shot.model.config.K == 2 and one_shot.config.model.dsran.text_encoder == "bert"
   assert set(one_shot.variables) == {"params", "batch_stats"}
 
   grid, regions, pos = image_inputs(0, b=11)  # 11 rows: chunks of 4, 4 and a padded 3

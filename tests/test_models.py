@@ -17,12 +17,12 @@ from dsran_jax.models.common.text import GRU
 
 def tiny_config(text_encoder="bert", K=2, padding="masked", image_inputs="grid+regions"):
   c = get_base_config()
-  m = c.model
-  m.text_encoder, m.K, m.text_padding, m.image_inputs = text_encoder, K, padding, image_inputs
-  m.embed_size, m.img_dim, m.pos_dim = 32, 24, 1607
-  m.bert_random_init = True
-  m.bert.vocab_size, m.bert.hidden_size, m.bert.num_layers = 50, 16, 1
-  m.bert.num_heads, m.bert.intermediate_size = 2, 32
+  m, d = c.model, c.model.dsran
+  d.text_encoder, d.K, d.text_padding, d.image_inputs = text_encoder, K, padding, image_inputs
+  m.embed_size, m.img_dim, d.pos_dim = 32, 24, 1607
+  d.bert_random_init = True
+  d.bert.vocab_size, d.bert.hidden_size, d.bert.num_layers = 50, 16, 1
+  d.bert.num_heads, d.bert.intermediate_size = 2, 32
   m.word_dim = 12
   return m
 
@@ -160,7 +160,7 @@ def test_regions_only_build_and_bad_config():
   batch = random_batch(np.random.default_rng(5), grid=False)
   img, _ = apply(model, variables, batch)
   assert img.shape == (3, 32) and "grid_enc" not in variables["params"]
-  with pytest.raises(ValueError, match="model.K"):
+  with pytest.raises(ValueError, match="model.dsran.K"):
     models.build_model(tiny_config(K=3))
   full, full_vars = init(tiny_config())
   with pytest.raises(ValueError, match="grid"):

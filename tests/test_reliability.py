@@ -476,7 +476,7 @@ def test_nan_feature_stops_training_at_that_step_naming_the_images(minilm_dir, t
   np.save(root / "train_ims.npy", ims)
   (root / "train_ids.txt").write_text("".join(f"img{i}\n" for i in range(16)))
   config.data.format, config.data.root, config.data.name = "precomp", str(root), "f30k"
-  config.model.image_inputs = "regions"
+  config.model.dsran.image_inputs = "regions"
   config.train.checkpoint_every, config.train.eval_every = 1, 1000  # save every step
   work = str(tmp_path / "work")
   with pytest.raises(FloatingPointError,
@@ -498,7 +498,7 @@ def test_nan_feature_stops_training_at_that_step_naming_the_images(minilm_dir, t
     ("train.batch_size", 0, "config.train.batch_size=0: must be an integer >= 1"),
     ("train.batch_size", -8, "config.train.batch_size=-8: must be an integer >= 1"),
     ("train.num_steps", -5, "config.train.num_steps=-5: must be an integer >= 0"),
-    ("model.gat_heads", 0, "config.model.gat_heads=0: must be >= 1"),
+    ("model.dsran.gat_heads", 0, "config.model.dsran.gat_heads=0: must be >= 1"),
     ("model.dtype", "bf16", "config.model.dtype='bf16': expected one of 'float32', "
                             "'bfloat16'"),
     ("train.learning_rate", float("nan"), "config.train.learning_rate=nan: must be a finite "
@@ -574,7 +574,7 @@ def test_precomp_features_must_be_float32(tmp_path, dtype):
   from dsran_jax import data as data_lib
   _precomp(tmp_path, {"train": 2}, dim=DIM, dtype=dtype)
   c = get_base_config()
-  c.data.format, c.data.root, c.model.image_inputs = "precomp", str(tmp_path), "regions"
+  c.data.format, c.data.root, c.model.dsran.image_inputs = "precomp", str(tmp_path), "regions"
   with pytest.raises(raw.DataError, match=rf"train_ims\.npy: precomp region features .* "
                                           rf"stored as {np.dtype(dtype)}, expected float32"):
     data_lib.read_raw_split(c, "train")
@@ -622,7 +622,7 @@ def test_short_vlp_feature_file_is_blamed_not_its_class_file(tmp_path):
   _vlp_root(tmp_path, rows=100)
   np.save(tmp_path / "trainval" / "1001.npy", np.zeros((50, DIM), np.float32))
   c = get_base_config()
-  c.data.format, c.data.root, c.model.image_inputs = "vlp", str(tmp_path), "regions"
+  c.data.format, c.data.root, c.model.dsran.image_inputs = "vlp", str(tmp_path), "regions"
   split = vlp.read_raw_split(c, "train")
   with pytest.raises(raw.DataError, match=r"trainval/1001\.npy: expected region features of "
                                           r"image 1001 of shape \(100, 2048\), got \(50, 2048\)"):
@@ -635,7 +635,7 @@ def test_short_vlp_feature_file_is_blamed_not_its_class_file(tmp_path):
 def _check_config(fmt, root, name="f30k"):
   c = get_base_config()
   c.data.format, c.data.root, c.data.name = fmt, str(root), name
-  c.model.text_encoder, c.model.image_inputs, c.data.max_len = "gru", "regions", 8
+  c.model.dsran.text_encoder, c.model.dsran.image_inputs, c.data.max_len = "gru", "regions", 8
   return c
 
 
@@ -721,7 +721,7 @@ def test_check_cli_writes_and_verifies_a_manifest(tmp_path):
         c = get_base_config()
         c.data.format, c.data.name, c.data.max_len = "vlp", "f30k", 8
         c.data.train_split = c.data.dev_split = c.data.test_split = "train"
-        c.model.text_encoder, c.model.image_inputs = "gru", "regions"
+        c.model.dsran.text_encoder, c.model.dsran.image_inputs = "gru", "regions"
         return c
   """))
   manifest = tmp_path / "m.json"

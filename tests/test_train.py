@@ -97,7 +97,7 @@ def test_configs_hold_the_authors_recipes(name, batch, epochs, lr_update, K, opt
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
-  assert (c.train.batch_size, c.train.num_epochs, c.train.lr_update, c.model.K,
+  assert (c.train.batch_size, c.train.num_epochs, c.train.lr_update, c.model.dsran.K,
           c.train.optimizer, c.train.margin) == (batch, epochs, lr_update, K, optimizer, 0.2)
   assert c.eval.protocol == ("coco" if name.startswith("coco") else "1k")
   assert f"configs/{name}.py" in module.__doc__

@@ -156,10 +156,10 @@ def _tiny(name):
   from dsran_jax.default_config import get_base_config  # pylint: disable=g-import-not-at-top
   c = get_base_config()
   c.model.name = name
-  c.model.text_encoder = "gru"
+  c.model.dsran.text_encoder = "gru"
   c.model.embed_size, c.model.word_dim = 16, 8
   c.model.img_dim = c.data.img_dim = 12
-  c.model.gat_heads = 2
+  c.model.dsran.gat_heads = 2
   return c
 
 

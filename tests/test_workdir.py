@@ -98,3 +98,65 @@ def test_restore_names_every_mismatch(trained_workdir, tmp_path):
     wd.restore(config)
   with pytest.raises(FileNotFoundError):
     Workdir(tmp_path).restore(config)
+
+
+# ------------------------------------------------- config.json of an older layout
+
+
+def _old_dsran_layout(saved: dict) -> dict:
+  """`saved` as written before `model.dsran` existed: DSRAN's options were top-level
+  `model.*` keys (`model.K`, `model.text_encoder`, `model.bert.*`, ...)."""
+  model = dict(saved["model"])
+  model.update(model.pop("dsran"))
+  return {**saved, "model": model}
+
+
+def test_an_old_layout_config_loads_with_dsran_s_keys_under_model_dsran(tmp_path):
+  from dsran_jax import models  # pylint: disable=g-import-not-at-top
+  from dsran_jax.models.dsran import config as dsran_config  # pylint: disable=g-import-not-at-top
+  base = get_base_config()
+  wd = Workdir(tmp_path)
+  # Today's defaults, then non-default values, in the old layout.
+  os.makedirs(wd.path, exist_ok=True)
+  old = _old_dsran_layout(base.to_dict())
+  assert "dsran" not in old["model"] and old["model"]["K"] == 2
+  open(wd.config_file, "w").write(json.dumps(old))
+  assert wd.load_config().to_dict() == base.to_dict()
+  old["model"].update(K=4, text_encoder="gru", gat_heads=4)
+  old["model"]["bert"] = {**old["model"]["bert"], "hidden_size": 64}
+  open(wd.config_file, "w").write(json.dumps(old))
+  loaded = wd.load_config({"model.dsran.gat_layers": 2})
+  d = loaded.model.dsran
+  assert (d.K, d.text_encoder, d.gat_heads, d.gat_layers, d.bert.hidden_size) == (
+      4, "gru", 4, 2, 64)
+  assert "K" not in loaded.model and "text_encoder" not in loaded.model
+  assert models.tokenizer_kind(loaded) == "vocab" and models.bert_path(loaded) == ""
+  # The migration is the family's, listed by the registry, and idempotent.
+  assert dsran_config.migrate in models.migrations()
+  once = dsran_config.migrate(old)
+  assert dsran_config.migrate(once) == once and once["model"]["dsran"]["K"] == 4
+  assert dsran_config.migrate(base.to_dict()) == base.to_dict()
+  # Another family never read them: defaults are dropped, nothing else is lost.
+  scan = _old_dsran_layout(base.to_dict())
+  scan["model"]["name"] = "scan"
+  assert dsran_config.migrate(scan)["model"] == {
+      k: v for k, v in base.to_dict()["model"].items() if k != "dsran"} | {"name": "scan"}
+  scan["model"]["K"] = 4
+  assert dsran_config.migrate(scan)["model"]["dsran"] == {"K": 4}
+
+
+def test_an_old_layout_trained_workdir_restores_and_evaluates(trained_workdir, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir, results = trained_workdir
+  old = tmp_path / "old"
+  shutil.copytree(workdir, old)
+  wd = Workdir(old)
+  saved = json.loads(open(wd.config_file).read())
+  open(wd.config_file, "w").write(json.dumps(_old_dsran_layout(saved)))
+  config = wd.load_config()
+  assert config.to_dict() == Workdir(workdir).load_config().to_dict()
+  assert config.model.dsran.bert_random_init and config.model.dsran.bert.hidden_size == 16
+  restored = wd.restore()
+  assert restored.meta["step"] > 0
+  out = evaluation.evaluate_workdir(str(old))
+  np.testing.assert_allclose(out["1k"]["rsum"], results["1k"]["rsum"], atol=1e-4)

@@ -9,9 +9,9 @@ error (an invalid config value, an unknown `data.format`, an unreadable manifest
 `error: ...` message, no traceback), else 0.
 
 Captions are measured with the tokenizer of the configured family
-(`models.tokenizer_kind`): BERT WordPiece from `model.bert_path`, or words for the
-word-vocabulary families, which need no workdir (nothing is written; `data.vocab_file`
-is read when given). Every family's config works: `--config=configs/f30k.py:scan`.
+(`models.tokenizer_kind`): BERT WordPiece from the family's BERT directory
+(`models.bert_path`), or words for the word-vocabulary families, which need no workdir
+(nothing is written; `data.vocab_file` is read when given). Every family's config works: `--config=configs/f30k.py:scan`.
 
 It knows the public releases (`RELEASES`: Flickr30K and MS-COCO, precomp and VLP; images
 per split, captions, regions and feature widths, COCO's 1000 VLP shards) and says what
@@ -148,7 +148,7 @@ def splits_to_scan(config) -> list:
 
 def caption_lengths_fn(config):
   """`texts -> untruncated token counts` for the tokenizer of the configured family
-  (`models.tokenizer_kind`): BERT WordPiece from `model.bert_path`, or words.
+  (`models.tokenizer_kind`): BERT WordPiece from `models.bert_path`, or words.
 
   A word vocabulary is not needed to count words, and the checker never writes one: it
   needs no workdir. `data.vocab_file`, when given and present, is loaded so that an

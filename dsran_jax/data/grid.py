@@ -58,7 +58,7 @@ def open_grid(config, split_name: str, num_images: int) -> Optional[np.ndarray]:
 
 
 def require_grid(config, split_name: str, num_images: int) -> Optional[np.ndarray]:
-  """The grid memmap when `model.image_inputs` needs it, else None.
+  """The grid memmap when the model reads grid features (`models.image_keys`), else None.
 
   Raises:
     MissingDataError: grid features are needed and the file is absent; the message says
@@ -69,11 +69,12 @@ def require_grid(config, split_name: str, num_images: int) -> Optional[np.ndarra
   grid = open_grid(config, split_name, num_images)
   if grid is None:
     path = grid_path(config, split_name)
+    hint = models.input_hint(config, "grid")
     raise raw.MissingDataError(
         f"{path}: missing (grid features, float32 ({num_images}, {GRID_CELLS}, "
-        f"{config.data.img_dim}), for model.image_inputs='grid+regions'). Set "
-        f"--config.model.image_inputs=regions to train on regions only, or provide grid "
-        f"features (layout in dsran_jax/data/grid.py; data.grid_file sets the path)")
+        f"{config.data.img_dim}), which model {config.model.name!r} reads). "
+        + (f"To do without them, {hint}; or provide" if hint else "Provide")
+        + " grid features (layout in dsran_jax/data/grid.py; data.grid_file sets the path)")
   return grid
 
 

@@ -150,13 +150,15 @@ class _TrainOrder:
     return self._epoch(epoch)[within]
 
 
-def _probe(split: Split, keys):
-  """Shapes (without batch) and dtypes of the image-side arrays `keys`, from image 0."""
+def _probe(split: Split, keys, config=None):
+  """Shapes (without batch) and dtypes of the image-side arrays `keys`, from image 0
+  (`config`: the model's, whose family may say how to do without a missing key)."""
   arrays = split.images(np.zeros(1, np.int64))
   missing = [k for k in keys if k not in arrays]
   if missing:
-    hint = ("; the model reads grid features (data.grid_file; DSRAN: "
-            "model.image_inputs='regions' does without)" if "grid" in missing else "")
+    hint = "; the model reads grid features (data.grid_file)" if "grid" in missing else ""
+    if config is not None:  # the family's way to do without (DSRAN: regions only)
+      hint += "".join(f"; {h}" for h in (models.input_hint(config, k) for k in missing) if h)
     raise KeyError(
         f"split {split.name!r}: images() has no {missing} (it returns {sorted(arrays)})"
         + hint)
@@ -238,7 +240,7 @@ def train_batches(split: Split, config, start_step: int = 0,
   local_batch = global_batch // process_count
   order = _TrainOrder(split.num_captions, global_batch, local_batch, process_index,
                       int(config.train.seed), int(config.data.shuffle_buffer))
-  image_specs = _probe(split, _image_keys(models.image_keys(config)))
+  image_specs = _probe(split, _image_keys(models.image_keys(config)), config)
   specs = dict(image_specs)
   specs["input_ids"] = (tuple(split.input_ids.shape[1:]), np.dtype(np.int32))
   specs["attention_mask"] = (tuple(split.attention_mask.shape[1:]), np.dtype(np.int32))

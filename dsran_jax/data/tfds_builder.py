@@ -185,9 +185,8 @@ def build_split(split: base.Split, out_dir: str, config_name: str,
 def _source_info(config, split_name: str) -> dict:
   info = {"format": config.data.format, "name": config.data.name, "root": config.data.root,
           "split": split_name, "model": config.model.name,
-          "tokenizer": models.tokenizer_kind(config),
-          "text_encoder": config.model.get("text_encoder", ""),
-          "bert_path": config.model.get("bert_path", ""), "max_len": int(config.data.max_len)}
+          "tokenizer": models.tokenizer_kind(config), "bert_path": models.bert_path(config),
+          "max_len": int(config.data.max_len)}
   if config.data.format == "synthetic":
     info["synthetic"] = config.data.synthetic.to_dict()
     info["img_dim"] = int(config.data.img_dim)

@@ -57,8 +57,8 @@ class BertTokenizer:
       tok = self._from_vocab_txt(bert_dir, vocab_txt)
     else:
       raise FileNotFoundError(
-          f"{bert_dir}: no tokenizer.json or vocab.txt (model.bert_path must be a BERT "
-          f"directory)")
+          f"{bert_dir}: no tokenizer.json or vocab.txt (the model's BERT path must be a "
+          f"BERT directory)")
     # Released tokenizer.json files carry their own truncation/padding (e.g. 128); the
     # authors' cut happens after [SEP] is added, so we add specials and cut ourselves.
     tok.no_truncation()
@@ -122,8 +122,8 @@ def make_tokenizer(config, workdir: Optional[str] = None,
   WordPiece or a word vocabulary): an object with `encode(texts)`.
 
   Args:
-    config: the full config (`model.name` and its family's keys, `model.bert_path`,
-      `data.max_len`, `data.vocab_file`).
+    config: the full config (`model.name` and its family's keys, whose BERT directory
+      `models.bert_path` gives; `data.max_len`, `data.vocab_file`).
     workdir: run directory; the GRU vocabulary is kept there (`workdir.vocab_path`:
       `{workdir}/vocab.json`) unless `data.vocab_file` is set.
     train_texts_fn: returns the training captions; called only when a GRU vocabulary has
@@ -131,8 +131,12 @@ def make_tokenizer(config, workdir: Optional[str] = None,
   """
   kind = models.tokenizer_kind(config)
   if kind == "bert":
-    return BertTokenizer(str(resolve_pretrained_dir(config.model.bert_path)),
-                         config.data.max_len)
+    path = models.bert_path(config)
+    if not path:
+      raise ValueError(f"config.model.name={config.model.name!r} tokenizes with BERT but "
+                       f"its BERT path is empty: set the BERT directory (or hub name) in "
+                       f"config.model.{config.model.name}")
+    return BertTokenizer(str(resolve_pretrained_dir(path)), config.data.max_len)
   if kind == "vocab":
     path = workdir_lib.vocab_path(config, workdir)
     if path and os.path.isfile(path):

@@ -19,7 +19,7 @@ Features, per image stem S:
   It is found as `{root}/bbox.h5` or else the single `{root}/*_detection_*.h5` that is not
   a feature shard (the release's `..._detection_vg_thresh0.2_feat_gvd_checkpoint_trainvaltest.h5`);
   zero or several candidates are an error.
-- Grid features (for `model.image_inputs == "grid+regions"`): `dsran_jax.data.grid`.
+- Grid features (when the model's image keys name "grid"): `dsran_jax.data.grid`.
 - Global features (for models reading `global_feat`, MLASM): `dsran_jax.data.global_feat`.
 
 Regions are padded or cut to `data.num_regions` (`region_mask` marks real ones);
@@ -280,7 +280,7 @@ def read_raw_split(config, split_name: str, check_files: bool = True) -> raw.Raw
 
   Args:
     config: full config (`data.root`, `data.name`, `data.num_regions`, `data.img_dim`,
-      `model.image_inputs`, `data.grid_file`).
+      the model's image keys (`models.image_keys`), `data.grid_file`).
     split_name: "train", "dev", "test" or "testall".
     check_files: verify up front that every feature file and box key exists (a directory
       listing and one key scan), so training cannot die on a hole hours in.

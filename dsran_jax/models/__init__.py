@@ -5,6 +5,13 @@ A family is a package `dsran_jax/models/<name>/` with
     `defaults() -> ConfigDict | None`  options under `config.model.<name>`;
     `image_keys(model_config)`, `text_keys(model_config)`  the batch keys it reads;
     `tokenizer(model_config) -> "bert" | "vocab"`  how captions become ids;
+    `bert_path(model_config) -> str`  (optional) the BERT directory or hub name of a
+        "bert" tokenizer (its WordPiece vocabulary); "" (or no hook) without BERT;
+    `input_hint(model_config, key) -> str`  (optional) how to run without batch key `key`
+        (e.g. DSRAN without "grid"), for the readers' missing-file messages;
+    `migrate(saved: dict) -> dict`  (optional) moves the keys of a config.json written
+        before a change of the family's options into today's layout; a no-op on a
+        migrated dict (`Workdir.load_config` applies every family's, `migrations()`);
     `recipe(config, dataset)`  the authors' recipe for "f30k" / "coco";
     `demo(config)`  the synthetic-world settings of `configs/demo.py:<name>`;
     `validate(config)`  raises ValueError naming the key and its allowed range;
@@ -23,7 +30,7 @@ only this registry and that contract; none of them names a family.
 import importlib
 import importlib.util
 import pkgutil
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 DEFAULT = "dsran"
 _NOT_FAMILIES = ("common",)
@@ -78,8 +85,29 @@ def text_keys(config) -> Tuple[str, ...]:
 
 
 def tokenizer_kind(config) -> str:
-  """"bert" (WordPiece from model.bert_path) or "vocab" (a word vocabulary)."""
+  """"bert" (WordPiece from `bert_path(config)`) or "vocab" (a word vocabulary)."""
   return spec(config).tokenizer(config.model)
+
+
+def bert_path(config) -> str:
+  """The BERT directory (or hub name) the configured family's "bert" tokenizer reads;
+  "" for a family without BERT."""
+  hook = getattr(spec(config), "bert_path", None)
+  return hook(config.model) if hook else ""
+
+
+def input_hint(config, key: str) -> str:
+  """How the configured model could do without batch key `key` (a config override to
+  suggest), or ""."""
+  hook = getattr(spec(config), "input_hint", None)
+  return hook(config.model, key) if hook else ""
+
+
+def migrations() -> Tuple[Callable[[dict], dict], ...]:
+  """Every family's `migrate(saved) -> saved` of a saved config dict (config.json), in
+  `names()` order; each is a no-op on a config already migrated."""
+  return tuple(m for m in (getattr(family_config(n), "migrate", None) for n in names())
+               if m is not None)
 
 
 def build_model(model_config, vocab_size: Optional[int] = None):

@@ -2,10 +2,10 @@
 
 Every file a run, an evaluation, the converter, inference, search or a figure reads or
 writes in a workdir is named here, and so are the three things done with it:
-- its config (`config.json`): `save_config`, and `load_config(overrides)`, which lays
-  the saved keys over today's defaults (keys added since keep their defaults), applies
-  the migrations of renamed keys once, and then the caller's `--config.a.b=v`
-  overrides;
+- its config (`config.json`): `save_config`, and `load_config(overrides)`, which applies
+  the migrations of renamed or moved keys (`MIGRATIONS`, then the families'
+  `models.migrations()`), lays the saved keys over today's defaults (keys added since
+  keep their defaults), and then the caller's `--config.a.b=v` overrides;
 - the run's lock (`lock()`, one run per workdir) and its metrics log
   (`metrics_log(start_step)`);
 - its model: `restore(config)` rebuilds the family's module from the config and returns
@@ -55,9 +55,17 @@ GALLERY_FILE = "gallery_{split}.npz"
 INDEX_FILE = "gallery_{split}.{side}.{kind}.faiss"
 FIGURE_FILE = "{name}.png"
 
-# Migrations of a saved config, oldest first: each maps the dict read from config.json
-# to today's keys and is a no-op on a config already migrated.
+# Migrations of a saved config's shared keys, oldest first: each maps the dict read from
+# config.json to today's keys and is a no-op on a config already migrated. The families'
+# own (`models.migrations()`, e.g. DSRAN's options moved into `model.dsran`) run after.
 MIGRATIONS: List[Callable[[dict], dict]] = []
+
+
+def migrate_saved(saved: dict) -> dict:
+  """A dict read from config.json in today's layout: `MIGRATIONS`, then every family's."""
+  for migrate in (*MIGRATIONS, *models.migrations()):
+    saved = migrate(saved)
+  return saved
 
 
 class ConfigFileError(ValueError):
@@ -205,8 +213,7 @@ class Workdir:
       raise ConfigFileError(f"{path}: not a JSON config ({e})") from None
     if not isinstance(saved, dict):
       raise ConfigFileError(f"{path}: expected a JSON object, got {type(saved).__name__}")
-    for migrate in MIGRATIONS:
-      saved = migrate(saved)
+    saved = migrate_saved(saved)
     config = get_base_config()
     _merge(config, saved, "", path)
     return apply_overrides(config, overrides or {})

@@ -13,11 +13,17 @@ and everything else is derived from it:
   their types, in table order);
 - `OPTIONS.validate(config.model)`: raises ValueError naming the first key out of range,
   e.g. `config.model.scan.cross_attn='x': expected one of 't2i', 'i2t'`;
-- `OPTIONS.values(config.model)`: {name: value cast to its default's type};
+- `OPTIONS.values(config.model)`: {name: value cast to its default's type} of the
+  Module's options;
 - `OPTIONS.dataclass(name, head, tail)`: the frozen (hashable) dataclass of the Flax
   Module's config, whose fields are `head` (shared widths such as `WIDTHS`), the options
   and `tail`, and which checks its option values with the same rules when built;
   `OPTIONS.module_config(cls, model_config, vocab_size)` builds one from `config.model`.
+
+An option with `field=False` is a config key only: it is in the section, its defaults
+and its checks, but not a field of the Module's config (the family's hooks read it, e.g.
+DSRAN's `bert_path`). A dotted name ("bert.hidden_size") is a key of a sub-section
+(`config.model.dsran.bert.hidden_size`) and is always config-only.
 
 A rule is a function `value -> None | str`: None when the value is allowed, else what is
 allowed ("must be > 0"); the helpers below cover the usual ones.
@@ -79,12 +85,14 @@ def exactly(expected, why: str) -> Rule:
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-  """One option: its key under `config.model.<section>`, its default (whose type is the
-  option's type), its rule (None: any value of the type) and a line of documentation."""
+  """One option: its key under `config.model.<section>` (dotted: a sub-section's key), its
+  default (whose type is the option's type), its rule (None: any value of the type), a
+  line of documentation, and whether it is a field of the Module's config (`field`)."""
   name: str
   default: Any
   rule: Optional[Rule] = None
   doc: str = ""
+  field: bool = True
 
   @property
   def kind(self) -> type:
@@ -112,8 +120,8 @@ class Options:
   """A family's option table (see the module docstring).
 
   Args:
-    section: the key under `config.model` holding the options (None: they are
-      top-level `config.model.*` keys, as DSRAN's).
+    section: the key under `config.model` holding the options (None: they would be
+      top-level `config.model.*` keys; every family has its section).
     options: the table, in the order `defaults()` writes the keys.
   """
 
@@ -124,11 +132,28 @@ class Options:
     if len(set(names)) != len(names):
       raise ValueError(f"options of {section!r} declared twice: "
                        f"{sorted({n for n in names if names.count(n) > 1})}")
+    nested = [o.name for o in self.options if "." in o.name and o.field]
+    if nested:
+      raise ValueError(f"options {nested} of {section!r} are keys of a sub-section: "
+                       f"declare them with field=False")
+    clash = sorted({n.split(".")[0] for n in names if "." in n} & set(names))
+    if clash:
+      raise ValueError(f"options {clash} of {section!r} are both a key and a sub-section")
     self.by_name = {o.name: o for o in self.options}
 
   @property
   def names(self) -> Tuple[str, ...]:
     return tuple(self.by_name)
+
+  @property
+  def keys(self) -> Tuple[str, ...]:
+    """The section's own keys (a sub-section counted once), in table order."""
+    return tuple(dict.fromkeys(n.split(".")[0] for n in self.by_name))
+
+  @property
+  def fields(self) -> Tuple[Option, ...]:
+    """The options that are fields of the Module's config (`Option.field`)."""
+    return tuple(o for o in self.options if o.field)
 
   def __getitem__(self, name: str) -> Option:
     return self.by_name[name]
@@ -147,15 +172,31 @@ class Options:
     """The `config.model.<section>` ConfigDict of every option at its default."""
     s = ml_collections.ConfigDict()
     for o in self.options:
-      s[o.name] = o.default
+      *parents, leaf = o.name.split(".")
+      node = s
+      for p in parents:
+        if p not in node:
+          node[p] = ml_collections.ConfigDict()
+        node = node[p]
+      node[leaf] = o.default
     return s
 
-  def problems(self, values) -> List[str]:
+  @staticmethod
+  def get(values, name: str):
+    """The value of option `name` (dotted: in a sub-section) in `values`, a mapping or an
+    object with the options as attributes."""
+    node = values
+    for part in name.split("."):
+      node = node[part] if hasattr(node, "keys") else getattr(node, part)
+    return node
+
+  def problems(self, values, options: Optional[Sequence[Option]] = None) -> List[str]:
     """Every `key=value: what is allowed` message of `values` (a mapping or an object
-    with the options as attributes), in table order."""
+    with the options as attributes), in table order (`options`: those checked, default
+    all)."""
     out = []
-    for o in self.options:
-      value = values[o.name] if hasattr(values, "keys") else getattr(values, o.name)
+    for o in self.options if options is None else options:
+      value = self.get(values, o.name)
       problem = o.problem(value)
       if problem:
         out.append(f"{self.key(o.name)}={value!r}: {problem}")
@@ -168,23 +209,25 @@ class Options:
       raise ValueError(problems[0])
 
   def values(self, model_config) -> Dict[str, Any]:
-    """{name: value} of `config.model`'s options, each cast to its default's type."""
+    """{name: value} of `config.model`'s options that are Module fields (`fields`), each
+    cast to its default's type."""
     s = self.section_of(model_config)
-    return {o.name: o.kind(s[o.name]) for o in self.options}
+    return {o.name: o.kind(s[o.name]) for o in self.fields}
 
   # ------------------------------------------------------------------- module side
 
   def dataclass(self, name: str, head: Sequence[Tuple[Any, ...]] = (),
                 tail: Sequence[Tuple[Any, ...]] = ()) -> type:
-    """A frozen dataclass with fields `head`, the options (their defaults), then `tail`
-    (`(name, type[, default])` each); building one checks the options' rules."""
+    """A frozen dataclass with fields `head`, the options that are fields (their
+    defaults), then `tail` (`(name, type[, default])` each); building one checks those
+    options' rules."""
     fields = [f if len(f) == 2 else (f[0], f[1], _field(f[2])) for f in head]
-    fields += [(o.name, o.kind, _field(o.default)) for o in self.options]
+    fields += [(o.name, o.kind, _field(o.default)) for o in self.fields]
     fields += [f if len(f) == 2 else (f[0], f[1], _field(f[2])) for f in tail]
     table = self
 
     def __post_init__(self):  # pylint: disable=invalid-name
-      problems = table.problems(self)
+      problems = table.problems(self, table.fields)
       if problems:
         raise ValueError(problems[0])
 

@@ -16,23 +16,26 @@ from dsran_jax.models.dsran.model import DSRAN, GRID_NODES, DSRANConfig
 
 
 def bert_config_from(model_config):
-  """The BertConfig a config asks for: model.bert.* if random init, else config.json."""
-  if model_config.bert_random_init:
-    b = model_config.bert
+  """The BertConfig a config asks for: model.dsran.bert.* if random init, else the
+  config.json of model.dsran.bert_path."""
+  d = model_config.dsran
+  if d.bert_random_init:
+    b = d.bert
     return BertConfig(vocab_size=b.vocab_size, hidden_size=b.hidden_size,
                       num_layers=b.num_layers, num_heads=b.num_heads,
                       intermediate_size=b.intermediate_size, max_position=b.max_position,
                       type_vocab_size=b.type_vocab_size)
-  return BertConfig.from_hf_json(resolve_pretrained_dir(model_config.bert_path) / "config.json")
+  if not d.bert_path:
+    raise ValueError("config.model.dsran.bert_path='': the BERT build needs a BERT "
+                     "directory or hub name (or model.dsran.bert_random_init=True)")
+  return BertConfig.from_hf_json(resolve_pretrained_dir(d.bert_path) / "config.json")
 
 
 def model_config_from(model_config, vocab_size: Optional[int] = None) -> DSRANConfig:
   """Turns `config.model` (ml_collections) into the hashable DSRANConfig."""
   m = model_config
-  bert = bert_config_from(m) if m.text_encoder == "bert" else None
-  values = OPTIONS.values(m)
-  values["vocab_size"] = int(vocab_size or m.vocab_size)
-  return DSRANConfig(**values, bert=bert)
+  bert = bert_config_from(m) if m.dsran.text_encoder == "bert" else None
+  return OPTIONS.module_config(DSRANConfig, m, vocab_size, dtype=str(m.dtype), bert=bert)
 
 
 def build(model_config, vocab_size: Optional[int] = None) -> DSRAN:
@@ -43,14 +46,16 @@ def build(model_config, vocab_size: Optional[int] = None) -> DSRAN:
 
 
 def load_pretrained_bert(variables: dict, model_config) -> dict:
-  """Replaces the BERT weights in `variables` with the pretrained ones at model.bert_path."""
-  _, bert_params = load_hf_bert(model_config.bert_path)
+  """Replaces the BERT weights in `variables` with the pretrained ones at
+  model.dsran.bert_path."""
+  path = model_config.dsran.bert_path
+  _, bert_params = load_hf_bert(path)
   params = dict(variables["params"])
   text = dict(params["text_enc"])
   expected = jax.tree_util.tree_map(jnp.shape, text["bert"])
   got = jax.tree_util.tree_map(np.shape, bert_params)
   if expected != got:
-    raise ValueError(f"pretrained BERT at {model_config.bert_path!r} does not match the "
+    raise ValueError(f"pretrained BERT at {path!r} does not match the "
                      f"model's BERT shapes:\nexpected {json.dumps(expected, default=str)[:500]}"
                      f"\ngot {json.dumps(got, default=str)[:500]}")
   text["bert"] = jax.tree_util.tree_map(jnp.asarray, bert_params)
@@ -59,12 +64,13 @@ def load_pretrained_bert(variables: dict, model_config) -> dict:
 
 
 def load_pretrained(variables: dict, config, vocab=None) -> dict:
-  """BERT build: the pretrained BERT at model.bert_path (unless bert_random_init);
-  GRU build: GloVe rows for the word vocabulary `vocab` when model.glove_path is set."""
-  m = config.model
-  if m.text_encoder == "bert" and not m.bert_random_init:
-    return load_pretrained_bert(variables, m)
-  if m.text_encoder == "gru":
+  """BERT build: the pretrained BERT at model.dsran.bert_path (unless
+  bert_random_init); GRU build: GloVe rows for the word vocabulary `vocab` when
+  model.glove_path is set."""
+  d = config.model.dsran
+  if d.text_encoder == "bert" and not d.bert_random_init:
+    return load_pretrained_bert(variables, config.model)
+  if d.text_encoder == "gru":
     return load_configured_glove(variables, config, vocab)
   return variables
 

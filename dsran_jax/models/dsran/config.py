@@ -1,11 +1,15 @@
-"""DSRAN's config hooks (jax-free). Its options are top-level `config.model.*` keys
-(`text_encoder`, `K`, `image_inputs`, ...; their defaults are written by
-`dsran_jax/default_config.py`), so it has no `model.dsran` section; they are declared
-once in `OPTIONS` below, from which `validate` and the Module's `DSRANConfig` come. The
-model's specification: docs/models/dsran.md."""
+"""DSRAN's config hooks (jax-free). Its options live under `config.model.dsran`
+(`K`, `text_encoder`, `image_inputs`, ..., the BERT build's `bert_path`,
+`bert_random_init` and `bert.*`), declared once in `OPTIONS` below, from which the
+section's defaults, `validate` and the Module's `DSRANConfig` come. Shared widths are the
+top-level `model.embed_size`, `model.img_dim` (regions and grid), `model.word_dim`,
+`model.vocab_size` and `model.glove_path` (GRU build), and `model.dtype`. `migrate`
+moves the top-level keys of a config.json written before the section existed into it.
+The model's specification: docs/models/dsran.md."""
 from dsran_jax.hub import minilm_dir
-from dsran_jax.models.common.options import (Option, Options, at_least, one_of,
-                                              within)
+from dsran_jax.models.common import recipes
+from dsran_jax.models.common.options import (Option, Options, at_least, integer_at_least,
+                                              one_of, within)
 
 # The authors' README recipes: (epochs, batch, lr_update epoch, K) per dataset and build.
 RECIPES = {
@@ -16,34 +20,88 @@ RECIPES = {
 }
 
 
-OPTIONS = Options(None, [
-    Option("embed_size", 1024, at_least(1), "joint embedding width"),
+# The BERT build's shape when `bert_random_init` (else the shape is bert_path's config.json).
+BERT_SHAPE = (("vocab_size", 30522, "WordPiece vocabulary"), ("hidden_size", 768, "hidden width"),
+              ("num_layers", 12, "layers"), ("num_heads", 12, "attention heads"),
+              ("intermediate_size", 3072, "feed-forward width"),
+              ("max_position", 512, "position embeddings"), ("type_vocab_size", 2, "token types"))
+
+OPTIONS = Options("dsran", [
     Option("K", 2, one_of(1, 2, 4), "JSR branches"),
     Option("text_encoder", "bert", one_of("bert", "gru"), "the build: BERT or GRU"),
     Option("image_inputs", "grid+regions", one_of("grid+regions", "regions"),
            "the 7x7 grid and the regions, or the regions alone"),
-    Option("img_dim", 2048, at_least(1), "width of the region (and grid) features"),
-    Option("pos_dim", 1607, at_least(1), "width of the region positions + class scores"),
-    Option("use_region_pos", True, None, "the BERT build's position branch"),
+    Option("pos_dim", 1607, at_least(1),
+           "width of the region positions + class scores (6 box + 1601 class probs)"),
+    Option("use_region_pos", True, None,
+           "BERT build: the region_pos MLP branch (the GRU build has none)"),
     Option("gat_heads", 8, at_least(1), "GAT attention heads"),
     Option("gat_dropout", 0.2, within(0.0, 1.0, high_open=True), "GAT dropout rate"),
     Option("gat_layers", 1, at_least(0), "GAT layers"),
     Option("text_padding", "masked", one_of("masked", "reference"),
            '"masked" | "reference" (the authors\' padding, for converted checkpoints)'),
-    Option("dtype", "float32", one_of("float32", "bfloat16"), "compute dtype"),
-    Option("vocab_size", 0, at_least(0), "GRU build: 0: size of the built vocabulary"),
-    Option("word_dim", 300, at_least(1), "GRU build: word-embedding width"),
-])
+    # The BERT build's weights: config keys only (the Module gets the BertConfig they
+    # imply, `dsran.bert_config_from`).
+    Option("bert_path", "", None, "local HF BERT directory or hub name (its tokenizer, "
+           "config.json and, unless bert_random_init, weights)", field=False),
+    Option("bert_random_init", False, None,
+           "True: BERT of shape bert.* with random weights", field=False),
+] + [Option(f"bert.{name}", default, integer_at_least(1), f"BERT {doc}", field=False)
+     for name, default, doc in BERT_SHAPE])
+defaults = OPTIONS.defaults
+
+# DSRAN's keys that a config.json written before `model.dsran` existed holds at the top
+# level of `model` (`migrate`): the section's own keys, `bert` a sub-section.
+_MOVED = OPTIONS.keys
 
 
-def defaults():
-  return None  # the keys are top-level, written by default_config.py
+def migrate(saved: dict) -> dict:
+  """A saved config dict (config.json) in today's layout: DSRAN's old top-level
+  `model.*` keys (`model.K`, `model.text_encoder`, `model.bert.*`, ...) moved under
+  `model.dsran` when the model is DSRAN (`model.name` "dsran" or absent). Another
+  family never read them: those at their default are dropped, any other value is kept
+  under `model.dsran` (nothing is lost). A no-op on a migrated config."""
+  model = saved.get("model") if isinstance(saved, dict) else None
+  if not isinstance(model, dict) or not any(k in model for k in _MOVED):
+    return saved
+  model = dict(model)
+  old = {k: model.pop(k) for k in _MOVED if k in model}
+  if model.get("name", "dsran") != "dsran":
+    default = OPTIONS.defaults().to_dict()
+    old = {k: v for k, v in old.items() if v != default[k]}
+  if old:
+    section = dict(model.get("dsran") or {})
+    for key, value in old.items():
+      if key == "bert" and isinstance(value, dict):
+        value = {**value, **(section.get("bert") or {})}
+      section.setdefault(key, value)
+    model["dsran"] = section
+  return {**saved, "model": model}
+
+
+def bert_path(model_config) -> str:
+  """The BERT directory (or hub name) of the BERT build; "" for the GRU build."""
+  s = model_config.dsran
+  return s.bert_path if s.text_encoder == "bert" else ""
+
+
+def input_hint(model_config, key: str) -> str:
+  """How to do without batch key `key` ("" when there is no way)."""
+  del model_config
+  if key == "grid":
+    return "set --config.model.dsran.image_inputs=regions to read the regions only"
+  return ""
+
+
+def _section(model_config):
+  """`model.dsran` of `config.model`, or the Module's DSRANConfig (the same options)."""
+  return getattr(model_config, "dsran", model_config)
 
 
 def image_keys(model_config):
   """`model_config`: `config.model`, or the Module's DSRANConfig (the same options)."""
   keys = ("regions", "region_pos", "region_mask")
-  return (("grid",) + keys) if model_config.image_inputs == "grid+regions" else keys
+  return (("grid",) + keys) if _section(model_config).image_inputs == "grid+regions" else keys
 
 
 def text_keys(model_config):
@@ -52,7 +110,8 @@ def text_keys(model_config):
 
 
 def tokenizer(model_config):
-  return "bert" if model_config.text_encoder == "bert" else "vocab"
+  """"bert" (WordPiece from `model.dsran.bert_path`) or "vocab" (GRU build)."""
+  return "bert" if _section(model_config).text_encoder == "bert" else "vocab"
 
 
 def frozen_paths(model_config):
@@ -69,17 +128,18 @@ def recipe(c, dataset: str, text_encoder: str = "bert"):
   """The authors' recipe on their VLP features (BERT: BertAdam 2e-5 with warmup 0.1;
   GRU: Adam 2e-4, global-norm clip 2.0, no region_pos)."""
   epochs, batch, lr_update, k = RECIPES[(dataset, text_encoder)]
+  d = c.model.dsran
   c.data.num_regions = 100
-  c.model.text_encoder = text_encoder
-  c.model.K = k
+  d.text_encoder = text_encoder
+  d.K = k
   c.train.batch_size = batch
   c.train.num_epochs = epochs
   c.train.lr_update = lr_update
   if text_encoder == "bert":
-    c.model.bert_path = "bert-base-uncased"
+    d.bert_path = "bert-base-uncased"
     c.train.optimizer, c.train.learning_rate, c.train.warmup = "bertadam", 2e-5, 0.1
   else:
-    c.model.use_region_pos = False
+    d.use_region_pos = False
     c.train.optimizer, c.train.learning_rate, c.train.warmup = "adam", 2e-4, 0.0
     c.train.grad_clip = 2.0
   return c
@@ -87,10 +147,11 @@ def recipe(c, dataset: str, text_encoder: str = "bert"):
 
 def demo(c):
   """Frozen MiniLM BERT build, K=2, 256-wide: 3 epochs of 1000 synthetic images."""
-  c.model.text_encoder = "bert"
-  c.model.bert_path = minilm_dir()
+  d = c.model.dsran
+  d.text_encoder = "bert"
+  d.bert_path = minilm_dir()
   c.model.embed_size = 256
-  c.model.K = 2
+  d.K = 2
   c.train.batch_size = 64
   c.train.num_epochs = 3
   c.train.lr_update = 10  # BertAdam's warmup-linear decay does the annealing
@@ -104,9 +165,18 @@ def demo(c):
 
 
 def validate(c):
-  """Raises ValueError naming the first DSRAN key out of range."""
+  """Raises ValueError naming the first DSRAN key out of range (the shared widths
+  included), or a rule over several keys broken."""
   OPTIONS.validate(c.model)
-  m = c.model
-  if m.embed_size % m.gat_heads:
+  recipes.validate_widths(c)
+  m, d = c.model, c.model.dsran
+  if m.embed_size % d.gat_heads:
     raise ValueError(f"config.model.embed_size={m.embed_size} must be divisible by "
-                     f"config.model.gat_heads={m.gat_heads}")
+                     f"config.model.dsran.gat_heads={d.gat_heads}")
+  b = d.bert
+  if b.hidden_size % b.num_heads:
+    raise ValueError(f"config.model.dsran.bert.hidden_size={b.hidden_size} must be "
+                     f"divisible by config.model.dsran.bert.num_heads={b.num_heads}")
+  if d.bert_random_init and c.data.max_len > b.max_position:
+    raise ValueError(f"config.data.max_len={c.data.max_len} exceeds "
+                     f"config.model.dsran.bert.max_position={b.max_position}")

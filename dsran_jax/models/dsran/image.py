@@ -76,7 +76,7 @@ class JSR(nn.Module):
   @nn.compact
   def __call__(self, nodes, node_mask, train: bool):
     if self.K not in (1, 2, 4):
-      raise ValueError(f"model.K must be 1, 2 or 4, got {self.K}")
+      raise ValueError(f"model.dsran.K must be 1, 2 or 4, got {self.K}")
     pooled = [
         masked_mean(GAT(self.gat_layers, self.num_heads, self.dropout, self.dtype,
                         name=f"gat_{k}")(nodes, node_mask, train).astype(jnp.float32),

@@ -9,6 +9,7 @@ from dsran_jax.core.batch import GRID_CELLS
 from dsran_jax.models.common.base import MatchingModel, select
 from dsran_jax.models.common.bert import BertConfig
 from dsran_jax.models.common.layers import l2norm, masked_mean
+from dsran_jax.models.common.options import WIDTHS
 from dsran_jax.models.dsran import config as spec
 from dsran_jax.models.dsran.gat import GAT
 from dsran_jax.models.dsran.image import JSR, GridEncoder, RegionEncoder
@@ -17,16 +18,27 @@ from dsran_jax.models.dsran.text import BertTextEncoder, GruTextEncoder
 GRID_NODES = GRID_CELLS
 
 
+# The Module config's head: the shared widths (top-level `config.model.*`); vocab_size is
+# the GRU build's (0 for the BERT build).
+HEAD = (("vocab_size", int, 0),) + WIDTHS[1:]
+DTYPES = ("float32", "bfloat16")
+
+
 class DSRANConfig(spec.OPTIONS.dataclass(
-    "DSRANConfigFields", tail=(("bert", Optional[BertConfig], None),))):
-  """Hashable model description: every DSRAN option (fields, defaults and rules from
-  `dsran.config.OPTIONS`) and the BERT build's `BertConfig`; built from `config.model`
-  by `dsran.build`."""
+    "DSRANConfigFields", head=HEAD,
+    tail=(("dtype", str, "float32"), ("bert", Optional[BertConfig], None)))):
+  """Hashable model description: the shared widths, every DSRAN option of
+  `config.model.dsran` that shapes the Module (fields, defaults and rules from
+  `dsran.config.OPTIONS`), the compute dtype and the BERT build's `BertConfig`; built
+  from `config.model` by `dsran.build`."""
 
   def __post_init__(self):
     super().__post_init__()
+    if self.dtype not in DTYPES:
+      raise ValueError(f"config.model.dtype={self.dtype!r}: expected one of "
+                       f"{', '.join(repr(d) for d in DTYPES)}")
     if self.text_encoder == "bert" and self.bert is None:
-      raise ValueError("the BERT build needs a BertConfig (config.model.bert_path)")
+      raise ValueError("the BERT build needs a BertConfig (config.model.dsran.bert_path)")
     if self.text_encoder == "gru" and self.vocab_size <= 0:
       raise ValueError("the GRU build needs a vocabulary size > 0")
     if self.embed_size % self.gat_heads:
@@ -91,7 +103,8 @@ class DSRAN(MatchingModel):
     node_mask = region_mask
     if c.image_inputs == "grid+regions":
       if grid is None:
-        raise ValueError("model.image_inputs='grid+regions' needs `grid` (B, 49, img_dim)")
+        raise ValueError("model.dsran.image_inputs='grid+regions' needs `grid` "
+                         "(B, 49, img_dim)")
       grid_nodes = self.gat_grid(self.grid_enc(grid, train), None, train)
       nodes = jnp.concatenate([grid_nodes, nodes], axis=1)
       if node_mask is not None:

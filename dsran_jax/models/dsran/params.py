@@ -4,7 +4,7 @@ builds) onto `models.dsran.DSRAN`.
 Layouts: BERT build (`model_bert.py`) `{"model": state_dict}` with DataParallel's
 `module.` prefix; GRU build (`model.py`) `{"model": [state_dict]}`. The build, K, the
 widths and the BERT shape are read off the weights; the workdir uses
-`model.text_padding = "reference"` so their weights give their embeddings, and their eval
+`model.dsran.text_padding = "reference"` so their weights give their embeddings, and their eval
 batch size (it sets the GRU build's padding width).
 """
 import json
@@ -155,7 +155,9 @@ def infer_bert_config(bert_state: Mapping[str, np.ndarray], heads: Optional[int]
 
 def infer_overrides(state_dict: Mapping[str, np.ndarray], build: str,
                     bert_heads: Optional[int] = None) -> Dict[str, Any]:
-  """`config.model` values the weights imply (embed_size, K, img_dim, ...)."""
+  """The model values the weights imply, flat (`embed_size`, `img_dim`, ... of
+  `config.model`; `K`, `text_encoder`, ... of `config.model.dsran`; `bert`: a
+  BertConfig)."""
   grid_fc = "img_enc.fc.0.weight" if build == "bert" else "img_enc.fc.weight"
   w = _need(state_dict, grid_fc, "embed_size and img_dim")
   out = {"text_encoder": build, "embed_size": int(w.shape[0]), "img_dim": int(w.shape[1]),
@@ -243,21 +245,24 @@ def make_config(c, overrides: Mapping[str, Any], opt: Mapping[str, Any], bert_pa
   """The workdir config: the base config `c` (from the caller) + the inferred model +
   what `opt` tells us."""
   m = c.model
+  d = m.dsran
   m.name = "dsran"
-  for key in ("text_encoder", "embed_size", "K", "img_dim", "use_region_pos", "text_padding"):
+  for key in ("embed_size", "img_dim"):
     m[key] = overrides[key]
+  for key in ("text_encoder", "K", "use_region_pos", "text_padding"):
+    d[key] = overrides[key]
   c.data.img_dim = overrides["img_dim"]
   c.data.format = data_format
   if overrides["text_encoder"] == "bert":
     b = overrides["bert"]
-    m.pos_dim = overrides["pos_dim"]
-    m.bert_random_init = True  # shape from model.bert.*, weights from the checkpoint
+    d.pos_dim = overrides["pos_dim"]
+    d.bert_random_init = True  # shape from model.dsran.bert.*, weights from the checkpoint
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                 "max_position", "type_vocab_size"):
-      m.bert[key] = getattr(b, key)
+      d.bert[key] = getattr(b, key)
     if not bert_path and all(getattr(b, k) == v for k, v in _BERT_BASE.items()):
       bert_path = "bert-base-uncased"  # the authors' uncased_L-12_H-768_A-12
-    m.bert_path = bert_path
+    d.bert_path = bert_path
     c.data.max_len = 32  # their ids are cut / zero-padded to 32
     c.train.optimizer = "bertadam"
   else:
@@ -309,10 +314,11 @@ def convert(ckpt: Mapping[str, Any], options: Mapping[str, Any], *, config) -> C
   if overrides["text_encoder"] == "bert":
     summary["bert"] = {k: getattr(overrides["bert"], k) for k in
                        ("hidden_size", "num_layers", "num_heads", "intermediate_size")}
-    summary["bert_path"] = config.model.bert_path
-    if not config.model.bert_path:
-      summary["note"] = ("no --bert_path given; encode_texts(texts=...) needs model.bert_path "
-                         "(a BERT directory with vocab.txt) set in config.json")
+    summary["bert_path"] = config.model.dsran.bert_path
+    if not config.model.dsran.bert_path:
+      summary["note"] = ("no --bert_path given; encode_texts(texts=...) needs "
+                         "model.dsran.bert_path (a BERT directory with vocab.txt) set in "
+                         "config.json")
   else:
     summary["vocab_size"] = overrides["vocab_size"]
     if vocab is None:
