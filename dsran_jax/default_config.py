@@ -20,10 +20,8 @@ option of one family, DSRAN's included, lives in its `config.model.<family>` sec
 """
 import dataclasses
 import inspect
-import json
 import math
 import numbers
-import os
 import re
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
@@ -357,51 +355,3 @@ def recipe_config(dataset: str, family: str = "", **kwargs) -> ml_collections.Co
 def authors_recipe(dataset: str, text_encoder: str) -> ml_collections.ConfigDict:
   """DSRAN's recipe for `dataset` and build ("bert" | "gru")."""
   return recipe_config(dataset, "dsran", text_encoder=text_encoder)
-
-
-CONFIG_FILE = "config.json"
-
-
-def save_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes the resolved config to `{workdir}/config.json` (eval and inference rebuild
-  the model from it)."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-  return path
-
-
-def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config saved in a workdir, migrated (`models.migrations()`) and laid over the
-  defaults so keys added since still exist.
-
-  Raises a FileNotFoundError naming the file if the workdir has no config, and a
-  ConfigError naming the file and any key the defaults do not know (or the JSON error).
-  """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir!r} a dsran_jax workdir?")
-  with open(path) as f:
-    try:
-      saved = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{path}: not a config (invalid JSON: {e})", header="") from None
-  for migrate in models.migrations():  # keys moved since (e.g. DSRAN's into model.dsran)
-    saved = migrate(saved)
-  config = get_base_config()
-
-  def merge(dst, src, prefix):
-    for key, value in src.items():
-      if key not in dst:
-        raise ConfigError(f"{path}: unknown config key {prefix}{key}", header="")
-      if isinstance(value, dict):
-        merge(dst[key], value, f"{prefix}{key}.")
-      else:
-        dst[key] = value
-
-  merge(config, saved, "")
-  return config
-

@@ -10,6 +10,8 @@ import time
 import pytest
 
 from dsran_jax import cli, default_config, models, validation
+from dsran_jax import workdir as workdir_lib
+from dsran_jax.workdir import Workdir
 from dsran_jax.data import raw
 from dsran_jax.default_config import ConfigError, Int, Key, Str
 
@@ -33,7 +35,7 @@ def _eval_workdir(path) -> str:
   """A workdir holding only the config.json of the demo (as training writes it)."""
   config = default_config.get_base_config()
   config.data.format = "synthetic"
-  default_config.save_workdir_config(config, str(path))
+  Workdir(str(path)).save_config(config)
   return str(path)
 
 
@@ -186,12 +188,12 @@ def test_user_errors_are_the_package_s_own_and_path_errors():
 
 def test_workdir_config_with_an_unknown_key_is_a_config_error(tmp_path):
   path = _eval_workdir(tmp_path)
-  config_json = os.path.join(path, default_config.CONFIG_FILE)
+  config_json = os.path.join(path, workdir_lib.CONFIG_FILE)
   with open(config_json) as f:
     text = f.read()
   with open(config_json, "w") as f:
     f.write(text.replace('"log_every"', '"log_evry"'))
   with pytest.raises(ConfigError, match=r"config.json: unknown config key train.log_evry"):
-    default_config.load_workdir_config(path)
+    Workdir(path).load_config()
   with pytest.raises(FileNotFoundError, match=r"is '.*nowhere' a dsran_jax workdir"):
-    default_config.load_workdir_config(str(tmp_path / "nowhere"))
+    Workdir(str(tmp_path / "nowhere")).load_config()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from dsran_jax import inference
-from dsran_jax.default_config import load_workdir_config
+from dsran_jax.workdir import Workdir
 from dsran_jax.models.dsran import params as dsran_params
 from dsran_jax.convert import authors_vocab, engine as convert_engine
 from dsran_jax.tools import convert_torch
@@ -113,7 +113,7 @@ def test_bert_build_parity(tmp_path, torch_ref, K):
   assert summary["build"] == "bert" and summary["K"] == K
   assert summary["bert"]["num_heads"] == (1 if K == 1 else 4)
 
-  cfg = load_workdir_config(str(workdir))
+  cfg = Workdir(str(workdir)).load_config()
   assert cfg.model.dsran.text_padding == "reference" and cfg.model.dsran.bert_random_init
   assert cfg.model.dsran.bert.num_layers == 2 and cfg.data.max_len == 32 and cfg.model.dsran.K == K
   enc = inference.load(str(workdir))
@@ -138,7 +138,7 @@ def test_gru_build_parity(tmp_path, torch_ref, K):
   workdir = tmp_path / "wd"
   summary = convert_torch.convert_checkpoint(ckpt, str(workdir), data_format="precomp")
   assert summary["build"] == "gru" and summary["K"] == K and summary["vocab_size"] == 50
-  cfg = load_workdir_config(str(workdir))
+  cfg = Workdir(str(workdir)).load_config()
   assert cfg.model.vocab_size == 50 and cfg.model.word_dim == 12
   assert not cfg.model.dsran.use_region_pos and cfg.data.format == "precomp"
   assert cfg.eval.batch_size == 4 and cfg.train.grad_clip == 2.0

@@ -13,7 +13,8 @@ import pytest
 
 from dsran_jax import evaluation, inference, losses, models, optim, train
 from dsran_jax.models.variables import init_variables
-from dsran_jax.default_config import get_base_config, load_workdir_config
+from dsran_jax.default_config import get_base_config
+from dsran_jax.workdir import Workdir
 from dsran_jax.models.mlasm import MlasmConfig, build
 from dsran_jax.models.mlasm import model as mlasm_model
 
@@ -92,7 +93,7 @@ def test_converter_writes_config_and_the_checkpoints_cnn(converted):
   assert s["global_dim"] == converted["ckpt"]["global_dim"] == 64
   assert s["ratio"] == 0.8 and s["global_mode"] == "pairwise"
   assert s["files"] == [os.path.join(converted["workdir"], "resnet.safetensors")]
-  config = load_workdir_config(converted["workdir"])
+  config = Workdir(converted["workdir"]).load_config()
   assert config.model.name == "mlasm" and config.data.num_regions == 36
   assert config.train.learning_rate == 5e-4 and config.train.lr_update == 10
   assert config.train.grad_clip == 2.0 and config.train.max_violation

@@ -14,7 +14,8 @@ import pytest
 from dsran_jax import evaluation, losses, models, optim
 from dsran_jax.models.variables import init_variables
 from dsran_jax.core.batch import KEY_SPECS, key_shape
-from dsran_jax.default_config import get_base_config, load_workdir_config, save_workdir_config
+from dsran_jax.default_config import get_base_config
+from dsran_jax.workdir import Workdir
 
 FAMILIES = models.names()
 VOCAB = 40
@@ -166,8 +167,8 @@ def test_configs_validate_and_round_trip(name, tmp_path):
     c = recipe_config(dataset, name)
     assert c.model.name == name
     spec.validate(c)
-    save_workdir_config(c, str(tmp_path))
-    back = load_workdir_config(str(tmp_path))
+    Workdir(str(tmp_path)).save_config(c)
+    back = Workdir(str(tmp_path)).load_config()
     assert back.to_dict() == c.to_dict()
     with open(tmp_path / "config.json") as f:
       saved = json.load(f)

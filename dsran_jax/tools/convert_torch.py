@@ -27,7 +27,8 @@ from absl import flags
 from dsran_jax import checkpointing, models
 from dsran_jax import cli
 from dsran_jax.convert.engine import ConversionError, check_finite, load_checkpoint
-from dsran_jax.default_config import get_base_config, save_workdir_config
+from dsran_jax.default_config import get_base_config
+from dsran_jax.workdir import Workdir
 
 
 def detect_family(ckpt: Dict[str, Any], path: str) -> str:
@@ -82,7 +83,7 @@ def convert_checkpoint(checkpoint: str, workdir: str, model: Optional[str] = Non
   check_finite(converted.variables, checkpoint)
   config = converted.config
   os.makedirs(workdir, exist_ok=True)
-  save_workdir_config(config, workdir)
+  Workdir(workdir).save_config(config)
   if converted.vocab is not None:
     converted.vocab.save(os.path.join(workdir, "vocab.json"))
   written = []

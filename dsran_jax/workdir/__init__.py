@@ -36,7 +36,7 @@ import numpy as np
 from flax import traverse_util
 
 from dsran_jax import checkpointing, models
-from dsran_jax.default_config import get_base_config
+from dsran_jax.default_config import ConfigError, get_base_config
 from dsran_jax.models import variables as model_variables
 from dsran_jax.workdir.lock import LOCK_NAME, STALE_AFTER_S, WorkdirLock, WorkdirLockedError
 from dsran_jax.workdir.metrics import (METRICS_FILE, TENSORBOARD_DIR, MetricsLog,
@@ -68,8 +68,11 @@ def migrate_saved(saved: dict) -> dict:
   return saved
 
 
-class ConfigFileError(ValueError):
+class ConfigFileError(ConfigError):
   """A workdir's config.json is unreadable or names an unknown key."""
+
+  def __init__(self, message: str):
+    super().__init__([message], header="")
 
 
 @dataclasses.dataclass
