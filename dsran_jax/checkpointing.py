@@ -407,7 +407,8 @@ def restore(workdir: str, kind: str, template: Any = None) -> tuple[Any, dict]:
   """
   step = latest_step(workdir, kind)
   if step is None:
-    raise FileNotFoundError(f"no {kind!r} checkpoint under {os.path.join(workdir, CHECKPOINTS_DIR)}")
+    raise FileNotFoundError(
+        f"no {kind!r} checkpoint under {os.path.join(workdir, CHECKPOINTS_DIR)}")
   if template is not None:
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
   else:

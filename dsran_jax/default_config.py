@@ -167,7 +167,6 @@ def declare(keys: Iterable[Key]) -> Dict[str, Key]:
   return table
 
 
-FORMATS = ("synthetic", "precomp", "vlp")
 VLP_SPLITS = ("train", "dev", "test", "testall")
 DATASETS = ("f30k", "coco")
 # The shared model widths: the range is checked by the family (see the module docstring).
@@ -175,7 +174,10 @@ _FAMILY = " (range checked by the model family)"
 
 KEYS: Dict[str, Key] = declare([
     # data: where the dataset is and how it is read
-    Key("data.format", "vlp", Choice(*FORMATS), "'synthetic' | 'precomp' | 'vlp'"),
+    Key("data.format", "vlp",
+        Str(nonempty=True, note=" (a format of dsran_jax/data/formats.py)"),
+        "the reader: 'synthetic' | 'precomp' | 'vlp' (the formats registered in "
+        "dsran_jax/data/formats.py, which checks the name)"),
     Key("data.name", "f30k", Str(nonempty=True, note=" (vlp: 'f30k' or 'coco')"),
         "'f30k' | 'coco': selects file layout and protocol"),
     Key("data.root", "", Str(note=" (required for precomp and vlp)"),

@@ -16,7 +16,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dsran_jax import cli, evaluation, figures, train, validation
+from dsran_jax import cli, data, evaluation, figures, train, validation
 from dsran_jax.workdir import CONFIG_FILE, Workdir
 
 # The default only types the --config.a.b=v overrides of `--mode=eval`, which apply to
@@ -106,10 +106,14 @@ def _check_flags():
   """The run's config, validated as soon as the flags are parsed (before any data is read
   or anything compiled): train, the --config file; eval, the workdir's config.json with
   the command line's overrides."""
+  config = None
   if FLAGS.mode == "train" and FLAGS["config"].present:
-    validation.validate_config(FLAGS.config)
+    config = FLAGS.config
   elif FLAGS.mode == "eval" and FLAGS.workdir:
-    validation.validate_config(_eval_config(Workdir(FLAGS.workdir)))
+    config = _eval_config(Workdir(FLAGS.workdir))
+  if config is not None:
+    validation.validate_config(config)
+    data.format_module(config)  # the format's name, checked by its registry
 
 
 def run():

@@ -225,6 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir.WorkdirLockedError: another run (named by pid and host) uses `workdir`.
   """
   validation.validate_config(config, num_processes=jax.process_count())
+  data.format_module(config)
   wd = Workdir(workdir)
   os.makedirs(wd.path, exist_ok=True)
   # One run per workdir; the kernel drops the lock when the process ends, however.

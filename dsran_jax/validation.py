@@ -21,10 +21,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from dsran_jax import models
 from dsran_jax.default_config import (  # the rules and the table live with the keys
-    FORMATS, KEYS, VLP_SPLITS, Bool, Choice, ConfigError, Int, Real, Regexes, Rule, Str,
+    KEYS, VLP_SPLITS, Bool, Choice, ConfigError, Int, Real, Regexes, Rule, Str,
     get_base_config)
 
-__all__ = ["Bool", "CHECKED_SECTIONS", "Choice", "ConfigError", "FORMATS", "Int", "RULES",
+__all__ = ["Bool", "CHECKED_SECTIONS", "Choice", "ConfigError", "Int", "RULES",
            "Real", "Regexes", "Str", "VLP_SPLITS", "flat_items", "unchecked_keys",
            "unknown_key", "validate_config"]
 

@@ -1,6 +1,7 @@
-"""Two-stage evaluation (dsran_jax/two_stage.py): the ranking rule against explicit
-orderings (ties included), gathered scoring against full scoring, K = everything against
-the full evaluation, fusion = 1 against the first stage, and the errors."""
+"""Two-stage evaluation (dsran_jax/evaluation/two_stage.py and shortlist.py): the ranking
+rule against explicit orderings (ties included), gathered scoring against full scoring,
+K = everything against the full evaluation, fusion = 1 against the first stage, and the
+errors."""
 import json
 import os
 import types

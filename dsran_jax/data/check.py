@@ -11,7 +11,8 @@ error (an invalid config value, an unknown `data.format`, an unreadable manifest
 Captions are measured with the tokenizer of the configured family
 (`models.tokenizer_kind`): BERT WordPiece from the family's BERT directory
 (`models.bert_path`), or words for the word-vocabulary families, which need no workdir
-(nothing is written; `data.vocab_file` is read when given). Every family's config works: `--config=configs/f30k.py:scan`.
+(nothing is written; `data.vocab_file` is read when given). Every family's config works:
+`--config=configs/f30k.py:scan`.
 
 It knows the public releases (`RELEASES`: Flickr30K and MS-COCO, precomp and VLP; images
 per split, captions, regions and feature widths, COCO's 1000 VLP shards) and says what

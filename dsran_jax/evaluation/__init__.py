@@ -5,7 +5,8 @@ seam (`registry`) that `runner.evaluate_workdir` runs.
 The names below are the package's public API; importing the evaluator modules here is
 what registers them.
 """
-from dsran_jax.evaluation import registry, retrieval, shortlist, two_stage  # noqa: F401  (registers the evaluators)
+# Importing the evaluator modules registers them.
+from dsran_jax.evaluation import registry, retrieval, shortlist, two_stage  # noqa: F401
 from dsran_jax.evaluation.registry import Outcome, Task, register
 from dsran_jax.evaluation.retrieval import (evaluate, evaluate_split, format_table, headline,
                                             protocol_label, protocol_of)

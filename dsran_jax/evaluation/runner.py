@@ -36,6 +36,7 @@ def evaluate_workdir(workdir, config=None, overrides: Optional[Mapping[str, Any]
   if config is None:
     config = wd.load_config(overrides)
   validation.validate_config(config)
+  data.format_module(config)
   evaluators = registry.selected(config)
   restored = wd.restore(config)
   split = data.load_split(config, config.data.test_split, wd.path)

@@ -166,7 +166,7 @@ def _save_safetensors(arrays: Dict[str, np.ndarray]):
 
 def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None, *,
             config) -> Converted:
-  """A loaded MLASM checkpoint (`convert_engine.load_checkpoint`) as a workdir's content.
+  """A loaded MLASM checkpoint (`convert.engine.load_checkpoint`) as a workdir's content.
 
   Args:
     ckpt: the checkpoint dict ("model": [img_enc, cap_enc, region_enc, word_enc], "opt").

@@ -179,7 +179,7 @@ def make_config(c, model_opts: Mapping[str, Any], opt: Mapping[str, Any]):
 
 def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None, *,
             config) -> Converted:
-  """A loaded SCAN checkpoint (`convert_engine.load_checkpoint`) as a workdir's content.
+  """A loaded SCAN checkpoint (`convert.engine.load_checkpoint`) as a workdir's content.
 
   Args:
     ckpt: the checkpoint dict ("model": [img_enc, txt_enc], "opt", ...), numpy tensors.

@@ -172,7 +172,7 @@ def make_config(c, options: Mapping[str, Any], opt: Mapping[str, Any], family: s
 def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None,
             family: str = FAMILY, configure: Optional[Callable[[Any], Any]] = None, *,
             config) -> Converted:
-  """A loaded SGRAF checkpoint (`convert_engine.load_checkpoint`) as a workdir's content.
+  """A loaded SGRAF checkpoint (`convert.engine.load_checkpoint`) as a workdir's content.
 
   Args:
     ckpt: the checkpoint dict ("model": [img_enc, txt_enc, sim_enc], "opt", ...).
