@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsran_jax import checkpointing, evaluation, ranking, validation, workdir as workdir_lib
+from dsran_jax import checkpointing, evaluation, ranking, train, validation
+from dsran_jax import workdir as workdir_lib
 from dsran_jax.data import check as check_lib
 from dsran_jax.data import raw, vlp
 from dsran_jax.default_config import get_base_config
@@ -507,8 +508,6 @@ def test_nan_feature_stops_training_at_that_step_naming_the_images(minilm_dir, t
     ("train.freeze", "bert(", "config.train.freeze='bert(': 'bert(' is not a regular "
                               "expression"),
     ("eval.protocol", "5k", "config.eval.protocol='5k': expected one of '1k', 'coco'"),
-    ("data.format", "csv", "config.data.format='csv': expected one of 'synthetic', "
-                           "'precomp', 'vlp'"),
     ("model.name", "nope", "config.model.name='nope': expected one of"),
 ])
 def test_bad_value_is_rejected_naming_key_and_range(key, value, message):
@@ -523,6 +522,19 @@ def test_bad_value_is_rejected_naming_key_and_range(key, value, message):
   with pytest.raises(validation.ConfigError) as e:
     validation.validate_config(c)
   assert message in str(e.value)
+
+
+def test_unknown_data_format_is_refused_by_the_format_registry_before_any_work(tmp_path):
+  """The formats are named once, in data/formats.py: its registry refuses an unknown one,
+  and training asks it before it touches the workdir."""
+  c = get_base_config()
+  c.data.format, c.data.root = "csv", "/data"
+  validation.validate_config(c)  # a non-empty name: the registry owns the list
+  workdir = tmp_path / "wd"
+  with pytest.raises(validation.ConfigError,
+                     match="config.data.format='csv': expected one of synthetic, precomp, vlp"):
+    train.train_and_evaluate(c, str(workdir))
+  assert not workdir.exists()
 
 
 def test_all_problems_reported_at_once_and_cross_key_rules():
