@@ -9,14 +9,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 # One persistent compilation cache for the session, its subprocesses (CLI runs, crash and
 # multi-host workers) and xdist workers: the suite compiles the same tiny train steps in
 # many processes, and a cache hit costs a fraction of a compile. A new directory per
 # session (unless JAX_COMPILATION_CACHE_DIR is set), so every run starts cold as CI does.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      tempfile.mkdtemp(prefix="dsran_jax_tests_jit_cache_"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dsran_jax_tests_jit_cache_")
+  # The process that made it (pytest's, or xdist's controller) removes it at exit: the
+  # workers and subprocesses inherit the variable and leave it alone.
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -80,7 +85,6 @@ def trained_workdir(minilm_dir, tmp_path_factory):
   file, and every worker gets its own copy (tests write caches and rankings into it).
   """
   import fcntl  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
   from dsran_jax import train, workdir as workdir_lib
   shared = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
