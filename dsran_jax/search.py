@@ -605,11 +605,6 @@ def _load_shortlist(f, config, split_name: str) -> Shortlist:
   return Shortlist(first, f.shortlist_k.value, f.fusion.value, f.index.value, **params)
 
 
-def _fail(message: str, code: int = 2):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(code)
-
-
 def main(argv):
   """Entry point of `python -m dsran_jax.search`."""
   f = _FLAGS
@@ -632,7 +627,7 @@ def main(argv):
   try:
     config = Workdir(workdir).load_config()
   except (FileNotFoundError, ValueError) as e:
-    _fail(str(e))
+    cli.fail(str(e))
   if f.data_root.value:
     config.data.root = f.data_root.value
   split_name = f.split.value or config.data.test_split
@@ -640,7 +635,7 @@ def main(argv):
     # Checked on the split's ids before the model is loaded: a typo fails in a second.
     ids = [str(i) for i in data.read_raw_split(config, split_name).image_ids]
     if str(image_id) not in set(ids):
-      _fail(unknown_image_message(image_id, split_name, ids))
+      cli.fail(unknown_image_message(image_id, split_name, ids))
   encoder = inference.load(workdir)
   t0 = time.time()
   gallery = Gallery.load(workdir, split_name, encoder=encoder, config=config,
@@ -659,7 +654,7 @@ def main(argv):
     else:
       hits = search_image(gallery, image_id, top_k, shortlist=shortlist)
   except (UnknownImageError, ValueError, ImportError) as e:
-    _fail(str(e))
+    cli.fail(str(e))
   print(f"answered in {1000 * (time.time() - t0):.1f} ms"
         + (f" (K={shortlist.k}, {shortlist.index_kind} index; the first query of a process "
            f"includes compiling)" if shortlist else ""), file=sys.stderr)

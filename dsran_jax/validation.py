@@ -18,14 +18,11 @@ Command lines report these errors as one line (`dsran_jax.cli`).
 import difflib
 from typing import Dict, List, Optional, Sequence, Tuple
 
-
 from dsran_jax import models
-from dsran_jax.default_config import (  # the rules and the table live with the keys
-    KEYS, VLP_SPLITS, Bool, Choice, ConfigError, Int, Real, Regexes, Rule, Str,
-    get_base_config)
+# The rules and the table live with the keys (default_config.KEYS).
+from dsran_jax.default_config import KEYS, VLP_SPLITS, ConfigError, Rule, get_base_config
 
-__all__ = ["Bool", "CHECKED_SECTIONS", "Choice", "ConfigError", "Int", "RULES",
-           "Real", "Regexes", "Str", "VLP_SPLITS", "flat_items", "unchecked_keys",
+__all__ = ["CHECKED_SECTIONS", "ConfigError", "RULES", "flat_items", "unchecked_keys",
            "unknown_key", "validate_config"]
 
 # key -> rule, derived from the one declaration of each key (default_config.KEYS).

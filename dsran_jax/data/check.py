@@ -527,11 +527,8 @@ def run(config, splits=None, max_images: int = 0, batch_size: int = 64, show: in
       problems = verify_manifest(config.data.root, verify_manifest_path)
     else:
       _, text, ok = run_check(config, splits, max_images, batch_size, show, release_mode)
-  except validation.ConfigError as e:
-    print(f"error: {e.one_line()}", file=sys.stderr)
-    return 2
-  except (ValueError, OSError) as e:  # DataError, FileNotFoundError, a bad manifest, ...
-    print(f"error: {e}", file=sys.stderr)
+  except (ValueError, OSError) as e:  # ConfigError, DataError, FileNotFoundError, a bad manifest
+    print(f"error: {cli.error_message(e)}", file=sys.stderr)
     return 2
   if verify_manifest_path:
     real = [p for p in problems if not p.endswith("not in the manifest")]

@@ -23,7 +23,6 @@ has `load_tfds_split(config, split)`, a `Split` with the stored tokens, and
 release) are not stored; they are rebuilt as zeros on read.
 """
 import json
-import sys
 import types
 from typing import Optional
 
@@ -223,8 +222,7 @@ def main(argv):
     path = build_split(split, f.out_dir.value, dataset_config_name(config, split_name),
                        _source_info(config, split_name))
   except (ValueError, OSError) as e:  # a user's mistake: bad value, missing/bad file
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    cli.fail(str(e), exit_code=1)
   print(json.dumps({"dataset_dir": path, "images": split.num_images,
                     "captions": split.num_captions}))
 

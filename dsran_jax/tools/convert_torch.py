@@ -136,8 +136,7 @@ def main(argv: Sequence[str]) -> None:
                                  bert_path=f.bert_path.value, bert_heads=f.bert_heads.value,
                                  vocab=f.vocab.value, data_format=f.data_format.value)
   except (ConversionError, ValueError, FileNotFoundError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e))
   if "note" in summary:
     print(f"note: {summary['note']}", file=sys.stderr)
   print(json.dumps(summary))
