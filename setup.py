@@ -34,7 +34,9 @@ TEST = [
     "nbformat>=5.10",
     "ipykernel>=6.29",
     "faiss-cpu>=1.8",  # tests of the index extra (the numpy path is tested without it too)
-]
+] + ECCV
+# ECCV Caption / CxC / COCO ground truths and metrics (NAVER AI's package, numpy only).
+ECCV = ["eccv-caption==0.1.0"]
 # Approximate and exact nearest-neighbour indexes for large galleries (search).
 INDEX = ["faiss-cpu>=1.8"]
 
@@ -48,6 +50,6 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     url="https://github.com/dsran-jax/dsran_jax",
-    extras_require={"test": TEST, "index": INDEX},
+    extras_require={"test": TEST, "index": INDEX, "eccv": ECCV},
     license="Apache-2.0",
 )

@@ -11,6 +11,8 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "dsran_jax"
 
 LAYERS = (
+    # files on disk: atomic writes, checksums of what is read back
+    ("atomic", "integrity"),
     # contracts: batch keys, the word vocabulary, the text policy
     ("core",),
     # foundations: conversion libraries and numpy/jax utilities
