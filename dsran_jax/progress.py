@@ -1,6 +1,8 @@
 """Progress that shows wherever a run is watched: a tqdm bar on a terminal and in
 notebooks, and periodic log lines (count, rate, ETA) otherwise, so a job writing to a log
 file is never silent for minutes."""
+import logging as std_logging
+import os
 import sys
 import time
 from typing import Optional
@@ -20,9 +22,72 @@ def _in_notebook() -> bool:
   return ip is not None and "IPKernelApp" in getattr(ip, "config", {})
 
 
+def _terminal_width() -> int:
+  try:
+    return os.get_terminal_size(sys.stderr.fileno()).columns
+  except (OSError, ValueError, AttributeError):
+    return 0
+
+
 def interactive() -> bool:
-  """True on a terminal or in a Jupyter/Colab kernel, where a bar redraws in place."""
-  return _in_notebook() or sys.stderr.isatty()
+  """True in a Jupyter/Colab kernel, or on a terminal that reports its width, where a
+  bar redraws in place. A terminal without a window size (some containers, `script`)
+  gets log lines: tqdm would draw an empty bar there."""
+  return _in_notebook() or (sys.stderr.isatty() and _terminal_width() > 0)
+
+
+class _AboveTheBar:
+  """Stands for stderr while a bar is drawn: each complete line written to it (absl's
+  log lines, warnings) is printed above the bar through `tqdm.write`, not glued onto it."""
+
+  def __init__(self, stream):
+    self.stream = stream
+    self._pending = ""
+
+  def write(self, text: str) -> int:
+    self._pending += text
+    *lines, self._pending = self._pending.split("\n")
+    for line in lines:
+      tqdm.write(line, file=self.stream)
+    return len(text)
+
+  def flush(self) -> None:
+    self.stream.flush()
+
+  def isatty(self) -> bool:
+    return self.stream.isatty()
+
+  def fileno(self) -> int:
+    return self.stream.fileno()
+
+
+_bars_open = 0
+_rerouted = []   # (object, attribute, its own value) while a bar is open
+
+
+def _route_logs_above_bars(opening: bool) -> None:
+  """While any bar is open, sys.stderr and the log handlers that print to it (absl's,
+  and the root logger's) write through one `_AboveTheBar`."""
+  global _bars_open
+  if opening:
+    if _bars_open == 0 and not isinstance(sys.stderr, _AboveTheBar):
+      above = _AboveTheBar(sys.stderr)
+      handlers = [logging.get_absl_handler().python_handler]
+      handlers += [h for h in std_logging.getLogger().handlers
+                   if isinstance(h, std_logging.StreamHandler)]
+      for handler in handlers:
+        if getattr(handler, "stream", None) is above.stream:
+          _rerouted.append((handler, "stream", handler.stream))
+          handler.stream = above
+      _rerouted.append((sys, "stderr", sys.stderr))
+      sys.stderr = above
+    _bars_open += 1
+  else:
+    _bars_open = max(_bars_open - 1, 0)
+    if _bars_open == 0:
+      while _rerouted:
+        owner, attribute, value = _rerouted.pop()
+        setattr(owner, attribute, value)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -58,6 +123,7 @@ class Progress:
     if interactive():
       self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave,
                        dynamic_ncols=True, unit_scale=unit_scale)
+      _route_logs_above_bars(opening=True)
 
   def rate(self) -> float:
     """Units per second since the first update (0 until a second one)."""
@@ -95,6 +161,7 @@ class Progress:
     if self._bar is not None:
       self._bar.close()
       self._bar = None
+      _route_logs_above_bars(opening=False)
 
   def __enter__(self):
     return self

@@ -311,6 +311,31 @@ def test_cli_rejects_a_bad_value_before_any_work(tmp_path):
   assert not work.exists()
 
 
+@pytest.mark.parametrize("mode", ["flock", "exclusive"])
+def test_a_released_lock_leaves_no_file(tmp_path, mode):
+  with workdir_lib.WorkdirLock(str(tmp_path), 0, use_flock=mode == "flock") as lock:
+    assert os.path.exists(lock.path)
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_lock_file_unlinked_by_its_releasing_holder_is_not_taken(tmp_path, monkeypatch):
+  # The race that removing the file on release opens: a run opens the lock file, the
+  # holder releases (unlinks) it, then the run's flock succeeds on the unlinked file. It
+  # must lock the file the name now leads to, or a third run would get in beside it.
+  holder = workdir_lib.WorkdirLock(str(tmp_path), 0).acquire()
+  real_flock = workdir_lib.lock.fcntl.flock
+  def flock_after_the_holder_leaves(fd, op):
+    if holder.held and op & workdir_lib.lock.fcntl.LOCK_EX:
+      holder.release()
+    return real_flock(fd, op)
+  monkeypatch.setattr(workdir_lib.lock.fcntl, "flock", flock_after_the_holder_leaves)
+  second = workdir_lib.WorkdirLock(str(tmp_path), 0).acquire()
+  monkeypatch.setattr(workdir_lib.lock.fcntl, "flock", real_flock)
+  with pytest.raises(workdir_lib.WorkdirLockedError):
+    workdir_lib.WorkdirLock(str(tmp_path), 0).acquire()
+  second.release()
+
+
 def test_each_process_of_a_run_has_its_own_lock(tmp_path):
   with workdir_lib.WorkdirLock(str(tmp_path), 0), workdir_lib.WorkdirLock(str(tmp_path), 1):
     with pytest.raises(workdir_lib.WorkdirLockedError):

@@ -26,6 +26,14 @@ HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0   # a heartbeat-mode lock not refreshed for this long is stale
 
 
+def _still_named(fd: int, path: str) -> bool:
+  """Whether `path` still names the open file `fd` (not unlinked or replaced)."""
+  try:
+    return os.stat(path).st_ino == os.fstat(fd).st_ino
+  except FileNotFoundError:
+    return False
+
+
 class WorkdirLockedError(RuntimeError):
   """Another live run holds the workdir."""
 
@@ -112,6 +120,11 @@ class WorkdirLock:
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not _still_named(fd, self.path):
+          # The holder released (and unlinked) the file between our open and flock:
+          # lock the file that now carries the name instead.
+          os.close(fd)
+          return self.acquire()
       except BlockingIOError:
         os.close(fd)
         info = _read_info(self.path)
@@ -197,8 +210,9 @@ class WorkdirLock:
         logging.warning("%s: lock heartbeat failed: %s", self.path, e)
 
   def release(self) -> None:
-    """Releases the lock (idempotent). The file stays: unlinking a flock'ed file would
-    let two later runs lock two different files."""
+    """Releases the lock (idempotent) and removes its file. The file is unlinked while
+    still locked, and `acquire` checks after its flock that the name still leads to the
+    file it locked, so two later runs never hold two different files."""
     if self._fd is None:
       return
     self._stop.set()
@@ -208,12 +222,11 @@ class WorkdirLock:
       os.ftruncate(self._fd, 0)
     except OSError:
       pass
-    if self._mode == "exclusive":
-      try:
-        os.unlink(self.path)
-      except FileNotFoundError:
-        pass
-    else:
+    try:
+      os.unlink(self.path)
+    except FileNotFoundError:
+      pass
+    if self._mode != "exclusive":
       fcntl.flock(self._fd, fcntl.LOCK_UN)
     os.close(self._fd)
     self._fd = None
