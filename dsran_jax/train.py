@@ -201,6 +201,13 @@ class _StepWatch:
     return None if self.last is None else dict(self.last)
 
 
+def _best_text(best) -> str:
+  """The best dev result so far, for the log ("no dev evaluation yet" before the first)."""
+  if best["step"] < 0:
+    return "no dev evaluation yet"
+  return f"best dev rsum {best['rsum']:.2f} at step {best['step']}"
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        mesh: Optional[jax.sharding.Mesh] = None,
                        stop_at: Optional[int] = None,
@@ -270,7 +277,7 @@ def _train_and_evaluate(config, wd: Workdir, mesh, stop_at, save_sims) -> dict:
     state = jax.tree_util.tree_map(lambda x, t: jax.device_put(x, t.sharding), restored, state)
     best, history = meta["best"], meta["history"]
     pending_validation = meta.get("pending_validation")
-    logging.info("resumed from step %d (best dev rsum %.2f)", int(state.step), best["rsum"])
+    logging.info("resumed from step %d (%s)", int(state.step), _best_text(best))
   start = int(state.step)
 
   state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
@@ -306,7 +313,7 @@ def _train_and_evaluate(config, wd: Workdir, mesh, stop_at, save_sims) -> dict:
     rsum = evaluation.headline(results)["rsum"]
     history.append({"step": step, "dev_rsum": rsum})
     log.write(step, {"dev_rsum": rsum})
-    logging.info("step %d: dev rsum %.2f (best %.2f) (%.1fs)", step, rsum, best["rsum"],
+    logging.info("step %d: dev rsum %.2f (%s) (%.1fs)", step, rsum, _best_text(best),
                  time.time() - t_eval)
     if rsum > best["rsum"]:
       best = {"rsum": rsum, "step": step, "metrics": evaluation.headline(results)}
