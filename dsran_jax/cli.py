@@ -183,6 +183,20 @@ def _check_config_files(exit_code: int) -> None:
            f"({lines[-1] if lines else e})", exit_code)
 
 
+_HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
+
+
+def _parse_or_help(argv: Sequence[str]) -> List[str]:
+  """`flags.FLAGS(argv)`, exiting 0 after a help flag's text (absl exits 1: a help
+  request is not an error, and every command line answers it alike)."""
+  try:
+    return flags.FLAGS(argv)
+  except SystemExit:
+    if any(arg in _HELP_FLAGS for arg in argv[1:]):
+      sys.exit(0)
+    raise
+
+
 def parse_flags(argv: Sequence[str], check: Optional[Callable[[], None]] = None,
                 errors: Sequence[Type[BaseException]] = (),
                 exit_code: int = EXIT_CODE) -> List[str]:
@@ -195,7 +209,7 @@ def parse_flags(argv: Sequence[str], check: Optional[Callable[[], None]] = None,
   way. `run_cli` uses it; `app.run(main, flags_parser=cli.parse_flags)` too.
   """
   try:
-    rest = flags.FLAGS(argv)
+    rest = _parse_or_help(argv)
   except (KeyError, AttributeError) as e:  # ml_collections: a mistyped --config.a.b key
     fail(_unknown_key_message(e, argv) or _flag_error_message(e), exit_code)
   except (ImportError, SyntaxError) as e:  # raised by a config file as it is imported

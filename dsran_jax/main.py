@@ -44,8 +44,16 @@ def _eval_config(wd: Workdir):
   """The workdir's config with only the command line's explicit --config.* keys applied
   (the --config file itself when the workdir has no config.json)."""
   if not wd.has_config():
+    if not wd.has_checkpoints():
+      what = "no such directory" if not os.path.isdir(wd.path) else (
+          f"no {CONFIG_FILE} and no checkpoints")
+      raise app.UsageError(
+          f"--workdir={wd.path}: {what}; --mode=eval evaluates a trained or converted "
+          f"workdir (train one with --config=configs/...py, or convert a checkpoint with "
+          f"python -m dsran_jax.tools.convert_torch)")
     if not FLAGS["config"].present:
-      raise app.UsageError(f"{wd.path} has no {CONFIG_FILE}: give --config=configs/...py")
+      raise app.UsageError(f"{wd.path} has checkpoints but no {CONFIG_FILE}: give the "
+                           f"--config=configs/...py it was trained with")
     return FLAGS.config
   overrides = config_flags.get_override_values(FLAGS["config"])
   for key, value in overrides.items():

@@ -43,9 +43,22 @@ def test_all_clis_import_in_one_process():
 @pytest.mark.parametrize("module", sorted(CLIS))
 def test_cli_help(module):
   r = _python(["-m", module, "--help"])
-  assert r.returncode in (0, 1), r.stderr[-3000:]  # absl exits 1 after --help
+  assert r.returncode == 0, r.stderr[-3000:]   # every tool alike (absl alone exits 1)
   assert "Traceback" not in r.stderr, r.stderr[-3000:]
   assert CLIS[module] in r.stdout, r.stdout[-3000:]
+
+
+@pytest.mark.parametrize("workdir,what", [("/nonexistent/w", "no such directory"),
+                                          ("EMPTY", "no config.json and no checkpoints")])
+def test_eval_of_a_directory_that_is_no_workdir_says_how_to_make_one(tmp_path, workdir,
+                                                                      what):
+  workdir = str(tmp_path) if workdir == "EMPTY" else workdir
+  r = _python(["-m", "dsran_jax.main", "--mode=eval", f"--workdir={workdir}",
+               "--config=configs/demo.py"])
+  lines = [line for line in r.stderr.splitlines() if line.strip()]
+  assert r.returncode == 1 and len(lines) == 1, r.stderr[-3000:]
+  assert lines[0].startswith(f"error: --workdir={workdir}: {what}"), lines[0]
+  assert "convert_torch" in lines[0]
 
 
 # Module -> (arguments that are a user's mistake, text the one error line must hold,
