@@ -26,7 +26,7 @@ from dsran_jax import checkpointing, data, evaluation, losses, models, optim, va
 from dsran_jax.data import pipeline
 from dsran_jax.models.variables import init_variables
 from dsran_jax.progress import Progress, interactive as progress_interactive
-from dsran_jax.workdir import Workdir
+from dsran_jax.workdir import CONFIG_FILE, VOCAB_FILE, Workdir
 
 
 @flax.struct.dataclass
@@ -234,10 +234,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   validation.validate_config(config, num_processes=jax.process_count())
   data.format_module(config)
   wd = Workdir(workdir)
+  created = not os.path.isdir(wd.path) or not os.listdir(wd.path)
   os.makedirs(wd.path, exist_ok=True)
-  # One run per workdir; the kernel drops the lock when the process ends, however.
-  with wd.lock():
-    return _train_and_evaluate(config, wd, mesh, stop_at, save_sims)
+  try:
+    # One run per workdir; the kernel drops the lock when the process ends, however.
+    with wd.lock():
+      return _train_and_evaluate(config, wd, mesh, stop_at, save_sims)
+  except BaseException:
+    if created:
+      _remove_if_only_setup(wd)
+    raise
+
+
+# What a run writes before its first step; a new workdir holding only these when the run
+# fails (a missing data root, a bad file) is removed, so a retry starts clean.
+_SETUP_FILES = (CONFIG_FILE, VOCAB_FILE)
+
+
+def _remove_if_only_setup(wd: Workdir) -> None:
+  try:
+    names = os.listdir(wd.path)
+  except FileNotFoundError:
+    return
+  if all(name in _SETUP_FILES for name in names):
+    for name in names:
+      os.remove(os.path.join(wd.path, name))
+    os.rmdir(wd.path)
 
 
 def _train_and_evaluate(config, wd: Workdir, mesh, stop_at, save_sims) -> dict:

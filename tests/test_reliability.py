@@ -298,6 +298,23 @@ def test_training_on_a_locked_workdir_stops_before_any_work(tmp_path, minilm_dir
     holder.wait()
 
 
+def test_a_run_that_fails_at_start_up_leaves_no_new_workdir(tmp_path, minilm_dir):
+  from conftest import tiny_train_config
+  config = tiny_train_config(minilm_dir)
+  config.data.format, config.data.root = "precomp", str(tmp_path / "no_data")
+  config.model.dsran.image_inputs = "regions"
+  new = tmp_path / "new"
+  with pytest.raises(FileNotFoundError, match="no_data"):
+    train.train_and_evaluate(config, str(new))
+  assert not new.exists()
+  kept = tmp_path / "kept"   # a workdir the user made is left as it was
+  kept.mkdir()
+  (kept / "notes.txt").write_text("mine")
+  with pytest.raises(FileNotFoundError, match="no_data"):
+    train.train_and_evaluate(config, str(kept))
+  assert sorted(os.listdir(kept)) == ["config.json", "notes.txt"]
+
+
 def test_cli_rejects_a_bad_value_before_any_work(tmp_path):
   work = tmp_path / "w"
   proc = subprocess.run(
