@@ -20,7 +20,7 @@ import numpy as np
 
 from dsran_jax.figures.attention import attention_figures, attention_map, attention_weights
 from dsran_jax.figures.curves import read_metrics, training_curves
-from dsran_jax.figures.recall import recall_at, recall_curves
+from dsran_jax.figures.recall import recall_at, recall_curves, recall_figure
 from dsran_jax.workdir import Workdir
 
 
@@ -59,4 +59,4 @@ def evaluation_figures(workdir: str, config=None, encoder=None) -> Dict[str, str
 
 
 __all__ = ["attention_figures", "attention_map", "attention_weights", "evaluation_figures",
-           "read_metrics", "recall_at", "recall_curves", "training_curves"]
+           "read_metrics", "recall_at", "recall_curves", "recall_figure", "training_curves"]

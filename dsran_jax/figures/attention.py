@@ -7,6 +7,7 @@ in its package; `attention_figures` is what
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+from matplotlib.colors import TwoSlopeNorm
 
 from dsran_jax import data, inference, models
 from dsran_jax.data import synthetic
@@ -105,10 +106,17 @@ def attention_map(workdir: str, images: Sequence[Any] = (0,), path: Optional[str
     grid_mass = float(grid_w[n].sum()) if grid_w is not None else 0.0
     desc = world.describe(layouts, i) if on_synthetic else None
     # -- grid cells
+    real = np.flatnonzero(mask)
+    # Uniform attention over all nodes is the reference a trained block departs from;
+    # weights are shown relative to it, on a scale centred there.
+    n_nodes = (grid_w.shape[1] if grid_w is not None else 0) + len(real)
+    uniform = 1.0 / max(n_nodes, 1)
     if grid_w is not None and grid_w.shape[1] == GRID_SIDE * GRID_SIDE:
-      heat = grid_w[n].reshape(GRID_SIDE, GRID_SIDE)
-      im = ax_g.imshow(heat, cmap="magma", interpolation="nearest")
-      fig.colorbar(im, ax=ax_g, fraction=0.046, pad=0.04)
+      heat = grid_w[n].reshape(GRID_SIDE, GRID_SIDE) / uniform
+      im = ax_g.imshow(heat, cmap="RdBu_r", interpolation="nearest",
+                       norm=_centred_at_one(heat))
+      bar = fig.colorbar(im, ax=ax_g, fraction=0.046, pad=0.04)
+      bar.set_label("weight ÷ uniform", fontsize=7)
       for o in (desc or {}).get("objects", []):
         ax_g.text(o["col"], o["row"], o["cls"], ha="center", va="center", fontsize=7,
                   color="cyan", fontweight="bold")
@@ -119,7 +127,6 @@ def attention_map(workdir: str, images: Sequence[Any] = (0,), path: Optional[str
       ax_g.axis("off")
       ax_g.set_title("no grid branch", fontsize=9)
     # -- regions
-    real = np.flatnonzero(mask)
     labels = [f"region {k}" for k in range(len(reg_w))]
     if on_synthetic:
       labels = synthetic_region_labels(world, desc, arrays["region_pos"][n])
@@ -130,9 +137,7 @@ def attention_map(workdir: str, images: Sequence[Any] = (0,), path: Optional[str
     ax_r.set_yticks(np.arange(len(shown)))
     ax_r.set_yticklabels([labels[k] for k in shown], fontsize=7)
     ax_r.invert_yaxis()
-    # Uniform attention over all nodes, the reference a trained block departs from.
-    n_nodes = (grid_w.shape[1] if grid_w is not None else 0) + len(real)
-    ax_r.axvline(1.0 / max(n_nodes, 1), color="0.4", ls="--", lw=0.8, label="uniform")
+    ax_r.axvline(uniform, color="0.4", ls="--", lw=0.8, label=f"uniform (1/{n_nodes})")
     ax_r.legend(loc="lower right", fontsize=7)
     ax_r.set_xlabel("attention weight", fontsize=8)
     ax_r.set_title(f"regions ({100 * (1 - grid_mass):.0f}% of attention)", fontsize=9)
@@ -147,9 +152,19 @@ def attention_map(workdir: str, images: Sequence[Any] = (0,), path: Optional[str
     text += [""] + [f"• {c}" for c in ds.texts[i * k:(i + 1) * k]]
     ax_t.text(0.0, 1.0, "\n".join(wrap(t, 55) for t in text), va="top", ha="left",
               fontsize=8, transform=ax_t.transAxes)
-  fig.suptitle(att.get("title", "attention over the image's nodes"), fontsize=10)
+  fig.suptitle(att.get("title", "attention over the image's nodes") + "\n"
+               "left: each grid cell's weight ÷ the uniform weight 1/N (N = grid cells + "
+               "regions; red: attended more than uniform, blue: less); middle: the "
+               "regions' weights; right: the image's captions", fontsize=9)
   fig.tight_layout()
   return save(fig, path or Workdir(workdir).figure_file("attention_map"))
+
+
+def _centred_at_one(values: np.ndarray):
+  """A colour norm with 1 (the uniform weight) at the centre of the map, spanning the
+  farthest value on either side, so equal departures get equal colour."""
+  spread = max(float(np.max(np.abs(values - 1.0))), 1e-3)
+  return TwoSlopeNorm(vcenter=1.0, vmin=max(1.0 - spread, 0.0), vmax=1.0 + spread)
 
 
 def attention_figures(workdir: str, config, num_images: int = 3,

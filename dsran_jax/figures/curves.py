@@ -9,7 +9,12 @@ def read_metrics(workdir: str) -> list:
 
 
 def training_curves(workdir: str, filename: str = "training_curves.png") -> str:
-  """Loss, learning rate and dev rsum against step; returns the PNG path."""
+  """`training_figure(workdir)` saved as `{workdir}/{filename}`; returns the PNG path."""
+  return save(training_figure(workdir), Workdir(workdir).file(filename))
+
+
+def training_figure(workdir: str):
+  """Loss (log axis), learning rate and dev rsum against step, as a Figure."""
   rows = read_metrics(workdir)
   series = {key: [(r["step"], r[key]) for r in rows if key in r]
             for key in ("loss", "lr", "dev_rsum")}
@@ -20,8 +25,12 @@ def training_curves(workdir: str, filename: str = "training_curves.png") -> str:
   for ax, key in zip(axes[0], panels):
     steps, values = zip(*series[key])
     ax.plot(steps, values, marker="o" if key == "dev_rsum" else None, ms=3)
-    ax.set_title(titles[key])
+    if key == "loss" and min(values) > 0:
+      # The loss falls by orders of magnitude early on: on a linear axis everything after
+      # the first tenth of training is flat at the bottom.
+      ax.set_yscale("log")
+    ax.set_title(titles[key] + (" (log scale)" if ax.get_yscale() == "log" else ""))
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  return save(fig, Workdir(workdir).file(filename))
+  return fig

@@ -29,13 +29,18 @@ def recall_at(ranks: np.ndarray, ks: Sequence[int]) -> np.ndarray:
 
 def recall_curves(sims, path: str, cpi: int = 5, max_k: int = 50,
                   title: Optional[str] = None) -> str:
-  """Recall@K for K = 1..max_k, image -> text and text -> image; returns the PNG path.
+  """`recall_figure(sims, ...)` saved as a PNG at `path`; returns the path."""
+  return save(recall_figure(sims, cpi, max_k, title), path)
+
+
+def recall_figure(sims, cpi: int = 5, max_k: int = 50, title: Optional[str] = None):
+  """Recall@K for K = 1..max_k, image -> text and text -> image, as a Figure; R@1, R@5
+  and R@10 are marked on the curves and given in the legend.
 
   Args:
     sims: a (N, cpi * N) sims matrix (array or `.npy` path), a `search.Gallery`, an
       `(i2t_ranks, t2i_ranks)` pair from `ranking`, or a dict `{label: any of those}`
       to compare several models on one figure.
-    path: output PNG.
     cpi: captions per image.
     max_k: largest K (cut to the number of images).
     title: figure title.
@@ -53,23 +58,24 @@ def recall_curves(sims, path: str, cpi: int = 5, max_k: int = 50,
       ks = np.arange(1, max(1, min(max_k, n_items)) + 1)
       last_k = max(last_k, int(ks[-1]))
       r = recall_at(ranks, ks)
-      name = f"{label}: {direction}" if label else direction
+      marks = [k for k in (1, 5, 10) if k <= ks[-1]]
+      # The R@1/5/10 values go in the legend: printed beside the points they collide
+      # with each other and with the curves.
+      values = "/".join(f"{r[k - 1]:.1f}" for k in marks)
+      name = (f"{label}: {direction}" if label else direction) + \
+          f"  (R@{'/'.join(map(str, marks))} {values})"
       # One colour per direction for one model; one per model (and a line style per
       # direction) when several are compared.
       colour = f"C{d}" if len(sources) == 1 else f"C{n % 10}"
       style = "-" if d == 0 else "--"
       ax.plot(ks, r, style, color=colour, label=name)
-      marks = [k for k in (1, 5, 10) if k <= ks[-1]]
       ax.plot(marks, r[np.array(marks) - 1], "o", color=colour, ms=4)
-      for k in marks:
-        ax.annotate(f"{r[k - 1]:.1f}", (k, r[k - 1]), textcoords="offset points",
-                    xytext=(4, -11 if d else 4), fontsize=7, color=colour)
   ax.set_xlabel("K")
   ax.set_ylabel("Recall@K (%)")
-  ax.set_ylim(0, 108)  # room above 100 for the labels of saturated curves
+  ax.set_ylim(0, 102)
   ax.set_xlim(0.5, last_k + 0.5)
   ax.grid(alpha=0.3)
   ax.legend(loc="lower right", fontsize=8)
   ax.set_title(title or "Recall@K")
   fig.tight_layout()
-  return save(fig, path)
+  return fig
