@@ -59,3 +59,20 @@ def test_notebooks_are_committed_clean():
     for cell in nb.cells:
       if cell.cell_type == "code":
         assert not cell.outputs and cell.execution_count is None, (name, cell.source[:80])
+
+
+def test_a_wrong_repo_url_stops_at_the_clone_naming_it(tmp_path):
+  """Outside a checkout the install cell clones REPO_URL; a wrong one is an error there,
+  not a ModuleNotFoundError cells later."""
+  nb = nbformat.read(os.path.join(COLAB, "train_tpu.ipynb"), as_version=4)
+  cell = next(c for c in nb.cells
+              if c.cell_type == "code" and c.source.startswith("REPO_URL"))
+  cell.source = cell.source.replace(
+      '"https://github.com/dsran-jax/dsran_jax.git"', repr(str(tmp_path / "no_repo.git"))
+  ).replace('"/content/dsran_jax"', repr(str(tmp_path / "clone")))
+  nb.cells = [nbformat.v4.new_code_cell("import os"), cell]
+  client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                                   resources={"metadata": {"path": str(tmp_path)}})
+  with pytest.raises(nbclient.exceptions.CellExecutionError, match="check REPO_URL"):
+    client.execute()
+  assert not (tmp_path / "clone").exists()
