@@ -7,6 +7,14 @@ DSRAN's COCO 5K encoding + ranking.
     python -m dsran_jax.benchmark --model=scan --score_images=256 --score_captions=1280 \
         --regions=36 --embed_size=1024
     python -m dsran_jax.benchmark --eval --eval_images=500 [same model flags]
+    python -m dsran_jax.benchmark --suite=device --out_dir=DIR   # on a GPU or TPU
+
+The device suite (`--suite=device`) runs the three modes below at fixed shapes in one
+call (minutes on one accelerator; tiny shapes on CPU, `--suite_size`): the DSRAN
+BERT-base bf16 train step at batch 128 with its MFU against the card's datasheet bf16
+peak, scoring of SCAN, SGRAF (and CHAN when registered) with their share of the fp32
+matmul peak timed in the same process, COCO 5K encoding and ranking, and peak memory;
+it prints one JSON line and writes `device_suite.json` and `device_suite.md`.
 
 Train mode builds the model at the given shape (BERT with random weights), random
 inputs, and the step `dsran_jax.train` trains with (`make_train_step` + `jit_train_step`
@@ -68,7 +76,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from dsran_jax import cli, evaluation, models, optim, ranking, train, validation
+from dsran_jax import atomic, cli, evaluation, models, optim, ranking, train, validation
 from dsran_jax.core.batch import KEY_SPECS, key_shape
 from dsran_jax.default_config import ConfigError, get_base_config
 from dsran_jax.models.variables import init_variables
@@ -113,6 +121,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--tile_images", type=int, default=0, help="0: the family's default")
   p.add_argument("--tile_captions", type=int, default=0)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--suite", default="", choices=("", "device"),
+                 help="device: the accelerator suite (train step, scoring, COCO 5K "
+                      "encoding and ranking), one JSON and a markdown table")
+  p.add_argument("--suite_size", default="auto", choices=("auto", "full", "tiny"),
+                 help="auto: full shapes on an accelerator, tiny ones on CPU")
+  p.add_argument("--out_dir", default="", help="--suite: where the JSON and table go")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override applied after the flags, e.g. "
                       "model.bssan.w2r=coupled (repeatable; parsed as the key's type)")
@@ -539,9 +553,116 @@ def benchmark_score(args: argparse.Namespace) -> dict:
   }
 
 
+# Dense bf16 peaks from the vendors' datasheets (TFLOP/s per JAX device, no sparsity),
+# matched against `device_kind` in this order (the PCIe H100 before the SXM one).
+DATASHEET_BF16_TFLOPS = (
+    ("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0),
+    ("L40S", 362.1), ("L4", 121.0), ("A10", 125.0), ("V100", 125.0), ("T4", 65.0),
+    ("TPU v6", 918.0), ("TPU v5p", 459.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0),
+    ("TPU v4", 275.0),
+)
+
+# The suite's shapes. Full: the DSRAN BERT-base recipe's step (batch 128, BERT 12x768,
+# 100 regions, K=2, bf16), scoring a Flickr30K-size test gallery (1000 x 5000), COCO 5K
+# encoding at the same shape. Tiny: the same code paths in seconds, for CPU and the tests.
+_SUITE_SHAPES = {
+    "full": {"train": ["--batch_size=128", "--embed_size=1024", "--bert_layers=12",
+                       "--bert_hidden=768", "--K=2", "--regions=100", "--seq_len=32",
+                       "--steps=10", "--bf16"],
+             "score": ["--score_images=1000", "--score_captions=5000", "--regions=36",
+                       "--embed_size=1024", "--seq_len=20", "--score_repeats=3"],
+             "eval": ["--eval", "--embed_size=1024", "--bert_layers=12", "--bert_hidden=768",
+                      "--regions=100", "--seq_len=32", "--eval_images=5000",
+                      "--eval_batch_size=256"]},
+    "tiny": {"train": ["--batch_size=8", "--embed_size=32", "--bert_layers=1",
+                       "--bert_hidden=32", "--bert_heads=2", "--K=1", "--regions=4",
+                       "--seq_len=8", "--steps=2", "--peak_size=256", "--bf16"],
+             "score": ["--score_images=8", "--score_captions=16", "--regions=4",
+                       "--embed_size=32", "--seq_len=8", "--score_repeats=1",
+                       "--peak_size=256"],
+             "eval": ["--eval", "--embed_size=32", "--bert_layers=1", "--bert_hidden=32",
+                      "--bert_heads=2", "--regions=4", "--seq_len=8", "--eval_images=8",
+                      "--eval_batch_size=8", "--rank_images=40"]},
+}
+SUITE_SCORERS = ("scan", "sgraf", "chan")
+
+
+def datasheet_peak_tflops(device_kind: str) -> Optional[float]:
+  """The datasheet's dense bf16 peak of an accelerator (None for a CPU or one unknown)."""
+  return next((tflops for name, tflops in DATASHEET_BF16_TFLOPS if name in device_kind),
+              None)
+
+
+def device_suite(args: argparse.Namespace) -> dict:
+  """The accelerator suite: the DSRAN BERT-base bf16 train step (step time, MFU against
+  the datasheet and against a matmul timed here), scoring pairs/s and roofline share of
+  every cross-attention family of `SUITE_SCORERS` registered, COCO 5K encoding and
+  ranking, peak memory; returns {"device": ..., "train": ..., "score": {...}, "eval": ...}
+  and writes `device_suite.json` and `device_suite.md` into `args.out_dir` if given."""
+  size = args.suite_size
+  if size == "auto":
+    size = "tiny" if jax.default_backend() == "cpu" else "full"
+  shapes = _SUITE_SHAPES[size]
+  device = _device_info()
+  peak = datasheet_peak_tflops(device["device_kind"])
+  t0 = time.perf_counter()
+  out = {"suite": "device", "size": size, "device": device,
+         "datasheet_bf16_tflops": peak}
+  train_result = benchmark_train(parse_args(shapes["train"]))
+  if peak:
+    train_result["mfu_datasheet"] = train_result["achieved_gflops"] / (peak * 1e3)
+  out["train"] = train_result
+  out["score"] = {}
+  for family in SUITE_SCORERS:
+    if family in models.names():
+      result = benchmark_score(parse_args(shapes["score"] + [f"--model={family}"]))
+      result.update(matmul_peak_gflops((2048,) if size == "full" else (256,)))
+      result["roofline_share"] = result["achieved_gflops"] / result["matmul_peak_gflops"]
+      out["score"][family] = result
+  out["eval"] = benchmark_eval(parse_args(shapes["eval"]))
+  out["total_s"] = time.perf_counter() - t0
+  out.update(jax_version=jax.__version__, date=time.strftime("%Y-%m-%d"))
+  if args.out_dir:
+    os.makedirs(args.out_dir, exist_ok=True)
+    atomic.write_json(os.path.join(args.out_dir, "device_suite.json"), out)
+    atomic.write_text(os.path.join(args.out_dir, "device_suite.md"), suite_table(out))
+  return out
+
+
+def suite_table(out: dict) -> str:
+  """The device suite's figures as a markdown table for docs/benchmarks.md."""
+  d, t, e = out["device"], out["train"], out["eval"]
+  rows = [("device", f"{d['device_kind']} x{d['num_devices']} ({d['platform']}), "
+                     f"jax {out['jax_version']}, {out['date']}, shapes: {out['size']}"),
+          ("DSRAN train step (bf16, batch {}, BERT {}x{})".format(
+              t["batch_size"], t["bert_layers"], t["bert_hidden"]),
+           f"{t['step_s'] * 1e3:.1f} ms median, {t['pairs_per_s']:.0f} pairs/s"),
+          ("MFU vs datasheet bf16 peak",
+           f"{100 * t['mfu_datasheet']:.1f}% of {out['datasheet_bf16_tflops']} TFLOP/s"
+           if "mfu_datasheet" in t else "no datasheet peak for this device"),
+          ("MFU vs bf16 matmul timed here", f"{100 * t['mfu_bf16']:.1f}%"),
+          ("train peak memory", f"{t['peak_memory_bytes'] / 2**30:.2f} GiB "
+                                f"({t['peak_memory_source']})")]
+  for family, r in out["score"].items():
+    rows.append((f"{family} scoring {r['score_images']} x {r['score_captions']}",
+                 f"{r['pairs_per_s']:.3g} pairs/s, {r['score_s']:.3f} s, "
+                 f"{100 * r['roofline_share']:.1f}% of the fp32 matmul peak timed here"))
+  rows.append((f"encode {e['encoded_images']} images + {e['encoded_captions']} captions",
+               f"{e['encode_images_s'] + e['encode_captions_s']:.2f} s "
+               f"(COCO 5K extrapolated {e['coco5k_encode_s_extrapolated']:.2f} s)"))
+  rows.append((f"rank {e['rank_images']} x {e['rank_captions']}",
+               f"score {e['score_s']:.2f} s + rank {e['rank_s']:.2f} s"))
+  rows.append(("suite wall time", f"{out['total_s']:.0f} s"))
+  return "| measure | value |\n|---|---|\n" + "".join(f"| {a} | {b} |\n" for a, b in rows)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   """Runs the benchmark `argv` asks for, prints one JSON line and returns the dict."""
   args = parse_args(argv)
+  if args.suite == "device":
+    result = device_suite(args)
+    print(json.dumps(result), flush=True)
+    return result
   if args.score_images or args.score_captions:
     result = benchmark_score(args)
   else:

@@ -160,3 +160,29 @@ def test_bf16_dense_backward_keeps_every_matmul_in_bf16():
   assert len(dots) == 3, hlo
   for lhs, rhs in dots:
     assert shapes[lhs] == shapes[rhs] == "bf16", (lhs, rhs)
+
+
+def test_device_suite_runs_on_cpu_with_tiny_shapes(capsys, tmp_path):
+  # The command that is run the first time a GPU is lent: every part of it, here.
+  result = benchmark.main(["--suite=device", f"--out_dir={tmp_path}"])
+  assert result["size"] == "tiny" and result["device"]["platform"] == "cpu"
+  assert result["train"]["bf16"] and result["train"]["step_s"] > 0
+  assert "mfu_datasheet" not in result["train"]   # no datasheet peak for a CPU
+  assert set(result["score"]) == {"scan", "sgraf"} | (
+      {"chan"} if "chan" in benchmark.models.names() else set())
+  for r in result["score"].values():
+    assert r["finite"] and 0 < r["roofline_share"] == pytest.approx(
+        r["achieved_gflops"] / r["matmul_peak_gflops"])
+  assert result["eval"]["rank_s"] > 0
+  saved = json.loads((tmp_path / "device_suite.json").read_text())
+  assert saved["train"]["step_s"] == result["train"]["step_s"]
+  table = (tmp_path / "device_suite.md").read_text()
+  assert table.startswith("| measure | value |") and "scan scoring 8 x 16" in table
+
+
+def test_datasheet_peaks_match_device_kinds():
+  assert benchmark.datasheet_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+  assert benchmark.datasheet_peak_tflops("NVIDIA H100 PCIe") == 756.0
+  assert benchmark.datasheet_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+  assert benchmark.datasheet_peak_tflops("TPU v5 lite") == 197.0
+  assert benchmark.datasheet_peak_tflops("cpu") is None
