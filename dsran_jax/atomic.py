@@ -85,3 +85,23 @@ def save_npy(path: str, array) -> str:
   with replacing(path, "wb") as f:
     np.save(f, np.asarray(array), allow_pickle=False)
   return path
+
+
+def publish(src: str, dst: str) -> str:
+  """Makes `dst` name the same content as `src`, atomically: a hard link (no copy, and a
+  later replacement of either name leaves the other intact), or a copy where the file
+  system refuses links; returns `dst`."""
+  directory = os.path.dirname(os.path.abspath(dst))
+  tmp = os.path.join(directory, f".{os.path.basename(dst)}.{os.getpid()}.link")
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(tmp)
+  try:
+    os.link(src, tmp)
+  except OSError:
+    with open(src, "rb") as f, replacing(dst, "wb") as out:
+      while chunk := f.read(1 << 24):
+        out.write(chunk)
+    return dst
+  os.replace(tmp, dst)
+  fsync_dir(directory)
+  return dst

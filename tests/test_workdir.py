@@ -160,3 +160,30 @@ def test_an_old_layout_trained_workdir_restores_and_evaluates(trained_workdir, t
   assert restored.meta["step"] > 0
   out = evaluation.evaluate_workdir(str(old))
   np.testing.assert_allclose(out["1k"]["rsum"], results["1k"]["rsum"], atol=1e-4)
+
+
+def test_every_evaluation_is_kept_and_the_latest_is_at_the_top(trained_workdir):
+  """Two evaluations with other settings keep both results; the same settings again
+  replace their own entry; the top-level files are the latest."""
+  workdir, _ = trained_workdir
+  wd = Workdir(workdir)
+  before = {e["id"] for e in wd.read_evaluations()}
+  first = evaluation.evaluate_workdir(workdir, save_sims=True)
+  second = evaluation.evaluate_workdir(workdir, overrides={"data.max_len": 12})
+  assert first["evaluation_id"] != second["evaluation_id"]
+  for out in (first, second):
+    kept = wd.evaluation_dir(out["evaluation_id"])
+    with open(os.path.join(kept, "eval_results.json")) as f:
+      assert json.load(f) == json.loads(json.dumps(out))
+    assert os.path.exists(os.path.join(kept, f"ranks_{out['split']}.npz"))
+  assert os.path.exists(os.path.join(wd.evaluation_dir(first["evaluation_id"]),
+                                     f"sims_{first['split']}.npy"))
+  with open(wd.eval_results_file) as f:
+    assert json.load(f)["evaluation_id"] == second["evaluation_id"]
+  ids = [e["id"] for e in wd.read_evaluations()]
+  assert {first["evaluation_id"], second["evaluation_id"]} <= set(ids)
+  again = evaluation.evaluate_workdir(workdir, save_sims=True)
+  assert again["evaluation_id"] == first["evaluation_id"]
+  assert sorted(e["id"] for e in wd.read_evaluations()) == sorted(set(ids) | before)
+  with open(wd.eval_results_file) as f:
+    assert json.load(f)["evaluation_id"] == first["evaluation_id"]

@@ -8,11 +8,10 @@ import time
 from typing import Any, Mapping, Optional
 
 import jax
-import numpy as np
 from absl import logging
 
 from dsran_jax import data, validation
-from dsran_jax.evaluation import registry
+from dsran_jax.evaluation import archive, registry
 from dsran_jax.evaluation.retrieval import format_table
 from dsran_jax.workdir import EVAL_RESULTS_FILE, Workdir
 
@@ -29,8 +28,9 @@ def evaluate_workdir(workdir, config=None, overrides: Optional[Mapping[str, Any]
     save_sims: also save the sims matrix as `sims_<split>.npy` (default
       `eval.save_sims`).
   Returns:
-    The dict written to `{workdir}/eval_results.json`: split, sizes, checkpoint step,
-    model family, every evaluator's results and sections, and `protocol`.
+    The dict written to `{workdir}/evals/<id>/eval_results.json` (kept) and to
+    `{workdir}/eval_results.json` (the latest): split, sizes, checkpoint step, model
+    family, every evaluator's results and sections, `protocol` and `evaluation_id`.
   """
   wd = Workdir(workdir)
   if config is None:
@@ -57,12 +57,15 @@ def evaluate_workdir(workdir, config=None, overrides: Optional[Mapping[str, Any]
     lines += outcome.lines
   out["protocol"] = protocol
   out.update(sections)
+  names = [name for name, _ in evaluators]
+  eval_id = archive.evaluation_id(config, out, names)
+  out["evaluation_id"] = eval_id
+  kept = wd.evaluation_dir(eval_id)
   if jax.process_index() == 0:
-    wd.write_json(EVAL_RESULTS_FILE, out)
-    if ranks:
-      np.savez(wd.ranks_file(split.name), **ranks)
-  logging.info("evaluated %s (%d images, %d captions) in %.1fs%s", split.name,
-               split.num_images, split.num_captions, time.time() - t0,
+    kept = archive.keep(wd, out, ranks, task.sims_path, eval_id, names)
+  logging.info("evaluated %s (%d images, %d captions) in %.1fs; kept in %s (also %s, the "
+               "latest)%s", split.name, split.num_images, split.num_captions,
+               time.time() - t0, kept, EVAL_RESULTS_FILE,
                f"; sims saved to {task.sims_path}" if task.sims_path else "")
   print(format_table({k: v for k, v in out.items() if k in protocol},
                      num_images=split.num_images))

@@ -18,6 +18,7 @@ from typing import Dict
 
 import numpy as np
 
+from dsran_jax import atomic
 from dsran_jax.figures.attention import attention_figures, attention_map, attention_weights
 from dsran_jax.figures.curves import read_metrics, training_curves
 from dsran_jax.figures.recall import recall_at, recall_curves, recall_figure
@@ -54,6 +55,10 @@ def evaluation_figures(workdir: str, config=None, encoder=None) -> Dict[str, str
       ranks, wd.figure_file("recall_curves"),
       title=f"Recall@K, {split} split ({results['num_images']} images)"
             + (f", step {step}" if step is not None else ""))
+  if results.get("evaluation_id"):   # the evaluation's own copy, kept beside its results
+    kept = wd.evaluation_dir(results["evaluation_id"])
+    if os.path.isdir(kept):
+      atomic.publish(out["recall_curves"], os.path.join(kept, "recall_curves.png"))
   out.update(attention_figures(workdir, config, encoder=encoder))
   return out
 

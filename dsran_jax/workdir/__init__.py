@@ -18,7 +18,9 @@ Layout:
     checkpoints/{latest,best}/   orbax checkpoints (`checkpointing.py`)
     metrics.jsonl, tensorboard/  training log
     vocab.json              the word vocabulary (word-id families)
-    eval_results.json, ranks_{split}.npz, sims_{split}.npy   test evaluation
+    eval_results.json, ranks_{split}.npz, sims_{split}.npy   the latest evaluation
+    evals/<id>/             every evaluation, kept: its eval_results.json, ranks, sims,
+                            figure; evals/index.json lists them (id, step, settings, rsum)
     gallery_{split}.npz, gallery_{split}.{side}.{kind}.faiss search caches
     *.png                   figures
     resnet152.safetensors   a converted MLASM's CNN
@@ -54,6 +56,8 @@ SIMS_FILE = "sims_{split}.npy"
 GALLERY_FILE = "gallery_{split}.npz"
 INDEX_FILE = "gallery_{split}.{side}.{kind}.faiss"
 FIGURE_FILE = "{name}.png"
+EVALS_DIR = "evals"
+EVALS_INDEX_FILE = "index.json"
 
 # Migrations of a saved config's shared keys, oldest first: each maps the dict read from
 # config.json to today's keys and is a no-op on a config already migrated. The families'
@@ -181,6 +185,22 @@ class Workdir:
 
   def figure_file(self, name: str) -> str:
     return self.file(FIGURE_FILE.format(name=name))
+
+  def evaluation_dir(self, eval_id: str) -> str:
+    """The directory that keeps evaluation `eval_id`'s files."""
+    return self.file(os.path.join(EVALS_DIR, eval_id))
+
+  @property
+  def evaluations_index_file(self) -> str:
+    return self.file(os.path.join(EVALS_DIR, EVALS_INDEX_FILE))
+
+  def read_evaluations(self) -> List[dict]:
+    """The index of every evaluation kept in the workdir, oldest first ([] if none)."""
+    try:
+      with open(self.evaluations_index_file) as f:
+        return json.load(f)
+    except FileNotFoundError:
+      return []
 
   def vocab_file(self, config) -> Optional[str]:
     return vocab_path(config, self.path)
