@@ -8,10 +8,9 @@ import time
 from typing import Any, Mapping, Optional
 
 import jax
-import numpy as np
 from absl import logging
 
-from dsran_jax import data, validation
+from dsran_jax import atomic, data, validation
 from dsran_jax.evaluation import registry
 from dsran_jax.evaluation.retrieval import format_table
 from dsran_jax.workdir import EVAL_RESULTS_FILE, Workdir
@@ -60,7 +59,7 @@ def evaluate_workdir(workdir, config=None, overrides: Optional[Mapping[str, Any]
   if jax.process_index() == 0:
     wd.write_json(EVAL_RESULTS_FILE, out)
     if ranks:
-      np.savez(wd.ranks_file(split.name), **ranks)
+      atomic.save_npz(wd.ranks_file(split.name), **ranks)
   logging.info("evaluated %s (%d images, %d captions) in %.1fs%s", split.name,
                split.num_images, split.num_captions, time.time() - t0,
                f"; sims saved to {task.sims_path}" if task.sims_path else "")
