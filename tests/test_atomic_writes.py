@@ -384,6 +384,19 @@ def test_new_directory_appears_whole_or_not_at_all(tmp_path):
       pass
 
 
+def test_a_sims_file_that_cannot_be_made_leaves_nothing(tmp_path, monkeypatch):
+  import errno
+  from dsran_jax.evaluation import retrieval
+
+  def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(np.lib.format, "open_memmap", full_disk)
+  with pytest.raises(OSError, match="No space left"):
+    retrieval.SimsStore(2, 10, str(tmp_path / "sims_test.npy"), max_host_bytes=1 << 30)
+  assert os.listdir(tmp_path) == []
+
+
 # ---------------------------------------------------------------- static rule
 
 # Writers, by the name they are called with (`ast.unparse` of the callee): any call of

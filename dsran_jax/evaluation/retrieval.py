@@ -105,8 +105,12 @@ class SimsStore:
       self.partial = os.path.join(self._tmpdir, "sims.npy")
       logging.info("sims matrix of %.1f GiB kept in %s", nbytes / 2**30, self.partial)
     if self.partial:
-      self.array = np.lib.format.open_memmap(self.partial, mode="w+", dtype=np.float32,
-                                             shape=(n_img, n_cap))
+      try:
+        self.array = np.lib.format.open_memmap(self.partial, mode="w+", dtype=np.float32,
+                                               shape=(n_img, n_cap))
+      except BaseException:  # no `with` yet to remove it: a full disk leaves nothing
+        self.__exit__(None, None, None)
+        raise
     else:
       self.array = np.empty((n_img, n_cap), np.float32)
 
