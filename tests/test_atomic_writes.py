@@ -17,6 +17,7 @@ half workdir.
   outside `dsran_jax/atomic.py`, but for the few allowed below, each with its reason.
 """
 import ast
+import errno
 import io
 import json
 import os
@@ -28,6 +29,13 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from dsran_jax import atomic, checkpointing
+from dsran_jax.core.vocab import Vocabulary
+from dsran_jax.evaluation import retrieval
+from dsran_jax.tools import convert_torch
+from dsran_jax.workdir import Workdir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -68,8 +76,6 @@ def vocab_words(vocab_size: int = 12, shuffle: int = 0):
 def convert(monkeypatch_or_none, root: str, workdir: str, seed: int = 0) -> dict:
   """`convert_torch.convert_checkpoint` of `scan_checkpoint(seed)` (its reader patched
   to return the dict) with a vocabulary file, into `workdir`."""
-  from dsran_jax.core.vocab import Vocabulary
-  from dsran_jax.tools import convert_torch
   ckpt = scan_checkpoint(seed)
   if monkeypatch_or_none is None:
     convert_torch.load_checkpoint = lambda path: ckpt
@@ -179,10 +185,9 @@ class _KillingFile:
 
 def _worker(root: str) -> None:
   import conftest  # noqa: F401  the test process's jax settings (8 CPU devices)
-  from dsran_jax import checkpointing, evaluation
-  from dsran_jax.core.vocab import Vocabulary
+
+  from dsran_jax import evaluation
   from dsran_jax.figures import recall
-  from dsran_jax.workdir import Workdir
   wd = Workdir(os.path.join(root, "wd"))
   config = wd.load_config()
   config.eval.batch_size = 5  # the new config differs from the old one
@@ -211,18 +216,15 @@ def _valid(stem: str, data: bytes) -> bool:
       if stem == "ranks_test":
         [np.asarray(loaded[k]) for k in loaded.files]
     else:
-      from PIL import Image
       with Image.open(io.BytesIO(data)) as im:
         im.load()
     return bool(data)
-  except Exception:  # pylint: disable=broad-except
+  except Exception:  # noqa: BLE001  any failure to parse: not a whole file
     return False
 
 
 def _old_contents(wd: str) -> dict:
   """Writes an old, valid version of every watched file; returns their bytes."""
-  from PIL import Image
-  from dsran_jax import atomic
   atomic.write_json(os.path.join(wd, "eval_results.json"), {"old": True})
   atomic.save_npz(os.path.join(wd, "ranks_test.npz"), old=np.arange(3))
   atomic.save_npy(os.path.join(wd, "sims_test.npy"), np.ones((2, 10), np.float32))
@@ -238,7 +240,6 @@ def _old_contents(wd: str) -> dict:
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory):
   """Runs the worker once: (root, old bytes per stem, its output)."""
-  from dsran_jax.workdir import Workdir
   root = tmp_path_factory.mktemp("atomic")
   mp = pytest.MonkeyPatch()
   try:
@@ -259,7 +260,8 @@ def killed_run(tmp_path_factory):
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, HERE]))
   env.pop("DSRAN_CRASH_AT", None)
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(root)], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+                        env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+                        check=False)
   return str(root), old, proc
 
 
@@ -303,7 +305,6 @@ def test_a_killed_conversion_leaves_no_workdir(killed_run):
 def test_a_failed_conversion_leaves_no_workdir(tmp_path, monkeypatch):
   """A checkpoint write that fails (a full disk) after config.json and vocab.json were
   written: no workdir, nothing left beside it."""
-  from dsran_jax import checkpointing
 
   def full_disk(workdir, kind, step, *args, **kwargs):
     raise checkpointing.CheckpointWriteError(f"cannot write checkpoint {kind!r} step {step} "
@@ -321,8 +322,6 @@ def test_a_failed_conversion_leaves_no_workdir(tmp_path, monkeypatch):
 def test_conversion_into_an_existing_workdir(tmp_path, monkeypatch):
   """Today's behaviour for an existing workdir: its config and vocabulary replaced, the
   step added, its other files kept; a failed conversion leaves them as they were."""
-  from dsran_jax import checkpointing
-  from dsran_jax.core.vocab import Vocabulary
   wd = tmp_path / "wd"
   wd.mkdir()
   (wd / "config.json").write_text('{"old": true}')
@@ -352,41 +351,35 @@ def test_conversion_into_an_existing_workdir(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- atomic itself
 
 def test_replacing_keeps_the_old_file_on_an_error_and_uses_the_umask(tmp_path):
-  from dsran_jax import atomic
   path = tmp_path / "r.json"
   atomic.write_json(str(path), {"v": 1})
-  with pytest.raises(RuntimeError):
-    with atomic.replacing(str(path), "w") as f:
-      f.write('{"v": 2')
-      raise RuntimeError("cut short")
+  with pytest.raises(RuntimeError), atomic.replacing(str(path), "w") as f:
+    f.write('{"v": 2')
+    raise RuntimeError("cut short")
   assert json.loads(path.read_text()) == {"v": 1}
   assert os.listdir(tmp_path) == ["r.json"]
   umask = os.umask(0)
   os.umask(umask)
   assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
-  with pytest.raises(ValueError, match="expected 'w' or 'wb'"):
-    with atomic.replacing(str(path), "a"):
-      pass
+  with pytest.raises(ValueError, match="expected 'w' or 'wb'"), \
+      atomic.replacing(str(path), "a"):
+    pass
 
 
 def test_new_directory_appears_whole_or_not_at_all(tmp_path):
-  from dsran_jax import atomic
-  with pytest.raises(RuntimeError):
-    with atomic.new_directory(str(tmp_path / "d")) as d:
-      pathlib.Path(d, "half").write_text("x")
-      raise RuntimeError("failed")
+  with pytest.raises(RuntimeError), atomic.new_directory(str(tmp_path / "d")) as d:
+    pathlib.Path(d, "half").write_text("x")
+    raise RuntimeError("failed")
   assert os.listdir(tmp_path) == []
   with atomic.new_directory(str(tmp_path / "d")) as d:
     pathlib.Path(d, "whole").write_text("x")
   assert os.listdir(tmp_path) == ["d"] and os.listdir(tmp_path / "d") == ["whole"]
-  with pytest.raises(FileExistsError, match="already exists"):
-    with atomic.new_directory(str(tmp_path / "d")):
-      pass
+  with pytest.raises(FileExistsError, match="already exists"), \
+      atomic.new_directory(str(tmp_path / "d")):
+    pass
 
 
 def test_a_sims_file_that_cannot_be_made_leaves_nothing(tmp_path, monkeypatch):
-  import errno
-  from dsran_jax.evaluation import retrieval
 
   def full_disk(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
@@ -517,7 +510,7 @@ def file_writes(source: str):
 
 
 def test_the_rule_catches_each_kind_of_write():
-  source = "\n".join([
+  lines = [
       "open(p, 'w')", "open(p, mode='ab')", "io.open(p, 'r+b')", "open(p, m)",
       "np.save(p, a)", "np.savez(p, a=a)", "json.dump(x, f)", "fig.savefig(p)",
       "h5py.File(p, 'w')", "faiss.write_index(i, p)", "shutil.copy(a, b)",
@@ -532,7 +525,8 @@ def test_the_rule_catches_each_kind_of_write():
       "def g(p):\n  tmp = atomic.temporary_path(p)\n  np.save(tmp, a)",
       # ... only there
       "np.savez(f, a=a)", "np.save(tmp, a)",
-  ])
+  ]
+  source = "\n".join(lines)
   assert [c for _, c in file_writes(source)] == [
       "open", "open", "io.open", "open", "np.save", "np.savez", "json.dump", "fig.savefig",
       "h5py.File", "faiss.write_index", "shutil.copy", "os.replace", "os.open", "a.tofile",
