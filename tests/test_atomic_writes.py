@@ -22,6 +22,7 @@ import io
 import json
 import os
 import pathlib
+import shutil
 import signal
 import stat
 import subprocess
@@ -31,9 +32,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsran_jax import atomic, checkpointing
+from dsran_jax import atomic, checkpointing, extract
 from dsran_jax.core.vocab import Vocabulary
 from dsran_jax.evaluation import retrieval
+from dsran_jax.models.common import resnet
 from dsran_jax.tools import convert_torch
 from dsran_jax.workdir import Workdir
 
@@ -95,21 +97,25 @@ TARGETS = {"config": "config.json", "vocab": "vocab.json", "sims_test": "sims_te
            "eval_results": "eval_results.json", "ranks_test": "ranks_test.npz",
            "recall": "recall.png"}
 POINTS = ("write", "fsync")
+# Extraction (`python -m dsran_jax.extract`) into `features/`: at its first writes the
+# whole directory is copied, to be resumed from by the test.
+EXTRACTION = ("test_extract", "test_grid")
 
 
 class _KillInjector:
   """Forks at the first write and the first fsync of each watched file; the child dies
   by SIGKILL there, the parent records what the target path then holds."""
 
-  def __init__(self, workdir: str, snapshots: str):
-    self.workdir, self.snapshots, self.done = workdir, snapshots, set()
+  def __init__(self, root: str):
+    self.root, self.snapshots, self.done = root, os.path.join(root, "snapshots"), set()
     self.real_open, self.real_fsync = io.open, os.fsync
+    self.paused = False
 
   def stem_of(self, name) -> str:
     if isinstance(name, int):  # os.fdopen(fd): the file's name from /proc
       name = os.readlink(f"/proc/self/fd/{name}")
     name = os.path.basename(os.fspath(name))
-    return next((s for s in TARGETS if s in name), None)
+    return next((s for s in (*TARGETS, *EXTRACTION) if s in name), None)
 
   def kill_point(self, stem: str, point: str, in_child=lambda: None) -> None:
     if (stem, point) in self.done:
@@ -123,21 +129,24 @@ class _KillInjector:
         os.kill(os.getpid(), signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
-    target = os.path.join(self.workdir, TARGETS[stem])
     out = os.path.join(self.snapshots, f"{stem}@{point}")
-    if os.path.exists(target):
-      with self.real_open(target, "rb") as src, self.real_open(out, "wb") as dst:
-        dst.write(src.read())
+    self.paused = True  # the copies below are not watched writes
+    if stem in EXTRACTION:
+      shutil.copytree(os.path.join(self.root, "features"), out)
+    elif os.path.exists(os.path.join(self.root, "wd", TARGETS[stem])):
+      shutil.copyfile(os.path.join(self.root, "wd", TARGETS[stem]), out)
     else:
       self.real_open(out + ".missing", "wb").close()
+    self.paused = False
 
   def open(self, file, mode="r", *args, **kwargs):
     f = self.real_open(file, mode, *args, **kwargs)
-    stem = self.stem_of(file) if any(c in mode for c in "wax+") else None
+    watch = any(c in mode for c in "wax+") and not self.paused
+    stem = self.stem_of(file) if watch else None
     return _KillingFile(f, stem, self) if stem else f
 
   def fsync(self, fd):
-    stem = self.stem_of(fd)
+    stem = None if self.paused else self.stem_of(fd)
     if stem:
       self.kill_point(stem, "fsync")
     return self.real_fsync(fd)
@@ -191,12 +200,14 @@ def _worker(root: str) -> None:
   wd = Workdir(os.path.join(root, "wd"))
   config = wd.load_config()
   config.eval.batch_size = 5  # the new config differs from the old one
-  injector = _KillInjector(wd.path, os.path.join(root, "snapshots"))
+  injector = _KillInjector(root)
   injector.install()
   wd.save_config(config)
   Vocabulary(vocab_words(shuffle=1)).save(os.path.join(wd.path, "vocab.json"))
   evaluation.evaluate_workdir(wd.path, save_sims=True)
   recall.recall_curves(wd.sims_file("test"), os.path.join(wd.path, "recall.png"))
+  extract.run(*_extraction_inputs(root), os.path.join(root, "features"), batch_size=2,
+              show_progress=False)
   print("WRITTEN", json.dumps(sorted(f"{s}@{p}" for s, p in injector.done)), flush=True)
   # Last: a conversion killed while its checkpoint is written (renamed not yet).
   os.environ[checkpointing.CRASH_ENV] = f"best:{STEP}:written"
@@ -221,6 +232,26 @@ def _valid(stem: str, data: bytes) -> bool:
     return bool(data)
   except Exception:  # noqa: BLE001  any failure to parse: not a whole file
     return False
+
+
+def _extraction_inputs(root: str, make: bool = False):
+  """(images directory, ResNet weights) of a tiny extraction: three pictures and a small
+  random ResNet in torchvision's layout (`make`: written first)."""
+  images, weights = os.path.join(root, "images"), os.path.join(root, "resnet.safetensors")
+  if make:
+    from safetensors.numpy import save_file
+    config = resnet.ResNetConfig(depths=(1, 1, 1, 1), widths=(4, 8, 8, 8), stem_width=8)
+    rng = np.random.default_rng(0)
+    state = {}
+    for key, shape in resnet.torch_keys(config, "torchvision").items():
+      x = rng.standard_normal(shape).astype(np.float32)
+      state[key] = np.abs(x) + 0.5 if key.endswith("running_var") else 0.3 * x
+    save_file(state, weights)
+    os.makedirs(images)
+    for i, size in enumerate([(260, 300), (300, 256), (280, 280)]):
+      pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+      Image.fromarray(pixels).save(os.path.join(images, f"im{i}.png"))
+  return images, weights
 
 
 def _old_contents(wd: str) -> dict:
@@ -256,6 +287,7 @@ def killed_run(tmp_path_factory):
   c.eval.batch_size = 8
   wd.save_config(c)
   old = _old_contents(wd.path)
+  _extraction_inputs(str(root), make=True)
   (root / "snapshots").mkdir()
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, HERE]))
   env.pop("DSRAN_CRASH_AT", None)
@@ -290,6 +322,24 @@ def test_sigkill_at_first_write_and_fsync_leaves_old_or_new_file(killed_run, ste
   names = os.listdir(os.path.join(root, "wd"))
   assert all(n.endswith(".tmp") and n.startswith(".") for n in names
              if n not in set(TARGETS.values()) | {"checkpoints"}), names
+
+
+@pytest.mark.parametrize("stem", EXTRACTION)
+def test_an_extraction_killed_at_its_first_write_resumes_to_the_same_features(
+    killed_run, stem, tmp_path):
+  """The extractor's record and its grid file: from what a kill at their first write
+  leaves, a re-run ends with the features of the uninterrupted run."""
+  root, _, proc = killed_run
+  assert "WRITTEN" in proc.stdout, (proc.stdout + proc.stderr)[-6000:]
+  left = os.path.join(root, "snapshots", f"{stem}@write")
+  assert os.path.isdir(left), f"no write of {stem} was intercepted"
+  out = str(tmp_path / "features")
+  shutil.copytree(left, out)
+  extract.run(*_extraction_inputs(root), out, batch_size=2, show_progress=False)
+  for name in ("test_grid.npy", "test_global.npy"):
+    np.testing.assert_allclose(np.load(os.path.join(out, name)),
+                               np.load(os.path.join(root, "features", name)),
+                               rtol=1e-6, atol=1e-6, err_msg=name)
 
 
 def test_a_killed_conversion_leaves_no_workdir(killed_run):
