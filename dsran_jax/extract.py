@@ -24,7 +24,9 @@ Writes into `--out`:
   names of the directory);
 - `{split}_extract.json`: a progress record (rows written, checksums of the image list
   and the weights file). A re-run continues after the rows already written; it refuses
-  a changed image list or weights file.
+  a changed image list or weights file. Every file is written atomically (the record
+  first, the `.npy` files made whole under a temporary name), so a kill at any instant
+  leaves a record to continue from, or nothing.
 
 The default split, "test", is where evaluation and `dsran_jax.search` look
 (`config.data.test_split`).
