@@ -42,6 +42,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from absl import logging
 
+from dsran_jax import atomic
+
 LATEST, BEST = "latest", "best"
 KINDS = (LATEST, BEST)
 CHECKPOINTS_DIR = "checkpoints"
@@ -76,29 +78,9 @@ class _Current:
 _current = _Current()
 
 
-def _fsync_tree(path: str) -> None:
-  """fsyncs every file and directory under `path` (durability across power loss)."""
-  for root, dirs, files in os.walk(path):
-    for name in files:
-      fd = os.open(os.path.join(root, name), os.O_RDONLY)
-      try:
-        os.fsync(fd)
-      finally:
-        os.close(fd)
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: str) -> None:
-  try:
-    fd = os.open(path, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:  # some file systems (e.g. FUSE mounts) refuse fsync on directories
-    pass
-  finally:
-    os.close(fd)
+# The one implementation of fsync (`atomic`), under the names the code below uses.
+_fsync_tree = atomic.fsync_tree
+_fsync_dir = atomic.fsync_dir
 
 
 class _DurableRenamePath(ocp.path.atomicity.AtomicRenameTemporaryPath):

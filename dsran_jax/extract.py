@@ -24,7 +24,9 @@ Writes into `--out`:
   names of the directory);
 - `{split}_extract.json`: a progress record (rows written, checksums of the image list
   and the weights file). A re-run continues after the rows already written; it refuses
-  a changed image list or weights file.
+  a changed image list or weights file. Every file is written atomically (the record
+  first, the `.npy` files made whole under a temporary name), so a kill at any instant
+  leaves a record to continue from, or nothing.
 
 The default split, "test", is where evaluation and `dsran_jax.search` look
 (`config.data.test_split`).
@@ -45,7 +47,7 @@ from absl import logging  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dsran_jax import cli  # noqa: E402
+from dsran_jax import atomic, cli  # noqa: E402
 from dsran_jax.models.common import resnet  # noqa: E402
 from dsran_jax.progress import Progress  # noqa: E402
 
@@ -177,15 +179,6 @@ def _sha256_lines(lines: Sequence[str]) -> str:
   return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
 
-def _write_json_atomic(path: str, obj: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _decode_settings() -> dict:
   return {"resize": RESIZE, "crop": CROP, "interpolation": "bilinear",
           "mean": MEAN.tolist(), "std": STD.tolist()}
@@ -239,11 +232,16 @@ def _check_resume(record: dict, files: dict, split: str, entries: Sequence[str],
 
 
 def _open_outputs(files: dict, n: int, channels: int, fresh: bool):
-  mode = "w+" if fresh else "r+"
+  """The grid and global memmaps, opened to write rows in place. `fresh` ones are made
+  whole under a temporary name first, so a kill never leaves a half-made file under
+  the final name."""
   arrays = []
   for key, shape in (("grid", (n, GRID_CELLS, channels)), ("global", (n, channels))):
     try:
-      a = np.lib.format.open_memmap(files[key], mode=mode, dtype=np.float32, shape=shape)
+      if fresh:
+        with atomic.replacing_path(files[key]) as tmp:
+          np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape).flush()
+      a = np.lib.format.open_memmap(files[key], mode="r+")
     except (OSError, ValueError) as e:
       raise ResumeError(f"{files[key]}: cannot open for writing: {e}") from e
     if a.shape != shape or a.dtype != np.float32:
@@ -274,7 +272,7 @@ def _extract_batches(load, prefetch, starts, batch_size, features, grid, pooled,
     pooled.flush()
     record["done"] = start + count
     record["complete"] = record["done"] == record["num_images"]
-    _write_json_atomic(record_path, record)
+    atomic.write_json(record_path, record, indent=1)
     if t_first is None:
       t_first = time.time()
     if progress is not None:
@@ -334,16 +332,18 @@ def run(images: str, weights: str, out: str, split: str = "test", batch_size: in
                      f"grid (4 stages) the grid layout needs")
   channels = config.out_channels
   os.makedirs(out, exist_ok=True)
-  grid, pooled = _open_outputs(files, n, channels, fresh=record is None)
-  if record is None:
-    with open(files["images"], "w", encoding="utf-8") as f:
-      f.write("".join(e + "\n" for e in entries))
+  if not done:
+    # A new extraction, or one killed before its first batch: (re)made from the start,
+    # the record first, so a kill at any instant leaves a record to continue from or
+    # nothing under the final names.
     record = {"version": RECORD_VERSION, "split": split, "num_images": n,
               "images": os.path.abspath(images), "images_sha256": _sha256_lines(entries),
               "weights": os.path.abspath(weights), "weights_sha256": weights_sha,
               "network": config.describe(), "channels": channels,
               "decode": _decode_settings(), "done": 0, "complete": False}
-    _write_json_atomic(files["record"], record)
+    atomic.write_json(files["record"], record, indent=1)
+    atomic.write_text(files["images"], "".join(e + "\n" for e in entries))
+  grid, pooled = _open_outputs(files, n, channels, fresh=not done)
   logging.info("extract %s: %d images, %s from %s; %d rows already written",
                split, n, config.describe(), weights, done)
 
@@ -373,7 +373,7 @@ def run(images: str, weights: str, out: str, split: str = "test", batch_size: in
     if progress is not None:
       progress.close()
   record["complete"] = True
-  _write_json_atomic(files["record"], record)
+  atomic.write_json(files["record"], record, indent=1)
   extracted = n - done
   first_batch_s = None if t_after_first is None else t_after_first - t0
   steady = extracted - min(batch_size, extracted)

@@ -34,7 +34,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from dsran_jax import ranking
+from dsran_jax import atomic, ranking
 
 KINDS = ("exact", "ivf", "hnsw")
 FORMAT_VERSION = 1
@@ -183,13 +183,9 @@ class Index:
     numpy index has nothing to save but the description)."""
     if self.backend == "faiss":
       faiss = _faiss("saving an index")
-      tmp = path + ".tmp"
-      faiss.write_index(self.faiss_index, tmp)
-      os.replace(tmp, path)
-    tmp = path + ".json.tmp"
-    with open(tmp, "w") as f:
-      json.dump(self.describe(), f, indent=2, sort_keys=True)
-    os.replace(tmp, path + ".json")
+      with atomic.replacing_path(path) as tmp:
+        faiss.write_index(self.faiss_index, tmp)
+    atomic.write_json(path + ".json", self.describe(), sort_keys=True)
 
 
 def settings(kind: str, n: int, nlist: int = 0, nprobe: int = 0, hnsw_m: int = 32,

@@ -54,7 +54,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from dsran_jax import cli, data, index as index_lib, inference
+from dsran_jax import atomic, cli, data, index as index_lib, inference
 from dsran_jax.evaluation import two_stage
 from dsran_jax.evaluation.shortlist import check_fusion, check_k, order_query
 from dsran_jax.workdir import Workdir
@@ -158,12 +158,9 @@ def _read_cache(path: str, want: Dict[str, Any]):
 
 
 def _write_cache(path: str, image_reps, text_reps, fp: Dict[str, Any]) -> None:
-  tmp = path + ".tmp"
-  # A file object, because np.savez appends ".npz" to a bare path and breaks the rename.
-  with open(tmp, "wb") as f:
-    np.savez(f, **_flatten("image", image_reps), **_flatten("text", text_reps),
-             fingerprint=np.asarray(json.dumps(fp, sort_keys=True)))
-  os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+  # atomic: a concurrent reader never sees half a file
+  atomic.save_npz(path, **_flatten("image", image_reps), **_flatten("text", text_reps),
+                  fingerprint=np.asarray(json.dumps(fp, sort_keys=True)))
 
 
 def _concat(parts):

@@ -278,7 +278,9 @@ class Converted:
       model the weights imply and what the checkpoint's `opt` says).
     vocab: a `core.vocab.Vocabulary` to save as `vocab.json`, or None.
     summary: JSON-able facts printed by the CLI (widths, build, ...).
-    files: other workdir files, `{name: write(path)}` (MLASM's CNN weights).
+    files: other workdir files, `{name: write(path)}` (MLASM's CNN weights); the
+      converter calls `write` with a name inside its temporary directory, and the file
+      reaches the workdir whole, by a rename (`atomic`).
   """
 
   def __init__(self, variables: dict, config, vocab=None, summary: Optional[dict] = None,

@@ -8,6 +8,8 @@ import os
 import re
 from typing import Iterable, Sequence
 
+from dsran_jax import atomic
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_WORDS = (PAD, START, END, UNK)
 # Words seen >= 4 times: the VSE++ threshold that produced the authors' shipped vocabularies
@@ -94,10 +96,9 @@ class Vocabulary:
   def save(self, path: str) -> None:
     """Writes the vocabulary as JSON (`{"format", "words"}`; id = position in words)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump({"format": _VOCAB_FORMAT, "words": self.idx2word}, f, ensure_ascii=False)
-    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    # atomic: a concurrent reader never sees half a file
+    atomic.write_json(path, {"format": _VOCAB_FORMAT, "words": self.idx2word},
+                      ensure_ascii=False, indent=None)
 
   @classmethod
   def load(cls, path: str) -> "Vocabulary":

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from dsran_jax import data as data_lib
 from dsran_jax import models
-from dsran_jax import cli, validation
+from dsran_jax import atomic, cli, validation
 from dsran_jax.data import formats
 from dsran_jax.data import precomp
 from dsran_jax.data import raw
@@ -442,14 +442,11 @@ def write_manifest(root: str, path: str) -> dict:
   """Writes the manifest of every file under `root` (relative paths) to `path`."""
   if not os.path.isdir(root):
     raise FileNotFoundError(f"{root}: not a directory (data.root)")
-  rels = _files_under(root, exclude=[path, path + ".tmp"])
+  rels = _files_under(root, exclude=[path])
   manifest = {"version": MANIFEST_VERSION, "root": os.path.abspath(root),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "files": _facts_of(root, rels, "manifest")}
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(manifest, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+  atomic.write_json(path, manifest, indent=1, sort_keys=True)
   return manifest
 
 

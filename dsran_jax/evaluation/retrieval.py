@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Iterable, Optional
 import numpy as np
 from absl import logging
 
-from dsran_jax import ranking
+from dsran_jax import atomic, ranking
 from dsran_jax.data import pipeline
 from dsran_jax.evaluation import registry
 from dsran_jax.evaluation.scorer import (ModelScorer, Scorer, check_finite,
@@ -88,8 +88,8 @@ class _Target:
 
 class SimsStore:
   """Where `evaluate` keeps the (n_img, n_cap) matrix: host memory, or a memory-mapped
-  `.npy` (at `sims_path` when saving, renamed into place only when complete; else a
-  temporary file removed afterwards)."""
+  `.npy` (when saving, a temporary name beside `sims_path`, fsynced and renamed into
+  place only when complete: `atomic`; else a temporary file removed afterwards)."""
 
   def __init__(self, n_img: int, n_cap: int, sims_path: Optional[str], max_host_bytes: int):
     self.final = self.partial = self._tmpdir = None
@@ -99,14 +99,18 @@ class SimsStore:
       if not sims_path.endswith(".npy"):
         sims_path += ".npy"
       os.makedirs(os.path.dirname(os.path.abspath(sims_path)), exist_ok=True)
-      self.final, self.partial = sims_path, sims_path[:-4] + ".partial.npy"
+      self.final, self.partial = sims_path, atomic.temporary_path(sims_path)
     elif nbytes > max_host_bytes:
       self._tmpdir = tempfile.mkdtemp(prefix="dsran_sims_")
       self.partial = os.path.join(self._tmpdir, "sims.npy")
       logging.info("sims matrix of %.1f GiB kept in %s", nbytes / 2**30, self.partial)
     if self.partial:
-      self.array = np.lib.format.open_memmap(self.partial, mode="w+", dtype=np.float32,
-                                             shape=(n_img, n_cap))
+      try:
+        self.array = np.lib.format.open_memmap(self.partial, mode="w+", dtype=np.float32,
+                                               shape=(n_img, n_cap))
+      except BaseException:  # no `with` yet to remove it: a full disk leaves nothing
+        self.__exit__(None, None, None)
+        raise
     else:
       self.array = np.empty((n_img, n_cap), np.float32)
 
@@ -114,7 +118,7 @@ class SimsStore:
     if self.final:
       self.array.flush()
       self.array = None
-      os.replace(self.partial, self.final)
+      atomic.install(self.partial, self.final)
       self.partial = None
 
   def __enter__(self):

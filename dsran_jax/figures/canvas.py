@@ -10,6 +10,8 @@ import textwrap
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from dsran_jax import atomic
+
 
 def figure(figsize) -> Figure:
   """A new figure of `figsize` inches with its own Agg canvas."""
@@ -19,9 +21,12 @@ def figure(figsize) -> Figure:
 
 
 def save(fig: Figure, path: str, dpi: int = 110) -> str:
-  """Writes `fig` as a PNG at `path` (directories created); returns the path."""
+  """Writes `fig` at `path` (directories created) atomically, in the format its suffix
+  names (PNG without one); returns the path."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=dpi)
+  fmt = os.path.splitext(path)[1][1:].lower() or "png"
+  with atomic.replacing(path, "wb") as f:
+    fig.savefig(f, dpi=dpi, format=fmt)
   return path
 
 

@@ -28,7 +28,7 @@ import types
 import numpy as np
 from absl import app, flags, logging
 
-from dsran_jax import cli, data, evaluation, index, inference, search
+from dsran_jax import atomic, cli, data, evaluation, index, inference, search
 from dsran_jax.evaluation import two_stage
 from dsran_jax.workdir import Workdir
 
@@ -164,7 +164,7 @@ def _index_gallery(path: str):
   truth = np.linspace(0, num_items - 1, q).astype(np.int64)
   cpi = raw.captions_per_image
   queries = matcher.encode_texts([raw.texts[i * cpi] for i in truth]).astype(np.float32)
-  np.savez(path, images=images, queries=queries, truth=truth)
+  atomic.save_npz(path, images=images, queries=queries, truth=truth)
   return images, queries, truth
 
 

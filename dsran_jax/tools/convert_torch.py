@@ -13,22 +13,26 @@ unexpected key, missing key and shape mismatch is reported at once, naming the
 checkpoint key. The workdir gets `config.json` (the options the checkpoint's `opt` holds
 become its config, every `model.<family>` key written out), `checkpoints/best` (orbax)
 and, where the family has them, `vocab.json` and other files (MLASM: its CNN's weights,
-`resnet152.safetensors`, for `python -m dsran_jax.extract`).
+`resnet152.safetensors`, for `python -m dsran_jax.extract`). A new workdir is built in a
+temporary directory beside it and renamed into place at the end, so a conversion that
+fails (or is killed) leaves no workdir; into an existing workdir, its files are replaced
+one by one (each whole) after the checkpoint step is written.
 """
 import json
 import os
 import sys
+import tempfile
 import types
 from typing import Any, Dict, Optional, Sequence
 
 from absl import app
 from absl import flags
 
-from dsran_jax import checkpointing, models
+from dsran_jax import atomic, checkpointing, models
 from dsran_jax import cli
 from dsran_jax.convert.engine import ConversionError, check_finite, load_checkpoint
 from dsran_jax.default_config import get_base_config
-from dsran_jax.workdir import Workdir
+from dsran_jax.workdir import VOCAB_FILE, Workdir
 
 
 def detect_family(ckpt: Dict[str, Any], path: str) -> str:
@@ -51,6 +55,19 @@ def detect_family(ckpt: Dict[str, Any], path: str) -> str:
     raise ConversionError(f"{path}: {what}; pass --model=NAME. Its 'model' entry starts "
                           f"with {shown}")
   return found[0]
+
+
+def _write_files(directory: str, converted) -> list[str]:
+  """Writes the converted workdir's files but its checkpoint (config.json, vocab.json,
+  the family's other files) into `directory`; returns their names."""
+  names = [os.path.basename(Workdir(directory).save_config(converted.config))]
+  if converted.vocab is not None:
+    converted.vocab.save(os.path.join(directory, VOCAB_FILE))
+    names.append(VOCAB_FILE)
+  for name, write in converted.files.items():  # e.g. MLASM's resnet152.safetensors
+    write(os.path.join(directory, name))
+    names.append(name)
+  return names
 
 
 def convert_checkpoint(checkpoint: str, workdir: str, model: Optional[str] = None,
@@ -81,15 +98,6 @@ def convert_checkpoint(checkpoint: str, workdir: str, model: Optional[str] = Non
   # records) and validates it with its own rules.
   converted = rules.convert(ckpt, {**options, "path": checkpoint}, config=get_base_config())
   check_finite(converted.variables, checkpoint)
-  config = converted.config
-  os.makedirs(workdir, exist_ok=True)
-  Workdir(workdir).save_config(config)
-  if converted.vocab is not None:
-    converted.vocab.save(os.path.join(workdir, "vocab.json"))
-  written = []
-  for name, write in converted.files.items():  # e.g. MLASM's resnet152.safetensors
-    written.append(os.path.abspath(os.path.join(workdir, name)))
-    write(written[-1])
   step = int(ckpt.get("Eiters") or ckpt.get("epoch") or 0)
   best_rsum = ckpt.get("best_rsum")
   best_rsum = None if best_rsum is None else float(best_rsum)
@@ -97,7 +105,22 @@ def convert_checkpoint(checkpoint: str, workdir: str, model: Optional[str] = Non
           "epoch": ckpt.get("epoch"), "Eiters": ckpt.get("Eiters"), "best_rsum": best_rsum,
           "rsum": best_rsum, "converted_by": "dsran_jax.tools.convert_torch"}
   meta = json.loads(json.dumps(meta, default=lambda x: getattr(x, "item", lambda: str(x))()))
-  checkpointing.save(workdir, checkpointing.BEST, step, converted.variables, meta)
+  if not os.path.exists(workdir):
+    # Built in a temporary directory beside it and renamed into place whole: a failed
+    # or killed conversion leaves no half workdir.
+    with atomic.new_directory(workdir) as stage:
+      _write_files(stage, converted)
+      checkpointing.save(stage, checkpointing.BEST, step, converted.variables, meta)
+  else:
+    # An existing workdir: its files are replaced and the step added (replacing that
+    # step and later ones, as a re-save does). Everything but the checkpoint is written
+    # aside first, so a failure before the end leaves its files as they were.
+    with tempfile.TemporaryDirectory(prefix=".convert-", suffix=".tmp", dir=workdir) as stage:
+      names = _write_files(stage, converted)
+      checkpointing.save(workdir, checkpointing.BEST, step, converted.variables, meta)
+      for name in names:
+        atomic.install(os.path.join(stage, name), os.path.join(workdir, name))
+  written = [os.path.abspath(os.path.join(workdir, name)) for name in converted.files]
   return {"workdir": os.path.abspath(workdir), "model": family, **converted.summary,
           "step": step, "epoch": meta["epoch"], "best_rsum": best_rsum,
           "vocab_json": converted.vocab is not None, **({"files": written} if written else {})}

@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from dsran_jax import checkpointing, models
+from dsran_jax import atomic, checkpointing, models
 from dsran_jax.default_config import ConfigError, get_base_config
 from dsran_jax.models import variables as model_variables
 from dsran_jax.workdir.lock import LOCK_NAME, STALE_AFTER_S, WorkdirLock, WorkdirLockedError
@@ -216,7 +216,7 @@ class Workdir:
   def save_config(self, config) -> str:
     """Writes the resolved config to config.json, atomically; returns its path."""
     os.makedirs(self.path, exist_ok=True)
-    return write_json(self.config_file, config.to_dict(), sort_keys=True)
+    return atomic.write_json(self.config_file, config.to_dict(), sort_keys=True)
 
   def load_config(self, overrides: Optional[Mapping[str, Any]] = None
                   ) -> ml_collections.ConfigDict:
@@ -257,7 +257,7 @@ class Workdir:
 
   def write_json(self, name: str, obj) -> str:
     """Writes `obj` as `name` inside the workdir, atomically."""
-    return write_json(self.file(name), obj)
+    return atomic.write_json(self.file(name), obj)
 
   # ------------------------------------------------------------------ model
 
@@ -295,15 +295,3 @@ def check_variables(model, variables: Dict[str, Any], where: str) -> None:
   if problems:
     raise ValueError(f"{where}: the checkpoint does not fit the model its config.json "
                      f"describes ({len(problems)} problems):\n  " + "\n  ".join(problems[:20]))
-
-
-def write_json(path: str, obj, **kwargs) -> str:
-  """Writes `obj` as JSON to `path` through a temporary file and a rename, so a reader
-  never sees half a file; returns `path`."""
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, **kwargs)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-  return path

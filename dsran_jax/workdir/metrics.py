@@ -14,6 +14,8 @@ from typing import Iterator, List, Optional
 import jax
 from absl import logging
 
+from dsran_jax import atomic
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 # `DSRAN_CRASH_AT=metrics:STEP:torn`: write half of step STEP's row, then SIGKILL (tests).
@@ -77,12 +79,7 @@ class MetricsLog:
     if not os.path.exists(self.path):
       return
     rows = [r for r in iter_metrics(self.path) if r.get("step", 0) <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in rows)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, self.path)
+    atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
   def write(self, step: int, values: dict) -> None:
     """Appends `{"step": step, **values}` (floats) and the TensorBoard scalars."""

@@ -18,7 +18,6 @@ not part of the Flax variables: `convert` checks it against dsran_jax's ResNet
 `python -m dsran_jax.extract --weights=...` reads to write `{split}_global.npy` with the
 authors' exact CNN.
 """
-import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -158,9 +157,7 @@ def make_config(c, options: Mapping[str, Any], opt: Mapping[str, Any], data_form
 def _save_safetensors(arrays: Dict[str, np.ndarray]):
   def write(path: str) -> None:
     from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-    tmp = path + ".tmp"
-    save_file(arrays, tmp)
-    os.replace(tmp, path)
+    save_file(arrays, path)  # inside the converter's temporary directory (`Converted`)
   return write
 
 
