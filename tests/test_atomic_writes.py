@@ -321,7 +321,7 @@ def test_sigkill_at_first_write_and_fsync_leaves_old_or_new_file(killed_run, ste
   # Nothing but the temporary names the killed children left behind.
   names = os.listdir(os.path.join(root, "wd"))
   assert all(n.endswith(".tmp") and n.startswith(".") for n in names
-             if n not in set(TARGETS.values()) | {"checkpoints"}), names
+             if n not in set(TARGETS.values()) | {"checkpoints", "evals"}), names
 
 
 @pytest.mark.parametrize("stem", EXTRACTION)
