@@ -112,11 +112,15 @@ def attention_map(workdir: str, images: Sequence[Any] = (0,), path: Optional[str
     n_nodes = (grid_w.shape[1] if grid_w is not None else 0) + len(real)
     uniform = 1.0 / max(n_nodes, 1)
     if grid_w is not None and grid_w.shape[1] == GRID_SIDE * GRID_SIDE:
-      heat = grid_w[n].reshape(GRID_SIDE, GRID_SIDE) / uniform
+      # Within the grid: each cell's share of the grid's attention against an even
+      # spread over the cells (the regions usually take most of the mass, which would
+      # leave every cell below the all-node uniform and the map one colour).
+      cells = grid_w[n] / max(float(grid_w[n].sum()), 1e-12) * grid_w.shape[1]
+      heat = cells.reshape(GRID_SIDE, GRID_SIDE)
       im = ax_g.imshow(heat, cmap="RdBu_r", interpolation="nearest",
                        norm=_centred_at_one(heat))
       bar = fig.colorbar(im, ax=ax_g, fraction=0.046, pad=0.04)
-      bar.set_label("weight ÷ uniform", fontsize=7)
+      bar.set_label("share ÷ even spread", fontsize=7)
       for o in (desc or {}).get("objects", []):
         ax_g.text(o["col"], o["row"], o["cls"], ha="center", va="center", fontsize=7,
                   color="cyan", fontweight="bold")
@@ -153,9 +157,10 @@ def attention_map(workdir: str, images: Sequence[Any] = (0,), path: Optional[str
     ax_t.text(0.0, 1.0, "\n".join(wrap(t, 55) for t in text), va="top", ha="left",
               fontsize=8, transform=ax_t.transAxes)
   fig.suptitle(att.get("title", "attention over the image's nodes") + "\n"
-               "left: each grid cell's weight ÷ the uniform weight 1/N (N = grid cells + "
-               "regions; red: attended more than uniform, blue: less); middle: the "
-               "regions' weights; right: the image's captions", fontsize=9)
+               "left: each grid cell's share of the grid's attention ÷ an even spread over "
+               "the cells (red: more, blue: less); middle: each region's weight, the dashed "
+               "line the uniform weight over all nodes; right: the image's captions",
+               fontsize=9)
   fig.tight_layout()
   return save(fig, path or Workdir(workdir).figure_file("attention_map"))
 
