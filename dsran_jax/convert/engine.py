@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dsran_jax import atomic
 from dsran_jax.convert import torch_pickle
 
 
@@ -77,15 +78,16 @@ class ConversionError(ValueError):
   """A checkpoint that does not fit the model; the message lists every problem."""
 
 
-def to_numpy(value) -> np.ndarray:
-  """A tensor (torch or numpy) as a numpy array; floats as float32."""
+def to_numpy(value, keep_dtype: bool = False) -> np.ndarray:
+  """A tensor (torch or numpy) as a numpy array; floats as float32, unless `keep_dtype`
+  (the tensor as stored: a file written from it holds the checkpoint's own values)."""
   if hasattr(value, "detach"):  # a torch tensor; torch itself is not imported here
     value = value.detach().cpu()
-    if value.is_floating_point():
+    if value.is_floating_point() and not keep_dtype:
       value = value.float()
     value = value.numpy()
   value = np.asarray(value)
-  if np.issubdtype(value.dtype, np.floating):
+  if np.issubdtype(value.dtype, np.floating) and not keep_dtype:
     value = value.astype(np.float32, copy=False)
   return value
 
@@ -278,7 +280,8 @@ class Converted:
       model the weights imply and what the checkpoint's `opt` says).
     vocab: a `core.vocab.Vocabulary` to save as `vocab.json`, or None.
     summary: JSON-able facts printed by the CLI (widths, build, ...).
-    files: other workdir files, `{name: write(path)}` (MLASM's CNN weights).
+    files: other workdir files, `{name: write(path)}` (DSRAN's and MLASM's CNN
+      weights, `safetensors_file`).
   """
 
   def __init__(self, variables: dict, config, vocab=None, summary: Optional[dict] = None,
@@ -288,6 +291,16 @@ class Converted:
     self.vocab = vocab
     self.summary = dict(summary or {})
     self.files = dict(files or {})
+
+
+def safetensors_file(arrays: Mapping[str, np.ndarray],
+                     metadata: Optional[Mapping[str, str]] = None) -> Callable[[str], None]:
+  """A `Converted.files` writer: `arrays` (key -> array, dtypes kept) as a safetensors
+  file, written atomically (`dsran_jax.atomic`)."""
+  def write(path: str) -> None:
+    from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+    atomic.write_bytes(path, save(dict(arrays), metadata=dict(metadata or {})))
+  return write
 
 
 def opt_of(ckpt: Mapping[str, Any]) -> Dict[str, Any]:
