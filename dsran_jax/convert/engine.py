@@ -333,8 +333,9 @@ def workdir_config(c, family: str, model_options: Mapping[str, Any], opt: Mappin
   the config of a converted GRU-family workdir: `model.name = family`, the model options
   the checkpoint implies (flat: `embed_size` sets `model.embed_size`, `scan.bi_gru` sets
   `model.scan.bi_gru` cast to its default's type), `data.img_dim` = `model.img_dim`,
-  `data_format` with `num_regions` regions, Adam without warmup, then the recipe `opt`
-  records (`apply_recipe_from_opt`, for fine-tuning). Returns `c`."""
+  `data_format` with `num_regions` regions, Adam without warmup, SCAN's 1000-image dev
+  (a family of VSE++'s loaders sets its own after), then the recipe `opt` records
+  (`apply_recipe_from_opt`, for fine-tuning). Returns `c`."""
   c.model.name = family
   for key, value in model_options.items():
     section, dot, sub = key.partition(".")
@@ -346,6 +347,7 @@ def workdir_config(c, family: str, model_options: Mapping[str, Any], opt: Mappin
   c.data.format = data_format
   c.data.num_regions = num_regions
   c.train.optimizer, c.train.warmup = "adam", 0.0
+  c.eval.max_dev_images = 1000  # their loaders keep the first 5000 dev captions
   apply_recipe_from_opt(c, opt)
   return c
 

@@ -91,7 +91,8 @@ class Vocabulary:
 
   @classmethod
   def build(cls, texts: Iterable[str], threshold: int = DEFAULT_THRESHOLD) -> "Vocabulary":
-    """Words seen >= `threshold` times in `texts` (give training captions only).
+    """Words seen >= `threshold` times in `texts` (the captions of the splits the
+    authors count: `data.vocab_splits`).
 
     Ordered by decreasing count, then alphabetically, so the ids are reproducible (the
     authors' order follows dict iteration and is not).

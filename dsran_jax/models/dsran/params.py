@@ -28,7 +28,7 @@ from dsran_jax.convert import authors_vocab
 from dsran_jax.convert.engine import (DROP, ConversionError, Converted, Rule,
                                       apply_recipe_from_opt, flatten, map_state_dict, opt_of,
                                       safetensors_file, state_dicts, strip_prefix, to_numpy)
-from dsran_jax.models.common import resnet
+from dsran_jax.models.common import recipes, resnet
 from dsran_jax.models.common.bert import BertConfig, hf_state_dict_to_params
 from dsran_jax.models.dsran.model import DSRAN, DSRANConfig
 from dsran_jax.models.variables import variable_shapes
@@ -303,6 +303,7 @@ def make_config(c, overrides: Mapping[str, Any], opt: Mapping[str, Any], bert_pa
     c.train.optimizer = "adam"
     c.train.warmup = 0.0
   apply_recipe_from_opt(c, opt)
+  c.eval.max_dev_images = recipes.vsepp_dev_images(c.data.name)  # VSE++'s loaders
   return c
 
 

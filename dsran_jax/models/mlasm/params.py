@@ -28,7 +28,7 @@ from dsran_jax.convert import authors_vocab
 from dsran_jax.convert.engine import (ConversionError, Converted, map_state_dict, opt_of,
                                       safetensors_file, state_dicts, to_numpy,
                                       validate_workdir_config, workdir_config)
-from dsran_jax.models.common import resnet
+from dsran_jax.models.common import recipes, resnet
 from dsran_jax.models.mlasm import config as mlasm_config
 from dsran_jax.models.variables import variable_shapes
 
@@ -143,6 +143,7 @@ def make_config(c, options: Mapping[str, Any], opt: Mapping[str, Any], data_form
   c = workdir_config(c, FAMILY, options, opt, data_format)
   # Their ContrastiveLoss takes the hardest negatives whatever opt.max_violation says.
   c.train.max_violation = True
+  c.eval.max_dev_images = recipes.vsepp_dev_images(c.data.name)  # VSE++'s loaders
   return validate_workdir_config(c, "an MLASM", mlasm_config.validate)
 
 
