@@ -158,3 +158,12 @@ def test_mlasm_exports_its_cnn_as_stored_too(torch_ref, tmp_path):
   stored = {k[len("cnn.module."):] for k in ckpt["keys"]["img_enc"] if k.startswith("cnn.")}
   assert set(got) == stored
   assert got["layer1.0.bn1.num_batches_tracked"][:2] == ("int64", ())
+
+
+@pytest.mark.parametrize("data_name,dev", [("f30k", 0), ("coco", 1000)])
+def test_converted_workdir_selects_on_vsepp_dev(small_gru_state, data_name, dev):
+  """A converted DSRAN workdir fine-tunes with the authors' dev: every Flickr30K val image,
+  COCO's first 1000."""
+  converted = dsran_params.convert({"model": [small_gru_state], "opt": {"data_name": data_name}},
+                                   {"path": "ckpt.pth.tar"}, config=get_base_config())
+  assert converted.config.eval.max_dev_images == dev
