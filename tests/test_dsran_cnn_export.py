@@ -28,8 +28,9 @@ RESNET152_TENSORS = 932  # 155 convs + 155 BatchNorms x 5 + fc.{weight,bias}
 
 
 def _opt(**kw):
-  base = dict(data_name="f30k", batch_size=4, embed_size=E, img_dim=2048, K=2, margin=0.2,
-              learning_rate=2e-4, num_epochs=16, lr_update=8, grad_clip=2.0)
+  base = {"data_name": "f30k", "batch_size": 4, "embed_size": E, "img_dim": 2048, "K": 2,
+          "margin": 0.2, "learning_rate": 2e-4, "num_epochs": 16, "lr_update": 8,
+          "grad_clip": 2.0}
   return argparse.Namespace(**{**base, **kw})
 
 
@@ -97,8 +98,9 @@ def test_bert_build_layout_exports_its_cnn(torch_ref, tmp_path):
   """The BERT build's `module.img_enc.cnn.*` (DataParallel) lands under the same
   torchvision names; a network other than ResNet-50/101/152 is `resnet.safetensors`."""
   ckpt = str(tmp_path / "model_best.pth.tar")
-  bert = dict(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-              intermediate_size=72, max_position_embeddings=40, type_vocab_size=2)
+  bert = {"vocab_size": 60, "hidden_size": 32, "num_hidden_layers": 1,
+          "num_attention_heads": 2, "intermediate_size": 72, "max_position_embeddings": 40,
+          "type_vocab_size": 2}
   torch_ref("dsran.make_bert", ckpt_path=ckpt, K=2, bert=bert,
             dims={"embed": E, "img": 40, "pos": POS}, torch_seed=5, init_seed=6,
             opt=_opt(img_dim=40, learning_rate=2e-5, bert_path="uncased_L-1_H-32_A-2/"))

@@ -5,7 +5,6 @@ counts, and the word tokeniser on the captions nltk splits differently."""
 import json
 import logging
 
-import numpy as np
 import pytest
 
 from dsran_jax import data, models, train
@@ -13,7 +12,6 @@ from dsran_jax.core.vocab import word_tokenize
 from dsran_jax.data.raw import RawSplit
 from dsran_jax.default_config import get_base_config, recipe_config
 from dsran_jax.models.common.glove import read_glove, stripped_form
-
 
 # ------------------------------------------------------------------------------- GloVe
 

@@ -7,7 +7,7 @@
 Importing this package pulls in neither h5py, the tokenizers library nor TensorFlow:
 those are imported where a file is opened or a tokenizer built.
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 from dsran_jax import models
 from dsran_jax.core.batch import IMAGE_KEYS, TEXT_KEYS
@@ -63,13 +63,13 @@ def load_split(config, split_name: str, workdir: Optional[str] = None) -> Split:
                read_images=raw_split.read_images)
 
 
-def vocab_split_names(config) -> Tuple[str, ...]:
+def vocab_split_names(config) -> tuple[str, ...]:
   """The splits whose captions a new word vocabulary counts (`data.vocab_splits`)."""
   return tuple(dict.fromkeys(config.data[key]
                              for key in VOCAB_SPLITS[config.data.vocab_splits]))
 
 
-def _vocab_texts(config, read: Optional[Dict[str, RawSplit]] = None) -> List[str]:
+def _vocab_texts(config, read: Optional[dict[str, RawSplit]] = None) -> list[str]:
   """The captions of `vocab_split_names(config)`, reusing the splits already `read`."""
   read = dict(read or {})
   texts = []

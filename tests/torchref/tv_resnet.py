@@ -90,10 +90,9 @@ def randomise(model: ResNet, seed: int) -> ResNet:
     model(torch.randn(2, 3, 64, 64, generator=g))
     for i, bn in enumerate(bns):
       n = bn.num_features
-      u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=g)  # noqa: E731
-      bn.running_var.mul_(u(0.7, 1.4))
+      bn.running_var.mul_(0.7 + 0.7 * torch.rand(n, generator=g))
       bn.running_mean.add_(0.2 * bn.running_var.sqrt() * torch.randn(n, generator=g))
-      bn.weight.copy_(u(0.6, 1.4))
+      bn.weight.copy_(0.6 + 0.8 * torch.rand(n, generator=g))
       bn.bias.copy_(0.2 * torch.randn(n, generator=g))
       bn.num_batches_tracked.fill_(1000 + i)
       bn.momentum = 0.1

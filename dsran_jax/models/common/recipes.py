@@ -80,9 +80,9 @@ def glove_departure(c, initial: str) -> list:
   is empty (`departures` hooks): the word embeddings start from `initial` instead."""
   if c.model.glove_path:
     return []
-  return [f"model.glove_path is empty: the word embeddings start from {initial}, where the "
-          f"authors initialise them from GloVe (torchtext's GloVe(): glove.840B.300d.txt); "
-          f"set --config.model.glove_path=/path/to/glove.840B.300d.txt"]
+  return [(f"model.glove_path is empty: the word embeddings start from {initial}, where "
+           f"the authors initialise them from GloVe (torchtext's GloVe(): "
+           f"glove.840B.300d.txt); set --config.model.glove_path=/path/to/glove.840B.300d.txt")]
 
 
 def synthetic_epoch_steps(c) -> int:

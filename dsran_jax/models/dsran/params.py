@@ -350,9 +350,9 @@ def convert(ckpt: Mapping[str, Any], options: Mapping[str, Any], *, config) -> C
              "embed_size": overrides["embed_size"], "img_dim": overrides["img_dim"],
              "cnn": cnn_config.describe(), "cnn_weights": cnn_file,
              "cnn_tensors": len(cnn)}
-  notes = [f"the grid features must come from the checkpoint's own CNN (its BatchNorm "
-           f"statistics drifted in training): python -m dsran_jax.extract --images=... "
-           f"--weights=<workdir>/{cnn_file} --out=<data.root> --split=test"]
+  notes = [(f"the grid features must come from the checkpoint's own CNN (its BatchNorm "
+            f"statistics drifted in training): python -m dsran_jax.extract --images=... "
+            f"--weights=<workdir>/{cnn_file} --out=<data.root> --split=test")]
   if overrides["text_encoder"] == "bert":
     summary["bert"] = {k: getattr(overrides["bert"], k) for k in
                        ("hidden_size", "num_layers", "num_heads", "intermediate_size")}
