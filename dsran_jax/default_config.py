@@ -201,6 +201,9 @@ KEYS: Dict[str, Key] = declare([
     Key("data.global_file", "", Str(note=" (default {root}/{split}_global.npy)"),
         "pooled ResNet features; default {root}/{split}_global.npy"),
     Key("data.vocab_file", "", Str(), "GRU vocabulary JSON; default {workdir}/vocab.json"),
+    Key("data.vocab_splits", "train", Choice("train", "train+dev", "all"),
+        "captions a new word vocabulary counts: data.train_split, + data.dev_split, or "
+        "those and data.test_split ('all'); the recipes set their authors'"),
     # the synthetic world (data.format == "synthetic")
     Key("data.synthetic.seed", 0, Int(0, 2**32 - 1), "seed of the synthetic world"),
     Key("data.synthetic.num_train_images", 2000, Int(1), "synthetic train images"),
@@ -251,6 +254,9 @@ KEYS: Dict[str, Key] = declare([
         "comma-separated regexes of parameter paths never trained (added to the "
         "family's own frozen layers)"),
     Key("train.margin", 0.2, Real(0), "triplet loss margin"),
+    Key("train.departures", "", Str(),
+        "written by training, never read: where the run departs from the authors' "
+        "recipe (e.g. no GloVe file), as logged at its start"),
     Key("train.max_violation", True, Bool(), "hardest negatives (VSE++)"),
     Key("train.sum_violation_steps", 0, Int(0),
         "VSE++ warm-up: sum of violations for this many steps"),
@@ -259,7 +265,9 @@ KEYS: Dict[str, Key] = declare([
     Key("eval.batch_size", 256, Int(1), "items encoded per batch"),
     Key("eval.protocol", "1k", Choice("1k", "coco"),
         "'1k' (Flickr30K) | 'coco' (5K and 5-fold 1K)"),
-    Key("eval.max_dev_images", 1000, Int(1), "COCO dev: first 1000 images"),
+    Key("eval.max_dev_images", 0, Int(0, note=" (0: every dev image)"),
+        "dev images of model selection: the first N (SCAN/SGRAF and COCO: 1000, i.e. "
+        "5000 captions); 0: all (Flickr30K's 1014 for DSRAN and MLASM)"),
     Key("eval.save_sims", False, Bool(), "also save the test sims matrix"),
     Key("eval.chunk_size", 1000, Int(1), "images per block of the sims matrix when ranking"),
     Key("eval.tile_images", 0, Int(0, note=" (0: the family's default)"),

@@ -11,6 +11,11 @@ r"""ResNet grid and global features of your own images, in the layouts the reade
   as torchvision saves it) or Hugging Face's `ResNetModel` layout, as `.pth`/`.pt`/`.bin`
   or `.safetensors`, with or without a `module.` / `cnn.module.` prefix; the depth is
   read from the weights. Nothing is downloaded.
+  For a workdir converted from a DSRAN or MLASM checkpoint (`dsran_jax.tools.
+  convert_torch`), give its `resnet152.safetensors`: the checkpoint's own ResNet-152,
+  whose BatchNorm statistics drifted while the authors trained (their frozen CNN ran in
+  train mode), so the features the checkpoint was evaluated on come from it, not from
+  torchvision's ImageNet weights. To train a recipe from scratch, use ImageNet weights.
 - Decoding is torchvision's eval transform on PIL images: RGB, `Resize(256)` (shorter
   side to 256, bilinear), `CenterCrop(224)`, `ToTensor()` (/255), `Normalize` with the
   ImageNet mean/std. EXIF orientation is not applied (torchvision does not either).
@@ -396,7 +401,9 @@ def _define_flags() -> types.SimpleNamespace:
           "image path per line (relative paths: relative to the list file)."),
       weights=flags.DEFINE_string(
           "weights", None, "ResNet-50/101/152 weights: torchvision or HF layout, "
-          ".pth/.pt/.bin or .safetensors."),
+          ".pth/.pt/.bin or .safetensors. For a workdir converted from a DSRAN or MLASM "
+          "checkpoint: its resnet152.safetensors (the checkpoint's own CNN, drifted "
+          "BatchNorm statistics included), not ImageNet weights."),
       out=flags.DEFINE_string("out", None, "Output directory."),
       split=flags.DEFINE_string("split", "test",
                                 "Split name: files are {split}_grid.npy, ..."),

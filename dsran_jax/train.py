@@ -266,12 +266,16 @@ def _train_and_evaluate(config, wd: Workdir, mesh, stop_at, save_sims) -> dict:
   """`train_and_evaluate` once the config is valid and the workdir is locked."""
   t_setup = time.time()
   workdir = wd.path
+  # Said first and kept in config.json: a result of this run is not the authors' recipe.
+  departures = models.departures(config)
+  for note in departures:
+    logging.warning("this run departs from the authors' recipe: %s", note)
+  config.train.departures = "; ".join(departures)
   wd.save_config(config)
   mesh = mesh or make_mesh()
   check_batch_size(config, mesh)
   model, train_split = build(config, workdir)
-  dev_split = data.load_split(config, config.data.dev_split, workdir).subset_images(
-      config.eval.max_dev_images)
+  dev_split = data.load_dev_split(config, workdir)
   steps_per_epoch = pipeline.steps_per_epoch(train_split, config)
   total_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
   schedule = optim.learning_rate_schedule(config.train, steps_per_epoch, total_steps)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dsran_jax import atomic
 from dsran_jax.convert import torch_pickle
 
 
@@ -77,15 +78,16 @@ class ConversionError(ValueError):
   """A checkpoint that does not fit the model; the message lists every problem."""
 
 
-def to_numpy(value) -> np.ndarray:
-  """A tensor (torch or numpy) as a numpy array; floats as float32."""
+def to_numpy(value, keep_dtype: bool = False) -> np.ndarray:
+  """A tensor (torch or numpy) as a numpy array; floats as float32, unless `keep_dtype`
+  (the tensor as stored: a file written from it holds the checkpoint's own values)."""
   if hasattr(value, "detach"):  # a torch tensor; torch itself is not imported here
     value = value.detach().cpu()
-    if value.is_floating_point():
+    if value.is_floating_point() and not keep_dtype:
       value = value.float()
     value = value.numpy()
   value = np.asarray(value)
-  if np.issubdtype(value.dtype, np.floating):
+  if np.issubdtype(value.dtype, np.floating) and not keep_dtype:
     value = value.astype(np.float32, copy=False)
   return value
 
@@ -278,9 +280,9 @@ class Converted:
       model the weights imply and what the checkpoint's `opt` says).
     vocab: a `core.vocab.Vocabulary` to save as `vocab.json`, or None.
     summary: JSON-able facts printed by the CLI (widths, build, ...).
-    files: other workdir files, `{name: write(path)}` (MLASM's CNN weights); the
-      converter calls `write` with a name inside its temporary directory, and the file
-      reaches the workdir whole, by a rename (`atomic`).
+    files: other workdir files, `{name: write(path)}` (DSRAN's and MLASM's CNN
+      weights, `safetensors_file`); the converter calls `write` with a name inside its
+      temporary directory, and the file reaches the workdir whole, by a rename.
   """
 
   def __init__(self, variables: dict, config, vocab=None, summary: Optional[dict] = None,
@@ -290,6 +292,16 @@ class Converted:
     self.vocab = vocab
     self.summary = dict(summary or {})
     self.files = dict(files or {})
+
+
+def safetensors_file(arrays: Mapping[str, np.ndarray],
+                     metadata: Optional[Mapping[str, str]] = None) -> Callable[[str], None]:
+  """A `Converted.files` writer: `arrays` (key -> array, dtypes kept) as a safetensors
+  file, written atomically (`dsran_jax.atomic`)."""
+  def write(path: str) -> None:
+    from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+    atomic.write_bytes(path, save(dict(arrays), metadata=dict(metadata or {})))
+  return write
 
 
 def opt_of(ckpt: Mapping[str, Any]) -> Dict[str, Any]:
@@ -322,8 +334,9 @@ def workdir_config(c, family: str, model_options: Mapping[str, Any], opt: Mappin
   the config of a converted GRU-family workdir: `model.name = family`, the model options
   the checkpoint implies (flat: `embed_size` sets `model.embed_size`, `scan.bi_gru` sets
   `model.scan.bi_gru` cast to its default's type), `data.img_dim` = `model.img_dim`,
-  `data_format` with `num_regions` regions, Adam without warmup, then the recipe `opt`
-  records (`apply_recipe_from_opt`, for fine-tuning). Returns `c`."""
+  `data_format` with `num_regions` regions, Adam without warmup, SCAN's 1000-image dev
+  (a family of VSE++'s loaders sets its own after), then the recipe `opt` records
+  (`apply_recipe_from_opt`, for fine-tuning). Returns `c`."""
   c.model.name = family
   for key, value in model_options.items():
     section, dot, sub = key.partition(".")
@@ -335,6 +348,7 @@ def workdir_config(c, family: str, model_options: Mapping[str, Any], opt: Mappin
   c.data.format = data_format
   c.data.num_regions = num_regions
   c.train.optimizer, c.train.warmup = "adam", 0.0
+  c.eval.max_dev_images = 1000  # their loaders keep the first 5000 dev captions
   apply_recipe_from_opt(c, opt)
   return c
 

@@ -17,8 +17,16 @@ from dsran_jax.data.formats import FORMATS, format_module
 from dsran_jax.data.raw import DataError, MissingDataError, RawSplit
 
 __all__ = ["FORMATS", "IMAGE_KEYS", "TEXT_KEYS", "DataError", "MissingDataError",
-           "RawSplit", "Split", "format_module", "gru_vocabulary", "load_split", "read_raw_split",
-           "vocab_size"]
+           "RawSplit", "Split", "format_module", "gru_vocabulary", "load_dev_split",
+           "load_split", "read_raw_split", "vocab_size", "vocab_split_names"]
+
+# `data.vocab_splits` -> the config keys of the splits whose captions a new word
+# vocabulary counts. The authors' vocab.py counts train + dev captions (SCAN, SGRAF:
+# `{train,dev}_caps.txt`) or every caption of the dataset (VSE++'s f30k_vocab.pkl /
+# coco_vocab.pkl, from the whole Karpathy JSON / both COCO caption files, which DSRAN's
+# GRU build and MLASM load).
+VOCAB_SPLITS = {"train": ("train_split",), "train+dev": ("train_split", "dev_split"),
+                "all": ("train_split", "dev_split", "test_split")}
 
 
 def read_raw_split(config, split_name: str) -> RawSplit:
@@ -37,20 +45,16 @@ def load_split(config, split_name: str, workdir: Optional[str] = None) -> Split:
     config: the full config (`data.*`; `model.name` picks the tokenizer and the image
       keys read, see `dsran_jax.models`).
     split_name: "train", "dev", "test", "testall" (COCO precomp), or a synthetic split.
-    workdir: run directory; the GRU vocabulary is built from the training captions on
-      first use and kept as `{workdir}/vocab.json` (or `data.vocab_file`).
+    workdir: run directory; the GRU vocabulary is built on first use from the captions
+      of the splits `data.vocab_splits` names and kept as `{workdir}/vocab.json` (or
+      `data.vocab_file`).
 
   Returns:
     The `Split`, with `input_ids` / `attention_mask` int32 `(num_captions, data.max_len)`.
   """
   raw_split = read_raw_split(config, split_name)
-
-  def train_texts():
-    if split_name == config.data.train_split:
-      return raw_split.texts
-    return read_raw_split(config, config.data.train_split).texts
-
-  tokenizer = tokenize.make_tokenizer(config, workdir, train_texts)
+  tokenizer = tokenize.make_tokenizer(config, workdir,
+                                      lambda: _vocab_texts(config, {split_name: raw_split}))
   input_ids, attention_mask = tokenizer.encode(raw_split.texts)
   return Split(name=split_name, image_ids=list(raw_split.image_ids),
                texts=list(raw_split.texts), input_ids=input_ids,
@@ -59,14 +63,40 @@ def load_split(config, split_name: str, workdir: Optional[str] = None) -> Split:
                read_images=raw_split.read_images)
 
 
+def vocab_split_names(config) -> tuple[str, ...]:
+  """The splits whose captions a new word vocabulary counts (`data.vocab_splits`)."""
+  return tuple(dict.fromkeys(config.data[key]
+                             for key in VOCAB_SPLITS[config.data.vocab_splits]))
+
+
+def _vocab_texts(config, read: Optional[dict[str, RawSplit]] = None) -> list[str]:
+  """The captions of `vocab_split_names(config)`, reusing the splits already `read`."""
+  read = dict(read or {})
+  texts = []
+  for name in vocab_split_names(config):
+    if name not in read:
+      read[name] = read_raw_split(config, name)
+    texts.extend(read[name].texts)
+  return texts
+
+
 def gru_vocabulary(config, workdir: Optional[str] = None):
-  """The word `Vocabulary` of models that use one (built from the training captions on
-  first use and saved in the workdir); None for BERT tokenizers."""
+  """The word `Vocabulary` of models that use one (built on first use from the captions
+  of `data.vocab_splits` and saved in the workdir); None for BERT tokenizers."""
   if models.tokenizer_kind(config) != "vocab":
     return None
-  tokenizer = tokenize.make_tokenizer(
-      config, workdir, lambda: read_raw_split(config, config.data.train_split).texts)
+  tokenizer = tokenize.make_tokenizer(config, workdir, lambda: _vocab_texts(config))
   return tokenizer.vocab
+
+
+def load_dev_split(config, workdir: Optional[str] = None) -> Split:
+  """The split of model selection: `data.dev_split`, cut to its first
+  `eval.max_dev_images` images where the authors cut (SCAN/SGRAF: 5000 captions, 1000
+  images; COCO: VSE++'s first 5000 dev ids), whole when that is 0 (DSRAN and MLASM on
+  Flickr30K select on all 1014 val images)."""
+  split = load_split(config, config.data.dev_split, workdir)
+  n = config.eval.max_dev_images
+  return split.subset_images(n) if n else split
 
 
 def vocab_size(config, workdir: Optional[str] = None) -> Optional[int]:

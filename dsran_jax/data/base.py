@@ -59,7 +59,10 @@ class Split:
     return {"input_ids": self.input_ids[indices], "attention_mask": self.attention_mask[indices]}
 
   def subset_images(self, num_images: int) -> "Split":
-    """The first `num_images` images and their captions (COCO dev uses the first 1000)."""
+    """The first `num_images` images and their captions (`data.load_dev_split`: the
+    1000-image dev of SCAN/SGRAF and of COCO)."""
+    if num_images < 1:
+      raise ValueError(f"subset_images({num_images}): expected at least 1 image")
     if num_images >= self.num_images:
       return self
     n_cap = num_images * self.captions_per_image

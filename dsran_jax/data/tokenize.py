@@ -126,7 +126,8 @@ def make_tokenizer(config, workdir: Optional[str] = None,
       `models.bert_path` gives; `data.max_len`, `data.vocab_file`).
     workdir: run directory; the GRU vocabulary is kept there (`workdir.vocab_path`:
       `{workdir}/vocab.json`) unless `data.vocab_file` is set.
-    train_texts_fn: returns the training captions; called only when a GRU vocabulary has
+    train_texts_fn: returns the captions a new vocabulary counts (`data.vocab_splits`:
+      the training split, or more, as the authors count); called only when one has
       to be built (it is then saved, so every later split and run reuses it).
   """
   kind = models.tokenizer_kind(config)

@@ -13,6 +13,8 @@ A family is a package `dsran_jax/models/<name>/` with
         before a change of the family's options into today's layout; a no-op on a
         migrated dict (`Workdir.load_config` applies every family's, `migrations()`);
     `recipe(config, dataset)`  the authors' recipe for "f30k" / "coco";
+    `departures(config) -> list of str`  (optional) where a run of `config` departs from
+        the authors' recipe in a way training must report (e.g. no GloVe file);
     `demo(config)`  the synthetic-world settings of `configs/demo.py:<name>`;
     `validate(config)`  raises ValueError naming the key and its allowed range;
     `frozen_paths(model_config) -> tuple of regexes`  parameters never trained;
@@ -101,6 +103,14 @@ def input_hint(config, key: str) -> str:
   suggest), or ""."""
   hook = getattr(spec(config), "input_hint", None)
   return hook(config.model, key) if hook else ""
+
+
+def departures(config) -> Tuple[str, ...]:
+  """Where a run of `config` departs from its family's authors' recipe (the family's
+  `departures` hook; none without one): training logs each at its start and records
+  them in config.json (`train.departures`)."""
+  hook = getattr(family_config(config.model.name), "departures", None)
+  return tuple(hook(config)) if hook else ()
 
 
 def migrations() -> Tuple[Callable[[dict], dict], ...]:

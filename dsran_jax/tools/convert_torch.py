@@ -12,11 +12,15 @@ the family's rule table (`dsran_jax/models/<family>/params.py`) maps every weigh
 unexpected key, missing key and shape mismatch is reported at once, naming the
 checkpoint key. The workdir gets `config.json` (the options the checkpoint's `opt` holds
 become its config, every `model.<family>` key written out), `checkpoints/best` (orbax)
-and, where the family has them, `vocab.json` and other files (MLASM: its CNN's weights,
-`resnet152.safetensors`, for `python -m dsran_jax.extract`). A new workdir is built in a
-temporary directory beside it and renamed into place at the end, so a conversion that
-fails (or is killed) leaves no workdir; into an existing workdir, its files are replaced
-one by one (each whole) after the checkpoint step is written.
+and, where the family has them, `vocab.json` and other files: DSRAN's and MLASM's
+checkpoints hold their ResNet-152, whose BatchNorm statistics drifted in training, and
+it is written whole as `resnet152.safetensors` (named in the summary's `files`, `cnn`,
+`cnn_weights`); extract the grid / global features of a converted workdir with it,
+`python -m dsran_jax.extract --weights=<workdir>/resnet152.safetensors ...`, not with
+torchvision's ImageNet weights. A new workdir is built in a temporary directory beside
+it and renamed into place at the end, so a conversion that fails (or is killed) leaves
+no workdir; into an existing workdir, its files are replaced one by one (each whole)
+after the checkpoint step is written.
 """
 import json
 import os
@@ -72,7 +76,8 @@ def _write_files(directory: str, converted) -> list[str]:
 
 def convert_checkpoint(checkpoint: str, workdir: str, model: Optional[str] = None,
                        **options) -> Dict[str, Any]:
-  """Converts `checkpoint` into `workdir` (config.json, checkpoints/best, vocab.json).
+  """Converts `checkpoint` into `workdir` (config.json, checkpoints/best, vocab.json, the
+  family's files such as `resnet152.safetensors`).
 
   Args:
     checkpoint: the authors' `.pth.tar`.
@@ -80,7 +85,8 @@ def convert_checkpoint(checkpoint: str, workdir: str, model: Optional[str] = Non
     model: the family (default: recognised from the checkpoint).
     **options: family options (`vocab`, `bert_path`, `bert_heads`, `data_format`, ...).
 
-  Returns a summary dict (family, widths, step, ...), also printed by the CLI.
+  Returns a summary dict (family, widths, step, `files` written, `note` on what to do
+  next, ...), also printed by the CLI.
   """
   data_format = options.get("data_format") or ""
   if data_format not in ("", "vlp", "precomp"):

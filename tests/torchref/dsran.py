@@ -4,6 +4,8 @@ The modules re-implement the authors' GAT.py, model_bert.py and model.py with th
 and attribute names, so the state dicts have their keys; BERT is a
 `transformers.BertModel` (same key names as their vendored pytorch_pretrained_bert).
 Every weight, BatchNorm affine parameters and running statistics included, is random.
+`img_enc.cnn` is their ResNet (`tv_resnet`, torchvision's keys): a small one by default,
+the real ResNet-152 with `dims["cnn"] = {}` (see `_cnn`).
 
 `make_bert` / `make_gru` build a model, save it in the authors' checkpoint layout and keep
 it in this (session-long) process under the checkpoint path; `embed_images`,
@@ -18,7 +20,7 @@ import transformers
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from torchref import common
+from torchref import common, tv_resnet
 
 _MODELS = {}  # checkpoint path -> the model saved there
 
@@ -81,16 +83,21 @@ class Fusion(nn.Module):
     return t * f1 + (1 - t) * f2
 
 
-def _cnn():
-  # Stands in for their ResNet-152 (img_enc.cnn.*), which the converter drops.
-  return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+def _cnn(dims):
+  """Their ResNet (`img_enc.cnn.*`, torchvision's keys): `dims["cnn"]` (tv_resnet.ResNet
+  kwargs; ResNet-152 by default there), else a small one with the same key names whose
+  `layer4` gives `dims["img"]` channels, as their grid branch's fc takes."""
+  if dims.get("cnn") is not None:
+    return tv_resnet.ResNet(**dims["cnn"])
+  return tv_resnet.ResNet(layers=(1, 1, 1, 1), widths=(4, 4, 4, dims["img"] // 4), stem=8,
+                          num_classes=10)
 
 
 class _BertImageEncoder(nn.Module):
 
   def __init__(self, dims):
     super().__init__()
-    self.cnn = _cnn()
+    self.cnn = _cnn(dims)
     self.fc = nn.Sequential(nn.Linear(dims["img"], dims["embed"]), nn.ReLU(), nn.Dropout(0.1))
 
   def forward(self, grid):  # precomputed ResNet output
@@ -170,7 +177,7 @@ class _GruImageEncoder(nn.Module):
 
   def __init__(self, dims):
     super().__init__()
-    self.cnn = _cnn()
+    self.cnn = _cnn(dims)
     self.fc = nn.Linear(dims["img"], dims["embed"])
 
 
@@ -234,6 +241,8 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
+      if name.startswith("img_enc.cnn."):
+        continue  # tv_resnet.randomise below
       if "LayerNorm" in name or ".bn_" in name or name.endswith(("bn_in.weight", "bn_out.weight")):
         base = 1.0 if name.endswith("weight") else 0.0
         p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
@@ -244,6 +253,7 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
         mod.running_mean.copy_(0.5 * torch.randn(mod.running_mean.shape, generator=g))
         mod.running_var.copy_(0.5 + torch.rand(mod.running_var.shape, generator=g))
         mod.num_batches_tracked.fill_(7)
+  tv_resnet.randomise(model.img_enc.cnn, seed)
   return model.eval()
 
 
@@ -338,3 +348,28 @@ def gru_embed_texts(ckpt_path, batches):
     res[order] = out
     outs.append(res)
   return np.concatenate(outs)
+
+
+def cnn_digests(ckpt_path):
+  """{torchvision key: (dtype, shape, sha256 of the bytes)} of every tensor of the CNN
+  (`img_enc.cnn.*`) of the model saved at `ckpt_path`: what its weights file must hold."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  out = {}
+  for key, value in _model(ckpt_path).img_enc.cnn.state_dict().items():
+    a = value.detach().numpy()  # tobytes() is C order; 0-d counters stay 0-d
+    out[key] = (str(a.dtype), tuple(a.shape), hashlib.sha256(a.tobytes()).hexdigest())
+  return out
+
+
+def cnn_grid(ckpt_path, pixels_nchw):
+  """Their grid features in evaluation (`val_start()`: eval-mode BatchNorm): the CNN's
+  `x4` as EncoderImageFull.forward lays it out before its fc, (B, H * W, C)."""
+  cnn = _model(ckpt_path).img_enc.cnn.eval()
+  with torch.no_grad():
+    top = cnn(torch.from_numpy(np.ascontiguousarray(pixels_nchw, np.float32)))[-1]
+    return top.view(top.size(0), top.size(1), -1).transpose(2, 1).numpy().copy()
+
+
+def forget(ckpt_path):
+  """Drops the model saved at `ckpt_path` from this process (a ResNet-152 is 240 MB)."""
+  _MODELS.pop(ckpt_path, None)

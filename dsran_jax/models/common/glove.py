@@ -8,31 +8,52 @@ from absl import logging
 from dsran_jax.core.vocab import Vocabulary
 
 
-def _lookup_forms(word: str):
-  # The authors' trick to raise the hit rate: drop - . ' and keep the part before a /.
-  yield word
+def stripped_form(word: str) -> str:
+  """The authors' fallback form of a word GloVe lacks (their "quick-and-dirty trick to
+  improve word-hit rate"): `-`, `.` and `'` dropped, and only the part before a `/`."""
   alt = word.replace("-", "").replace(".", "").replace("'", "")
-  yield alt.split("/")[0] if "/" in alt else alt
+  return alt.split("/")[0] if "/" in alt else alt
 
 
 def read_glove(path: str, word2idx: Mapping[str, int], dim: int) -> tuple[dict, int]:
-  """{row index: vector} for the vocabulary words found in a GloVe .txt file."""
-  wanted = {}
-  for word, idx in word2idx.items():
-    for form in _lookup_forms(word):
-      wanted.setdefault(form, []).append(idx)
-  rows = {}
+  """`({row index: vector}, missing count)` for the vocabulary's words in a GloVe .txt.
+
+  As the authors' `EncoderText.init_weights` over torchtext's GloVe: a word takes the
+  vector of its exact form when the file has one, else that of `stripped_form(word)`
+  (`t-shirt` gets `t-shirt`'s vector if present, else `tshirt`'s), else none; a token
+  the file lists twice keeps its last vector (torchtext's `stoi`); a line of one value
+  (a header) is skipped. Lines split on single spaces, as torchtext's loader does
+  (glove.840B's tokens hold non-breaking spaces).
+
+  Raises:
+    ValueError: a wanted token's vector that is not `dim` numbers, naming file and line.
+  """
+  wanted = set(word2idx) | {stripped_form(w) for w in word2idx}
+  vectors = {}
   with open(path, encoding="utf-8", errors="replace") as f:
     for line_no, line in enumerate(f, 1):
-      word, _, rest = line.rstrip("\n").partition(" ")
+      word, _, rest = line.rstrip("\r\n ").partition(" ")
       if word not in wanted:
         continue
-      vec = np.array(rest.split(" "), np.float32)
-      if vec.shape != (dim,):
-        raise ValueError(f"{path}:{line_no}: vector for {word!r} has {vec.shape[0]} values, "
-                         f"model.word_dim is {dim}")
-      for idx in wanted.pop(word):
-        rows.setdefault(idx, vec)
+      values = rest.split(" ")
+      if len(values) == 1:
+        continue  # a header line ("<count> <dim>"), which torchtext skips too
+      try:
+        vec = np.array(values, np.float32)
+      except ValueError:
+        vec = None
+      if vec is None or vec.shape != (dim,):
+        raise ValueError(f"{path}:{line_no}: the vector of {word!r} is not {dim} numbers "
+                         f"(model.word_dim): {' '.join(values[:3])[:60]} ... "
+                         f"({len(values)} fields)")
+      vectors[word] = vec
+  rows = {}
+  for word, idx in word2idx.items():
+    vec = vectors.get(word)
+    if vec is None:
+      vec = vectors.get(stripped_form(word))
+    if vec is not None:
+      rows[idx] = vec
   return rows, len(word2idx) - len(rows)
 
 

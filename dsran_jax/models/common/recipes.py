@@ -51,15 +51,38 @@ def hinge_loss(c, max_violation: bool = True, sum_violation_steps: int = 0):
 
 
 def authors_gru_recipe(c, learning_rate: float, num_epochs: int, lr_update: int,
-                       data_format: str = "precomp"):
+                       data_format: str = "precomp", dev_images: int = 1000,
+                       vocab_splits: str = "train+dev"):
   """The shared recipe of the GRU families: 36 regions x 2048, embed 1024, word_dim 300,
-  `adam_clipped` at batch 128, hardest negatives from the first step, eval batch 128."""
+  `adam_clipped` at batch 128, hardest negatives from the first step, eval batch 128;
+  SCAN's data pipeline by default: model selection on the first 1000 dev images
+  (`if data_split == 'dev': self.length = 5000` captions) and a vocabulary of the train
+  and dev captions (their vocab.py reads `{train,dev}_caps.txt`)."""
   region_features(c, data_format)
   joint_space(c)
   adam_clipped(c, learning_rate, num_epochs, lr_update)
   hinge_loss(c)
   c.eval.batch_size = 128
+  c.eval.max_dev_images = dev_images
+  c.data.vocab_splits = vocab_splits
   return c
+
+
+def vsepp_dev_images(dataset: str) -> int:
+  """`eval.max_dev_images` of VSE++'s loaders, which DSRAN and MLASM keep: every
+  Flickr30K val image (1014; 0 = all), and COCO's first 5000 dev ids (`coco_dev_ids.npy
+  [:5000]`, 1000 images)."""
+  return 1000 if dataset == "coco" else 0
+
+
+def glove_departure(c, initial: str) -> list:
+  """The departure a run of a GloVe-initialised recipe reports when `model.glove_path`
+  is empty (`departures` hooks): the word embeddings start from `initial` instead."""
+  if c.model.glove_path:
+    return []
+  return [(f"model.glove_path is empty: the word embeddings start from {initial}, where "
+           f"the authors initialise them from GloVe (torchtext's GloVe(): "
+           f"glove.840B.300d.txt); set --config.model.glove_path=/path/to/glove.840B.300d.txt")]
 
 
 def synthetic_epoch_steps(c) -> int:

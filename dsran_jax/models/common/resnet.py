@@ -547,3 +547,46 @@ def load_weights(source: Union[str, os.PathLike, Mapping[str, Any]],
     if where is None:
       raise
     raise ValueError(f"{where}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def weights_file_name(config: ResNetConfig) -> str:
+  """The workdir file of a checkpoint's own CNN: `resnet152.safetensors` for torchvision's
+  ResNet-152 (`resnet50...`, `resnet101...` likewise), `resnet.safetensors` otherwise."""
+  name = config.describe()
+  return f"{name}.safetensors" if name.startswith("resnet") else "resnet.safetensors"
+
+
+def checkpoint_cnn(state: Mapping[str, Any], prefix: str
+                   ) -> Tuple[ResNetConfig, dict[str, np.ndarray]]:
+  """The torchvision ResNet a model's checkpoint holds under `prefix`, as it is stored.
+
+  DSRAN (`img_enc.cnn.`) and MLASM (`img_enc.cnn.module.`) keep their frozen ResNet-152
+  in train-mode BatchNorm, so its running statistics drift from ImageNet's, and their
+  evaluation computes image features with the drifted ones: those features can only be
+  reproduced from the checkpoint's own tensors.
+
+  Args:
+    state: the checkpoint's state dict (key -> array as read, any dtype).
+    prefix: the ResNet's key prefix in `state`.
+
+  Returns:
+    `(config, tensors)`: the network (checked key by key and shape by shape against
+    `ResNet`, as `load_weights` checks a weights file), and every tensor under `prefix`,
+    prefix removed (torchvision's names), values and dtypes as stored: the unused `fc.*`
+    head and every BatchNorm's `num_batches_tracked` included, so the file is the
+    checkpoint's CNN, whole.
+
+  Raises:
+    ValueError: no key under `prefix`, or tensors that are not a bottleneck ResNet
+      (naming the keys).
+  """
+  # np.asarray + a C-order copy only where needed: np.ascontiguousarray would turn the
+  # 0-d step counters into shape (1,).
+  tensors = {k[len(prefix):]: np.require(np.asarray(v), requirements="C")
+             for k, v in state.items() if k.startswith(prefix)}
+  if not tensors:
+    raise ValueError(f"no {prefix}* tensors")
+  config, _ = load_weights({prefix + k: v for k, v in tensors.items()}, prefix=prefix)
+  return config, tensors

@@ -6,6 +6,16 @@ Layouts: BERT build (`model_bert.py`) `{"model": state_dict}` with DataParallel'
 widths and the BERT shape are read off the weights; the workdir uses
 `model.dsran.text_padding = "reference"` so their weights give their embeddings, and their eval
 batch size (it sets the GRU build's padding width).
+
+Both builds keep their ResNet-152 (their own `resnet.py`: torchvision's network and key
+names, `fc` included, no DataParallel of its own) as `img_enc.cnn.*`. It is frozen but
+runs in train mode for the whole run (`train_start()` is `model.train()`), so its
+BatchNorm running statistics drift from ImageNet's, and their evaluation computes the
+grid with the drifted ones (`val_start()`: eval mode). The model here reads precomputed
+grids, so the CNN is not among the Flax variables: `convert` hands it back whole as
+`resnet152.safetensors` (`resnet.checkpoint_cnn`: every tensor under its torchvision name,
+values and dtypes as stored), from which `python -m dsran_jax.extract --weights=...`
+computes the grids the checkpoint was evaluated on.
 """
 import json
 import os
@@ -16,13 +26,15 @@ import numpy as np
 
 from dsran_jax.convert import authors_vocab
 from dsran_jax.convert.engine import (DROP, ConversionError, Converted, Rule,
-                                            apply_recipe_from_opt, flatten, map_state_dict,
-                                            opt_of, state_dicts, strip_prefix, to_numpy)
+                                      apply_recipe_from_opt, flatten, map_state_dict, opt_of,
+                                      safetensors_file, state_dicts, strip_prefix, to_numpy)
+from dsran_jax.models.common import recipes, resnet
 from dsran_jax.models.common.bert import BertConfig, hf_state_dict_to_params
 from dsran_jax.models.dsran.model import DSRAN, DSRANConfig
 from dsran_jax.models.variables import variable_shapes
 
 BERT = "bert"  # kind of the BERT subtree, mapped by models.common.bert
+CNN_PREFIX = "img_enc.cnn."  # both builds, once the BERT build's `module.` is stripped
 
 
 def _gat_rules(src: str, dst: str) -> List[Rule]:
@@ -42,7 +54,7 @@ def _fusion_rule(src: str, dst: str) -> Rule:
 def bert_rules() -> List[Rule]:
   """model_bert.py's DSRAN (keys without DataParallel's `module.`)."""
   return [
-      (r"^img_enc\.cnn(\..*)?$", "", DROP),            # ResNet-152: we take grid features
+      (r"^img_enc\.cnn(\..*)?$", "", DROP),            # ResNet-152: its own file (convert)
       (r"^rcnn_enc\.fc$", "", DROP),                   # defined but never called
       (r"^img_enc\.fc\.0$", "grid_enc/fc", "linear"),  # Sequential(Linear, ReLU, Dropout)
       (r"^rcnn_enc\.fc_image\.0$", "region_enc/fc_image_0", "linear"),
@@ -72,7 +84,7 @@ def gru_rules(K: int) -> List[Rule]:
   else:
     fusions = [_fusion_rule("fusion", "fusion")]
   return [
-      (r"^img_enc\.cnn(\..*)?$", "", DROP),
+      (r"^img_enc\.cnn(\..*)?$", "", DROP),            # ResNet-152: its own file (convert)
       (r"^img_enc\.fc$", "grid_enc/fc", "linear"),
       (r"^rcnn_enc\.fc_image$", "region_enc/fc_image", "linear"),
       (r"^txt_enc\.embed$", "text_enc/embed", "embed"),
@@ -229,6 +241,27 @@ def convert_state_dict(state_dict: Mapping[str, Any], build: Optional[str] = Non
   return variables, overrides
 
 
+def cnn_state(state_dict: Mapping[str, Any], img_dim: int, what: str):
+  """`(resnet_config, tensors)` of the checkpoint's ResNet (`img_enc.cnn.*`, BERT build
+  `module.img_enc.cnn.*`): `resnet.checkpoint_cnn`, every tensor under its torchvision
+  name, values and dtypes as stored; its `layer4` map must be `img_dim` wide, the width
+  the grid branch's `img_enc.fc` takes."""
+  state = {k: to_numpy(v, keep_dtype=True) for k, v in strip_prefix(state_dict).items()
+           if k.startswith(CNN_PREFIX)}
+  try:
+    config, tensors = resnet.checkpoint_cnn(state, CNN_PREFIX)
+  except ValueError as e:
+    raise ConversionError(f"{what}: img_enc.cnn is not a ResNet dsran_jax runs ({e}); "
+                          f"DSRAN's checkpoints hold their ResNet-152, whose drifted "
+                          f"BatchNorm statistics the grid features must be extracted "
+                          f"with") from None
+  if config.out_channels != img_dim:
+    raise ConversionError(f"{what}: img_enc.cnn ({config.describe()}) outputs "
+                          f"{config.out_channels} channels but the grid branch's img_enc.fc "
+                          f"takes {img_dim}")
+  return config, tensors
+
+
 # ----------------------------------------------------------------------------- workdir
 
 _BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_layers=12)
@@ -270,6 +303,7 @@ def make_config(c, overrides: Mapping[str, Any], opt: Mapping[str, Any], bert_pa
     c.train.optimizer = "adam"
     c.train.warmup = 0.0
   apply_recipe_from_opt(c, opt)
+  c.eval.max_dev_images = recipes.vsepp_dev_images(c.data.name)  # VSE++'s loaders
   return c
 
 
@@ -288,7 +322,8 @@ def detect(ckpt: Mapping[str, Any]) -> bool:
 def convert(ckpt: Mapping[str, Any], options: Mapping[str, Any], *, config) -> Converted:
   """An authors' DSRAN checkpoint as a workdir (`options`: bert_path, bert_heads, vocab,
   data_format, path; `config`: the base config, `default_config.get_base_config()`,
-  filled in as the workdir's)."""
+  filled in as the workdir's), with its CNN as a file (`files`: `resnet152.safetensors`,
+  see the module docstring)."""
   path = options.get("path", "checkpoint")
   (state_dict,) = state_dicts(ckpt, 1, path)
   opt = opt_of(ckpt)
@@ -308,23 +343,32 @@ def convert(ckpt: Mapping[str, Any], options: Mapping[str, Any], *, config) -> C
                        "--bert_path")
     vocab = authors_vocab.load_checked_vocab(options["vocab"], overrides["vocab_size"],
                                              "word embedding txt_enc.embed.weight")
+  cnn_config, cnn = cnn_state(state_dict, overrides["img_dim"], path)
+  cnn_file = resnet.weights_file_name(cnn_config)
   config = make_config(config, overrides, opt, bert_path, options.get("data_format") or "vlp")
   summary = {"build": overrides["text_encoder"], "K": overrides["K"],
-             "embed_size": overrides["embed_size"], "img_dim": overrides["img_dim"]}
+             "embed_size": overrides["embed_size"], "img_dim": overrides["img_dim"],
+             "cnn": cnn_config.describe(), "cnn_weights": cnn_file,
+             "cnn_tensors": len(cnn)}
+  notes = [(f"the grid features must come from the checkpoint's own CNN (its BatchNorm "
+            f"statistics drifted in training): python -m dsran_jax.extract --images=... "
+            f"--weights=<workdir>/{cnn_file} --out=<data.root> --split=test")]
   if overrides["text_encoder"] == "bert":
     summary["bert"] = {k: getattr(overrides["bert"], k) for k in
                        ("hidden_size", "num_layers", "num_heads", "intermediate_size")}
     summary["bert_path"] = config.model.dsran.bert_path
     if not config.model.dsran.bert_path:
-      summary["note"] = ("no --bert_path given; encode_texts(texts=...) needs "
-                         "model.dsran.bert_path (a BERT directory with vocab.txt) set in "
-                         "config.json")
+      notes.append("no --bert_path given; encode_texts(texts=...) needs "
+                   "model.dsran.bert_path (a BERT directory with vocab.txt) set in "
+                   "config.json")
   else:
     summary["vocab_size"] = overrides["vocab_size"]
     if vocab is None:
-      summary["note"] = ("no --vocab given; encode_texts(texts=...) will need vocab.json in "
-                         "the workdir (convert with --vocab=...pkl)")
-  return Converted(variables, config, vocab, summary)
+      notes.append("no --vocab given; encode_texts(texts=...) will need vocab.json in "
+                   "the workdir (convert with --vocab=...pkl)")
+  summary["note"] = "; ".join(notes)
+  return Converted(variables, config, vocab, summary,
+                   files={cnn_file: safetensors_file(cnn, {"source": f"{path}: {CNN_PREFIX}*"})})
 
 
 def _heads_from_bert_dir(bert_path: str, state_dict) -> Optional[int]:

@@ -72,7 +72,9 @@ def recipe(c, dataset: str):
   image (`{split}_global.npy`, from `python -m dsran_jax.extract`), GloVe-initialised
   unidirectional GRU (set `model.glove_path` to glove.840B.300d.txt), embed 1024,
   word_dim 300, Adam lr 5e-4 x0.1 every 10 epochs for 20 epochs, batch 128, global-norm
-  clip 2.0 over the trained parameters only, margin 0.2 with hardest negatives."""
+  clip 2.0 over the trained parameters only, margin 0.2 with hardest negatives; DSRAN's
+  (VSE++'s) data pipeline: model selection on all 1014 Flickr30K val images (COCO: the
+  first 1000 dev images) and VSE++'s vocabulary of every caption (`<data_name>_vocab.pkl`)."""
   if dataset not in ("f30k", "coco"):
     raise ValueError(f"dataset {dataset!r}: expected 'f30k' or 'coco'")
   s = c.model.mlasm
@@ -80,7 +82,15 @@ def recipe(c, dataset: str):
   s.global_dim = 2048
   s.embed_dropout = 0.1
   return recipes.authors_gru_recipe(c, 5e-4, num_epochs=20, lr_update=10,
-                                    data_format="vlp")
+                                    data_format="vlp",
+                                    dev_images=recipes.vsepp_dev_images(dataset),
+                                    vocab_splits="all")
+
+
+def departures(c):
+  """Where a run of `c` departs from the authors' recipe (`models.departures`): word
+  embeddings without GloVe (their EncoderText loads glove.840B.300d)."""
+  return recipes.glove_departure(c, "N(0, 1)")
 
 
 def demo(c):

@@ -14,7 +14,8 @@ word_enc] (state dicts), "opt": argparse.Namespace, "epoch", "best_rsum", "Eiter
 The model itself reads the pooled CNN feature (`global_feat`), not images, so the CNN is
 not part of the Flax variables: `convert` checks it against dsran_jax's ResNet
 (`models/common/resnet.py`) and hands it back as a file for the workdir,
-`resnet152.safetensors` (torchvision key names, running stats as stored), which
+`resnet152.safetensors` (`resnet.checkpoint_cnn`: every tensor under torchvision's name,
+values and dtypes as stored, drifted running stats, step counters and all), which
 `python -m dsran_jax.extract --weights=...` reads to write `{split}_global.npy` with the
 authors' exact CNN.
 """
@@ -25,9 +26,9 @@ import numpy as np
 from dsran_jax import models
 from dsran_jax.convert import authors_vocab
 from dsran_jax.convert.engine import (ConversionError, Converted, map_state_dict, opt_of,
-                                            state_dicts, to_numpy, validate_workdir_config,
-                                            workdir_config)
-from dsran_jax.models.common import resnet
+                                      safetensors_file, state_dicts, to_numpy,
+                                      validate_workdir_config, workdir_config)
+from dsran_jax.models.common import recipes, resnet
 from dsran_jax.models.mlasm import config as mlasm_config
 from dsran_jax.models.variables import variable_shapes
 
@@ -47,17 +48,12 @@ RULES = [
 ]
 
 
-def cnn_weights_name(resnet_config) -> str:
-  """The workdir file of the checkpoint's CNN: `resnet152.safetensors` for torchvision's
-  ResNet-152 (`resnet50...`, `resnet101...` likewise), `resnet.safetensors` otherwise."""
-  name = resnet_config.describe()
-  return f"{name}.safetensors" if name.startswith("resnet") else "resnet.safetensors"
-
-
 def _states(ckpt: Mapping[str, Any], what: str) -> Dict[str, np.ndarray]:
-  """The four state dicts, flattened to `<encoder>.<key>` numpy arrays."""
+  """The four state dicts, flattened to `<encoder>.<key>` numpy arrays (float32, but the
+  CNN's tensors as stored: they are written out whole)."""
   dicts = state_dicts(ckpt, 4, what)
-  return {f"{enc}.{k}": to_numpy(v) for enc, sd in zip(ENCODERS, dicts) for k, v in sd.items()}
+  return {f"{enc}.{k}": to_numpy(v, keep_dtype=(enc == "img_enc" and k.startswith("cnn.")))
+          for enc, sd in zip(ENCODERS, dicts) for k, v in sd.items()}
 
 
 def detect(ckpt: Mapping[str, Any]) -> bool:
@@ -112,25 +108,21 @@ def model_options(opt: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> Di
 
 
 def cnn_state(state: Mapping[str, np.ndarray], global_dim: int, what: str):
-  """`(resnet_config, torchvision state dict)` of the checkpoint's `img_enc.cnn.module.*`,
-  checked against dsran_jax's ResNet (every key and shape), BatchNorm step counters
-  dropped, keys without the prefix (torchvision's names)."""
-  cnn = {k: v for k, v in state.items() if k.startswith("img_enc.cnn.")}
-  if not cnn:
-    raise ConversionError(f"{what}: no img_enc.cnn.* weights; MLASM's checkpoints hold their "
-                          f"ResNet-152 (with its drifted BatchNorm statistics), which "
-                          f"global_feat must be extracted with")
+  """`(resnet_config, tensors)` of the checkpoint's `img_enc.cnn.module.*`
+  (`resnet.checkpoint_cnn`: checked against dsran_jax's ResNet, every tensor as stored,
+  under torchvision's names), whose pooled output must be `global_dim` wide."""
   try:
-    config, _ = resnet.load_weights(cnn, prefix=CNN_PREFIX)
+    config, tensors = resnet.checkpoint_cnn(state, CNN_PREFIX)
   except ValueError as e:
-    raise ConversionError(f"{what}: img_enc.cnn is not a ResNet dsran_jax runs: {e}") from None
+    raise ConversionError(f"{what}: img_enc.cnn is not a ResNet dsran_jax runs ({e}); "
+                          f"MLASM's checkpoints hold their ResNet-152 (with its drifted "
+                          f"BatchNorm statistics), which global_feat must be extracted "
+                          f"with") from None
   if config.out_channels != global_dim:
     raise ConversionError(f"{what}: img_enc.cnn ({config.describe()}) outputs "
                           f"{config.out_channels} channels but img_enc.fc.weight takes "
                           f"{global_dim}")
-  tv = {k[len(CNN_PREFIX):]: np.ascontiguousarray(v, np.float32) for k, v in cnn.items()
-        if not k.endswith("num_batches_tracked")}
-  return config, tv
+  return config, tensors
 
 
 def convert_state(state: Mapping[str, np.ndarray], expected: Mapping[str, Tuple[int, ...]],
@@ -151,14 +143,8 @@ def make_config(c, options: Mapping[str, Any], opt: Mapping[str, Any], data_form
   c = workdir_config(c, FAMILY, options, opt, data_format)
   # Their ContrastiveLoss takes the hardest negatives whatever opt.max_violation says.
   c.train.max_violation = True
+  c.eval.max_dev_images = recipes.vsepp_dev_images(c.data.name)  # VSE++'s loaders
   return validate_workdir_config(c, "an MLASM", mlasm_config.validate)
-
-
-def _save_safetensors(arrays: Dict[str, np.ndarray]):
-  def write(path: str) -> None:
-    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-    save_file(arrays, path)  # inside the converter's temporary directory (`Converted`)
-  return write
 
 
 def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None, *,
@@ -174,7 +160,7 @@ def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None
       in as the workdir's config.
 
   Returns:
-    `Converted` whose `files` hold the CNN weights file (`cnn_weights_name`).
+    `Converted` whose `files` hold the CNN weights file (`resnet.weights_file_name`).
   """
   options = dict(options or {})
   what = f"MLASM checkpoint {options['path']}" if options.get("path") else "MLASM checkpoint"
@@ -188,7 +174,7 @@ def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None
   model = models.build_model(config.model, config.model.vocab_size)
   variables = convert_state(state, variable_shapes(model), what)
   resnet_config, tv = cnn_state(state, config.model.mlasm.global_dim, what)
-  cnn_file = cnn_weights_name(resnet_config)
+  cnn_file = resnet.weights_file_name(resnet_config)
   vocab = None
   if options.get("vocab"):
     vocab = authors_vocab.load_checked_vocab(options["vocab"], config.model.vocab_size,
@@ -205,4 +191,5 @@ def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None
              "vocab_size": config.model.vocab_size, "cnn": resnet_config.describe(),
              "cnn_weights": cnn_file, "note": "; ".join(notes)}
   return Converted(variables, config, vocab, summary,
-                   files={cnn_file: _save_safetensors(tv)})
+                   files={cnn_file: safetensors_file(
+                       tv, {"source": f"{options.get('path', 'checkpoint')}: {CNN_PREFIX}*"})})

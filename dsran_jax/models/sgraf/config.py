@@ -92,7 +92,7 @@ def recipe(c, dataset: str, module: str = "SGR"):
   features (36 regions), BiGRU, Adam 2e-4 with global-norm clip 2.0, batch 128, margin
   0.2 with hardest negatives, sim_dim 256, 3 SGR steps; F30K SGR 40 epochs (x0.1 at
   30), F30K SAF 30 (x0.1 at 20), COCO 20 (x0.1 at 10). Their validation keeps the first
-  5000 dev captions (1000 images), which `eval.max_dev_images` does for COCO."""
+  5000 dev captions (1000 images): `eval.max_dev_images` = 1000, for both datasets."""
   return apply_recipe(c, dataset, module)
 
 
