@@ -479,9 +479,6 @@ ALLOWED = {
         "feature rows written in place to resume a long extraction: the progress record "
         "(written atomically) counts only rows flushed before it; new files are made "
         "whole under a temporary name first",
-    ("models/mlasm/params.py", "save_file"):
-        "a `Converted.files` writer: tools/convert_torch calls it with a name inside its "
-        "temporary directory, which reaches the workdir by a rename",
 }
 
 
