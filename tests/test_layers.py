@@ -16,7 +16,8 @@ LAYERS = (
     # contracts: batch keys, the word vocabulary, the text policy
     ("core",),
     # foundations: conversion libraries and numpy/jax utilities
-    ("convert", "hub", "progress", "ranking", "losses", "optim", "checkpointing"),
+    ("convert", "hub", "progress", "ranking", "coco_benchmarks", "losses", "optim",
+     "checkpointing"),
     ("models",),
     ("default_config",),
     ("validation",),
