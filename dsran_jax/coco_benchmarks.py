@@ -337,6 +337,17 @@ def _tops(sims, axis: int, queries: np.ndarray, depth: int,
   return out
 
 
+def top_items(sims, direction: str, queries, depth: int) -> np.ndarray:
+  """(len(queries), depth) indices of each query's best `depth` items, best first, equal
+  scores by the smaller index: captions of image rows `queries` ("i2t") or images of
+  caption columns `queries` ("t2i")."""
+  if direction not in ("i2t", "t2i"):
+    raise ValueError(f"direction {direction!r}: expected 'i2t' or 't2i'")
+  axis = 0 if direction == "i2t" else 1
+  return _tops(sims, axis, np.asarray(queries, np.int64),
+               min(depth, np.shape(sims)[1 - axis]))
+
+
 def _hits(tops: np.ndarray, positives: List[np.ndarray], width: int) -> np.ndarray:
   """(Q, depth) bool: whether each listed item (an index below `width`) is a positive
   of its query."""
@@ -545,8 +556,8 @@ def protocol_record(benchmarks, gts: Dict[str, GroundTruth], counts, layout: Coc
                          "counts": counts[b]} for b in benchmarks},
       "ids": layout.source,
       "ids_in_package_order": bool(layout.package_order),
-      "num_images": int(len(layout.image_ids)),
-      "num_captions": int(len(layout.caption_ids)),
+      "num_images": len(layout.image_ids),
+      "num_captions": len(layout.caption_ids),
       "unit": "percent (the package's fractions x 100), unrounded",
       "r_rule": "R = every positive the ground truth lists, also those outside the matrix",
       "tie_rule": TIE_RULE,

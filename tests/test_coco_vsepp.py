@@ -37,15 +37,14 @@ def coco_root(tmp_path_factory):
   restval_ids = 9_100_000 + np.arange(7)
   restval_images = np.array([8_100_000] * 7)     # one image with 7 captions
   train_ids = 9_200_000 + np.arange(6)
-  train_images = np.array([8_200_000] * 6)
   # An id also in the val file, with another caption: train reads captions_train2014.
   train_ids[0] = restval_ids[0]
   val_anns = [{"id": int(a), "image_id": int(i), "caption": f" val caption {a} \n"}
               for a, i in zip(np.concatenate([test_ids[::-1], dev_ids, restval_ids]),
                               np.concatenate([test_images[::-1], dev_images, restval_images]))]
   val_imgs = [{"id": int(i), "file_name": f"COCO_val2014_{i:012d}.jpg"}
-              for i in sorted(set(int(x) for x in np.concatenate(
-                  [test_images, dev_images, restval_images])))]
+              for i in sorted({int(x) for x in np.concatenate(
+                  [test_images, dev_images, restval_images])})]
   _write(ann / "captions_val2014.json", {"annotations": val_anns, "images": val_imgs})
   _write(ann / "captions_train2014.json", {
       "annotations": [{"id": int(a), "image_id": 8_200_000, "caption": f"train {a}"}

@@ -280,3 +280,59 @@ def test_workdir_evaluator(sims, layout, ours, tmp_path):
   assert registry.needs_sims(config)
   names = [n for n, _ in registry.selected(config)]
   assert names.index("retrieval") < names.index("eccv")
+
+
+def _run_results(seed):
+  rng = np.random.default_rng(seed)
+  return {"split": "testall", "model": "dsran", "checkpoint_step": 100 + seed,
+          "num_images": 5000, "num_captions": 25000,
+          "coco5k": {"r1_i2t": float(rng.uniform(40, 60)), "rsum": float(rng.uniform(400, 500))},
+          "eccv": {"i2t": {"map@r": float(rng.uniform(30, 40))}},
+          "protocol": {"coco5k": {"folds": 1}, "eccv": {"ids": "x"}}}
+
+
+def test_results_over_seeds(tmp_path):
+  from dsran_jax.tools import seeds  # pylint: disable=import-outside-toplevel
+  runs = []
+  for s in range(3):
+    d = tmp_path / f"run{s}"
+    d.mkdir()
+    (d / "eval_results.json").write_text(json.dumps(_run_results(s)))
+    runs.append(str(d))
+  summary = seeds.aggregate([(r, seeds.read_results(r)) for r in runs])
+  values = [_run_results(s)["eccv"]["i2t"]["map@r"] for s in range(3)]
+  m = summary["metrics"]["eccv.i2t.map@r"]
+  assert m["n"] == 3 and m["mean"] == pytest.approx(np.mean(values))
+  assert m["std"] == pytest.approx(np.std(values, ddof=1))
+  assert set(summary["metrics"]) == {"coco5k.r1_i2t", "coco5k.rsum", "eccv.i2t.map@r"}
+  other = _run_results(3)
+  other["protocol"]["coco5k"]["folds"] = 5
+  with pytest.raises(ValueError, match=r"protocol differs .* at protocol.coco5k.folds "
+                                       r"\(1 vs 5\)"):
+    seeds.aggregate([("a", _run_results(0)), ("b", other)])
+  with pytest.raises(ValueError, match="at least 2 runs"):
+    seeds.aggregate([("a", _run_results(0))])
+  p = subprocess.run([sys.executable, "-m", "dsran_jax.tools.seeds",
+                      *(f"--results={r}" for r in runs)], capture_output=True, text=True,
+                     env={**os.environ, "PYTHONPATH": ROOT}, check=False)
+  assert p.returncode == 0, p.stderr
+  line = next(ln for ln in p.stdout.splitlines() if ln.startswith("eccv.i2t.map@r"))
+  assert f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" in line and line.endswith("3")
+
+
+def test_eccv_query_figure(sims, layout, tmp_path):
+  from dsran_jax.figures import eccv_queries  # pylint: disable=import-outside-toplevel
+  texts = [f"a caption number {j}" for j in range(layout.caption_ids.size)]
+  out = eccv_queries(sims, str(tmp_path / "q.png"), layout, texts, num_queries=2, top=4)
+  assert os.path.getsize(out["path"]) > 10_000
+  eccv_gt, coco_gt = eccv.load_ground_truth("eccv"), eccv.load_ground_truth("coco_5k")
+  for q in out["i2t"]:
+    assert q["query"] in eccv_gt.i2t and len(q["items"]) == 4
+    top = eccv.top_items(sims, "i2t", [q["index"]], 4)[0]
+    assert [j for _, j, _ in q["items"]] == top.tolist()
+    for cid, _, mark in q["items"]:
+      assert mark == ("coco" if cid in coco_gt.i2t[q["query"]] else
+                      "eccv" if cid in eccv_gt.i2t[q["query"]] else "none")
+  # the queries shown are those where COCO misses the most ECCV positives
+  assert out["i2t"][0]["eccv_only"] >= out["i2t"][1]["eccv_only"] >= 1
+  assert {m for q in out["t2i"] for _, _, m in q["items"]} <= {"coco", "eccv", "none"}

@@ -16,8 +16,9 @@ LAYERS = (
     # contracts: batch keys, the word vocabulary, the text policy
     ("core",),
     # foundations: conversion libraries and numpy/jax utilities
-    ("convert", "hub", "progress", "ranking", "coco_benchmarks", "losses", "optim",
-     "checkpointing"),
+    ("convert", "hub", "progress", "ranking", "losses", "optim", "checkpointing"),
+    # benchmarks built on the retrieval protocol (ECCV Caption / CxC ground truths)
+    ("coco_benchmarks",),
     ("models",),
     ("default_config",),
     ("validation",),

@@ -7,7 +7,8 @@ what registers them.
 """
 # Importing the evaluator modules registers them.
 from dsran_jax.evaluation import registry, retrieval, shortlist, two_stage  # noqa: F401
-from dsran_jax.evaluation import eccv  # noqa: F401  (reads the sims retrieval writes)
+# After retrieval: the eccv evaluator reads the sims matrix the retrieval evaluator writes.
+from dsran_jax.evaluation import eccv
 from dsran_jax.evaluation.registry import Outcome, Task, register
 from dsran_jax.evaluation.retrieval import (evaluate, evaluate_split, format_table, headline,
                                             protocol_label, protocol_of)

@@ -6,6 +6,8 @@
   text -> image.
 - `attention_map(workdir, images)` (attention.py): the model's attention over image
   nodes, for a family whose package has an `attention_maps` hook.
+- `eccv_queries(sims, path)` / `eccv_figure(workdir)` (eccv.py): a few ECCV Caption
+  queries with their top items marked COCO positive / ECCV positive / neither.
 - `evaluation_figures(workdir)`: all of the above after an evaluation, from what it
   saved; the one entry point `main` calls.
 
@@ -20,6 +22,7 @@ import numpy as np
 
 from dsran_jax.figures.attention import attention_figures, attention_map, attention_weights
 from dsran_jax.figures.curves import read_metrics, training_curves
+from dsran_jax.figures.eccv import eccv_figure, eccv_queries
 from dsran_jax.figures.recall import recall_at, recall_curves
 from dsran_jax.workdir import Workdir
 
@@ -54,9 +57,12 @@ def evaluation_figures(workdir: str, config=None, encoder=None) -> Dict[str, str
       ranks, wd.figure_file("recall_curves"),
       title=f"Recall@K, {split} split ({results['num_images']} images)"
             + (f", step {step}" if step is not None else ""))
+  if "eccv" in results and os.path.exists(wd.sims_file(split)):
+    out["eccv_queries"] = eccv_figure(workdir, config)["path"]
   out.update(attention_figures(workdir, config, encoder=encoder))
   return out
 
 
-__all__ = ["attention_figures", "attention_map", "attention_weights", "evaluation_figures",
+__all__ = ["attention_figures", "attention_map", "attention_weights", "eccv_figure",
+           "eccv_queries", "evaluation_figures",
            "read_metrics", "recall_at", "recall_curves", "training_curves"]
