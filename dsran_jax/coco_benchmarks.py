@@ -348,6 +348,49 @@ def top_items(sims, direction: str, queries, depth: int) -> np.ndarray:
                min(depth, np.shape(sims)[1 - axis]))
 
 
+def _best_ranks(sims, axis: int, sets, block: int = 256) -> List[np.ndarray]:
+  """For each `(queries, positives)` of `sets`: the rank of every query's best-ranked
+  positive (`ranking.py`'s rule: #greater + #equal at a smaller index), or the gallery
+  size when none is in the matrix. One pass over the matrix for all sets: row blocks for
+  i2t (axis 0), column blocks, transposed, for t2i (axis 1); two comparisons an element,
+  as `ranking.py` ranks, instead of a partition."""
+  n_q, n_items = np.shape(sims)[axis], np.shape(sims)[1 - axis]
+  prepared, out = [], []
+  for queries, positives in sets:
+    lens = np.array([len(p) for p in positives], np.int64)
+    has = np.flatnonzero(lens > 0)
+    order = has[np.argsort(queries[has], kind="stable")]
+    prepared.append((queries[order], order, [positives[i] for i in order]))
+    out.append(np.full(len(queries), n_items, np.int64))
+  for lo in range(0, n_q, block):
+    hi = min(n_q, lo + block)
+    if axis == 0:
+      blk = np.asarray(sims[lo:hi])
+    else:
+      blk = np.ascontiguousarray(np.asarray(sims[:, lo:hi]).T)
+    for (q_sorted, order, pos), ranks in zip(prepared, out):
+      a, b = np.searchsorted(q_sorted, [lo, hi])
+      if a == b:
+        continue
+      local = q_sorted[a:b] - lo
+      group = pos[a:b]
+      lens = np.array([len(p) for p in group], np.int64)
+      items = np.concatenate(group)
+      owner = np.repeat(np.arange(b - a), lens)
+      vals = blk[local[owner], items]
+      starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+      best = np.maximum.reduceat(vals, starts)
+      first = np.minimum.reduceat(np.where(vals == best[owner], items, n_items), starts)
+      rows = blk[local]
+      v = best[:, None]
+      gt = ranking._count_true(rows > v, 1)  # pylint: disable=protected-access
+      ties = ranking._count_true(rows >= v, 1) - gt - 1  # pylint: disable=protected-access
+      for t in np.flatnonzero(ties > 0):   # exact ties: the smaller index ranks first
+        gt[t] += int(np.count_nonzero(rows[t, :first[t]] == best[t]))
+      ranks[order[a:b]] = gt
+  return out
+
+
 def _hits(tops: np.ndarray, positives: List[np.ndarray], width: int) -> np.ndarray:
   """(Q, depth) bool: whether each listed item (an index below `width`) is a positive
   of its query."""
@@ -440,7 +483,22 @@ def _evaluate_on(sims, layout: CocoLayout, gts: Dict[str, GroundTruth],
     dirs[name] = d
   results, counts = {}, {}
   for way, axis in (("i2t", 0), ("t2i", 1)):
-    wanted = [(n, d[way]) for n, d in dirs.items()]
+    for n, d in dirs.items():
+      counts.setdefault(n, {})[way] = {"queries": int(d[way].queries.size),
+                                       "positives": int(d[way].r.sum()),
+                                       "positives_outside_matrix": int(d[way].outside)}
+    head = i2t_head if way == "i2t" else None
+    # R@K reads only the best positive's rank: counted in one pass (no lists), unless a
+    # re-ranked head reorders the lists.
+    counted = [n for n in dirs if kinds[n] == "recall" and head is None]
+    if counted:
+      best = _best_ranks(sims, axis, [(dirs[n][way].queries, dirs[n][way].positives)
+                                      for n in counted])
+      for n, ranks in zip(counted, best):
+        results.setdefault(n, {})[way] = {f"r@{k}": _percent(ranks < k) for k in RECALL_KS}
+    wanted = [(n, d[way]) for n, d in dirs.items() if n not in counted]
+    if not wanted:
+      continue
     queries = np.unique(np.concatenate([d.queries for _, d in wanted]))
     depth = DEPTH_FLOOR
     for n, d in wanted:
@@ -462,9 +520,6 @@ def _evaluate_on(sims, layout: CocoLayout, gts: Dict[str, GroundTruth],
       else:
         m = {"r-precision": _eccv(hits, d.r)["r-precision"]}
       results.setdefault(n, {})[way] = m
-      counts.setdefault(n, {})[way] = {"queries": int(d.queries.size),
-                                       "positives": int(d.r.sum()),
-                                       "positives_outside_matrix": int(d.outside)}
   return results, counts
 
 

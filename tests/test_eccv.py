@@ -336,3 +336,27 @@ def test_eccv_query_figure(sims, layout, tmp_path):
   # the queries shown are those where COCO misses the most ECCV positives
   assert out["i2t"][0]["eccv_only"] >= out["i2t"][1]["eccv_only"] >= 1
   assert {m for q in out["t2i"] for _, _, m in q["items"]} <= {"coco", "eccv", "none"}
+
+
+@pytest.mark.slow
+def test_runner_gives_needs_sims_evaluators_the_matrix(trained_workdir, monkeypatch):
+  """evaluate_workdir hands an evaluator registered with needs_sims the matrix the
+  retrieval evaluator scored (a temporary file, removed afterwards), after retrieval."""
+  from dsran_jax import evaluation  # pylint: disable=import-outside-toplevel
+  from dsran_jax.evaluation import registry  # pylint: disable=import-outside-toplevel
+  workdir, _ = trained_workdir
+  seen = {}
+
+  def read_sims(task):
+    seen["path"] = task.sims_path
+    sims = np.load(task.sims_path)
+    seen["r1"] = ranking.evaluate_sims(sims, task.split.captions_per_image)["r1_i2t"]
+    return registry.Outcome({}, protocol={"sims_reader": {}}, sections={"rows": len(sims)},
+                            lines=["sims read"])
+
+  monkeypatch.setitem(registry._EVALUATORS, "sims_reader",  # pylint: disable=protected-access
+                      (read_sims, lambda config: True))
+  monkeypatch.setattr(registry, "_NEEDS_SIMS", {"sims_reader"})
+  out = evaluation.evaluate_workdir(workdir)
+  assert out["rows"] == out["num_images"] and seen["r1"] == out["1k"]["r1_i2t"]
+  assert not os.path.exists(seen["path"])   # the temporary matrix is gone
