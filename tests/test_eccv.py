@@ -360,3 +360,17 @@ def test_runner_gives_needs_sims_evaluators_the_matrix(trained_workdir, monkeypa
   out = evaluation.evaluate_workdir(workdir)
   assert out["rows"] == out["num_images"] and seen["r1"] == out["1k"]["r1_i2t"]
   assert not os.path.exists(seen["path"])   # the temporary matrix is gone
+
+
+def test_config_rules():
+  from dsran_jax import validation  # pylint: disable=import-outside-toplevel
+  from dsran_jax.default_config import get_base_config  # pylint: disable=import-outside-toplevel
+  c = get_base_config()
+  assert not c.eval.eccv and c.eval.eccv_ids == "" and c.eval.eccv_pm_dir == ""
+  c.eval.eccv, c.eval.shortlist_workdir = True, "/elsewhere"
+  c.data.format, c.data.name = "coco_vsepp", "f30k"
+  with pytest.raises(validation.ConfigError) as e:
+    validation.validate_config(c)
+  msg = e.value.one_line()
+  assert "eval.eccv=True with config.eval.shortlist_workdir" in msg
+  assert "data.format='coco_vsepp' is MS-COCO" in msg and "data.root=''" in msg

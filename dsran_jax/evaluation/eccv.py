@@ -17,21 +17,22 @@ from dsran_jax.coco_benchmarks import (BENCHMARKS, DEFAULT_BENCHMARKS, PM_FILES,
 from dsran_jax.evaluation import registry
 
 
-def split_layout(config, split, format_module=None) -> CocoLayout:
+def split_layout(config, split_name: str, num_captions: int, captions_per_image: int,
+                 format_module=None) -> CocoLayout:
   """The COCO ids of an evaluated split's rows and columns: `eval.eccv_ids` when set;
   else the reader's own (`format_module.caption_ids(config, split_name)` -> (caption ids,
   image ids), the VSE++-order reader); else `{data.root}/{split}_ids.txt` with one
   caption annotation id per caption. LayoutError / FileNotFoundError naming what is
   missing otherwise."""
-  where = f"split {split.name!r}"
+  where = f"split {split_name!r}"
   if config.eval.eccv_ids:
     caption_ids, image_ids, source = (read_caption_ids(config.eval.eccv_ids), None,
                                       config.eval.eccv_ids)
   elif format_module is not None and hasattr(format_module, "caption_ids"):
-    caption_ids, image_ids = format_module.caption_ids(config, split.name)
+    caption_ids, image_ids = format_module.caption_ids(config, split_name)
     source = f"{config.data.format} reader, {where}"
   else:
-    path = os.path.join(config.data.root or ".", f"{split.name}_ids.txt")
+    path = os.path.join(config.data.root or ".", f"{split_name}_ids.txt")
     if not os.path.isfile(path):
       raise FileNotFoundError(
           f"{path}: missing; ECCV Caption / CxC need the COCO caption annotation id of "
@@ -39,10 +40,10 @@ def split_layout(config, split, format_module=None) -> CocoLayout:
           f"eval.eccv_ids=FILE (one id per caption row, .txt or .npy) or read COCO in "
           f"VSE++ order (data.format='coco_vsepp')")
     caption_ids, image_ids, source = read_caption_ids(path), None, path
-  if len(caption_ids) != split.num_captions:
+  if len(caption_ids) != num_captions:
     raise LayoutError(f"{source}: {len(caption_ids)} caption ids for the "
-                      f"{split.num_captions} captions of {where}")
-  return layout_from_caption_ids(caption_ids, split.captions_per_image, image_ids, source)
+                      f"{num_captions} captions of {where}")
+  return layout_from_caption_ids(caption_ids, captions_per_image, image_ids, source)
 
 
 def format_lines(results: Dict[str, dict]) -> List[str]:
@@ -71,7 +72,9 @@ def eccv_evaluator(task: registry.Task) -> registry.Outcome:
     raise ValueError("eval.eccv ranks the full sims matrix: it cannot run with "
                      "eval.shortlist_workdir (two-stage evaluation scores short lists only)")
   package_dir()
-  layout = split_layout(config, task.split, task.format_module)
+  split = task.split
+  layout = split_layout(config, split.name, split.num_captions, split.captions_per_image,
+                        task.format_module)
   if not task.sims_path or not os.path.isfile(task.sims_path):
     raise RuntimeError(f"eccv evaluator: no sims matrix at {task.sims_path!r} (the "
                        "retrieval evaluator writes it first)")

@@ -167,14 +167,9 @@ def eccv_figure(workdir: str, config=None, image_dir: Optional[str] = None,
     found = sorted(glob.glob(os.path.join(wd.path, "sims_*.npy")))
     raise FileNotFoundError(f"{sims_path}: missing; evaluate with eval.save_sims=True "
                             f"(found: {found or 'none'})")
-  raw_split = data.read_raw_split(config, split_name)
-  split = data.Split(name=split_name, image_ids=list(raw_split.image_ids),
-                     texts=list(raw_split.texts),
-                     input_ids=np.zeros((len(raw_split.texts), 1), np.int32),
-                     attention_mask=np.zeros((len(raw_split.texts), 1), np.int32),
-                     captions_per_image=raw_split.captions_per_image,
-                     read_images=raw_split.read_images)
-  layout = eccv_eval.split_layout(config, split, data.format_module(config))
+  split = data.read_raw_split(config, split_name)
+  layout = eccv_eval.split_layout(config, split_name, len(split.texts),
+                                  split.captions_per_image, data.format_module(config))
   return eccv_queries(sims_path, wd.figure_file("eccv_queries"), layout, split.texts,
                       image_dir, split.image_ids, num_queries, top,
                       title=f"ECCV Caption queries of {split_name} ({wd.path})")
