@@ -374,3 +374,14 @@ def test_config_rules():
   msg = e.value.one_line()
   assert "eval.eccv=True with config.eval.shortlist_workdir" in msg
   assert "data.format='coco_vsepp' is MS-COCO" in msg and "data.root=''" in msg
+
+
+def test_figure_thumbnails(tmp_path):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from dsran_jax.figures import eccv as fig  # pylint: disable=import-outside-toplevel
+  Image.new("RGB", (640, 480), (200, 30, 30)).save(tmp_path / "COCO_val2014_000000391895.jpg")
+  thumb = fig._thumbnail(str(tmp_path), 391895, None)  # pylint: disable=protected-access
+  assert thumb.shape == (192, 256, 3)   # 256 on the long side
+  assert np.abs(thumb[0, 0].astype(int) - (200, 30, 30)).max() <= 4   # JPEG
+  assert fig._thumbnail(str(tmp_path), 60623, None) is None  # pylint: disable=protected-access
+  assert fig._thumbnail(None, 391895, None) is None  # pylint: disable=protected-access
