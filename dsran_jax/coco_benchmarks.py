@@ -530,7 +530,8 @@ KINDS = {"eccv": "eccv", "cxc": "recall", "coco_5k": "recall", "coco_1k": "recal
 def evaluate_benchmarks(sims, layout: Optional[CocoLayout] = None,
                         benchmarks: Sequence[str] = DEFAULT_BENCHMARKS,
                         pm_dir: Optional[str] = None, rerank: bool = False,
-                        check_finite: bool = True) -> Dict[str, dict]:
+                        check_finite: bool = True,
+                        i2t_head: Optional[np.ndarray] = None) -> Dict[str, dict]:
   """Metrics of a COCO 5K sims matrix (rows images, columns captions) on each benchmark.
 
   Args:
@@ -540,6 +541,7 @@ def evaluate_benchmarks(sims, layout: Optional[CocoLayout] = None,
     pm_dir: directory of the plausible-match files (for "pmrp").
     rerank: i2t lists start with the authors' re-ranked top 15 (`ranking.rerank_i2t_topk`;
       for COCO 1K, of each fold's matrix).
+    i2t_head: with `rerank`, `ranking.rerank_i2t_topk(sims)` when the caller has it.
   Returns:
     {"eccv": {"i2t": {"map@r", "r-precision", "r@1"}, "t2i": {...}}, "cxc": {"i2t":
     {"r@1", "r@5", "r@10"}, ...}, "coco_5k"/"coco_1k": like cxc, "pmrp": {"i2t": {
@@ -556,7 +558,12 @@ def evaluate_benchmarks(sims, layout: Optional[CocoLayout] = None,
   whole = {b: g for b, g in gts.items() if b != "coco_1k"}
   results, counts = {}, {}
   if whole:
-    head = ranking.rerank_i2t_topk(sims) if rerank else None
+    head = None
+    if rerank:
+      head = ranking.rerank_i2t_topk(sims) if i2t_head is None else np.asarray(i2t_head)
+      if head.shape != (np.shape(sims)[0], min(ranking.RERANK_K, np.shape(sims)[1])):
+        raise ValueError(f"i2t_head has shape {head.shape}, expected one re-ranked top "
+                         f"{ranking.RERANK_K} per image row")
     r, c = _evaluate_on(sims, layout, whole, head, KINDS)
     results.update(r)
     counts.update(c)
