@@ -105,3 +105,47 @@ def test_refusals(coco_root, tmp_path):
   with pytest.raises(raw.DataError, match=r"1 annotation ids are not in .*captions_val2014"
                                           r".json: 123"):
     coco_vsepp.split_rows(_config(bad), "test")
+
+
+def test_load_split_reads_vlp_features_in_vsepp_order(tmp_path):
+  """A tiny COCO in VSE++ order through `data.load_split`: captions in the ids' order,
+  features of each row's image from the VLP shards (by file stem)."""
+  h5py = pytest.importorskip("h5py")
+  from dsran_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from dsran_jax.default_config import get_base_config  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  ann = tmp_path / "annotations"
+  ann.mkdir()
+  images = [8_000_002, 8_000_001]                     # dev order: not sorted
+  dev_ids = np.array([7_000_000 + 10 * i + k for i in range(2) for k in range(5)])
+  anns = [{"id": int(a), "image_id": images[j // 5], "caption": f"Dev Caption {a}"}
+          for j, a in enumerate(dev_ids)][::-1]      # the JSON's order does not matter
+  _write(ann / "captions_val2014.json", {"annotations": anns, "images": [
+      {"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg"} for i in images]})
+  _write(ann / "captions_train2014.json", {"annotations": [], "images": []})
+  for name in ("train", "restval", "test"):
+    np.save(ann / f"coco_{name}_ids.npy", np.zeros(0, np.int64))
+  np.save(ann / "coco_dev_ids.npy", dev_ids)
+  feats = {}
+  with h5py.File(tmp_path / "bbox.h5", "w") as boxes:
+    for i in images:
+      stem = f"COCO_val2014_{i:012d}"
+      feats[stem] = rng.normal(size=(4, 2048)).astype(np.float32)
+      x = rng.uniform(0, 100, (4, 2))
+      boxes[stem] = np.concatenate([x, x + 10, np.zeros((4, 1)), np.ones((4, 1))],
+                                   1).astype(np.float32)
+      for kind, value in (("feat", feats[stem]),
+                          ("cls", np.full((4, 1601), 1 / 1601, np.float32))):
+        with h5py.File(tmp_path / f"coco_vg_{kind}{stem[-3:]}.h5", "a") as f:
+          f[stem] = value
+  c = get_base_config()
+  c.data.format, c.data.root, c.data.name, c.data.num_regions = ("coco_vsepp", str(tmp_path),
+                                                                 "coco", 6)
+  c.model.dsran.text_encoder, c.model.dsran.image_inputs = "gru", "regions"
+  split = data_lib.load_split(c, "dev", str(tmp_path / "work"))
+  assert split.captions_per_image == 5 and split.num_images == 2
+  assert list(split.image_ids) == [f"COCO_val2014_{i:012d}" for i in images]
+  assert split.texts[5] == f"Dev Caption {dev_ids[5]}"
+  batch = split.images([1])
+  np.testing.assert_array_equal(batch["regions"][0, :4], feats[split.image_ids[1]])
+  assert batch["region_mask"][0].tolist() == [True] * 4 + [False] * 2
