@@ -148,9 +148,10 @@ def eccv_queries(sims, path: str, layout: Optional[cb.CocoLayout] = None,
     ax.set_xticks([])
     ax.set_yticks([])
   fig.legend(handles=[Patch(facecolor=c, label=label) for label, c in MARKS.values()],
-             loc="upper center", ncol=3, fontsize=8, frameon=False)
-  fig.suptitle(title or "ECCV Caption queries: top-ranked items", y=0.995, fontsize=10)
-  fig.tight_layout(rect=(0, 0, 1, 0.95))
+             loc="upper center", bbox_to_anchor=(0.5, 0.975), ncol=3, fontsize=8,
+             frameon=False)
+  fig.suptitle(title or "ECCV Caption queries: top-ranked items", y=0.998, fontsize=10)
+  fig.tight_layout(rect=(0, 0, 1, 0.93))
   return {"path": save(fig, path), "i2t": i2t, "t2i": t2i}
 
 
