@@ -283,6 +283,13 @@ KEYS: Dict[str, Key] = declare([
         "candidates per query (captions for i2t, images for t2i)"),
     Key("eval.shortlist_fusion", 0.0, Real(0, 1, note=" (weight of the first stage's score)"),
         "w: short list ordered by (1 - w) * this + w * first stage"),
+    # ECCV Caption / CxC on COCO 5K (dsran_jax/evaluation/eccv.py, the eccv extra)
+    Key("eval.eccv", False, Bool(),
+        "also ECCV Caption and CxC on the COCO 5K test split (pip install dsran_jax[eccv])"),
+    Key("eval.eccv_ids", "", Str(note=" (one caption annotation id per caption row)"),
+        "caption annotation ids of the test split; '': the reader's, else "
+        "{data.root}/{split}_ids.txt"),
+    Key("eval.eccv_pm_dir", "", Str(), "ECCV Caption's plausible-match files: adds pmrp"),
 ])
 
 

@@ -62,7 +62,7 @@ def _cross_checks(config, num_devices: Optional[int], num_processes: Optional[in
   if t.num_steps == 0 and t.num_epochs < 1:
     errors.append(f"config.train.num_epochs={t.num_epochs} with config.train.num_steps=0: "
                   f"nothing to train; set one of them >= 1")
-  if d.format in ("precomp", "vlp") and not d.tfds_dir and not d.root.strip():
+  if d.format in ("precomp", "vlp", "coco_vsepp") and not d.tfds_dir and not d.root.strip():
     errors.append(f"config.data.root='': required for data.format={d.format!r} (the "
                   f"dataset directory)")
   if d.format == "vlp":
@@ -73,6 +73,14 @@ def _cross_checks(config, num_devices: Optional[int], num_processes: Optional[in
       if d[key] not in VLP_SPLITS:
         errors.append(f"config.data.{key}={d[key]!r}: data.format='vlp' expects one of "
                       f"{', '.join(repr(s) for s in VLP_SPLITS)}")
+  if d.format == "coco_vsepp" and d.name != "coco":
+    errors.append(f"config.data.name={d.name!r}: data.format='coco_vsepp' is MS-COCO; "
+                  f"set 'coco'")
+  e = config.eval
+  if e.eccv and e.shortlist_workdir:
+    errors.append("config.eval.eccv=True with config.eval.shortlist_workdir: ECCV Caption "
+                  "and CxC rank the full sims matrix, which two-stage evaluation does not "
+                  "score; evaluate without the short list")
   for n, what in ((num_devices, "devices"), (num_processes, "hosts")):
     if n and t.batch_size % n:
       errors.append(f"config.train.batch_size={t.batch_size} must be divisible by the {n} "

@@ -17,6 +17,8 @@ LAYERS = (
     ("core",),
     # foundations: conversion libraries and numpy/jax utilities
     ("convert", "hub", "progress", "ranking", "losses", "optim", "checkpointing"),
+    # benchmarks built on the retrieval protocol (ECCV Caption / CxC ground truths)
+    ("coco_benchmarks",),
     ("models",),
     ("default_config",),
     ("validation",),

@@ -16,13 +16,14 @@ Adding a format is one module `dsran_jax/data/<name>.py` and one line in `READER
 from types import ModuleType
 from typing import Dict, List
 
-from dsran_jax.data import precomp, raw, synthetic, vlp
+from dsran_jax.data import coco_vsepp, precomp, raw, synthetic, vlp
 from dsran_jax.validation import ConfigError
 
 READERS: Dict[str, ModuleType] = {
     "synthetic": synthetic,
     "precomp": precomp,
     "vlp": vlp,
+    "coco_vsepp": coco_vsepp,
 }
 FORMATS = tuple(READERS)
 

@@ -25,7 +25,9 @@ class Task:
     config: the full config of the evaluation (the workdir's, with overrides).
     split: the `data.Split` evaluated (`config.data.test_split`).
     workdir: the workdir path (`dsran_jax.workdir.Workdir` names its files).
-    sims_path: where to save the full sims matrix, or None.
+    sims_path: where to save the full sims matrix, or None (a temporary file when an
+      evaluator the config selects `needs_sims`; the retrieval evaluator writes it).
+    format_module: the reader module of `config.data.format` (for ids it knows).
     should_stop: polled between batches and tiles (a preempted run), or None.
   """
   model: Any
@@ -35,6 +37,7 @@ class Task:
   workdir: Optional[str] = None
   sims_path: Optional[str] = None
   should_stop: Optional[Callable[[], bool]] = None
+  format_module: Any = None
 
 
 @dataclasses.dataclass
@@ -59,18 +62,28 @@ class Outcome:
 
 Evaluator = Callable[[Task], Outcome]
 _EVALUATORS: Dict[str, Tuple[Evaluator, Callable[[Any], bool]]] = {}
+_NEEDS_SIMS = set()
 
 
-def register(name: str, when: Callable[[Any], bool]):
-  """Decorator registering an evaluator under `name`, run when `when(config)` holds."""
+def register(name: str, when: Callable[[Any], bool], needs_sims: bool = False):
+  """Decorator registering an evaluator under `name`, run when `when(config)` holds.
+  `needs_sims`: it reads the full sims matrix an earlier evaluator wrote at
+  `Task.sims_path` (the runner then always gives one)."""
 
   def add(fn: Evaluator) -> Evaluator:
     if name in _EVALUATORS:
       raise ValueError(f"evaluator {name!r} is registered twice")
     _EVALUATORS[name] = (fn, when)
+    if needs_sims:
+      _NEEDS_SIMS.add(name)
     return fn
 
   return add
+
+
+def needs_sims(config) -> bool:
+  """Whether an evaluator `config` selects reads the full sims matrix."""
+  return any(name in _NEEDS_SIMS for name, _ in selected(config))
 
 
 def names() -> Tuple[str, ...]:
@@ -86,5 +99,7 @@ def get(name: str) -> Evaluator:
 
 
 def selected(config) -> List[Tuple[str, Evaluator]]:
-  """[(name, evaluator)] of every evaluator `config` asks for, in registration order."""
-  return [(name, fn) for name, (fn, when) in _EVALUATORS.items() if when(config)]
+  """[(name, evaluator)] of every evaluator `config` asks for, in registration order,
+  those that read the sims matrix (`needs_sims`) after the others, which write it."""
+  chosen = [(name, fn) for name, (fn, when) in _EVALUATORS.items() if when(config)]
+  return sorted(chosen, key=lambda item: item[0] in _NEEDS_SIMS)

@@ -4,6 +4,9 @@ config selects run, and `eval_results.json` written.
     python -m dsran_jax.main --mode=eval --workdir=DIR [--config.a.b=v ...]
     evaluation.evaluate_workdir(DIR)                      # from Python or a notebook
 """
+import os
+import shutil
+import tempfile
 import time
 from typing import Any, Mapping, Optional
 
@@ -36,25 +39,35 @@ def evaluate_workdir(workdir, config=None, overrides: Optional[Mapping[str, Any]
   if config is None:
     config = wd.load_config(overrides)
   validation.validate_config(config)
-  data.format_module(config)
+  format_module = data.format_module(config)
   evaluators = registry.selected(config)
   restored = wd.restore(config)
   split = data.load_split(config, config.data.test_split, wd.path)
   save_sims = config.eval.save_sims if save_sims is None else save_sims
+  sims_path, tmpdir = wd.sims_file(split.name) if save_sims else None, None
+  if sims_path is None and registry.needs_sims(config):
+    # An evaluator reads the matrix after the retrieval evaluator: kept until the end.
+    tmpdir = tempfile.mkdtemp(prefix="dsran_eval_sims_")
+    sims_path = os.path.join(tmpdir, "sims.npy")
   task = registry.Task(restored.model, restored.variables, config, split, wd.path,
-                       wd.sims_file(split.name) if save_sims else None, should_stop)
+                       sims_path, should_stop, format_module)
   t0 = time.time()
   out = {"split": split.name, "checkpoint_step": restored.meta.get("step"),
          "model": config.model.name, "num_images": split.num_images,
          "num_captions": split.num_captions}
-  protocol, ranks, sections, lines = {}, {}, {}, []
-  for _, evaluator in evaluators:
-    outcome = evaluator(task)
-    out.update(outcome.results)
-    protocol.update(outcome.protocol)
-    ranks = ranks or outcome.ranks
-    sections.update(outcome.sections)
-    lines += outcome.lines
+  protocol, ranks, sections, lines, table = {}, {}, {}, [], []
+  try:
+    for _, evaluator in evaluators:
+      outcome = evaluator(task)
+      out.update(outcome.results)
+      table += list(outcome.results)
+      protocol.update(outcome.protocol)
+      ranks = ranks or outcome.ranks
+      sections.update(outcome.sections)
+      lines += outcome.lines
+  finally:
+    if tmpdir:
+      shutil.rmtree(tmpdir, ignore_errors=True)
   out["protocol"] = protocol
   out.update(sections)
   names = [name for name, _ in evaluators]
@@ -66,9 +79,8 @@ def evaluate_workdir(workdir, config=None, overrides: Optional[Mapping[str, Any]
   logging.info("evaluated %s (%d images, %d captions) in %.1fs; kept in %s (also %s, the "
                "latest)%s", split.name, split.num_images, split.num_captions,
                time.time() - t0, kept, EVAL_RESULTS_FILE,
-               f"; sims saved to {task.sims_path}" if task.sims_path else "")
-  print(format_table({k: v for k, v in out.items() if k in protocol},
-                     num_images=split.num_images))
+               f"; sims saved to {task.sims_path}" if save_sims else "")
+  print(format_table({k: out[k] for k in table}, num_images=split.num_images))
   for line in lines:
     print(line)
   return out

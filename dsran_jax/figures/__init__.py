@@ -6,6 +6,8 @@
   text -> image.
 - `attention_map(workdir, images)` (attention.py): the model's attention over image
   nodes, for a family whose package has an `attention_maps` hook.
+- `eccv_queries(sims, path)` / `eccv_figure(workdir)` (eccv.py): a few ECCV Caption
+  queries with their top items marked COCO positive / ECCV positive / neither.
 - `evaluation_figures(workdir)`: all of the above after an evaluation, from what it
   saved; the one entry point `main` calls.
 
@@ -21,6 +23,7 @@ import numpy as np
 from dsran_jax import atomic
 from dsran_jax.figures.attention import attention_figures, attention_map, attention_weights
 from dsran_jax.figures.curves import read_metrics, training_curves
+from dsran_jax.figures.eccv import eccv_figure, eccv_queries
 from dsran_jax.figures.recall import recall_at, recall_curves, recall_figure
 from dsran_jax.workdir import Workdir
 
@@ -55,13 +58,17 @@ def evaluation_figures(workdir: str, config=None, encoder=None) -> Dict[str, str
       ranks, wd.figure_file("recall_curves"),
       title=f"Recall@K, {split} split ({results['num_images']} images)"
             + (f", step {step}" if step is not None else ""))
-  if results.get("evaluation_id"):   # the evaluation's own copy, kept beside its results
-    kept = wd.evaluation_dir(results["evaluation_id"])
-    if os.path.isdir(kept):
-      atomic.publish(out["recall_curves"], os.path.join(kept, "recall_curves.png"))
+  if "eccv" in results and os.path.exists(wd.sims_file(split)):
+    out["eccv_queries"] = eccv_figure(workdir, config)["path"]
+  kept = wd.evaluation_dir(results.get("evaluation_id") or "")
+  if results.get("evaluation_id") and os.path.isdir(kept):
+    for path in out.values():   # the evaluation's own copies, beside its results
+      if path != out.get("training_curves"):
+        atomic.publish(path, os.path.join(kept, os.path.basename(path)))
   out.update(attention_figures(workdir, config, encoder=encoder))
   return out
 
 
-__all__ = ["attention_figures", "attention_map", "attention_weights", "evaluation_figures",
-           "read_metrics", "recall_at", "recall_curves", "recall_figure", "training_curves"]
+__all__ = ["attention_figures", "attention_map", "attention_weights", "eccv_figure",
+           "eccv_queries", "evaluation_figures", "read_metrics", "recall_at", "recall_curves",
+           "recall_figure", "training_curves"]
