@@ -256,8 +256,8 @@ class Matcher:
       if length > p.fixed_width:
         raise ValueError(
             f"input_ids has {length} positions but this model takes at most "
-            f"{p.fixed_width} (reference padding, as the authors' code): cut captions to "
-            f"{p.fixed_width} tokens")
+            f"{p.fixed_width} tokens (its caption cut, padded to exactly that as the "
+            f"authors' code does): cut captions to {p.fixed_width} tokens")
       return p.fixed_width
     if p.max_positions is not None and length > p.max_positions:
       raise ValueError(f"input_ids has {length} positions; the text encoder has only "

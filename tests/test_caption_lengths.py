@@ -108,9 +108,9 @@ def test_converted_scan_workdir_evaluates_every_caption_whole(torch_ref, tmp_pat
   root = str(tmp_path / "precomp")
   _write_precomp(root, images, texts)
   ckpt = str(tmp_path / "model_best.pth.tar")
-  opt = dict(embed_size=16, word_dim=8, img_dim=img_dim, cross_attn="t2i",
-             agg_func="LogSumExp", bi_gru=True, lambda_softmax=9.0, lambda_lse=6.0,
-             data_name="f30k_precomp")
+  opt = {"embed_size": 16, "word_dim": 8, "img_dim": img_dim, "cross_attn": "t2i",
+         "agg_func": "LogSumExp", "bi_gru": True, "lambda_softmax": 9.0, "lambda_lse": 6.0,
+         "data_name": "f30k_precomp"}
   torch_ref("scan.save_checkpoint", path=ckpt, opt=opt, vocab_size=vocab, seed=4)
   their_ids, lens = _padded(_their_ids(texts, ids_of))
   assert lens.max() == LONGEST_WORDS + 2 and (lens > 32).sum() >= 3
@@ -127,7 +127,10 @@ def test_converted_scan_workdir_evaluates_every_caption_whole(torch_ref, tmp_pat
   assert np.abs(want).max() > 1e-3
   np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
   with open(os.path.join(workdir, "eval_results.json")) as f:
-    assert json.load(f)["num_captions"] == 5 * n_img
+    results = json.load(f)
+  assert results["num_captions"] == 5 * n_img
+  assert results["caption_lengths"] == {"count": 5 * n_img, "longest": LONGEST_WORDS + 2,
+                                        "cap": 0, "cut": 0, "width": LONGEST_WORDS + 2}
 
   # The matcher, on the raw texts (the 60-word caption among them), gives the same
   # scores: it tokenises and cuts exactly as the evaluation does.
@@ -148,10 +151,10 @@ def test_converted_dsran_gru_reference_padding_evaluates_every_caption_whole(
   """A converted DSRAN GRU-build workdir (reference padding: the text graph spans its eval
   batch's longest caption) evaluated on 60-word captions equals their eval: batches of
   their opt.batch_size in order, each padded to its longest caption, nothing cut."""
-  from test_convert_torch import DIMS, GRID, IMG, save_gru_checkpoint  # pylint: disable=g-import-not-at-top
+  from test_convert_torch import GRID, IMG, save_gru_checkpoint  # pylint: disable=g-import-not-at-top
+
   from dsran_jax import evaluation, inference  # pylint: disable=g-import-not-at-top
   from dsran_jax.tools import convert_torch  # pylint: disable=g-import-not-at-top
-  del DIMS
   rng = np.random.default_rng(8)
   vocab = 50
   words = [f"w{i}" for i in range(vocab - 4)]
@@ -295,3 +298,38 @@ def test_a_cap_the_user_sets_is_reported(tmp_path, caplog):
   assert cut.caption_lengths == tokenize.CaptionLengths(count=10, longest=14, cap=6, cut=4,
                                                         width=6)
   assert "data.max_len cuts 4 of 10 captions to 6 tokens (the longest has 14)" in caplog.text
+
+
+def test_dsran_bert_keeps_the_authors_cut_and_reports_it(minilm_dir):
+  c = default_config.get_base_config()
+  c.model.dsran.bert_path = minilm_dir
+  assert c.data.max_len == -1 and models.caption_cap(c) == 32  # data_bert.py's 32
+  long_text = " ".join(["dog"] * 40)
+  ids, _, lengths = tokenize.make_tokenizer(c).encode_report(["a dog", long_text])
+  assert ids.shape == (2, 32) and lengths.cut == 1 and lengths.longest == 42
+  assert "data.max_len cuts 1 of 2 captions to 32 tokens (the longest has 42)" in (
+      lengths.message("split 'test'"))
+  c.data.max_len = 0  # whole, within the BERT's 512 positions
+  ids, _ = tokenize.make_tokenizer(c).encode([long_text])
+  assert ids.shape == (1, 42)
+  with pytest.raises(ValueError, match="has 512 positions: set data.max_len <= 512"):
+    tokenize.make_tokenizer(c).encode([" ".join(["dog"] * 600)])
+
+
+def test_a_config_json_from_before_the_rule_keeps_captions_whole(tmp_path):
+  """Saved with the old fixed width (no data.caption_bucket): a word-vocabulary model
+  gets its authors' rule back; DSRAN's BERT build keeps its cut."""
+  for name, encoder, want in (("scan", "bert", -1), ("dsran", "gru", -1),
+                              ("dsran", "bert", 32)):
+    c = default_config.get_base_config()
+    c.model.name, c.model.dsran.text_encoder = name, encoder
+    saved = c.to_dict()
+    saved["data"]["max_len"] = 32
+    del saved["data"]["caption_bucket"]
+    wd = tmp_path / f"{name}_{encoder}"
+    wd.mkdir()
+    (wd / "config.json").write_text(json.dumps(saved))
+    assert Workdir(str(wd)).load_config().data.max_len == want, (name, encoder)
+    saved["data"]["caption_bucket"] = 8  # written after the rule: a cut the user set
+    (wd / "config.json").write_text(json.dumps(saved))
+    assert Workdir(str(wd)).load_config().data.max_len == 32

@@ -4,6 +4,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+
 @dataclasses.dataclass
 class Split:
   """One split of a dataset: captions tokenised once, image features read on demand.

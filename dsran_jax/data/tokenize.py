@@ -27,7 +27,11 @@ import numpy as np
 from dsran_jax import models
 from dsran_jax import workdir as workdir_lib
 from dsran_jax.core.vocab import (  # noqa: F401  (re-exported: the tokenizers' vocabulary)
-    DEFAULT_THRESHOLD, SPECIAL_WORDS, Vocabulary, word_tokenize)
+  DEFAULT_THRESHOLD,
+  SPECIAL_WORDS,
+  Vocabulary,
+  word_tokenize,
+)
 from dsran_jax.hub import resolve_pretrained_dir
 
 

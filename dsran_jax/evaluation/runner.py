@@ -56,6 +56,8 @@ def evaluate_workdir(workdir, config=None, overrides: Optional[Mapping[str, Any]
     sections.update(outcome.sections)
     lines += outcome.lines
   out["protocol"] = protocol
+  if split.caption_lengths is not None:  # how long the captions were, and any cut
+    out["caption_lengths"] = split.caption_lengths.to_dict()
   out.update(sections)
   if jax.process_index() == 0:
     wd.write_json(EVAL_RESULTS_FILE, out)
