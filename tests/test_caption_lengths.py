@@ -297,7 +297,8 @@ def test_a_cap_the_user_sets_is_reported(tmp_path, caplog):
   assert cut.input_ids.shape == (10, 6)
   assert cut.caption_lengths == tokenize.CaptionLengths(count=10, longest=14, cap=6, cut=4,
                                                         width=6)
-  assert "data.max_len cuts 4 of 10 captions to 6 tokens (the longest has 14)" in caplog.text
+  assert "cut at 6 tokens, 4 of 10 captions shortened (the longest has 14 tokens)" in (
+      caplog.text)
 
 
 def test_dsran_bert_keeps_the_authors_cut_and_reports_it(minilm_dir):
@@ -307,8 +308,9 @@ def test_dsran_bert_keeps_the_authors_cut_and_reports_it(minilm_dir):
   long_text = " ".join(["dog"] * 40)
   ids, _, lengths = tokenize.make_tokenizer(c).encode_report(["a dog", long_text])
   assert ids.shape == (2, 32) and lengths.cut == 1 and lengths.longest == 42
-  assert "data.max_len cuts 1 of 2 captions to 32 tokens (the longest has 42)" in (
-      lengths.message("split 'test'"))
+  assert lengths.message("split 'test'") == (
+      "split 'test': cut at 32 tokens, 1 of 2 captions shortened (the longest has 42 "
+      "tokens); data.max_len=0 keeps every caption whole")
   c.data.max_len = 0  # whole, within the BERT's 512 positions
   ids, _ = tokenize.make_tokenizer(c).encode([long_text])
   assert ids.shape == (1, 42)

@@ -27,11 +27,7 @@ import numpy as np
 from dsran_jax import models
 from dsran_jax import workdir as workdir_lib
 from dsran_jax.core.vocab import (  # noqa: F401  (re-exported: the tokenizers' vocabulary)
-  DEFAULT_THRESHOLD,
-  SPECIAL_WORDS,
-  Vocabulary,
-  word_tokenize,
-)
+    DEFAULT_THRESHOLD, SPECIAL_WORDS, Vocabulary, word_tokenize)
 from dsran_jax.hub import resolve_pretrained_dir
 
 
@@ -58,9 +54,9 @@ class CaptionLengths:
     if not self.cut:
       return (f"{what}: every caption whole ({self.count} captions, the longest "
               f"{self.longest} tokens)")
-    return (f"{what}: data.max_len cuts {self.cut} of {self.count} captions to {self.cap} "
-            f"tokens (the longest has {self.longest}); set data.max_len=0 to keep them "
-            f"whole")
+    return (f"{what}: cut at {self.cap} tokens, {self.cut} of {self.count} captions "
+            f"shortened (the longest has {self.longest} tokens); data.max_len=0 keeps "
+            f"every caption whole")
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
