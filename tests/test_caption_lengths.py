@@ -258,6 +258,13 @@ def test_train_batches_are_as_wide_as_the_global_batch_longest_caption():
   assert len(widths) > 1
 
 
+def test_split_captions_never_cuts_a_batch():
+  split = _split([3, 9, 5])
+  assert split.captions([0, 2], 5)["input_ids"].shape == (2, 5)
+  with pytest.raises(ValueError, match="captions of up to 9 tokens cannot be given 8"):
+    split.captions([1], 8)
+
+
 def test_a_model_that_attends_to_padding_gets_the_cut_exactly():
   split = _split([3, 5, 9, 32] * 4)
   config = _train_config(batch_size=4)

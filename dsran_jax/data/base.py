@@ -68,20 +68,17 @@ class Split:
     return self.read_images(np.asarray(indices, dtype=np.int64))
 
   def captions(self, indices, width: Optional[int] = None) -> dict:
-    """Text-side arrays for `indices`, `width` columns wide (default: the split's; a
-    narrower width must hold every selected caption, a wider one pads with zeros)."""
+    """Text-side arrays for `indices`, `width` columns wide (default: the split's); a
+    narrower width must hold every selected caption (a batch is never cut here)."""
     indices = np.asarray(indices, dtype=np.int64)
     out = {"input_ids": self.input_ids[indices], "attention_mask": self.attention_mask[indices]}
     if width is None or width == self.input_ids.shape[1]:
       return out
-    if width < self.input_ids.shape[1]:
-      longest = int(self.token_counts[indices].max(initial=0))
-      if longest > width:
-        raise ValueError(f"split {self.name!r}: {width} columns cannot hold a caption of "
-                         f"{longest} tokens")
-      return {k: v[:, :width] for k, v in out.items()}
-    pad = ((0, 0), (0, width - self.input_ids.shape[1]))
-    return {k: np.pad(v, pad) for k, v in out.items()}
+    longest = int(self.token_counts[indices].max(initial=0))
+    if not longest <= width <= self.input_ids.shape[1]:
+      raise ValueError(f"split {self.name!r}: captions of up to {longest} tokens cannot be "
+                       f"given {width} columns (the split has {self.input_ids.shape[1]})")
+    return {k: v[:, :width] for k, v in out.items()}
 
   def subset_images(self, num_images: int) -> "Split":
     """The first `num_images` images and their captions (COCO dev uses the first 1000)."""
