@@ -131,6 +131,14 @@ def Regexes() -> Rule:
   return check
 
 
+def _caption_cap_rule(v) -> Optional[str]:
+  """`data.max_len`: -1 (the family's rule), 0 (whole captions) or a cut in [3, 4096]
+  (a caption keeps at least its two end tokens)."""
+  if not _is_int(v) or not (v in (-1, 0) or 3 <= v <= 4096):
+    return ("must be -1 (the family's rule), 0 (whole captions) or an integer in "
+            "[3, 4096] (the cut, in tokens)")
+
+
 # ------------------------------------------------------------------------ declarations
 
 
@@ -188,9 +196,14 @@ KEYS: Dict[str, Key] = declare([
     Key("data.dev_split", "dev", Str(nonempty=True), "split of the dev evaluations"),
     Key("data.test_split", "test", Str(nonempty=True),
         "split of the test evaluation ('testall' for COCO 5K with precomp)"),
-    Key("data.max_len", 32, Int(3, 4096, note=" (tokens per caption, [CLS]/[SEP] or "
-                                             "<start>/<end> included)"),
-        "tokens per caption, [CLS]/[SEP] or <start>/<end> included"),
+    Key("data.max_len", -1, _caption_cap_rule,
+        "the caption cut, in tokens ([CLS]/[SEP] or <start>/<end> included): -1 follows "
+        "the authors of the family (DSRAN's BERT build cuts at 32, every word-vocabulary "
+        "family keeps captions whole), 0 keeps every caption whole, n > 0 cuts at n "
+        "(reported when it cuts). docs/protocol.md, 'Caption lengths'"),
+    Key("data.caption_bucket", 8, Int(1),
+        "captions of a batch are padded to the smallest multiple of this holding its "
+        "longest caption (bounded jit shapes: one compile per multiple reached)"),
     Key("data.shuffle_buffer", 0, Int(0, note=" (0: full shuffle)"),
         "0: full shuffle of caption indices (cheap: indices only)"),
     Key("data.prefetch", 2, Int(0), "batches prepared ahead"),

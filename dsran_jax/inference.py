@@ -18,17 +18,21 @@ power of two instead, so small queries stay cheap and compiles stay few. Which i
 arrays a model reads, and their shapes, come from the family (`model.image_keys`,
 `core.batch.KEY_SPECS`); a missing, misshapen or unexpected array is an error naming it.
 A family may also set how captions are batched (`text_policy`: DSRAN's reference
-padding mode groups GRU captions as the authors' eval loader did).
+padding mode groups GRU captions as the authors' eval loader did). Texts are tokenised
+as training and evaluation tokenise them (cut only where the authors cut, or at a
+`data.max_len` the user set, with a warning) and padded to the next multiple of
+`data.caption_bucket`, so compiles stay few and no caption loses a word.
 """
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
+from absl import logging
 
 from dsran_jax import evaluation, models
 from dsran_jax.core.batch import KEY_SPECS, key_shape
-from dsran_jax.core.text_policy import TextPolicy
+from dsran_jax.core.text_policy import TextPolicy, bucket_width
 from dsran_jax.data import tokenize
 from dsran_jax.workdir import Workdir, embedding_rows
 
@@ -190,20 +194,15 @@ class Matcher:
     return self._tokenizer
 
   def tokenize(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
-    """`(input_ids, attention_mask)` int32 for `texts`, as `encode_texts` would use them
-    (cut to `data.max_len`, unless the family's text policy says otherwise)."""
+    """`(input_ids, attention_mask)` int32 for `texts`, as `encode_texts` would use them:
+    the tokenizer of training and evaluation, so a caption is cut only where they cut
+    it (`models.caption_cap`: the authors' cut or `data.max_len`), and a cut is logged
+    as a warning (how many, the longest)."""
     if isinstance(texts, str):
       raise TypeError("texts must be a list of strings, got a single str")
-    texts = list(texts)
-    tok = self.tokenizer
-    if self.text_policy.untruncated and hasattr(tok, "vocab"):
-      rows = [tok.vocab.encode_one(t) for t in texts]
-      width = max([len(row) for row in rows] + [1])
-      ids = np.zeros((len(rows), width), np.int32)
-      for i, row in enumerate(rows):
-        ids[i, :len(row)] = row
-      return ids, (ids != 0).astype(np.int32)
-    ids, mask = tok.encode(texts)
+    ids, mask, lengths = self.tokenizer.encode_report(list(texts))
+    if lengths.cut:
+      logging.warning("%s", lengths.message("encode_texts"))
     return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
   def encode_texts(self, texts: Optional[Sequence[str]] = None, input_ids=None,
@@ -249,18 +248,21 @@ class Matcher:
                      b, group, {})
 
   def _text_width(self, length: int) -> int:
+    """The width ids of `length` columns are padded to: the family's fixed width, else
+    the next multiple of `data.caption_bucket` (bounded compiles; padding never changes
+    a score)."""
     p = self.text_policy
-    max_len = int(self.config.data.max_len)
-    if p.max_width is not None and length > p.max_width:
-      raise ValueError(
-          f"input_ids has {length} positions but this model takes at most "
-          f"data.max_len={p.max_width} (reference padding, as the authors' code): cut "
-          f"captions to {p.max_width} tokens")
+    if p.fixed_width is not None:
+      if length > p.fixed_width:
+        raise ValueError(
+            f"input_ids has {length} positions but this model takes at most "
+            f"{p.fixed_width} tokens (its caption cut, padded to exactly that as the "
+            f"authors' code does): cut captions to {p.fixed_width} tokens")
+      return p.fixed_width
     if p.max_positions is not None and length > p.max_positions:
       raise ValueError(f"input_ids has {length} positions; the text encoder has only "
                        f"{p.max_positions} position embeddings")
-    # A fixed width for every call up to max_len: one compile.
-    return max(length, max_len)
+    return bucket_width(length, int(self.config.data.caption_bucket), p.max_positions)
 
   # ---------------------------------------------------------------- scoring
 

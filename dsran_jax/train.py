@@ -277,6 +277,11 @@ def _train_and_evaluate(config, wd: Workdir, mesh, stop_at, save_sims) -> dict:
   model, train_split = build(config, workdir)
   dev_split = data.load_dev_split(config, workdir)
   steps_per_epoch = pipeline.steps_per_epoch(train_split, config)
+  widths = pipeline.train_widths(train_split, config)
+  logging.info("captions: training batches %s tokens wide (their longest caption, in "
+               "steps of data.caption_bucket=%d): the step compiles once per width reached",
+               f"{widths[0]} ... {widths[-1]}" if len(widths) > 1 else widths[0],
+               config.data.caption_bucket)
   total_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
   schedule = optim.learning_rate_schedule(config.train, steps_per_epoch, total_steps)
   model_frozen = models.frozen_paths(config.model)

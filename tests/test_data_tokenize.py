@@ -105,6 +105,10 @@ def test_make_tokenizer_bert(minilm_dir):
   c = get_base_config()
   c.model.dsran.bert_path, c.data.max_len = minilm_dir, 16
   ids, _ = tokenize.make_tokenizer(c).encode(["a dog"])
+  # As wide as the longest caption; the reference build pads to exactly the cut.
+  assert ids.shape == (1, 4) and ids[0, 0] == 101
+  c.model.dsran.text_padding = "reference"
+  ids, _ = tokenize.make_tokenizer(c).encode(["a dog"])
   assert ids.shape == (1, 16) and ids[0, 0] == 101
 
 

@@ -148,7 +148,7 @@ def test_bad_inputs_name_the_argument(bert_run):
       (dict(input_ids=ids, attention_mask=np.ones((2, 5))),
        r"attention_mask has shape \(2, 5\), expected \(2, 32\)"),
       (dict(input_ids=ids + 100), r"input_ids must be in \[0, 60\)"),
-      (dict(input_ids=np.ones((2, 33), np.int32)), r"data.max_len=32"),
+      (dict(input_ids=np.ones((2, 33), np.int32)), r"takes at most 32 tokens"),
       (dict(), r"exactly one of texts or input_ids"),
   ]
   for kwargs, message in text_cases:

@@ -9,6 +9,8 @@ those are imported where a file is opened or a tokenizer built.
 """
 from typing import Optional
 
+from absl import logging
+
 from dsran_jax import models
 from dsran_jax.core.batch import IMAGE_KEYS, TEXT_KEYS
 from dsran_jax.data import formats, tfds_split, tokenize
@@ -18,7 +20,8 @@ from dsran_jax.data.raw import DataError, MissingDataError, RawSplit
 
 __all__ = ["FORMATS", "IMAGE_KEYS", "TEXT_KEYS", "DataError", "MissingDataError",
            "RawSplit", "Split", "format_module", "gru_vocabulary", "load_dev_split",
-           "load_split", "read_raw_split", "vocab_size", "vocab_split_names"]
+           "load_split", "read_raw_split", "report_lengths", "vocab_size",
+           "vocab_split_names"]
 
 # `data.vocab_splits` -> the config keys of the splits whose captions a new word
 # vocabulary counts. The authors' vocab.py counts train + dev captions (SCAN, SGRAF:
@@ -50,17 +53,29 @@ def load_split(config, split_name: str, workdir: Optional[str] = None) -> Split:
       `data.vocab_file`).
 
   Returns:
-    The `Split`, with `input_ids` / `attention_mask` int32 `(num_captions, data.max_len)`.
+    The `Split`, with `input_ids` / `attention_mask` int32 `(num_captions, W)`, W its
+    longest caption after the cut (`models.caption_cap`), and `caption_lengths` (what
+    the cut did: logged as a warning when it shortened captions).
   """
   raw_split = read_raw_split(config, split_name)
   tokenizer = tokenize.make_tokenizer(config, workdir,
                                       lambda: _vocab_texts(config, {split_name: raw_split}))
-  input_ids, attention_mask = tokenizer.encode(raw_split.texts)
+  input_ids, attention_mask, lengths = tokenizer.encode_report(raw_split.texts)
+  report_lengths(lengths, f"split {split_name!r}")
   return Split(name=split_name, image_ids=list(raw_split.image_ids),
                texts=list(raw_split.texts), input_ids=input_ids,
                attention_mask=attention_mask,
                captions_per_image=raw_split.captions_per_image,
-               read_images=raw_split.read_images)
+               read_images=raw_split.read_images, caption_lengths=lengths)
+
+
+def report_lengths(lengths: tokenize.CaptionLengths, what: str) -> None:
+  """Logs what the caption cut did: a warning when it shortened captions (how many, the
+  longest), an info line otherwise."""
+  if lengths.cut:
+    logging.warning("%s", lengths.message(what))
+  else:
+    logging.info("%s", lengths.message(what))
 
 
 def vocab_split_names(config) -> tuple[str, ...]:

@@ -1,8 +1,9 @@
 """The in-memory view of one dataset split that every reader returns."""
 import dataclasses
-from typing import Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+
 
 @dataclasses.dataclass
 class Split:
@@ -12,11 +13,14 @@ class Split:
     name: split name ("train", "dev", "test", "testall", ...).
     image_ids: one id per image (file stem, COCO id, ...), used for messages and search.
     texts: raw captions, `captions_per_image` consecutive lines per image.
-    input_ids: int32 (num_captions, max_len), 0-padded.
-    attention_mask: int32 (num_captions, max_len), 1 for tokens.
+    input_ids: int32 (num_captions, W), 0-padded; W is the longest caption after the
+      cut (`models.caption_cap`), so no caption is cut where the authors keep it whole.
+    attention_mask: int32 (num_captions, W), 1 for tokens.
     captions_per_image: 5 for the standard releases, 1 when #images == #captions.
     read_images: `indices -> dict` of image-side arrays (see docs/architecture.md), the
       only way features are read, so a reader can memory-map or open files lazily.
+    caption_lengths: what tokenising did to the captions' lengths
+      (`data.tokenize.CaptionLengths`: how many the cut shortened, the longest), or None.
   """
   name: str
   image_ids: Sequence[str]
@@ -25,6 +29,7 @@ class Split:
   attention_mask: np.ndarray
   captions_per_image: int
   read_images: Callable[[np.ndarray], dict]
+  caption_lengths: Optional[Any] = None
 
   def __post_init__(self):
     n_cap = len(self.texts)
@@ -45,6 +50,15 @@ class Split:
   def num_captions(self) -> int:
     return len(self.texts)
 
+  @property
+  def token_counts(self) -> np.ndarray:
+    """int64 (num_captions,): tokens of each caption (after the cut), computed once."""
+    counts = self.__dict__.get("_token_counts")
+    if counts is None:
+      counts = np.asarray(self.attention_mask).sum(axis=1, dtype=np.int64)
+      self.__dict__["_token_counts"] = counts
+    return counts
+
   def caption_image(self, caption_index):
     """Index of the image a caption belongs to."""
     return np.asarray(caption_index) // self.captions_per_image
@@ -53,10 +67,18 @@ class Split:
     """Image-side arrays for `indices` (any int array), batch dimension first."""
     return self.read_images(np.asarray(indices, dtype=np.int64))
 
-  def captions(self, indices) -> dict:
-    """Text-side arrays for `indices`."""
+  def captions(self, indices, width: Optional[int] = None) -> dict:
+    """Text-side arrays for `indices`, `width` columns wide (default: the split's); a
+    narrower width must hold every selected caption (a batch is never cut here)."""
     indices = np.asarray(indices, dtype=np.int64)
-    return {"input_ids": self.input_ids[indices], "attention_mask": self.attention_mask[indices]}
+    out = {"input_ids": self.input_ids[indices], "attention_mask": self.attention_mask[indices]}
+    if width is None or width == self.input_ids.shape[1]:
+      return out
+    longest = int(self.token_counts[indices].max(initial=0))
+    if not longest <= width <= self.input_ids.shape[1]:
+      raise ValueError(f"split {self.name!r}: captions of up to {longest} tokens cannot be "
+                       f"given {width} columns (the split has {self.input_ids.shape[1]})")
+    return {k: v[:, :width] for k, v in out.items()}
 
   def subset_images(self, num_images: int) -> "Split":
     """The first `num_images` images and their captions (`data.load_dev_split`: the

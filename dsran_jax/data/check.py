@@ -2,8 +2,9 @@ r"""Scans a dataset before training: `python -m dsran_jax.data.check --config=co
 
 Reads every split the way training will (`--config.data.root=...` etc. override as usual)
 and reports, per split: images and captions, missing and malformed feature files,
-images with NaN/inf features, empty captions, captions longer than `data.max_len`
-(truncated in training, as the authors do). Exits 1 when the data cannot be trained on
+images with NaN/inf features, empty captions, captions the caption cut shortens
+(`models.caption_cap`: the authors' cut or `data.max_len`; none for the word-vocabulary
+families, whose authors keep every caption whole) and the longest caption. Exits 1 when the data cannot be trained on
 (an unreadable split, a missing or malformed file, non-finite features), 2 on a user
 error (an invalid config value, an unknown `data.format`, an unreadable manifest: one
 `error: ...` message, no traceback), else 0.
@@ -159,7 +160,7 @@ def caption_lengths_fn(config):
   if kind == "vocab":
     path = config.data.vocab_file and os.path.expanduser(config.data.vocab_file)
     vocab = tokenize.Vocabulary.load(path) if path and os.path.isfile(path) else None
-    return tokenize.GruTokenizer(vocab, config.data.max_len).lengths
+    return tokenize.GruTokenizer(vocab, models.caption_cap(config)).lengths
   return tokenize.make_tokenizer(config).lengths
 
 
@@ -290,7 +291,8 @@ def scan_split(config, split_name: str, lengths_fn, max_images=0, batch_size=64,
   report.empty_captions = sum(1 for t in raw_split.texts if not str(t).strip())
   if lengths_fn is not None and raw_split.texts:
     lengths = lengths_fn(raw_split.texts)
-    report.long_captions = int((lengths > config.data.max_len).sum())
+    cap = models.caption_cap(config)
+    report.long_captions = int((lengths > cap).sum()) if cap else 0
     report.max_caption_len = int(lengths.max())
   _scan_images(raw_split, report, max_images, batch_size,
                rel.regions if rel is not None and config.data.format == "vlp" else 0)
@@ -304,9 +306,9 @@ def format_report(config, reports, show: int = 10) -> str:
   d = config.data
   lines = [f"data check: format={d.format} name={d.name} root={d.root or '-'} "
            f"model={config.model.name} tokenizer={models.tokenizer_kind(config)} "
-           f"max_len={d.max_len}", ""]
+           f"caption cut={models.caption_cap(config) or 'none'}", ""]
   head = ("split", "images", "captions", "cap/img", "scanned", "missing", "malformed",
-          "non-finite", "empty caps", f">{d.max_len} tok", "longest")
+          "non-finite", "empty caps", "cut", "longest")
   rows = [head] + [
       (r.name, r.num_images, r.num_captions, r.captions_per_image, r.scanned_images,
        len(r.missing), len(r.malformed), len(r.nonfinite), r.empty_captions,

@@ -9,10 +9,14 @@ reads batch s % steps_per_epoch of epoch s // steps_per_epoch, so resuming at
 `start_step` costs nothing and replays the same data. Only caption indices are shuffled;
 features are read per batch by a parallel, order-preserving map calling
 `split.images` / `split.captions`, so host RAM is bounded by the in-flight batches and
-`data.prefetch`.
+`data.prefetch`. A batch's captions are as wide as the global batch's longest caption,
+rounded up to a multiple of `data.caption_bucket` (`caption_width_fn`): never cut, and
+a bounded number of jit shapes (`train_widths`).
 
 Evaluation: every image (or caption) exactly once, in order, in batches of `batch_size`;
-the last batch is padded by repeating the last example and flagged by `valid`.
+the last batch is padded by repeating the last example and flagged by `valid`. Caption
+batches are as wide as the split's longest caption (one width, so the caption reps of
+every batch concatenate and one compiled encoder serves the split).
 """
 import atexit
 import gc
@@ -25,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from dsran_jax import models
-from dsran_jax.core import batch
+from dsran_jax.core import batch, text_policy
 from dsran_jax.data.base import Split
 
 try:
@@ -116,38 +120,74 @@ def epoch_order(num_captions: int, seed: int, epoch: int, shuffle_buffer: int = 
 
 
 class _TrainOrder:
-  """Caption indices of (global step, process): cached per epoch, safe across threads."""
+  """Caption indices of (global step, process), and the caption width of each global
+  step: cached per epoch, safe across threads.
+
+  `token_counts` (the split's tokens per caption) and `width_of` (longest caption of a
+  global batch -> its width) give `width(step)`: every process pads its slice to the
+  width of the whole global batch, so the hosts' arrays assemble into one.
+  """
 
   def __init__(self, num_captions, global_batch, local_batch, process_index, seed,
-               shuffle_buffer):
+               shuffle_buffer, token_counts=None, width_of=None):
     self.num_captions = num_captions
     self.global_batch = global_batch
     self.local_batch = local_batch
     self.process_index = process_index
     self.seed = seed
     self.shuffle_buffer = shuffle_buffer
+    self.token_counts = token_counts
+    self.width_of = width_of
     self.steps_per_epoch = num_captions // global_batch
     self._lock = threading.Lock()
     self._cache = {}
 
-  def _epoch(self, epoch: int) -> np.ndarray:
+  def _epoch(self, epoch: int):
     with self._lock:
-      order = self._cache.get(epoch)
-      if order is None:
+      cached = self._cache.get(epoch)
+      if cached is None:
         order = epoch_order(self.num_captions, self.seed, epoch, self.shuffle_buffer)
         order = order[:self.steps_per_epoch * self.global_batch].reshape(
             self.steps_per_epoch, self.global_batch)
+        widths = None
+        if self.token_counts is not None:
+          longest = self.token_counts[order].max(axis=1)
+          widths = np.array([self.width_of(int(n)) for n in longest], np.int64)
         lo = self.process_index * self.local_batch
-        order = np.ascontiguousarray(order[:, lo:lo + self.local_batch])
+        cached = (np.ascontiguousarray(order[:, lo:lo + self.local_batch]), widths)
         # The map runs a few steps ahead at most: two epochs cover the boundary.
         if len(self._cache) >= 2:
           self._cache.pop(min(self._cache))
-        self._cache[epoch] = order
-      return order
+        self._cache[epoch] = cached
+      return cached
 
   def __call__(self, step) -> np.ndarray:
     epoch, within = divmod(int(step), self.steps_per_epoch)
-    return self._epoch(epoch)[within]
+    return self._epoch(epoch)[0][within]
+
+  def width(self, step) -> int:
+    """Caption columns of global step `step` (needs `token_counts`)."""
+    epoch, within = divmod(int(step), self.steps_per_epoch)
+    return int(self._epoch(epoch)[1][within])
+
+
+def caption_width_fn(split: Split, config):
+  """`longest caption of a batch -> its width`: the smallest multiple of
+  `data.caption_bucket` holding it, at most the split's width (`core.text_policy.
+  bucket_width`); always the split's width (the cut) for a model that attends to
+  padding (`models.pads_to_cap`: DSRAN's reference BERT build)."""
+  limit = int(split.input_ids.shape[1])
+  if models.pads_to_cap(config):
+    return lambda longest: limit
+  bucket = int(config.data.caption_bucket)
+  return lambda longest: text_policy.bucket_width(longest, bucket, limit)
+
+
+def train_widths(split: Split, config) -> tuple:
+  """Every caption width a training run over `split` can compile (sorted): the jit-shape
+  cost of length buckets (ceil(split width / data.caption_bucket) at most)."""
+  width_of = caption_width_fn(split, config)
+  return tuple(sorted({width_of(n) for n in range(1, int(split.input_ids.shape[1]) + 1)}))
 
 
 def _probe(split: Split, keys, config=None):
@@ -223,7 +263,9 @@ def train_batches(split: Split, config, start_step: int = 0,
   Yields:
     numpy dicts of `train.batch_size // process_count` (image, caption) pairs: the
     image keys the model reads (grid, regions, region_pos, region_mask, ...),
-    input_ids, attention_mask, image_index, caption_index.
+    input_ids, attention_mask (as wide as the global batch's longest caption, rounded
+    up to `data.caption_bucket`: `train_widths` lists the widths), image_index,
+    caption_index.
   """
   if process_index is None or process_count is None:
     process_index = jax.process_index() if process_index is None else process_index
@@ -239,11 +281,13 @@ def train_batches(split: Split, config, start_step: int = 0,
   steps_per_epoch(split, config)  # raises if the split is smaller than one batch
   local_batch = global_batch // process_count
   order = _TrainOrder(split.num_captions, global_batch, local_batch, process_index,
-                      int(config.train.seed), int(config.data.shuffle_buffer))
+                      int(config.train.seed), int(config.data.shuffle_buffer),
+                      split.token_counts, caption_width_fn(split, config))
   image_specs = _probe(split, _image_keys(models.image_keys(config)), config)
   specs = dict(image_specs)
-  specs["input_ids"] = (tuple(split.input_ids.shape[1:]), np.dtype(np.int32))
-  specs["attention_mask"] = (tuple(split.attention_mask.shape[1:]), np.dtype(np.int32))
+  # Caption width varies with the batch (its longest caption's bucket).
+  specs["input_ids"] = ((None,), np.dtype(np.int32))
+  specs["attention_mask"] = ((None,), np.dtype(np.int32))
   specs = {k: ((local_batch,) + shape, dtype) for k, (shape, dtype) in specs.items()}
   for k in TRAIN_INDEX_KEYS:
     specs[k] = ((local_batch,), np.dtype(np.int32))
@@ -255,7 +299,7 @@ def train_batches(split: Split, config, start_step: int = 0,
     out = {k: _checked(arrays, k, local_batch, image_specs[k], split.name)
            for k in image_specs}
     out.update({k: v.astype(np.int32, copy=False)
-                for k, v in split.captions(captions).items()})
+                for k, v in split.captions(captions, order.width(step)).items()})
     out["image_index"] = images.astype(np.int32)
     out["caption_index"] = captions.astype(np.int32)
     return out

@@ -185,7 +185,7 @@ def _source_info(config, split_name: str) -> dict:
   info = {"format": config.data.format, "name": config.data.name, "root": config.data.root,
           "split": split_name, "model": config.model.name,
           "tokenizer": models.tokenizer_kind(config), "bert_path": models.bert_path(config),
-          "max_len": int(config.data.max_len)}
+          "max_len": int(config.data.max_len), "caption_cap": models.caption_cap(config)}
   if config.data.format == "synthetic":
     info["synthetic"] = config.data.synthetic.to_dict()
     info["img_dim"] = int(config.data.img_dim)

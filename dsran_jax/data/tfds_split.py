@@ -17,6 +17,7 @@ import threading
 
 import numpy as np
 
+from dsran_jax import models
 from dsran_jax.data import base
 from dsran_jax.data import raw as raw_lib
 
@@ -119,18 +120,24 @@ def read_raw_split(config, split_name: str) -> raw_lib.RawSplit:
 def load_tfds_split(config, split_name: str) -> base.Split:
   """A packed split as a `Split`, with the token ids stored at build time.
 
-  The stored ids are those of the tokenizer the split was built with; `data.max_len`
-  must match (use `read_raw_split` + `data.load_split` to tokenise again).
+  The stored ids are those of the tokenizer the split was built with; its caption cut
+  must be the config's (`models.caption_cap`; use `read_raw_split` + `data.load_split`
+  to tokenise again).
   """
   path, meta = _open(config, split_name)
-  max_len = int(meta["max_len"])
-  if int(config.data.max_len) != max_len:
+  width = int(meta["max_len"])  # the stored id columns
+  source = meta.get("source") or {}
+  # Packs made before the length rule recorded only their width, which was the cut.
+  packed_cap = int(source.get("caption_cap", source.get("max_len", width)))
+  cap = models.caption_cap(config)
+  if cap != packed_cap:
     raise ValueError(
-        f"{path}: captions were tokenised with max_len {max_len}, but data.max_len="
-        f"{config.data.max_len}")
+        f"{path}: captions were tokenised with a cut of {packed_cap or 'none'} tokens, but "
+        f"the config cuts at {cap or 'none'} (data.max_len={config.data.max_len}): pack "
+        f"the split again, or set data.max_len={packed_cap}")
   n = len(meta["texts"])
-  input_ids = np.zeros((n, max_len), np.int32)
-  attention_mask = np.zeros((n, max_len), np.int32)
+  input_ids = np.zeros((n, width), np.int32)
+  attention_mask = np.zeros((n, width), np.int32)
   for c, row in enumerate(meta["tokens"]):
     input_ids[c, :len(row)] = row
     attention_mask[c, :len(row)] = 1

@@ -69,6 +69,8 @@ def evaluate_workdir(workdir, config=None, overrides: Optional[Mapping[str, Any]
     if tmpdir:
       shutil.rmtree(tmpdir, ignore_errors=True)
   out["protocol"] = protocol
+  if split.caption_lengths is not None:  # how long the captions were, and any cut
+    out["caption_lengths"] = split.caption_lengths.to_dict()
   out.update(sections)
   names = [name for name, _ in evaluators]
   eval_id = archive.evaluation_id(config, out, names)

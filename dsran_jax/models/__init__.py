@@ -7,6 +7,10 @@ A family is a package `dsran_jax/models/<name>/` with
     `tokenizer(model_config) -> "bert" | "vocab"`  how captions become ids;
     `bert_path(model_config) -> str`  (optional) the BERT directory or hub name of a
         "bert" tokenizer (its WordPiece vocabulary); "" (or no hook) without BERT;
+    `caption_cap(model_config) -> int`  (optional) the authors' cut of a caption, in
+        tokens, which `data.max_len=-1` follows; no hook: 0, every caption whole;
+    `pads_to_cap(model_config) -> bool`  (optional) every caption batch is exactly the
+        cut wide (a model that attends to padding, as DSRAN's reference BERT build);
     `input_hint(model_config, key) -> str`  (optional) how to run without batch key `key`
         (e.g. DSRAN without "grid"), for the readers' missing-file messages;
     `migrate(saved: dict) -> dict`  (optional) moves the keys of a config.json written
@@ -96,6 +100,24 @@ def bert_path(config) -> str:
   "" for a family without BERT."""
   hook = getattr(spec(config), "bert_path", None)
   return hook(config.model) if hook else ""
+
+
+def caption_cap(config) -> int:
+  """The cut applied to every caption, in tokens ([CLS]/[SEP] or <start>/<end>
+  included; 0: none, captions whole): `data.max_len` when >= 0, else (-1) the family's
+  `caption_cap` hook, the authors' cut (no hook: 0)."""
+  if int(config.data.max_len) >= 0:
+    return int(config.data.max_len)
+  hook = getattr(spec(config), "caption_cap", None)
+  return int(hook(config.model)) if hook else 0
+
+
+def pads_to_cap(config) -> bool:
+  """Whether every caption batch must be exactly `caption_cap(config)` wide (the model
+  attends to padding, as DSRAN's reference BERT build); else batches are as wide as
+  their longest caption, rounded up to `data.caption_bucket`."""
+  hook = getattr(spec(config), "pads_to_cap", None)
+  return bool(hook(config.model)) if hook else False
 
 
 def input_hint(config, key: str) -> str:

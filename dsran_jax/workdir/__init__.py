@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import traverse_util
 
 from dsran_jax import atomic, checkpointing, models
@@ -70,6 +71,23 @@ def migrate_saved(saved: dict) -> dict:
   for migrate in (*MIGRATIONS, *models.migrations()):
     saved = migrate(saved)
   return saved
+
+
+def _whole_captions(config, saved: dict) -> None:
+  """A config.json written before the caption-length rule (it has no
+  `data.caption_bucket`) holds `data.max_len` as the fixed width every caption was cut
+  to (32 by default, 64 in SGRAF's recipe), where the authors of the word-vocabulary
+  families never cut: those get -1, their authors' rule (whole captions), and a log
+  line says so. A BERT model keeps its saved cut (DSRAN's authors cut at 32)."""
+  data_section = saved.get("data")
+  if not isinstance(data_section, dict) or "caption_bucket" in data_section:
+    return
+  if models.tokenizer_kind(config) == "vocab" and config.data.max_len > 0:
+    logging.info("config.json predates whole captions: data.max_len=%d (the old fixed "
+                 "width) becomes -1, the authors' rule for model %s (captions whole); "
+                 "--config.data.max_len=%d cuts as before", config.data.max_len,
+                 config.model.name, config.data.max_len)
+    config.data.max_len = -1
 
 
 class ConfigFileError(ConfigError):
@@ -239,6 +257,7 @@ class Workdir:
     saved = migrate_saved(saved)
     config = get_base_config()
     _merge(config, saved, "", path)
+    _whole_captions(config, saved)
     return apply_overrides(config, overrides or {})
 
   # -------------------------------------------------------------- run state

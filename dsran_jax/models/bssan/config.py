@@ -65,7 +65,7 @@ OPTIONS = Options("bssan", [
     Option("mlp_hidden", 256, at_least(1), 'hidden width of fuse="mlp" [UNKNOWN]'),
     Option("scan_unroll", 1, at_least(1),
            "steps of the coupled recurrence unrolled per loop iteration (a value >= "
-           "data.max_len unrolls it fully, so XLA's cost analysis, which counts a loop "
+           "the caption width unrolls it fully, so XLA's cost analysis, which counts a loop "
            "body once, sees every step)"),
     Option("max_block_elements", 1 << 25, recipes.block_elements_rule,
            "memory bound of `score`: captions per block so that one (images, captions, "

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsran_jax import models
 from dsran_jax.core.text_policy import TextPolicy
 from dsran_jax.hub import resolve_pretrained_dir
 from dsran_jax.models.common.bert import BertConfig, load_hf_bert
@@ -78,8 +79,8 @@ def load_pretrained(variables: dict, config, vocab=None) -> dict:
 def text_policy(model: DSRAN, config):
   """How inference batches captions (see `core.text_policy.TextPolicy`). Reference padding
   (converted checkpoints) reproduces the authors' batching exactly:
-  - BERT build: ids are zero-padded to `data.max_len` (32) and every position is
-    attended to and averaged; longer `input_ids` are an error.
+  - BERT build: ids are zero-padded to exactly the cut (`models.caption_cap`: their 32)
+    and every position is attended to and averaged; longer `input_ids` are an error.
   - GRU build: each eval batch is padded to its longest caption and the text graph spans
     that length, so a caption's embedding depends on its batch; captions are cut, in the
     order given, into groups of `eval.batch_size` (the converter sets it to their
@@ -88,10 +89,10 @@ def text_policy(model: DSRAN, config):
   c = model.config
   reference = c.text_padding == "reference"
   if c.bert_build:
-    return TextPolicy(max_width=int(config.data.max_len) if reference else None,
-                      max_positions=c.bert.max_position)
+    fixed = models.caption_cap(config) if models.pads_to_cap(config) else None
+    return TextPolicy(fixed_width=fixed, max_positions=c.bert.max_position)
   if reference:
-    return TextPolicy(group=int(config.eval.batch_size), untruncated=True)
+    return TextPolicy(group=int(config.eval.batch_size))
   return TextPolicy()
 
 

@@ -114,6 +114,19 @@ def tokenizer(model_config):
   return "bert" if _section(model_config).text_encoder == "bert" else "vocab"
 
 
+def caption_cap(model_config) -> int:
+  """The authors' cut (`data.max_len=-1`): the BERT build's loader (data_bert.py) cuts
+  ids at 32, [SEP] included; the GRU build's pads each batch to its longest caption."""
+  return 32 if _section(model_config).text_encoder == "bert" else 0
+
+
+def pads_to_cap(model_config) -> bool:
+  """Reference padding of the BERT build: ids zero-padded to exactly the cut and every
+  position attended, as their loader and model do."""
+  s = _section(model_config)
+  return s.text_encoder == "bert" and s.text_padding == "reference"
+
+
 def frozen_paths(model_config):
   del model_config
   return ()
@@ -191,6 +204,11 @@ def validate(c):
   if b.hidden_size % b.num_heads:
     raise ValueError(f"config.model.dsran.bert.hidden_size={b.hidden_size} must be "
                      f"divisible by config.model.dsran.bert.num_heads={b.num_heads}")
-  if d.bert_random_init and c.data.max_len > b.max_position:
-    raise ValueError(f"config.data.max_len={c.data.max_len} exceeds "
-                     f"config.model.dsran.bert.max_position={b.max_position}")
+  cap = int(c.data.max_len) if c.data.max_len >= 0 else caption_cap(c.model)
+  if pads_to_cap(c.model) and cap == 0:
+    raise ValueError("config.data.max_len=0: the BERT build's reference padding pads every "
+                     "caption to the cut (the authors' 32); set data.max_len=-1 or a cut")
+  if d.text_encoder == "bert" and d.bert_random_init and not 0 < cap <= b.max_position:
+    raise ValueError(f"config.data.max_len={c.data.max_len} (a cut of {cap or 'none'}) "
+                     f"must be within config.model.dsran.bert.max_position={b.max_position}, "
+                     f"the positions of the random-init BERT")

@@ -21,7 +21,5 @@ def build(model_config, vocab_size: Optional[int] = None) -> KIDRR:
 
 
 load_pretrained = sgraf.load_pretrained
-text_policy = sgraf.text_policy
 
-__all__ = ["KIDRR", "KidrrConfig", "build", "kidrr_config_from", "load_pretrained",
-           "text_policy"]
+__all__ = ["KIDRR", "KidrrConfig", "build", "kidrr_config_from", "load_pretrained"]

@@ -5,7 +5,6 @@ from typing import Optional
 from dsran_jax.models.common.glove import load_configured_glove
 from dsran_jax.models.scan.config import OPTIONS
 from dsran_jax.models.scan.model import SCAN, ScanConfig
-from dsran_jax.core.text_policy import TextPolicy
 
 
 def model_config_from(model_config, vocab_size: Optional[int] = None) -> ScanConfig:
@@ -26,13 +25,4 @@ def load_pretrained(variables: dict, config, vocab=None) -> dict:
   return load_configured_glove(variables, config, vocab, module="txt_enc")
 
 
-def text_policy(model: SCAN, config):
-  """How inference batches captions (`core.text_policy.TextPolicy`): texts are never cut to
-  `data.max_len`, as the authors' loader never cuts them. A caption's words depend on
-  itself alone (masked GRU, masked attention), so any width gives the same scores."""
-  del model, config
-  return TextPolicy(untruncated=True)
-
-
-__all__ = ["SCAN", "ScanConfig", "build", "load_pretrained", "model_config_from",
-           "text_policy"]
+__all__ = ["SCAN", "ScanConfig", "build", "load_pretrained", "model_config_from"]

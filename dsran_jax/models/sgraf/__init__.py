@@ -6,7 +6,6 @@ from dsran_jax.models.common.glove import load_configured_glove
 from dsran_jax.models.sgraf.similarity import Extensions
 from dsran_jax.models.sgraf.config import OPTIONS
 from dsran_jax.models.sgraf.model import SGRAF, SgrafConfig
-from dsran_jax.core.text_policy import TextPolicy
 
 
 def model_config_from(model_config, vocab_size: Optional[int] = None,
@@ -30,14 +29,4 @@ def load_pretrained(variables: dict, config, vocab=None) -> dict:
   return load_configured_glove(variables, config, vocab, module="txt_enc")
 
 
-def text_policy(model: SGRAF, config):
-  """How inference batches captions (`core.text_policy.TextPolicy`): texts are never cut to
-  `data.max_len`, as the authors' loader never cuts them. A caption's reps and scores
-  depend on its real words alone (masked GRU, SA, attention and graph), so any width
-  gives the same scores."""
-  del model, config
-  return TextPolicy(untruncated=True)
-
-
-__all__ = ["SGRAF", "SgrafConfig", "build", "load_pretrained", "model_config_from",
-           "text_policy"]
+__all__ = ["SGRAF", "SgrafConfig", "build", "load_pretrained", "model_config_from"]

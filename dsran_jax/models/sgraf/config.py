@@ -49,7 +49,7 @@ OPTIONS = Options("sgraf", [
            "(memory bound; 0: one chunk per tile)"),
     Option("length_bucket", 8, at_least(0, " (0: off)"),
            "captions run at the smallest multiple of this holding the chunk's longest "
-           "caption (0: always at data.max_len)"),
+           "caption (0: always at the tile's caption width)"),
 ])
 defaults = OPTIONS.defaults
 
@@ -80,10 +80,8 @@ def apply_recipe(c, dataset: str, module: str):
   s.num_regions = 36
   epochs, lr_update = SCHEDULES[(dataset, module)]
   recipes.authors_gru_recipe(c, 2e-4, epochs, lr_update)
-  # Their collate pads to the batch's longest caption and never truncates; 64 tokens
-  # hold every Flickr30K / COCO caption but a handful (length bucketing keeps the
-  # padding free in the pair head).
-  c.data.max_len = 64
+  # Their collate pads to the batch's longest caption and never truncates: so does
+  # data.max_len=-1 (the default; length bucketing keeps the padding free in the pair head).
   return c
 
 

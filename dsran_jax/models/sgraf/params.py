@@ -163,7 +163,6 @@ def make_config(c, options: Mapping[str, Any], opt: Mapping[str, Any], family: s
   then adjusts it (KIDRR: every module off) before it is validated."""
   c = workdir_config(c, family, options, opt, "precomp",
                      num_regions=options["sgraf.num_regions"])
-  c.data.max_len = 64
   if configure is not None:
     configure(c)
   return validate_workdir_config(c, "an SGRAF", models.family_config(family).validate)
