@@ -275,6 +275,8 @@ def test_rank_cli(tmp_path):
   assert got == ranking.evaluate_sims(s1 + s2, fold5=True, rerank=True)
   assert protocol == ranking.protocol_info(20, 5, fold5=True, rerank=True,
                                            ensemble=[str(p1), str(p2)])
+  # Not COCO's 5000 test images: 5 folds all the same, and said so.
+  assert "--fold5 on 20 images: 5 folds of 4 images, not the COCO 1K" in r.stderr
 
   bad = tmp_path / "bad.npy"
   np.save(bad, np.zeros((20, 99), np.float32))

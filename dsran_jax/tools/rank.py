@@ -25,10 +25,13 @@ from typing import Dict, List, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 import numpy as np
 
 from dsran_jax import cli, ranking
 from dsran_jax import coco_benchmarks as eccv_lib
+
+COCO_5K_IMAGES = 5000   # the COCO test split that --fold5 cuts into 1K folds
 
 
 def load_sims(paths: Sequence[str]) -> List[np.ndarray]:
@@ -120,9 +123,12 @@ def main(argv):
   if f.eccv.value:
     eccv_lib.package_dir()  # the extra missing: say so before any ranking
   cpi = f.captions_per_image.value
+  n_img = int(np.load(f.sims.value[0], mmap_mode="r").shape[0])
+  if f.fold5.value and n_img != COCO_5K_IMAGES:
+    logging.warning("--fold5 on %d images: 5 folds of %d images, not the COCO 1K "
+                    "protocol (5 folds of 1000 of the 5000 test images)", n_img, n_img // 5)
   metrics = rank_files(f.sims.value, f.fold5.value, f.rerank.value, cpi)
   # The conditions travel with the numbers (sizes, folds, tie rule, ensemble).
-  n_img = int(np.load(f.sims.value[0], mmap_mode="r").shape[0])
   protocol = ranking.protocol_info(n_img, cpi, fold5=f.fold5.value, rerank=f.rerank.value,
                                    ensemble=list(f.sims.value))
   out = {**metrics, "protocol": protocol}
