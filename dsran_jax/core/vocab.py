@@ -8,6 +8,8 @@ import os
 import re
 from typing import Iterable, Sequence
 
+from dsran_jax import integrity
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_WORDS = (PAD, START, END, UNK)
 # Words seen >= 4 times: the VSE++ threshold that produced the authors' shipped vocabularies
@@ -92,16 +94,20 @@ class Vocabulary:
     return cls(list(SPECIAL_WORDS) + words)
 
   def save(self, path: str) -> None:
-    """Writes the vocabulary as JSON (`{"format", "words"}`; id = position in words)."""
+    """Writes the vocabulary as JSON (`{"format", "words", "checksum"}`; id = position in
+    words; the checksum is of the content, `integrity.seal`)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-      json.dump({"format": _VOCAB_FORMAT, "words": self.idx2word}, f, ensure_ascii=False)
+      json.dump(integrity.seal({"format": _VOCAB_FORMAT, "words": self.idx2word}), f,
+                ensure_ascii=False)
     os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
 
   @classmethod
   def load(cls, path: str) -> "Vocabulary":
-    """Reads a vocabulary written by `save`."""
+    """Reads a vocabulary written by `save`, refused (IntegrityError naming `path`) when
+    its words differ from the checksum written with them; one written before
+    checksums were (no "checksum") is read as it is."""
     with open(path, encoding="utf-8") as f:
       try:
         obj = json.load(f)
@@ -109,7 +115,10 @@ class Vocabulary:
         raise ValueError(f"{path}: not a JSON vocabulary: {e}") from e
     if not isinstance(obj, dict) or obj.get("format") != _VOCAB_FORMAT:
       raise ValueError(f"{path}: expected a JSON object with format {_VOCAB_FORMAT!r}")
-    return cls(obj["words"])
+    unknown = sorted(set(obj) - {"format", "words", integrity.SEAL_KEY})
+    if unknown:  # e.g. a damaged "checksum" key, which would otherwise go unchecked
+      raise ValueError(f"{path}: unknown keys {unknown} in a {_VOCAB_FORMAT} vocabulary")
+    return cls(integrity.unseal(obj, path)["words"])
 
   def encode_one(self, text: str) -> list:
     """`<start> word ids <end>`, not truncated."""
