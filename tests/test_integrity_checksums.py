@@ -245,3 +245,18 @@ def test_flipped_bit_in_vocab_json_is_refused_naming_it(tmp_path):
   flip_bit(path, text.index('"dog"') + 1)   # "dog" -> "eog"
   with pytest.raises(integrity.IntegrityError, match=f"{path}: its content differs"):
     Vocabulary.load(path)
+
+
+def test_flipped_bit_in_a_data_manifest_blames_the_manifest(tmp_path):
+  from dsran_jax.data import check  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "data"
+  root.mkdir()
+  np.save(root / "train_ims.npy", np.zeros((2, 3), np.float32))
+  path = str(tmp_path / "manifest.json")
+  check.write_manifest(str(root), path)
+  assert check.verify_manifest(str(root), path) == []
+  text = open(path).read()
+  flip_bit(path, text.index('"sha256": "') + len('"sha256": "') + 5)
+  # Not "train_ims.npy: sha256 differs": the data is intact, the manifest is not.
+  with pytest.raises(integrity.IntegrityError, match=f"{path}: its content differs"):
+    check.verify_manifest(str(root), path)
