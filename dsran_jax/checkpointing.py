@@ -130,7 +130,7 @@ def _fsync_dir(path: str) -> None:
     os.close(fd)
 
 
-def _item_files(step_dir: str) -> List[str]:
+def _item_files(step_dir: str) -> list[str]:
   """Paths (relative to `step_dir`) of the files of a step's items: everything below its
   subdirectories. The top level is orbax's step bookkeeping, rewritten at the rename."""
   out = []
@@ -495,7 +495,7 @@ def verify_step(workdir: str, kind: str, step: int) -> bool:
   return True
 
 
-def _read_failure(e: BaseException) -> Optional[str]:
+def _read_failure(e: BaseException) -> str | None:
   """The first line of the innermost error of a failed orbax read when it is about the
   files (tensorstore's status, an OSError), or None for anything else (a bug)."""
   inner = e
@@ -513,7 +513,7 @@ def _read_failure(e: BaseException) -> Optional[str]:
 
 
 def restore(workdir: str, kind: str, template: Any = None,
-            step: Optional[int] = None) -> tuple[Any, dict]:
+            step: int | None = None) -> tuple[Any, dict]:
   """(state, meta) of the newest checkpoint of this kind (or of `step`), verified.
 
   With a `template` (a pytree of arrays, possibly sharded) the state is restored with the
@@ -551,7 +551,7 @@ def restore(workdir: str, kind: str, template: Any = None,
   return out["state"], out["meta"]
 
 
-def read_meta(workdir: str, kind: str, step: int) -> Optional[dict]:
+def read_meta(workdir: str, kind: str, step: int) -> dict | None:
   """The JSON meta of a step, read from its file (no orbax manager, so no barrier), or
   None when it cannot be read."""
   try:
@@ -562,13 +562,13 @@ def read_meta(workdir: str, kind: str, step: int) -> Optional[dict]:
   return meta if isinstance(meta, dict) else None
 
 
-def recorded_best(meta: Optional[dict]) -> Optional[int]:
+def recorded_best(meta: dict | None) -> int | None:
   """The `best` step a `latest` step's meta records (None: none yet)."""
   step = ((meta or {}).get("best") or {}).get("step") if isinstance(meta, dict) else None
   return int(step) if step is not None and int(step) >= 0 else None
 
 
-def restore_for_resume(workdir: str, template: Any) -> Optional[tuple[Any, dict]]:
+def restore_for_resume(workdir: str, template: Any) -> tuple[Any, dict] | None:
   """(state, meta) of the newest `latest` step that is intact, together with the `best`
   step it records; None when there is no `latest` step.
 
@@ -598,7 +598,8 @@ def restore_for_resume(workdir: str, template: Any) -> Optional[tuple[Any, dict]
     return out
   raise CheckpointIntegrityError(
       f"no intact checkpoint to resume from in {_kind_dir(workdir, LATEST)}: "
-      + "; ".join(damaged))
+      + "; ".join(damaged) + " (restore the workdir from a copy, or move "
+      f"{os.path.join(workdir, CHECKPOINTS_DIR)} away to train from step 0)")
 
 
 class _DropOrbaxWarning(py_logging.Filter):

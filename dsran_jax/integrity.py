@@ -21,7 +21,8 @@ algorithm, so another can be read later.
 import hashlib
 import json
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -51,12 +52,12 @@ def file_digest(path: str, chunk: int = CHUNK) -> str:
       h.update(block)
 
 
-def file_record(path: str) -> Dict[str, Any]:
+def file_record(path: str) -> dict[str, Any]:
   """`{"size", ALGORITHM}` of a file, as written into a checksum list."""
   return {"size": os.path.getsize(path), ALGORITHM: file_digest(path)}
 
 
-def check_file(path: str, record: Mapping[str, Any]) -> Optional[str]:
+def check_file(path: str, record: Mapping[str, Any]) -> str | None:
   """What is wrong with `path` against its `record` (None when it matches): missing,
   truncated, longer than written, or other bytes of the same size."""
   algorithm = next((a for a in record if a != "size"), ALGORITHM)
@@ -76,12 +77,12 @@ def check_file(path: str, record: Mapping[str, Any]) -> Optional[str]:
   return None
 
 
-def tree_records(root: str, rels: Iterable[str]) -> Dict[str, Dict[str, Any]]:
+def tree_records(root: str, rels: Iterable[str]) -> dict[str, dict[str, Any]]:
   """{relative path: `file_record`} of the files `rels` under `root`."""
   return {rel: file_record(os.path.join(root, rel)) for rel in sorted(rels)}
 
 
-def check_tree(root: str, records: Mapping[str, Mapping[str, Any]]) -> List[str]:
+def check_tree(root: str, records: Mapping[str, Mapping[str, Any]]) -> list[str]:
   """`"rel: problem"` for every file of `records` under `root` that does not match."""
   problems = []
   for rel in sorted(records):
@@ -101,13 +102,13 @@ def json_digest(obj: Mapping[str, Any]) -> str:
   return f"{ALGORITHM}:{hashlib.new(ALGORITHM, _canonical(obj)).hexdigest()}"
 
 
-def seal(obj: Mapping[str, Any]) -> Dict[str, Any]:
+def seal(obj: Mapping[str, Any]) -> dict[str, Any]:
   """`obj` (a JSON object) with `"checksum"`: the digest of its content."""
   body = {k: v for k, v in obj.items() if k != SEAL_KEY}
   return {**body, SEAL_KEY: json_digest(body)}
 
 
-def unseal(obj: Any, path: str, required: bool = False) -> Dict[str, Any]:
+def unseal(obj: Any, path: str, required: bool = False) -> dict[str, Any]:
   """`obj` (read from `path`) without its `"checksum"`, once the checksum matches.
 
   Raises IntegrityError naming `path` when the content differs from what was sealed,
@@ -134,7 +135,7 @@ def unseal(obj: Any, path: str, required: bool = False) -> Dict[str, Any]:
   return body
 
 
-def read_sealed_json(path: str, required: bool = False) -> Dict[str, Any]:
+def read_sealed_json(path: str, required: bool = False) -> dict[str, Any]:
   """`unseal(json.load(path))`; a file that is not JSON is an IntegrityError too."""
   try:
     with open(path, encoding="utf-8") as f:

@@ -15,9 +15,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from conftest import tiny_train_config
-from dsran_jax import checkpointing, index, inference, integrity, search, train
+
+from dsran_jax import checkpointing, cli, index, inference, integrity, search, train
 from dsran_jax.core.vocab import Vocabulary
 from dsran_jax.workdir import Workdir
 
@@ -32,12 +32,19 @@ def absl_warnings(caplog):
 
 def flip_bit(path: str, offset=None) -> int:
   """`^= 0x01` on the middle byte of `path` (or at `offset`); returns the offset."""
-  data = bytearray(open(path, "rb").read())
-  offset = len(data) // 2 if offset is None else offset
-  data[offset] ^= 0x01
-  with open(path, "wb") as f:
-    f.write(data)
+  with open(path, "r+b") as f:
+    size = f.seek(0, os.SEEK_END)
+    offset = size // 2 if offset is None else offset
+    f.seek(offset)
+    byte = f.read(1)[0]
+    f.seek(offset)
+    f.write(bytes([byte ^ 0x01]))
   return offset
+
+
+def read_text(path: str) -> str:
+  with open(path, encoding="utf-8") as f:
+    return f.read()
 
 
 def largest_file(step_dir: str) -> str:
@@ -56,7 +63,7 @@ def workdir(trained_workdir, tmp_path):
 def run_main(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   return subprocess.run([sys.executable, "-m", "dsran_jax.main", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=300, check=False)
 
 
 def error_lines(proc):
@@ -95,21 +102,28 @@ def test_flipped_bit_in_best_is_refused_by_eval_and_by_inference(workdir):
   flip_bit(big)
   with pytest.raises(checkpointing.CheckpointIntegrityError, match=f"step {best}"):
     inference.load(workdir)
-  results = open(Workdir(workdir).eval_results_file).read()
+  results = read_text(Workdir(workdir).eval_results_file)
   lines = error_lines(run_main(f"--workdir={workdir}", "--mode=eval", "--nofigures"))
   assert len(lines) == 1, lines
   assert f"checkpoint 'best' step {best} is damaged: {big}: sha256 differs" in lines[0]
-  assert open(Workdir(workdir).eval_results_file).read() == results  # nothing evaluated
+  assert read_text(Workdir(workdir).eval_results_file) == results  # nothing evaluated
 
 
 def test_truncated_checkpoint_file_is_one_line(workdir):
+  # The CLI prints a user error's message as its one `error:` line (the eval test above).
   best = checkpointing.latest_step(workdir, "best")
   big = largest_file(checkpointing.step_dir(workdir, "best", best))
   size = os.path.getsize(big)
   os.truncate(big, size // 2)
-  lines = error_lines(run_main(f"--workdir={workdir}", "--mode=eval", "--nofigures"))
-  assert lines == [f"error: checkpoint 'best' step {best} is damaged: {big}: truncated: "
-                   f"{size // 2} of the {size} bytes written"]
+  with pytest.raises(checkpointing.CheckpointIntegrityError) as e:
+    Workdir(workdir).restore()
+  assert cli.is_user_error(e.value)
+  assert cli.error_message(e.value) == (
+      f"checkpoint 'best' step {best} is damaged: {big}: truncated: {size // 2} of the "
+      f"{size} bytes written")
+  os.remove(big)
+  with pytest.raises(checkpointing.CheckpointIntegrityError, match=f"{big}: missing$"):
+    Workdir(workdir).restore()
 
 
 def test_damaged_step_without_checksums_is_one_line_too(tmp_path):
@@ -218,7 +232,7 @@ def test_flipped_bit_in_an_index_description_is_caught(tmp_path):
   built = index.build(items, "exact", backend="numpy", verbose=False)
   path = str(tmp_path / "x.faiss")
   built.save(path)
-  text = open(path + ".json").read()
+  text = read_text(path + ".json")
   at = text.index('"num_items": 30') + len('"num_items": 3')   # 30 -> 31
   flip_bit(path + ".json", at)
   with pytest.raises(index.DamagedIndexError, match=r"x\.faiss\.json: its content differs"):
@@ -241,7 +255,7 @@ def test_flipped_bit_in_vocab_json_is_refused_naming_it(tmp_path):
   path = str(tmp_path / "vocab.json")
   Vocabulary.build(["a dog runs", "a cat sits", "a dog sits"] * 4).save(path)
   assert len(Vocabulary.load(path)) == 9
-  text = open(path, encoding="utf-8").read()
+  text = read_text(path)
   flip_bit(path, text.index('"dog"') + 1)   # "dog" -> "eog"
   with pytest.raises(integrity.IntegrityError, match=f"{path}: its content differs"):
     Vocabulary.load(path)
@@ -255,7 +269,7 @@ def test_flipped_bit_in_a_data_manifest_blames_the_manifest(tmp_path):
   path = str(tmp_path / "manifest.json")
   check.write_manifest(str(root), path)
   assert check.verify_manifest(str(root), path) == []
-  text = open(path).read()
+  text = read_text(path)
   flip_bit(path, text.index('"sha256": "') + len('"sha256": "') + 5)
   # Not "train_ims.npy: sha256 differs": the data is intact, the manifest is not.
   with pytest.raises(integrity.IntegrityError, match=f"{path}: its content differs"):
