@@ -441,8 +441,8 @@ def save(workdir: str, kind: str, step: int, state: Any, meta: dict) -> None:
   mgr.close()
   if kind == LATEST:
     # The previous `latest` step stays (one to resume from if this one is damaged), and
-    # so does every `best` step a kept `latest` step records. Only process 0 reads the
-    # listing and the metas (inside `doomed`).
+    # so does every `best` step a kept `latest` step records. Every process computes
+    # `kept`, but only process 0's (inside `doomed`) decides.
     kept = [s for s in all_steps(workdir, LATEST) if s < step][-(KEEP_LATEST - 1):] \
         if KEEP_LATEST > 1 else []
     _remove_steps(workdir, LATEST, lambda s: s < step and s not in kept)
