@@ -12,21 +12,36 @@ Crash safety (SIGKILL or power loss at any instant):
 - Old steps are removed by this module, not by orbax, and only after the step that
   replaces them is final, by renaming them to a temporary name first: a crash never
   leaves a half-deleted step that looks complete.
-- `best` and `latest` are kept consistent: the best step a `latest` checkpoint records
-  in `meta["best"]["step"]` stays on disk until a newer `latest` records another one.
+- `best` and `latest` are kept consistent: the best step a kept `latest` checkpoint
+  records in `meta["best"]["step"]` stays on disk while that `latest` step does.
   A crash after best step N but before latest step N leaves best N "from the future" of
   the resumed run; the resumed run reaches N again and its `save` replaces best N (and
   any later best step) instead of failing with orbax's StepAlreadyExistsError.
+- The two newest `latest` steps are kept (and the `best` steps they record), so a
+  resume has an intact step to fall back to when the newest one is damaged.
 - No checkpoint with a NaN or Inf weight is ever written (`NonFiniteStateError`).
 - A failed write (a full disk) raises `CheckpointWriteError` with one line naming the
   checkpoint, the cause and what was kept; the partial step is removed and the previous
   checkpoints stay usable.
+
+Integrity (what is read is what was written):
+- Every step carries `checksums.json`: the size and sha256 of each file of its items
+  (`state/`, `meta/`; `dsran_jax.integrity`), written before the rename and sealed by
+  its own checksum. Orbax's own bookkeeping at the step's top level
+  (`_CHECKPOINT_METADATA`, updated by orbax after the list is made) is not in it.
+- `restore` verifies every listed file before orbax reads any: a flipped bit, a
+  truncated or a missing file is a `CheckpointIntegrityError` naming the step and the
+  file (one line); anything else orbax cannot read is a one-line `CheckpointReadError`.
+  A step written before checksums were is read with a warning that it is unverified.
+- `restore_for_resume` takes the newest `latest` step that is intact together with the
+  `best` step it records, and says so in one warning line when that is not the newest.
 
 `DSRAN_CRASH_AT=kind:step:point` makes the process SIGKILL itself at a named point of a
 save, so tests can crash a run deterministically (see `CRASH_POINTS`).
 """
 import contextlib
 import errno
+import json
 import logging as py_logging
 import os
 import re
@@ -42,7 +57,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from absl import logging
 
-from dsran_jax import atomic
+from dsran_jax import atomic, integrity
 
 LATEST, BEST = "latest", "best"
 KINDS = (LATEST, BEST)
@@ -53,6 +68,9 @@ CRASH_ENV = "DSRAN_CRASH_AT"
 # of the step written, not yet renamed; renamed: the step is final, older steps not yet
 # removed; done: `save` is about to return (for `best`: before the `latest` of the step).
 CRASH_POINTS = ("begin", "created", "written", "renamed", "done")
+CHECKSUMS_FILE = "checksums.json"
+CHECKSUMS_FORMAT = "dsran_jax.checkpoint_checksums/1"
+KEEP_LATEST = 2  # `latest` steps kept: the newest, and one to fall back to
 
 
 class CheckpointWriteError(OSError):
@@ -61,6 +79,15 @@ class CheckpointWriteError(OSError):
 
 class NonFiniteStateError(FloatingPointError):
   """A state with NaN or Inf values was about to be checkpointed."""
+
+
+class CheckpointIntegrityError(integrity.IntegrityError):
+  """A checkpoint file's bytes differ from those written (flipped, truncated, missing);
+  the message names the step and the file."""
+
+
+class CheckpointReadError(ValueError):
+  """Orbax could not read a checkpoint (one line naming the step and the cause)."""
 
 
 def _crash_point(kind: str, step: int, point: str) -> None:
@@ -83,6 +110,28 @@ _fsync_tree = atomic.fsync_tree
 _fsync_dir = atomic.fsync_dir
 
 
+def _item_files(step_dir: str) -> list[str]:
+  """Paths (relative to `step_dir`) of the files of a step's items: everything below its
+  subdirectories. The top level is orbax's step bookkeeping, rewritten at the rename."""
+  out = []
+  for name in sorted(os.listdir(step_dir)):
+    item = os.path.join(step_dir, name)
+    if not os.path.isdir(item):
+      continue
+    for root, dirs, files in os.walk(item):
+      dirs.sort()
+      out += [os.path.relpath(os.path.join(root, f), step_dir) for f in sorted(files)]
+  return out
+
+
+def write_checksums(step_dir: str) -> str:
+  """Writes `step_dir/checksums.json`: size and digest of every item file, sealed."""
+  listing = {"format": CHECKSUMS_FORMAT, "algorithm": integrity.ALGORITHM,
+             "files": integrity.tree_records(step_dir, _item_files(step_dir))}
+  return atomic.write_json(os.path.join(step_dir, CHECKSUMS_FILE), integrity.seal(listing),
+                           sort_keys=True)
+
+
 class _DurableRenamePath(ocp.path.atomicity.AtomicRenameTemporaryPath):
   """Orbax's atomic-rename step directory, with the step's files fsynced before the
   rename and the parent after it, and the crash-test hooks."""
@@ -98,6 +147,10 @@ class _DurableRenamePath(ocp.path.atomicity.AtomicRenameTemporaryPath):
     where = getattr(_current, "where", None)
     tmp = str(self.get())
     if os.path.isdir(tmp):
+      if os.path.basename(str(self.get_final())).isdigit():  # a step, not one of its items
+        # Every host's files are written (orbax finalizes on the primary host after a
+        # barrier) and still in the page cache: hashing them reads from memory.
+        write_checksums(tmp)
       _fsync_tree(tmp)
     if where:
       _crash_point(*where, "written")
@@ -301,8 +354,9 @@ def save(workdir: str, kind: str, step: int, state: Any, meta: dict) -> None:
   Called by every process (orbax coordinates the hosts; files are written once). Steps
   of this kind at or after `step` are replaced (they belong to a crashed run that got
   further before it was resumed from an earlier `latest`). After a `latest` step is
-  final, older `latest` steps and the `best` steps up to `step` other than
-  `meta["best"]["step"]` are removed.
+  final, the `latest` steps before the previous one (`KEEP_LATEST`) and the `best`
+  steps up to `step` that neither kept `latest` step records are removed. The step's
+  files are listed with their checksums in `checksums.json` before its rename.
 
   Raises:
     NonFiniteStateError: a floating-point leaf of `state` holds NaN or Inf (nothing is
@@ -366,10 +420,16 @@ def save(workdir: str, kind: str, step: int, state: Any, meta: dict) -> None:
     _current.where = None
   mgr.close()
   if kind == LATEST:
-    _remove_steps(workdir, LATEST, lambda s: s < step)
+    # The previous `latest` step stays (one to resume from if this one is damaged), and
+    # so does every `best` step a kept `latest` step records. Every process computes
+    # `kept`, but only process 0's (inside `doomed`) decides.
+    kept = [s for s in all_steps(workdir, LATEST) if s < step][-(KEEP_LATEST - 1):] \
+        if KEEP_LATEST > 1 else []
+    _remove_steps(workdir, LATEST, lambda s: s < step and s not in kept)
     keep = (meta.get("best") or {}).get("step") if isinstance(meta, dict) else None
     if keep is not None:
-      _remove_steps(workdir, BEST, lambda s: s <= step and s != int(keep))
+      keep_best = {int(keep)} | {recorded_best(read_meta(workdir, LATEST, s)) for s in kept}
+      _remove_steps(workdir, BEST, lambda s: s <= step and s not in keep_best)
   _crash_point(kind, step, "done")
 
 
@@ -379,27 +439,147 @@ def latest_step(workdir: str, kind: str) -> Optional[int]:
   return steps[-1] if steps else None
 
 
-def restore(workdir: str, kind: str, template: Any = None) -> tuple[Any, dict]:
-  """(state, meta) of the newest checkpoint of this kind.
+def step_dir(workdir: str, kind: str, step: int) -> str:
+  """The directory of a final step."""
+  return os.path.join(_kind_dir(workdir, kind), str(int(step)))
+
+
+def verify_step(workdir: str, kind: str, step: int) -> bool:
+  """Checks every file of a step against its `checksums.json`.
+
+  Returns True when verified, False (with a warning) for a step written before
+  checksums were. Raises CheckpointIntegrityError naming the step and the first file
+  that differs (a flipped bit, a truncated or missing file, a damaged list).
+  """
+  d = step_dir(workdir, kind, step)
+  what = f"checkpoint {kind!r} step {step}"
+  listing_path = os.path.join(d, CHECKSUMS_FILE)
+  if not os.path.isdir(d):
+    raise FileNotFoundError(f"{what}: {d} is missing")
+  if not os.path.exists(listing_path):
+    logging.warning("%s (%s) has no %s (written before checksums were): it is read "
+                    "unverified", what, d, CHECKSUMS_FILE)
+    return False
+  try:
+    listing = integrity.read_sealed_json(listing_path, required=True)
+    if listing.get("format") != CHECKSUMS_FORMAT or not isinstance(listing.get("files"),
+                                                                   dict):
+      raise integrity.IntegrityError(f"{listing_path}: not a {CHECKSUMS_FORMAT} list")
+  except integrity.IntegrityError as e:
+    raise CheckpointIntegrityError(f"{what} is damaged: {e}") from None
+  problems = integrity.check_tree(d, listing["files"])
+  if problems:
+    more = f" (and {len(problems) - 1} more files)" if len(problems) > 1 else ""
+    raise CheckpointIntegrityError(f"{what} is damaged: {os.path.join(d, problems[0])}"
+                                   f"{more}")
+  return True
+
+
+def _read_failure(e: BaseException) -> str | None:
+  """The first line of the innermost error of a failed orbax read when it is about the
+  files (tensorstore's status, an OSError), or None for anything else (a bug)."""
+  inner = e
+  for _ in range(50):
+    nxt = inner.__cause__ or (None if inner.__suppress_context__ else inner.__context__)
+    if nxt is None:
+      break
+    inner = nxt
+  first = (str(inner).strip().splitlines() or [type(inner).__name__])[0]
+  if isinstance(inner, OSError) or re.match(
+      r"(NOT_FOUND|OUT_OF_RANGE|DATA_LOSS|FAILED_PRECONDITION|INVALID_ARGUMENT|"
+      r"UNKNOWN|INTERNAL|Error reading|Error opening)", first):
+    return first[:400]
+  return None
+
+
+def restore(workdir: str, kind: str, template: Any = None,
+            step: int | None = None) -> tuple[Any, dict]:
+  """(state, meta) of the newest checkpoint of this kind (or of `step`), verified.
 
   With a `template` (a pytree of arrays, possibly sharded) the state is restored with the
   template's structure, dtypes and shardings (any device count or number of hosts);
   without one, as stored, onto this host's first device: a checkpoint written on 8
   devices or by several hosts loads on a single-device machine too.
+
+  Raises:
+    FileNotFoundError: no checkpoint of this kind.
+    CheckpointIntegrityError: a file differs from the one written (`verify_step`).
+    CheckpointReadError: orbax cannot read it (a step without checksums, damaged).
   """
-  step = latest_step(workdir, kind)
+  step = latest_step(workdir, kind) if step is None else int(step)
   if step is None:
     raise FileNotFoundError(
         f"no {kind!r} checkpoint under {os.path.join(workdir, CHECKPOINTS_DIR)}")
-  if template is not None:
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
-  else:
-    abstract = _stored_layout(os.path.join(_kind_dir(workdir, kind), str(step), "state"))
-  mgr = _manager(workdir, kind, create=False)
-  out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                  meta=ocp.args.JsonRestore()))
-  mgr.close()
+  verify_step(workdir, kind, step)
+  try:
+    if template is not None:
+      abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+    else:
+      abstract = _stored_layout(os.path.join(step_dir(workdir, kind, step), "state"))
+    mgr = _manager(workdir, kind, create=False)
+    try:
+      out = mgr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    finally:
+      mgr.close()
+  except Exception as e:  # pylint: disable=broad-except
+    cause = _read_failure(e)
+    if cause is None:
+      raise
+    raise CheckpointReadError(f"cannot read checkpoint {kind!r} step {step} in "
+                              f"{step_dir(workdir, kind, step)}: {cause}") from e
   return out["state"], out["meta"]
+
+
+def read_meta(workdir: str, kind: str, step: int) -> dict | None:
+  """The JSON meta of a step, read from its file (no orbax manager, so no barrier), or
+  None when it cannot be read."""
+  try:
+    with open(os.path.join(step_dir(workdir, kind, step), "meta", "metadata")) as f:
+      meta = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return meta if isinstance(meta, dict) else None
+
+
+def recorded_best(meta: dict | None) -> int | None:
+  """The `best` step a `latest` step's meta records (None: none yet)."""
+  step = ((meta or {}).get("best") or {}).get("step") if isinstance(meta, dict) else None
+  return int(step) if step is not None and int(step) >= 0 else None
+
+
+def restore_for_resume(workdir: str, template: Any) -> tuple[Any, dict] | None:
+  """(state, meta) of the newest `latest` step that is intact, together with the `best`
+  step it records; None when there is no `latest` step.
+
+  A damaged newer step is named in one warning line that says which step the run
+  resumes from instead, and removed (the resumed run writes those steps again).
+  Raises CheckpointIntegrityError naming every damaged step when none is intact.
+  """
+  steps = all_steps(workdir, LATEST)
+  if not steps:
+    return None
+  damaged = []
+  for step in reversed(steps):
+    try:
+      verify_step(workdir, LATEST, step)
+      best = recorded_best(read_meta(workdir, LATEST, step))
+      if best is not None and best in all_steps(workdir, BEST):
+        verify_step(workdir, BEST, best)
+      out = restore(workdir, LATEST, template, step=step)
+    except (CheckpointIntegrityError, CheckpointReadError) as e:
+      damaged.append(str(e))
+      continue
+    if damaged:
+      logging.warning("%s; resuming from step %d, the newest intact step (the newer "
+                      "'latest' steps are removed and trained again)",
+                      "; ".join(damaged), step)
+      _remove_steps(workdir, LATEST, lambda s, keep=step: s > keep)
+    return out
+  raise CheckpointIntegrityError(
+      f"no intact checkpoint to resume from in {_kind_dir(workdir, LATEST)}: "
+      + "; ".join(damaged) + " (restore the workdir from a copy, or move "
+      f"{os.path.join(workdir, CHECKPOINTS_DIR)} away to train from step 0)")
 
 
 class _DropOrbaxWarning(py_logging.Filter):

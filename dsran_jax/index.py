@@ -24,6 +24,12 @@ recall and a fingerprint of the embeddings it was built from (count, width, chec
 and of whatever the caller adds (the gallery's checkpoint and split); `load` with an
 expected fingerprint raises `StaleIndexError` naming what changed, and
 `search.Gallery.index` then rebuilds it.
+
+What is read back is what was written: the description records the size and sha256 of
+the faiss file's bytes and is sealed by a checksum of its own content
+(`dsran_jax.integrity`); `load` checks both before faiss reads a byte, and a flipped bit
+in either is a `DamagedIndexError` naming the file (a cache, such as search's, is then
+rebuilt; an index the caller saved is refused).
 """
 import json
 import os
@@ -34,7 +40,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from dsran_jax import atomic, ranking
+from dsran_jax import atomic, integrity, ranking
 
 KINDS = ("exact", "ivf", "hnsw")
 FORMAT_VERSION = 1
@@ -43,6 +49,10 @@ NUMPY_BLOCK = 1 << 16   # gallery rows per block of the numpy exact search
 
 class StaleIndexError(ValueError):
   """A saved index was built from other embeddings or with other settings."""
+
+
+class DamagedIndexError(integrity.IntegrityError):
+  """A saved index or its description differs from the bytes written (names the file)."""
 
 
 def have_faiss() -> bool:
@@ -170,7 +180,8 @@ class Index:
     return _order(scores, ids)
 
   def describe(self) -> Dict[str, Any]:
-    """Settings, fingerprint and recall as JSON-able data (the `.json` sidecar)."""
+    """Settings, fingerprint and recall as JSON-able data (the `.json` sidecar, which
+    `save` adds the faiss file's checksum to and seals)."""
     faiss_version = None
     if self.backend == "faiss":
       faiss_version = _faiss("describe").__version__
@@ -181,11 +192,14 @@ class Index:
   def save(self, path: str) -> None:
     """Writes a faiss index to `path` and its description to `path.json` (atomically; a
     numpy index has nothing to save but the description)."""
+    description = self.describe()
     if self.backend == "faiss":
       faiss = _faiss("saving an index")
       with atomic.replacing_path(path) as tmp:
         faiss.write_index(self.faiss_index, tmp)
-    atomic.write_json(path + ".json", self.describe(), sort_keys=True)
+        # Hashed from the temporary file: the checksum is of the bytes that are renamed.
+        description["file"] = integrity.file_record(tmp)
+    atomic.write_json(path + ".json", integrity.seal(description), sort_keys=True)
 
 
 def settings(kind: str, n: int, nlist: int = 0, nprobe: int = 0, hnsw_m: int = 32,
@@ -294,12 +308,17 @@ def load(path: str, items=None, expect: Optional[Dict[str, Any]] = None) -> Inde
     items: the embeddings, for a numpy index (it stores none).
     expect: the fingerprint it must have been built with; any difference raises
       `StaleIndexError` naming the entries that changed.
+  Raises:
+    DamagedIndexError: the index file or its description is not what was written (a
+      flipped bit, a truncated file), or it was saved without checksums.
   """
   meta_path = path + ".json"
   if not os.path.isfile(meta_path):
     raise FileNotFoundError(f"no index description {meta_path}")
-  with open(meta_path) as f:
-    meta = json.load(f)
+  try:
+    meta = integrity.read_sealed_json(meta_path, required=True)
+  except integrity.IntegrityError as e:
+    raise DamagedIndexError(f"index description {e}") from None
   if meta.get("version") != FORMAT_VERSION:
     raise StaleIndexError(f"{path}: index format {meta.get('version')}, this code writes "
                           f"{FORMAT_VERSION}: rebuild it")
@@ -318,6 +337,11 @@ def load(path: str, items=None, expect: Optional[Dict[str, Any]] = None) -> Inde
     faiss = _faiss(f"loading {path}")
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{meta_path} describes a faiss index, but {path} is missing")
+    if not isinstance(meta.get("file"), dict):
+      raise DamagedIndexError(f"{meta_path} records no checksum of {path}")
+    problem = integrity.check_file(path, meta["file"])
+    if problem:
+      raise DamagedIndexError(f"index {path}: {problem}")
     try:
       fi = faiss.read_index(path)
     except RuntimeError as e:  # truncated or foreign file

@@ -16,7 +16,9 @@ model's own `score` (a dot product for DSRAN, cross attention for SCAN, ...). Im
 caption reps are cached in `{workdir}/gallery_{split}.npz` together with a fingerprint
 (checkpoint step and meta, model config, split name and size, a checksum of its ids and
 captions), so a new checkpoint or a changed split rebuilds the cache instead of serving
-stale results.
+stale results. The cache also holds a checksum of its arrays (`integrity.arrays_digest`),
+and a first-stage index's description the checksum of the index file: a damaged cache
+or index is rebuilt, with a warning naming it.
 
 Other flags: `--split` (another split), `--data_root` (the features moved since training),
 `--rebuild` (re-encode), `--nocache`. An unknown `--image_id` exits with status 2 and a
@@ -54,12 +56,13 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from dsran_jax import atomic, cli, data, index as index_lib, inference
+from dsran_jax import atomic, cli, data, index as index_lib, inference, integrity
 from dsran_jax.evaluation import two_stage
 from dsran_jax.evaluation.shortlist import check_fusion, check_k, order_query
 from dsran_jax.workdir import Workdir
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: the cache holds a checksum of its arrays
+CACHE_CHECKSUM = "checksum"
 
 
 class UnknownImageError(KeyError):
@@ -144,23 +147,39 @@ def _unflatten(prefix: str, arrays: Dict[str, np.ndarray]):
 
 
 def _read_cache(path: str, want: Dict[str, Any]):
-  """(image_reps, text_reps) if `path` holds reps of fingerprint `want`, else None."""
+  """(image_reps, text_reps) if `path` holds reps of fingerprint `want`, else None.
+
+  Every array is read and checked against the checksum written with them before the
+  fingerprint is compared: a damaged cache (a flipped bit, a truncated file) is a miss
+  with a warning naming it, so the caller rebuilds it; a stale one is a quiet miss.
+  """
   if not os.path.exists(path):
     return None
   try:
     with np.load(path, allow_pickle=False) as f:
-      if json.loads(str(f["fingerprint"])) != want:
-        return None
       arrays = {k: np.asarray(f[k]) for k in f.files}
-    return _unflatten("image", arrays), _unflatten("text", arrays)
-  except Exception:  # a truncated or foreign file is just a cache miss
+  except Exception as e:  # pylint: disable=broad-except  # any unreadable file: rebuild
+    logging.warning("gallery cache %s is damaged (%s); rebuilding it", path,
+                    (str(e).splitlines() or [type(e).__name__])[0][:200])
     return None
+  if CACHE_CHECKSUM not in arrays or "fingerprint" not in arrays:
+    logging.info("gallery cache %s was written before checksums were; rebuilding it", path)
+    return None
+  stored = str(arrays.pop(CACHE_CHECKSUM))
+  if integrity.arrays_digest(arrays) != stored:
+    logging.warning("gallery cache %s is damaged (its arrays differ from the checksum "
+                    "written with them); rebuilding it", path)
+    return None
+  if json.loads(str(arrays["fingerprint"])) != want:
+    return None
+  return _unflatten("image", arrays), _unflatten("text", arrays)
 
 
 def _write_cache(path: str, image_reps, text_reps, fp: Dict[str, Any]) -> None:
-  # atomic: a concurrent reader never sees half a file
-  atomic.save_npz(path, **_flatten("image", image_reps), **_flatten("text", text_reps),
-                  fingerprint=np.asarray(json.dumps(fp, sort_keys=True)))
+  arrays = {**_flatten("image", image_reps), **_flatten("text", text_reps),
+            "fingerprint": np.asarray(json.dumps(fp, sort_keys=True))}
+  atomic.save_npz(path, **arrays,
+                  **{CACHE_CHECKSUM: np.asarray(integrity.arrays_digest(arrays))})
 
 
 def _concat(parts):
@@ -383,8 +402,8 @@ class Gallery:
                        path)
         except FileNotFoundError:
           built = None
-        except index_lib.StaleIndexError as e:
-          logging.warning("%s; rebuilding", e)
+        except (index_lib.StaleIndexError, index_lib.DamagedIndexError) as e:
+          logging.warning("%s; rebuilding it", e)  # a cache: damaged or stale, rebuilt
           built = None
     if built is None:
       built = index_lib.build(items, kind, fingerprint=extra, recall_queries=queries,

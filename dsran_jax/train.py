@@ -303,8 +303,11 @@ def _train_and_evaluate(config, wd: Workdir, mesh, stop_at, save_sims) -> dict:
   best = {"rsum": -1.0, "step": -1}
   history = []
   pending_validation = None
-  if checkpointing.latest_step(workdir, checkpointing.LATEST) is not None:
-    restored, meta = checkpointing.restore(workdir, checkpointing.LATEST, state)
+  # The newest intact `latest` step (checksums verified, with the `best` step it
+  # records); a damaged newer one is named in the log and trained again.
+  resumed = checkpointing.restore_for_resume(workdir, state)
+  if resumed is not None:
+    restored, meta = resumed
     state = jax.tree_util.tree_map(lambda x, t: jax.device_put(x, t.sharding), restored, state)
     best, history = meta["best"], meta["history"]
     pending_validation = meta.get("pending_validation")

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from dsran_jax import index
+from dsran_jax import index, integrity
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -174,7 +174,7 @@ def test_gallery_index_is_saved_reused_and_rebuilt_when_stale(galleries, caplog)
   assert loaded.build_s is None  # read back, not rebuilt
   meta = json.load(open(path + ".json"))
   meta["fingerprint"]["gallery"]["checkpoint_step"] = -1  # as if another checkpoint
-  json.dump(meta, open(path + ".json", "w"))
+  json.dump(integrity.seal(meta), open(path + ".json", "w"))  # (a hand edit is damage)
   again = search.Gallery.load(dsran.workdir, encoder=dsran.encoder)
   rebuilt = again.index("texts")
   assert rebuilt.build_s is not None

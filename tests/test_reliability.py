@@ -61,9 +61,10 @@ def test_resaving_a_step_from_a_crashed_run_replaces_it(tmp_path, absl_warnings)
   checkpointing.save(w, "best", 6, _state(6.5), {"step": 6})
   checkpointing.save(w, "best", 6, _state(6.0), {"step": 6})
   checkpointing.save(w, "latest", 6, _state(7.0), {"step": 6, "best": {"step": 6}})
-  # Once latest records best 6, the older best steps and latest steps go.
-  assert checkpointing.all_steps(w, "best") == [6]
-  assert checkpointing.all_steps(w, "latest") == [6]
+  # Once latest records best 6, the older steps go but for the previous latest (4) and
+  # the best it records (3): the step a resume falls back to when 6 is damaged.
+  assert checkpointing.all_steps(w, "best") == [3, 6]
+  assert checkpointing.all_steps(w, "latest") == [4, 6]
   variables, meta = checkpointing.load_variables(w)
   np.testing.assert_array_equal(variables["params"]["w"], np.full(4, 6.0))
   assert meta == {"step": 6}
@@ -77,6 +78,9 @@ def test_best_recorded_by_latest_survives_until_a_newer_latest(tmp_path):
   # A crash here resumes from latest 2, whose best (2) must still be on disk.
   assert checkpointing.all_steps(w, "best") == [2, 4]
   checkpointing.save(w, "latest", 5, _state(5.0), {"step": 5, "best": {"step": 4}})
+  assert checkpointing.all_steps(w, "best") == [2, 4]  # latest 2 is kept to fall back to
+  checkpointing.save(w, "latest", 7, _state(7.0), {"step": 7, "best": {"step": 4}})
+  assert checkpointing.all_steps(w, "latest") == [5, 7]
   assert checkpointing.all_steps(w, "best") == [4]
 
 
@@ -88,7 +92,7 @@ def test_partial_steps_are_removed_by_the_next_save(tmp_path, absl_warnings):
   (kind_dir / f"1{checkpointing.TMP_SUFFIX}-deleted").mkdir()
   assert checkpointing.latest_step(w, "latest") == 1  # partial steps are never read
   checkpointing.save(w, "latest", 2, _state(2.0), {"step": 2})
-  assert sorted(os.listdir(kind_dir)) == ["2"]
+  assert sorted(os.listdir(kind_dir)) == ["1", "2"]  # the previous step is kept
   assert "did not finish" in absl_warnings.text
 
 
@@ -526,7 +530,7 @@ def test_nan_feature_stops_training_at_that_step_naming_the_images(minilm_dir, t
                      match=rf"step 3: non-finite training loss.*img{nan_image}\b"):
     train.train_and_evaluate(config, work, mesh=train.make_mesh(jax.devices()[:1]))
   # Steps 1 and 2 were saved; nothing of step 3 or later, no NaN weights anywhere.
-  assert checkpointing.all_steps(work, "latest") == [2]
+  assert checkpointing.all_steps(work, "latest") == [1, 2]
   assert not checkpointing.partial_steps(work, "latest")
   state, _ = checkpointing.restore(work, "latest")
   assert not checkpointing.nonfinite_leaves(state)

@@ -80,9 +80,12 @@ def assert_same_as_uninterrupted(workdir, results, reference):
   np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)],
                              rtol=1e-6)
   assert [r["step"] for r in rows if "dev_rsum" in r] == [6, 12]
-  # Consistent checkpoints: the final latest, one best, nothing partial.
-  assert checkpointing.all_steps(workdir, "latest") == [12]
-  assert len(checkpointing.all_steps(workdir, "best")) == 1
+  # Consistent checkpoints: the final latest and the previous one, the best steps they
+  # record, nothing partial.
+  assert checkpointing.all_steps(workdir, "latest") == [6, 12]
+  recorded = {checkpointing.recorded_best(checkpointing.read_meta(workdir, "latest", s))
+              for s in (6, 12)}
+  assert checkpointing.all_steps(workdir, "best") == sorted(recorded)
   assert not (checkpointing.partial_steps(workdir, "latest")
               or checkpointing.partial_steps(workdir, "best"))
 

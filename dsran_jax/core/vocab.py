@@ -8,7 +8,7 @@ import os
 import re
 from typing import Iterable, Sequence
 
-from dsran_jax import atomic
+from dsran_jax import atomic, integrity
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_WORDS = (PAD, START, END, UNK)
@@ -107,15 +107,18 @@ class Vocabulary:
     return cls(list(SPECIAL_WORDS) + words)
 
   def save(self, path: str) -> None:
-    """Writes the vocabulary as JSON (`{"format", "words"}`; id = position in words)."""
+    """Writes the vocabulary as JSON (`{"format", "words", "checksum"}`; id = position in
+    words; the checksum is of the content, `integrity.seal`)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    # atomic: a concurrent reader never sees half a file
-    atomic.write_json(path, {"format": _VOCAB_FORMAT, "words": self.idx2word},
+    atomic.write_json(path, integrity.seal({"format": _VOCAB_FORMAT,
+                                            "words": self.idx2word}),
                       ensure_ascii=False, indent=None)
 
   @classmethod
   def load(cls, path: str) -> "Vocabulary":
-    """Reads a vocabulary written by `save`."""
+    """Reads a vocabulary written by `save`, refused (IntegrityError naming `path`) when
+    its words differ from the checksum written with them; one written before
+    checksums were (no "checksum") is read as it is."""
     with open(path, encoding="utf-8") as f:
       try:
         obj = json.load(f)
@@ -123,7 +126,10 @@ class Vocabulary:
         raise ValueError(f"{path}: not a JSON vocabulary: {e}") from e
     if not isinstance(obj, dict) or obj.get("format") != _VOCAB_FORMAT:
       raise ValueError(f"{path}: expected a JSON object with format {_VOCAB_FORMAT!r}")
-    return cls(obj["words"])
+    unknown = sorted(set(obj) - {"format", "words", integrity.SEAL_KEY})
+    if unknown:  # e.g. a damaged "checksum" key, which would otherwise go unchecked
+      raise ValueError(f"{path}: unknown keys {unknown} in a {_VOCAB_FORMAT} vocabulary")
+    return cls(integrity.unseal(obj, path)["words"])
 
   def encode_one(self, text: str) -> list:
     """`<start> word ids <end>`, not truncated."""

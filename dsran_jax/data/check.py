@@ -34,7 +34,6 @@ against it with `--verify_manifest=PATH`.
 """
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -50,7 +49,7 @@ from tqdm import tqdm
 
 from dsran_jax import data as data_lib
 from dsran_jax import models
-from dsran_jax import atomic, cli, validation
+from dsran_jax import atomic, cli, integrity, validation
 from dsran_jax.data import formats
 from dsran_jax.data import precomp
 from dsran_jax.data import raw
@@ -383,20 +382,10 @@ def run_check(config, splits=None, max_images=0, batch_size=64, show=10,
 MANIFEST_VERSION = 1
 
 
-def _sha256(path: str, chunk: int = 8 << 20) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while True:
-      block = f.read(chunk)
-      if not block:
-        return h.hexdigest()
-      h.update(block)
-
-
 def file_facts(path: str) -> dict:
   """size, sha256 and what the file holds: .npy shape/dtype, .h5 dataset shapes
   (counted per shape), text line count."""
-  facts = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+  facts = integrity.file_record(path)  # {"size", "sha256"}
   name = path.lower()
   try:
     if name.endswith(".npy"):
@@ -441,14 +430,15 @@ def _facts_of(root: str, rels: List[str], desc: str) -> Dict[str, dict]:
 
 
 def write_manifest(root: str, path: str) -> dict:
-  """Writes the manifest of every file under `root` (relative paths) to `path`."""
+  """Writes the manifest of every file under `root` (relative paths) to `path`, sealed by
+  a checksum of its content (`integrity.seal`), which `verify_manifest` checks."""
   if not os.path.isdir(root):
     raise FileNotFoundError(f"{root}: not a directory (data.root)")
   rels = _files_under(root, exclude=[path])
   manifest = {"version": MANIFEST_VERSION, "root": os.path.abspath(root),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "files": _facts_of(root, rels, "manifest")}
-  atomic.write_json(path, manifest, indent=1, sort_keys=True)
+  atomic.write_json(path, integrity.seal(manifest), indent=1, sort_keys=True)  # checked on read
   return manifest
 
 
@@ -460,7 +450,8 @@ def verify_manifest(root: str, path: str) -> List[str]:
       manifest = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: not a manifest (invalid JSON: {e})") from None
-  if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+  manifest = integrity.unseal(manifest, path)  # refused when damaged since written
+  if manifest.get("version") != MANIFEST_VERSION:
     raise ValueError(f"{path}: not a dsran_jax data manifest (version "
                      f"{MANIFEST_VERSION})")
   want = manifest["files"]

@@ -288,6 +288,9 @@ class Workdir:
         `model` section must describe the checkpoint's shapes.
     Raises:
       FileNotFoundError: no checkpoint.
+      checkpointing.CheckpointIntegrityError: a file of the step differs from the one
+        written (its checksum; one line naming the step and the file).
+      checkpointing.CheckpointReadError: orbax cannot read the step (one line).
       ValueError: the checkpoint does not fit the model (every mismatch named).
     """
     config = self.load_config() if config is None else config
