@@ -201,6 +201,9 @@ KEYS: Dict[str, Key] = declare([
     Key("data.global_file", "", Str(note=" (default {root}/{split}_global.npy)"),
         "pooled ResNet features; default {root}/{split}_global.npy"),
     Key("data.vocab_file", "", Str(), "GRU vocabulary JSON; default {workdir}/vocab.json"),
+    Key("data.image_dir", "", Str(),
+        "raw images of a model that runs its CNN in the step (DSRAN's online grid): a "
+        "directory searched recursively, an image found by its id as file stem"),
     # the synthetic world (data.format == "synthetic")
     Key("data.synthetic.seed", 0, Int(0, 2**32 - 1), "seed of the synthetic world"),
     Key("data.synthetic.num_train_images", 2000, Int(1), "synthetic train images"),

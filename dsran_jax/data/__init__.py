@@ -11,7 +11,7 @@ from typing import Optional
 
 from dsran_jax import models
 from dsran_jax.core.batch import IMAGE_KEYS, TEXT_KEYS
-from dsran_jax.data import formats, tfds_split, tokenize
+from dsran_jax.data import formats, images, tfds_split, tokenize
 from dsran_jax.data.base import Split
 from dsran_jax.data.formats import FORMATS, format_module
 from dsran_jax.data.raw import DataError, MissingDataError, RawSplit
@@ -43,7 +43,7 @@ def load_split(config, split_name: str, workdir: Optional[str] = None) -> Split:
   Returns:
     The `Split`, with `input_ids` / `attention_mask` int32 `(num_captions, data.max_len)`.
   """
-  raw_split = read_raw_split(config, split_name)
+  raw_split = images.attach(config, split_name, read_raw_split(config, split_name))
 
   def train_texts():
     if split_name == config.data.train_split:
@@ -56,7 +56,8 @@ def load_split(config, split_name: str, workdir: Optional[str] = None) -> Split:
                texts=list(raw_split.texts), input_ids=input_ids,
                attention_mask=attention_mask,
                captions_per_image=raw_split.captions_per_image,
-               read_images=raw_split.read_images)
+               read_images=raw_split.read_images,
+               read_train_images=raw_split.read_train_images)
 
 
 def gru_vocabulary(config, workdir: Optional[str] = None):

@@ -1,6 +1,6 @@
 """The in-memory view of one dataset split that every reader returns."""
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -17,6 +17,8 @@ class Split:
     captions_per_image: 5 for the standard releases, 1 when #images == #captions.
     read_images: `indices -> dict` of image-side arrays (see docs/architecture.md), the
       only way features are read, so a reader can memory-map or open files lazily.
+    read_train_images: `(indices, keys) -> dict`, the training pipeline's reader when
+      it differs (random views of raw images, `data.images`); None: `read_images`.
   """
   name: str
   image_ids: Sequence[str]
@@ -25,6 +27,7 @@ class Split:
   attention_mask: np.ndarray
   captions_per_image: int
   read_images: Callable[[np.ndarray], dict]
+  read_train_images: Optional[Callable[[np.ndarray, np.ndarray], dict]] = None
 
   def __post_init__(self):
     n_cap = len(self.texts)
@@ -52,6 +55,14 @@ class Split:
   def images(self, indices) -> dict:
     """Image-side arrays for `indices` (any int array), batch dimension first."""
     return self.read_images(np.asarray(indices, dtype=np.int64))
+
+  def train_images(self, indices, keys) -> dict:
+    """Image-side arrays for training: `read_train_images(indices, keys)` (`keys`: int64
+    (B, k), the rng entropy of each row's random view), else `images(indices)`."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if self.read_train_images is None:
+      return self.read_images(indices)
+    return self.read_train_images(indices, np.asarray(keys, dtype=np.int64))
 
   def captions(self, indices) -> dict:
     """Text-side arrays for `indices`."""

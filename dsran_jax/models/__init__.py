@@ -7,6 +7,9 @@ A family is a package `dsran_jax/models/<name>/` with
     `tokenizer(model_config) -> "bert" | "vocab"`  how captions become ids;
     `bert_path(model_config) -> str`  (optional) the BERT directory or hub name of a
         "bert" tokenizer (its WordPiece vocabulary); "" (or no hook) without BERT;
+    `image_views(model_config) -> (crop, resize) | None`  (optional) the raw-image views
+        of a model that reads the `image` key (training: random resized crop + flip
+        to crop; evaluation: shorter side to resize, centre crop);
     `input_hint(model_config, key) -> str`  (optional) how to run without batch key `key`
         (e.g. DSRAN without "grid"), for the readers' missing-file messages;
     `migrate(saved: dict) -> dict`  (optional) moves the keys of a config.json written
@@ -94,6 +97,13 @@ def bert_path(config) -> str:
   "" for a family without BERT."""
   hook = getattr(spec(config), "bert_path", None)
   return hook(config.model) if hook else ""
+
+
+def image_views(config) -> Optional[Tuple[int, int]]:
+  """`(crop, resize)` of the raw-image views the configured model reads (see the module
+  docstring); None when it reads no raw images."""
+  hook = getattr(spec(config), "image_views", None)
+  return hook(config.model) if hook else None
 
 
 def input_hint(config, key: str) -> str:
