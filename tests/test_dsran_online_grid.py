@@ -219,9 +219,11 @@ def test_directory_images_found_by_stem_and_errors(tmp_path):
   images_lib.index_directory.cache_clear()
 
 
+@pytest.mark.slow
 def test_online_demo_trains_and_evaluates_through_main(tmp_path):
   """`configs/demo.py:dsran,grid=online`, cut to a few steps with a tiny random BERT:
-  the CNN's drifted statistics are checkpointed and evaluation reads them."""
+  the CNN's drifted statistics are checkpointed and evaluation reads them (about 4
+  minutes on 2 loaded cores: a separate process compiles training and evaluation)."""
   workdir = tmp_path / "wd"
   args = ["--config=configs/demo.py:dsran,grid=online", f"--workdir={workdir}",
           "--config.model.dsran.bert_random_init=True",

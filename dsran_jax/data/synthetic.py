@@ -602,7 +602,7 @@ class SyntheticWorld:
     pixel noise. A pure function of (seed, split, i), like the features; the scene,
     colours and positions are visible, the class only through its shape."""
     w, h = CANVASES[layouts.canvas[i]]
-    w, h = max(8, int(round(w * PIXEL_SCALE))), max(8, int(round(h * PIXEL_SCALE)))
+    w, h = max(8, round(w * PIXEL_SCALE)), max(8, round(h * PIXEL_SCALE))
     palette = _rng(self.seed, _STREAM_PIXELS).integers(
         0, 256, (len(SCENES), 3, 3)).astype(np.float32)
     rows = np.arange(h)[:, None] * GRID_SIDE // h             # layout row of each pixel
