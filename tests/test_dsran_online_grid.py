@@ -253,3 +253,28 @@ def test_online_demo_trains_and_evaluates_through_main(tmp_path):
   # Random init starts at mean 0 / var 1: train-mode BN moved them, and they were saved.
   assert float(np.max(np.abs(np.asarray(stats["mean"])))) > 0
   assert "image" in model.image_keys
+
+
+def test_online_config_errors_name_the_key():
+  from dsran_jax import validation  # pylint: disable=g-import-not-at-top
+  c = online_config("")
+  c.data.format = "vlp"
+  with pytest.raises(validation.ConfigError, match=r"model\.dsran\.cnn_weights=''"):
+    validation.validate_config(c)
+  c.model.dsran.cnn_weights = "/somewhere/resnet152.pth"
+  with pytest.raises(validation.ConfigError, match=r"data\.image_dir=''"):
+    validation.validate_config(c)
+  c.data.format = "synthetic"
+  c.model.img_dim = 2048
+  with pytest.raises(validation.ConfigError, match=r"model\.img_dim=2048.*gives 256"):
+    validation.validate_config(c)
+  c.model.img_dim = IMG
+  c.model.dsran.cnn_depths = (1, 1)
+  with pytest.raises(validation.ConfigError, match=r"cnn_depths=\(1, 1\)"):
+    validation.validate_config(c)
+  c.model.dsran.cnn_depths = DEPTHS
+  validation.validate_config(c)
+  assert models.image_views(c) == (CROP, RESIZE)
+  assert models.frozen_paths(c.model) == (r"^cnn/",)
+  c.model.dsran.image_inputs = "grid+regions"
+  assert models.image_views(c) is None and models.frozen_paths(c.model) == ()
