@@ -197,6 +197,12 @@ def _override(c, item: str) -> None:
     if value.lower() not in ("true", "false", "1", "0"):
       raise ConfigError(f"--set {key}={value}: expected true or false", header="")
     node[leaf] = value.lower() in ("true", "1")
+  elif isinstance(old, tuple):  # "(3, 8, 36, 3)" or "3,8,36,3": a tuple of integers
+    try:
+      node[leaf] = tuple(int(v) for v in value.strip("()[] ").split(",") if v.strip())
+    except ValueError:
+      raise ConfigError(f"--set {key}={value}: expected integers, e.g. 1,2,3", header="") \
+          from None
   else:
     try:
       node[leaf] = type(old)(value)
@@ -220,6 +226,8 @@ def random_batch(rng: np.random.Generator, batch_size: int, args, with_text=True
       shape = (batch_size,) + key_shape(key, dims, args.regions)
       if KEY_SPECS[key][1] == np.bool_:
         b[key] = np.ones(shape, bool)
+      elif KEY_SPECS[key][1] == np.uint8:  # raw pixels (`image`)
+        b[key] = rng.integers(0, 256, shape, dtype=np.uint8)
       elif key == "region_pos":
         b[key] = rng.standard_normal(shape, np.float32)
       else:

@@ -217,6 +217,9 @@ KEYS: Dict[str, Key] = declare([
     Key("data.vocab_splits", "train", Choice("train", "train+dev", "all"),
         "captions a new word vocabulary counts: data.train_split, + data.dev_split, or "
         "those and data.test_split ('all'); the recipes set their authors'"),
+    Key("data.image_dir", "", Str(),
+        "raw images of a model that runs its CNN in the step (DSRAN's online grid): a "
+        "directory searched recursively, an image found by its id as file stem"),
     # the synthetic world (data.format == "synthetic")
     Key("data.synthetic.seed", 0, Int(0, 2**32 - 1), "seed of the synthetic world"),
     Key("data.synthetic.num_train_images", 2000, Int(1), "synthetic train images"),

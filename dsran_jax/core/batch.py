@@ -5,7 +5,7 @@ batches the same way. Image side: one row per image; text side: one row per capt
 """
 import numpy as np
 
-IMAGE_KEYS = ("grid", "regions", "region_pos", "region_mask", "global_feat")
+IMAGE_KEYS = ("grid", "regions", "region_pos", "region_mask", "global_feat", "image")
 TEXT_KEYS = ("input_ids", "attention_mask")
 GRID_CELLS = 49
 
@@ -18,6 +18,9 @@ KEY_SPECS = {
     "region_pos": (("R", "pos_dim"), np.float32),
     "region_mask": (("R",), np.bool_),
     "global_feat": (("global_dim",), np.float32),
+    # Raw RGB pixels of an image, cropped to the CNN's input (HWC, 0..255), for models
+    # that run their CNN in the step (DSRAN's online grid); the model normalises them.
+    "image": (("image_size", "image_size", 3), np.uint8),
     "input_ids": (("L",), np.int32),
     "attention_mask": (("L",), np.int32),
 }

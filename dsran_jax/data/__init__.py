@@ -13,7 +13,7 @@ from absl import logging
 
 from dsran_jax import models
 from dsran_jax.core.batch import IMAGE_KEYS, TEXT_KEYS
-from dsran_jax.data import formats, tfds_split, tokenize
+from dsran_jax.data import formats, images, tfds_split, tokenize
 from dsran_jax.data.base import Split
 from dsran_jax.data.formats import FORMATS, format_module
 from dsran_jax.data.raw import DataError, MissingDataError, RawSplit
@@ -57,7 +57,7 @@ def load_split(config, split_name: str, workdir: Optional[str] = None) -> Split:
     longest caption after the cut (`models.caption_cap`), and `caption_lengths` (what
     the cut did: logged as a warning when it shortened captions).
   """
-  raw_split = read_raw_split(config, split_name)
+  raw_split = images.attach(config, split_name, read_raw_split(config, split_name))
   tokenizer = tokenize.make_tokenizer(config, workdir,
                                       lambda: _vocab_texts(config, {split_name: raw_split}))
   input_ids, attention_mask, lengths = tokenizer.encode_report(raw_split.texts)
@@ -66,7 +66,8 @@ def load_split(config, split_name: str, workdir: Optional[str] = None) -> Split:
                texts=list(raw_split.texts), input_ids=input_ids,
                attention_mask=attention_mask,
                captions_per_image=raw_split.captions_per_image,
-               read_images=raw_split.read_images, caption_lengths=lengths)
+               read_images=raw_split.read_images, caption_lengths=lengths,
+               read_train_images=raw_split.read_train_images)
 
 
 def report_lengths(lengths: tokenize.CaptionLengths, what: str) -> None:

@@ -21,6 +21,8 @@ class Split:
       only way features are read, so a reader can memory-map or open files lazily.
     caption_lengths: what tokenising did to the captions' lengths
       (`data.tokenize.CaptionLengths`: how many the cut shortened, the longest), or None.
+    read_train_images: `(indices, keys) -> dict`, the training pipeline's reader when
+      it differs (random views of raw images, `data.images`); None: `read_images`.
   """
   name: str
   image_ids: Sequence[str]
@@ -30,6 +32,7 @@ class Split:
   captions_per_image: int
   read_images: Callable[[np.ndarray], dict]
   caption_lengths: Optional[Any] = None
+  read_train_images: Optional[Callable[[np.ndarray, np.ndarray], dict]] = None
 
   def __post_init__(self):
     n_cap = len(self.texts)
@@ -66,6 +69,14 @@ class Split:
   def images(self, indices) -> dict:
     """Image-side arrays for `indices` (any int array), batch dimension first."""
     return self.read_images(np.asarray(indices, dtype=np.int64))
+
+  def train_images(self, indices, keys) -> dict:
+    """Image-side arrays for training: `read_train_images(indices, keys)` (`keys`: int64
+    (B, k), the rng entropy of each row's random view), else `images(indices)`."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if self.read_train_images is None:
+      return self.read_images(indices)
+    return self.read_train_images(indices, np.asarray(keys, dtype=np.int64))
 
   def captions(self, indices, width: Optional[int] = None) -> dict:
     """Text-side arrays for `indices`, `width` columns wide (default: the split's); a

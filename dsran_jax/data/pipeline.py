@@ -8,10 +8,10 @@ batch, so the hosts together see exactly the global batch one host would. Global
 reads batch s % steps_per_epoch of epoch s // steps_per_epoch, so resuming at
 `start_step` costs nothing and replays the same data. Only caption indices are shuffled;
 features are read per batch by a parallel, order-preserving map calling
-`split.images` / `split.captions`, so host RAM is bounded by the in-flight batches and
-`data.prefetch`. A batch's captions are as wide as the global batch's longest caption,
-rounded up to a multiple of `data.caption_bucket` (`caption_width_fn`): never cut, and
-a bounded number of jit shapes (`train_widths`).
+`split.train_images` / `split.captions`, so host RAM is bounded by the in-flight batches
+and `data.prefetch`. A batch's captions are as wide as the global batch's longest
+caption, rounded up to a multiple of `data.caption_bucket` (`caption_width_fn`): never
+cut, and a bounded number of jit shapes (`train_widths`).
 
 Evaluation: every image (or caption) exactly once, in order, in batches of `batch_size`;
 the last batch is padded by repeating the last example and flagged by `valid`. Caption
@@ -292,10 +292,16 @@ def train_batches(split: Split, config, start_step: int = 0,
   for k in TRAIN_INDEX_KEYS:
     specs[k] = ((local_batch,), np.dtype(np.int32))
 
+  seed = int(config.train.seed)
+  rows = process_index * local_batch + np.arange(local_batch)
+
   def read(step):
     captions = order(step)
     images = split.caption_image(captions)
-    arrays = split.images(images)
+    # Random image views (raw images, `data.images`) are keyed by (seed, step, row of
+    # the global batch): a pure function of the step, as the order is.
+    keys = np.stack([np.full(local_batch, seed), np.full(local_batch, int(step)), rows], 1)
+    arrays = split.train_images(images, keys)
     out = {k: _checked(arrays, k, local_batch, image_specs[k], split.name)
            for k in image_specs}
     out.update({k: v.astype(np.int32, copy=False)

@@ -27,11 +27,19 @@ class RawSplit:
     captions_per_image: 5 for the standard releases, 1 when #images == #captions.
     read_images: `indices (int64 array) -> dict` of image-side arrays, batch dimension
       first (keys from `base.IMAGE_KEYS`; see docs/architecture.md).
+    read_pixels: optional `index -> (H, W, 3) uint8` RGB image, for a format that makes
+      its own raw images (the synthetic world); others find them in `data.image_dir`
+      (`data.images`).
+    read_train_images: optional `(indices, keys) -> dict`, the training-time reader
+      when it differs from `read_images` (random image views; `keys` int64 (B, k), one
+      row of rng entropy per image); set by `data.images.attach`.
   """
   image_ids: Sequence[str]
   texts: Sequence[str]
   captions_per_image: int
   read_images: Callable[[np.ndarray], dict]
+  read_pixels: Optional[Callable[[int], np.ndarray]] = None
+  read_train_images: Optional[Callable[[np.ndarray, np.ndarray], dict]] = None
 
 
 class DataError(ValueError):

@@ -126,6 +126,13 @@ _GRID_NOISE_DIMS = 32
 _NOISE_BANK_ROWS = 1024
 # rng stream tags, so that layout, caption and feature draws never share a stream.
 _STREAM_GROUP, _STREAM_LAYOUT, _STREAM_CAPTION, _STREAM_FEATURES, _STREAM_WORLD = range(5)
+_STREAM_PIXELS = 5
+# Raw images (`render`): the canvas at a fifth of its size (96-128 pixels a side), RGB
+# of each colour name, pixel noise std.
+PIXEL_SCALE = 0.2
+COLOUR_RGB = ((220, 30, 30), (30, 60, 220), (30, 170, 60), (235, 215, 40), (20, 20, 20),
+              (245, 245, 245), (245, 140, 20), (140, 40, 170), (120, 75, 35), (245, 150, 190))
+PIXEL_NOISE = 8.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -587,6 +594,33 @@ class SyntheticWorld:
         grid[cells] += (ev * np.float32(d.grid_colour_evidence)) * (
             self.grid_basis[self._g_col + colour[o]])
 
+  def render(self, layouts: Layouts, i: int) -> np.ndarray:
+    """Raw RGB pixels of image i, (H, W, 3) uint8, for models that run a CNN on images
+    (DSRAN's online grid): the canvas at `PIXEL_SCALE`, painted in three bands (sky,
+    middle, ground) of the scene's colours, each object a rectangle of its colour
+    centred on its layout cell, sized by its size and shaped by its class's aspect, plus
+    pixel noise. A pure function of (seed, split, i), like the features; the scene,
+    colours and positions are visible, the class only through its shape."""
+    w, h = CANVASES[layouts.canvas[i]]
+    w, h = max(8, round(w * PIXEL_SCALE)), max(8, round(h * PIXEL_SCALE))
+    palette = _rng(self.seed, _STREAM_PIXELS).integers(
+        0, 256, (len(SCENES), 3, 3)).astype(np.float32)
+    rows = np.arange(h)[:, None] * GRID_SIDE // h             # layout row of each pixel
+    band = np.where(rows < 2, 0, np.where(rows < 5, 1, 2))
+    img = np.broadcast_to(palette[int(layouts.scene[i])][band], (h, w, 3)).copy()
+    cw, ch = w / GRID_SIDE, h / GRID_SIDE
+    yy, xx = np.arange(h)[:, None], np.arange(w)[None, :]
+    for cls, colour, size, row, col in layouts.objects(i):
+      extent = 2.6 if size == 1 else 1.5
+      sq = np.sqrt(self.aspect[cls])
+      cx, cy = (col + 0.5) * cw, (row + 0.5) * ch
+      bw, bh = extent * cw * sq / 2, extent * ch / sq / 2
+      inside = (np.abs(xx - cx) <= bw) & (np.abs(yy - cy) <= bh)
+      img[inside] = COLOUR_RGB[colour]
+    rng = _rng(self.seed, _split_code(layouts.split), i, _STREAM_PIXELS)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(PIXEL_NOISE)
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
   def describe(self, layouts: Layouts, i: int) -> dict:
     """Human-readable content of image i (for tests, debugging and demos)."""
     return dict(
@@ -653,7 +687,8 @@ def read_raw_split(config, split_name: str,
   Returns:
     A `RawSplit` with 5 captions per image and a `read_images` that returns grid
     (B, 49, img_dim), regions (B, R, img_dim), region_pos (B, R, 1607) float32 and
-    region_mask (B, R) bool, plus global_feat (B, img_dim) when the model reads it.
+    region_mask (B, R) bool, plus global_feat (B, img_dim) when the model reads it,
+    and `read_pixels` (`SyntheticWorld.render`): each image's raw pixels.
   """
   world, layouts = world_and_layouts(config, split_name, difficulty)
   return raw_lib.RawSplit(
@@ -661,4 +696,5 @@ def read_raw_split(config, split_name: str,
       texts=world.captions(layouts),
       captions_per_image=CAPTIONS_PER_IMAGE,
       read_images=functools.partial(world.read_images, layouts,
-                                    with_global=global_feat.uses_global(config)))
+                                    with_global=global_feat.uses_global(config)),
+      read_pixels=functools.partial(world.render, layouts))

@@ -11,6 +11,9 @@ A family is a package `dsran_jax/models/<name>/` with
         tokens, which `data.max_len=-1` follows; no hook: 0, every caption whole;
     `pads_to_cap(model_config) -> bool`  (optional) every caption batch is exactly the
         cut wide (a model that attends to padding, as DSRAN's reference BERT build);
+    `image_views(model_config) -> (crop, resize) | None`  (optional) the raw-image views
+        of a model that reads the `image` key (training: random resized crop + flip
+        to crop; evaluation: shorter side to resize, centre crop);
     `input_hint(model_config, key) -> str`  (optional) how to run without batch key `key`
         (e.g. DSRAN without "grid"), for the readers' missing-file messages;
     `migrate(saved: dict) -> dict`  (optional) moves the keys of a config.json written
@@ -118,6 +121,13 @@ def pads_to_cap(config) -> bool:
   their longest caption, rounded up to `data.caption_bucket`."""
   hook = getattr(spec(config), "pads_to_cap", None)
   return bool(hook(config.model)) if hook else False
+
+
+def image_views(config) -> Optional[Tuple[int, int]]:
+  """`(crop, resize)` of the raw-image views the configured model reads (see the module
+  docstring); None when it reads no raw images."""
+  hook = getattr(spec(config), "image_views", None)
+  return hook(config.model) if hook else None
 
 
 def input_hint(config, key: str) -> str:

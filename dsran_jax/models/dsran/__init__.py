@@ -10,9 +10,10 @@ from dsran_jax import models
 from dsran_jax.core.text_policy import TextPolicy
 from dsran_jax.hub import resolve_pretrained_dir
 from dsran_jax.models.common.bert import BertConfig, load_hf_bert
+from dsran_jax.models.common import resnet
 from dsran_jax.models.common.glove import load_configured_glove
 from dsran_jax.models.dsran.attention import jsr_attention
-from dsran_jax.models.dsran.config import OPTIONS
+from dsran_jax.models.dsran.config import ONLINE, OPTIONS
 from dsran_jax.models.dsran.model import DSRAN, GRID_NODES, DSRANConfig
 
 
@@ -64,15 +65,35 @@ def load_pretrained_bert(variables: dict, model_config) -> dict:
   return {**variables, "params": params}
 
 
+def load_pretrained_cnn(variables: dict, model_config) -> dict:
+  """Replaces the online grid's ResNet (`params/cnn`, `batch_stats/cnn`) in `variables`
+  with the torchvision state dict at model.dsran.cnn_weights (`.safetensors` or a
+  `torch.save` file; any `module.` prefix; `fc.*` and step counters ignored), running
+  statistics included. Raises ValueError naming the file and every key or shape that
+  does not fit the configured ResNet."""
+  path = model_config.dsran.cnn_weights
+  expected = model_config_from(model_config).resnet
+  _, cnn = resnet.load_weights(path, config=expected)
+  out = dict(variables)
+  for collection in ("params", "batch_stats"):
+    tree = dict(out[collection])
+    tree["cnn"] = jax.tree_util.tree_map(jnp.asarray, cnn[collection])
+    out[collection] = tree
+  return out
+
+
 def load_pretrained(variables: dict, config, vocab=None) -> dict:
   """BERT build: the pretrained BERT at model.dsran.bert_path (unless
   bert_random_init); GRU build: GloVe rows for the word vocabulary `vocab` when
-  model.glove_path is set."""
+  model.glove_path is set; online grid: the ResNet at model.dsran.cnn_weights (unless
+  cnn_random_init)."""
   d = config.model.dsran
   if d.text_encoder == "bert" and not d.bert_random_init:
-    return load_pretrained_bert(variables, config.model)
+    variables = load_pretrained_bert(variables, config.model)
   if d.text_encoder == "gru":
-    return load_configured_glove(variables, config, vocab)
+    variables = load_configured_glove(variables, config, vocab)
+  if d.image_inputs == ONLINE and not d.cnn_random_init:
+    variables = load_pretrained_cnn(variables, config.model)
   return variables
 
 
@@ -102,4 +123,4 @@ attention_maps = jsr_attention
 
 
 __all__ = ["DSRAN", "DSRANConfig", "GRID_NODES", "attention_maps", "bert_config_from", "build",
-           "load_pretrained", "load_pretrained_bert", "model_config_from"]
+           "load_pretrained", "load_pretrained_bert", "load_pretrained_cnn", "model_config_from"]

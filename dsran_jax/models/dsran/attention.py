@@ -22,15 +22,16 @@ def jsr_attention(model: DSRAN, variables: Dict[str, Any],
   Args:
     model: a DSRAN module.
     variables: its variables ({"params", "batch_stats"}).
-    images: image-side arrays of B images (`grid`, `regions`, `region_pos`,
-      `region_mask`), e.g. `split.images(indices)`.
+    images: image-side arrays of B images (`grid` or, online grid, `image`,
+      `regions`, `region_pos`, `region_mask`), e.g. `split.images(indices)`.
 
   Returns:
     {"grid": (B, 49) or None, "regions": (B, R), "region_mask": (B, R), "title": what
     the weights are}; each image's weights over all its nodes sum to 1.
   """
-  uses_grid = model.config.image_inputs == "grid+regions"
-  keys = ["regions", "region_pos", "region_mask"] + (["grid"] if uses_grid else [])
+  # The grid's cells come from `grid`, or (online grid) from the CNN on `image`.
+  keys = ["regions", "region_pos", "region_mask"] + [
+      k for k in ("grid", "image") if k in model.image_keys]
   batch = {k: np.asarray(images[k]) for k in keys if k in images}
   regions = batch["regions"]
   b, r = regions.shape[:2]

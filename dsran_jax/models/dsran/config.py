@@ -11,6 +11,17 @@ from dsran_jax.models.common import recipes
 from dsran_jax.models.common.options import (Option, Options, at_least, integer_at_least,
                                               one_of, within)
 
+IMAGE_INPUTS = ("grid+regions", "regions", "image+regions")
+ONLINE = "image+regions"
+
+
+def positive_ints(value):
+  """A non-empty tuple of positive integers."""
+  ok = (isinstance(value, (tuple, list)) and len(value) > 0
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
+  return None if ok else "must be a non-empty tuple of positive integers"
+
+
 # The authors' README recipes: (epochs, batch, lr_update epoch, K) per dataset and build.
 RECIPES = {
     ("f30k", "bert"): (12, 128, 6, 2),
@@ -29,8 +40,10 @@ BERT_SHAPE = (("vocab_size", 30522, "WordPiece vocabulary"), ("hidden_size", 768
 OPTIONS = Options("dsran", [
     Option("K", 2, one_of(1, 2, 4), "JSR branches"),
     Option("text_encoder", "bert", one_of("bert", "gru"), "the build: BERT or GRU"),
-    Option("image_inputs", "grid+regions", one_of("grid+regions", "regions"),
-           "the 7x7 grid and the regions, or the regions alone"),
+    Option("image_inputs", "grid+regions", one_of(*IMAGE_INPUTS),
+           '"grid+regions": precomputed 7x7 grids and the regions; "image+regions": the '
+           "frozen ResNet run in the step on raw images (the authors' online grid); "
+           '"regions": the regions alone'),
     Option("pos_dim", 1607, at_least(1),
            "width of the region positions + class scores (6 box + 1601 class probs)"),
     Option("use_region_pos", True, None,
@@ -40,6 +53,26 @@ OPTIONS = Options("dsran", [
     Option("gat_layers", 1, at_least(0), "GAT layers"),
     Option("text_padding", "masked", one_of("masked", "reference"),
            '"masked" | "reference" (the authors\' padding, for converted checkpoints)'),
+    # The online grid (image_inputs="image+regions"): the frozen ResNet's shape, its
+    # input crop, and where its weights come from.
+    Option("cnn_depths", (3, 8, 36, 3), positive_ints,
+           "online grid: bottleneck blocks per ResNet stage (ResNet-152)"),
+    Option("cnn_widths", (64, 128, 256, 512), positive_ints,
+           "online grid: bottleneck widths per stage (the stem is the first; the grid has "
+           "4 x the last channels, = model.img_dim)"),
+    Option("crop_size", 224, integer_at_least(32),
+           "online grid: the CNN's input side (their opt.crop_size): RandomResizedCrop "
+           "in training, the centre crop at evaluation"),
+    Option("resize_size", 256, integer_at_least(32),
+           "online grid: evaluation resizes the shorter side to this, then centre-crops",
+           field=False),
+    Option("cnn_weights", "", None,
+           "online grid: the ResNet's torchvision state dict (.safetensors / .pth), e.g. "
+           "torchvision's resnet152-b121ed2d.pth or a converted workdir's "
+           "resnet152.safetensors", field=False),
+    Option("cnn_random_init", False, None,
+           "online grid: a randomly initialised frozen ResNet (tests and the demo only)",
+           field=False),
     # The BERT build's weights: config keys only (the Module gets the BertConfig they
     # imply, `dsran.bert_config_from`).
     Option("bert_path", "", None, "local HF BERT directory or hub name (its tokenizer, "
@@ -89,7 +122,11 @@ def input_hint(model_config, key: str) -> str:
   """How to do without batch key `key` ("" when there is no way)."""
   del model_config
   if key == "grid":
-    return "set --config.model.dsran.image_inputs=regions to read the regions only"
+    return ("set --config.model.dsran.image_inputs=regions to read the regions only, or "
+            "image+regions to run the CNN on raw images (data.image_dir)")
+  if key == "image":
+    return ("set data.image_dir to the raw images, or --config.model.dsran.image_inputs="
+            "grid+regions to read precomputed grids")
   return ""
 
 
@@ -101,7 +138,28 @@ def _section(model_config):
 def image_keys(model_config):
   """`model_config`: `config.model`, or the Module's DSRANConfig (the same options)."""
   keys = ("regions", "region_pos", "region_mask")
-  return (("grid",) + keys) if _section(model_config).image_inputs == "grid+regions" else keys
+  inputs = _section(model_config).image_inputs
+  if inputs == "grid+regions":
+    return ("grid",) + keys
+  if inputs == ONLINE:
+    return ("image",) + keys
+  return keys
+
+
+def online_grid(model_config) -> bool:
+  """Whether the model runs its frozen ResNet on raw images (`image_inputs`
+  "image+regions")."""
+  return _section(model_config).image_inputs == ONLINE
+
+
+def image_views(model_config):
+  """`(crop, resize)` of the raw-image views the online grid reads (the data pipeline's
+  RandomResizedCrop(crop) + flip in training, Resize(resize) + CenterCrop(crop) at
+  evaluation); None when the model reads no raw images."""
+  if not online_grid(model_config):
+    return None
+  s = _section(model_config)
+  return int(s.crop_size), int(s.resize_size)
 
 
 def text_keys(model_config):
@@ -127,9 +185,13 @@ def pads_to_cap(model_config) -> bool:
   return s.text_encoder == "bert" and s.text_padding == "reference"
 
 
+# The online grid's ResNet: frozen, as the authors' (`requires_grad = False` unless
+# --finetune / --ft_res); its BatchNorm statistics still move (train mode).
+CNN_PATHS = (r"^cnn/",)
+
+
 def frozen_paths(model_config):
-  del model_config
-  return ()
+  return CNN_PATHS if online_grid(model_config) else ()
 
 
 def eval_tile(model_config):
@@ -137,13 +199,28 @@ def eval_tile(model_config):
   return (1000, 5000)  # a dot product: whole Flickr30K test in one tile
 
 
-def recipe(c, dataset: str, text_encoder: str = "bert"):
+GRIDS = ("precomputed", "online")
+
+
+def _grid(c, grid: str):
+  """`grid="online"`: the authors' online grid branch (raw images, frozen ResNet-152 in
+  the step); "precomputed": grids extracted once (the default, for speed)."""
+  if grid not in GRIDS:
+    raise ValueError(f"grid={grid!r}: expected one of {', '.join(GRIDS)}")
+  if grid == "online":
+    c.model.dsran.image_inputs = ONLINE
+
+
+def recipe(c, dataset: str, text_encoder: str = "bert", grid: str = "precomputed"):
   """The authors' recipe on their VLP features (BERT: BertAdam 2e-5 with warmup 0.1;
   GRU: Adam 2e-4, global-norm clip 2.0, no region_pos, word embeddings from GloVe
   840B: set `model.glove_path`, else the run reports the departure), model selection on
   VSE++'s dev (Flickr30K: all 1014 val images; COCO: the first 1000), and for the GRU
   build VSE++'s vocabulary of every caption of the dataset (their f30k_vocab.pkl /
-  coco_vocab.pkl)."""
+  coco_vocab.pkl). `grid="online"` runs the frozen ResNet-152 on raw images in the step
+  as they do (set data.image_dir and model.dsran.cnn_weights); "precomputed" reads
+  `{split}_grid.npy`."""
+  _grid(c, grid)
   epochs, batch, lr_update, k = RECIPES[(dataset, text_encoder)]
   d = c.model.dsran
   c.data.num_regions = 100
@@ -172,9 +249,19 @@ def departures(c):
   return recipes.glove_departure(c, "N(0, 1)")
 
 
-def demo(c):
-  """Frozen MiniLM BERT build, K=2, 256-wide: 3 epochs of 1000 synthetic images."""
+def demo(c, grid: str = "precomputed"):
+  """Frozen MiniLM BERT build, K=2, 256-wide: 3 epochs of 1000 synthetic images.
+  `grid="online"`: the synthetic world's rendered images through a small random frozen
+  ResNet (64-pixel crops, 2x2 grid) in the step, so the online path runs on 2 cores."""
+  _grid(c, grid)
   d = c.model.dsran
+  if grid == "online":
+    # A ResNet of one block per stage, 8..64 wide (256 grid channels), on 64-pixel
+    # crops of 96-pixel-high renders: the path of the real recipe at a CPU's scale.
+    d.cnn_depths, d.cnn_widths = (1, 1, 1, 1), (8, 16, 32, 64)
+    d.crop_size, d.resize_size = 64, 73  # 224 / 256 scaled
+    d.cnn_random_init = True
+    c.data.img_dim = c.model.img_dim = 256  # regions as wide as the grid
   d.text_encoder = "bert"
   d.bert_path = minilm_dir()
   c.model.embed_size = 256
@@ -212,3 +299,28 @@ def validate(c):
     raise ValueError(f"config.data.max_len={c.data.max_len} (a cut of {cap or 'none'}) "
                      f"must be within config.model.dsran.bert.max_position={b.max_position}, "
                      f"the positions of the random-init BERT")
+  if online_grid(m):
+    _validate_online(c)
+
+
+def _validate_online(c):
+  """The online grid's keys: the CNN's shape against model.img_dim, the views, and
+  where the weights and images come from."""
+  m, d = c.model, c.model.dsran
+  if len(d.cnn_depths) != len(d.cnn_widths):
+    raise ValueError(f"config.model.dsran.cnn_depths={tuple(d.cnn_depths)} and cnn_widths="
+                     f"{tuple(d.cnn_widths)}: one depth and one width per stage")
+  channels = 4 * d.cnn_widths[-1]  # the bottleneck's expansion
+  if m.img_dim != channels:
+    raise ValueError(f"config.model.img_dim={m.img_dim}: the online grid's ResNet "
+                     f"(cnn_widths={tuple(d.cnn_widths)}) gives {channels} channels")
+  if d.resize_size < d.crop_size:
+    raise ValueError(f"config.model.dsran.resize_size={d.resize_size} is smaller than "
+                     f"crop_size={d.crop_size}: the centre crop would not fit")
+  if not d.cnn_weights and not d.cnn_random_init:
+    raise ValueError("config.model.dsran.cnn_weights='': the online grid needs the ResNet's "
+                     "weights (torchvision's resnet152-b121ed2d.pth as the authors, or a "
+                     "converted workdir's resnet152.safetensors), or cnn_random_init=True")
+  if c.data.format != "synthetic" and not c.data.image_dir:
+    raise ValueError("config.data.image_dir='': the online grid reads raw images; set it to "
+                     "the directory holding them (found by file stem, recursively)")

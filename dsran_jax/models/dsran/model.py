@@ -10,12 +10,16 @@ from dsran_jax.models.common.base import MatchingModel, select
 from dsran_jax.models.common.bert import BertConfig
 from dsran_jax.models.common.layers import l2norm, masked_mean
 from dsran_jax.models.common.options import WIDTHS
+from dsran_jax.models.common.resnet import ResNet, ResNetConfig, grid_cells
 from dsran_jax.models.dsran import config as spec
 from dsran_jax.models.dsran.gat import GAT
 from dsran_jax.models.dsran.image import JSR, GridEncoder, RegionEncoder
 from dsran_jax.models.dsran.text import BertTextEncoder, GruTextEncoder
 
 GRID_NODES = GRID_CELLS
+# torchvision's ImageNet normalisation (their `transforms.Normalize` after `ToTensor`).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # The Module config's head: the shared widths (top-level `config.model.*`); vocab_size is
@@ -52,6 +56,17 @@ class DSRANConfig(spec.OPTIONS.dataclass(
   def compute_dtype(self):
     return jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
 
+  @property
+  def online_grid(self) -> bool:
+    """Whether the grid comes from the frozen ResNet run on raw images in the step."""
+    return self.image_inputs == spec.ONLINE
+
+  @property
+  def resnet(self) -> ResNetConfig:
+    """The online grid's ResNet (torchvision's bottleneck shape; stem = first width)."""
+    return ResNetConfig(depths=tuple(self.cnn_depths), widths=tuple(self.cnn_widths),
+                        stem_width=int(self.cnn_widths[0]))
+
 
 class DSRAN(MatchingModel):
   """Dual Semantic Relations Attention Network, an embedding model.
@@ -66,15 +81,18 @@ class DSRAN(MatchingModel):
 
   @property
   def input_dims(self):
-    return {"img_dim": self.config.img_dim, "pos_dim": self.config.pos_dim}
+    return {"img_dim": self.config.img_dim, "pos_dim": self.config.pos_dim,
+            "image_size": self.config.crop_size}
 
   def setup(self):
     c = self.config
     dt = c.compute_dtype
     gat = lambda name: GAT(c.gat_layers, c.gat_heads, c.gat_dropout, dt, name=name)
-    if c.image_inputs == "grid+regions":
+    if c.image_inputs in ("grid+regions", spec.ONLINE):
       self.grid_enc = GridEncoder(c.embed_size, c.bert_build, dt)
       self.gat_grid = gat("gat_grid")
+    if c.online_grid:
+      self.cnn = ResNet(c.resnet, dt)
     self.region_enc = RegionEncoder(c.embed_size, c.bert_build,
                                     c.use_region_pos and c.bert_build, dt)
     self.gat_region = gat("gat_region")
@@ -86,12 +104,31 @@ class DSRAN(MatchingModel):
       self.text_enc = GruTextEncoder(c.vocab_size, c.word_dim, c.embed_size, reference, dt)
     self.gat_text = gat("gat_text")
 
+  def cnn_grid(self, image, train: bool = False):
+    """The online grid: (B, h*w, C) cells of the frozen ResNet's last map on raw pixels
+    `image` (B, H, W, 3) uint8, normalised as torchvision's ToTensor + Normalize. In
+    train mode its BatchNorm uses the batch's statistics and moves its running ones
+    (pass `mutable=["batch_stats"]`), as the authors' `model.train()` does to their
+    frozen CNN; at evaluation it uses the running statistics."""
+    if image.ndim != 4 or image.shape[-1] != 3:
+      raise ValueError(f"image: expected (B, H, W, 3) pixels, got {tuple(image.shape)}")
+    x = image.astype(jnp.float32) / 255.0
+    x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
+    fmap, _ = self.cnn(x, train)
+    return grid_cells(fmap)
+
   def embed_images(self, grid=None, regions=None, region_pos=None, region_mask=None,
-                   train: bool = False):
-    """(B, E) L2-normalised image embeddings."""
+                   image=None, train: bool = False):
+    """(B, E) L2-normalised image embeddings (`image`: raw pixels for the online grid,
+    which replace `grid`)."""
     c = self.config
     if regions is None:
       raise ValueError("embed_images needs `regions` (B, R, img_dim)")
+    if c.online_grid:
+      if image is None:
+        raise ValueError("model.dsran.image_inputs='image+regions' needs `image` "
+                         "(B, crop, crop, 3) uint8 pixels")
+      grid = self.cnn_grid(image, train)
     b, r, _ = regions.shape
     if c.text_padding == "reference" or region_mask is None:
       region_mask = None
@@ -101,7 +138,7 @@ class DSRAN(MatchingModel):
       region_pos = jnp.zeros((b, r, c.pos_dim), regions.dtype)
     nodes = self.gat_region(self.region_enc(regions, region_pos, train), region_mask, train)
     node_mask = region_mask
-    if c.image_inputs == "grid+regions":
+    if c.image_inputs in ("grid+regions", spec.ONLINE):
       if grid is None:
         raise ValueError("model.dsran.image_inputs='grid+regions' needs `grid` "
                          "(B, 49, img_dim)")
