@@ -20,7 +20,10 @@ from dsran_jax.default_config import get_base_config, recipe_config
 from dsran_jax.models.common import gpo
 from dsran_jax.models.vse_infty import augment as aug
 from dsran_jax.models.vse_infty import config as vse_config
+from dsran_jax.models.variables import init_variables
 from dsran_jax.models.vse_infty import params as vse_params
+from dsran_jax.models.vse_infty.model import MaskedWordEmbedding
+from dsran_jax.workdir import embedding_rows
 
 TOL = 1e-4
 IMG_DIM = 12
@@ -376,3 +379,19 @@ def test_validate_names_the_key(key, value):
   c.model.vse_infty[key] = value
   with pytest.raises(ValueError, match=f"vse_infty.{key}"):
     vse_config.validate(c)
+
+
+def test_word_table_has_the_vocabulary_rows():
+  """The BiGRU build's word table has the vocabulary's rows (what `Workdir.restore` reads
+  the vocabulary size from) and their `<mask>` (id = words) is a row of its own."""
+  c = get_base_config()
+  c.model.name, c.model.vse_infty.text_encoder = "vse_infty", "bigru"
+  c.model.embed_size, c.model.word_dim, c.model.img_dim = 8, 4, IMG_DIM
+  model = models.build_model(c.model, 30)
+  v = init_variables(model, jax.random.PRNGKey(0))
+  assert embedding_rows(v) == 30
+  embed = v["params"]["txt_enc"]["embed"]
+  assert embed["embedding"].shape == (30, 4) and embed["mask"].shape == (1, 4)
+  got = MaskedWordEmbedding(30, 4).apply({"params": embed}, np.array([[30, 3]]))
+  np.testing.assert_array_equal(got[0, 0], embed["mask"][0])
+  np.testing.assert_array_equal(got[0, 1], embed["embedding"][3])

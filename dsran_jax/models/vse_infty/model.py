@@ -8,7 +8,7 @@ by a dot product.
 - Text, BERT build (`master`): BERT (attention mask `ids != 0`) -> Linear(hidden, embed)
   -> GPO over the tokens ([CLS] and [SEP] included) -> l2norm.
 - Text, BiGRU build (branch `bigru`): Embedding U(-0.1, 0.1) with one extra row (their
-  `<mask>`) -> bidirectional GRU, the last layer's halves averaged -> GPO -> l2norm.
+  `<mask>`, a parameter of its own here) -> bidirectional GRU, the last layer's halves averaged -> GPO -> l2norm.
 
 Their MLP's BatchNorm1d normalises every row of the (B x max_len) padded batch, padding
 included (a zero region's row is the first Linear's bias): `PaddedBatchNorm` counts the
@@ -140,19 +140,33 @@ class BertTextEncoder(nn.Module):
     return pooled if c.no_txtnorm else l2norm(pooled, eps=EPS)
 
 
+class MaskedWordEmbedding(nn.Module):
+  """Their `nn.Embedding(len(vocab) + 1, word_dim)`, U(-0.1, 0.1): `embedding` holds the
+  `vocab_size` rows of the vocabulary's words and `mask` the row after them, their
+  `<mask>` (id `vocab_size`), which train.py appends to the vocabulary. Kept apart so
+  the word table has exactly the vocabulary's rows, as every word-vocabulary model's."""
+  vocab_size: int
+  features: int
+
+  @nn.compact
+  def __call__(self, ids):
+    uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -0.1, 0.1)
+    words = self.param("embedding", uniform, (self.vocab_size, self.features))
+    mask_row = self.param("mask", uniform, (1, self.features))
+    return jnp.take(jnp.concatenate([words, mask_row]), ids, axis=0)
+
+
 class BiGruTextEncoder(nn.Module):
-  """EncoderText of branch `bigru`: Embedding (vocab_size + 1 rows: their `<mask>` is
-  appended after the vocabulary) -> BiGRU, halves averaged -> GPO -> l2norm."""
+  """EncoderText of branch `bigru`: word embedding (plus their `<mask>` row) -> BiGRU,
+  halves averaged -> GPO -> l2norm."""
   config: VseInftyConfig
 
   @nn.compact
   def __call__(self, input_ids, mask, train: bool):
     del train
     c = self.config
-    uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(
-        key, shape, dtype, -0.1, 0.1)
-    x = nn.Embed(c.vocab_size + 1, c.word_dim, embedding_init=uniform, name="embed")(
-        input_ids)
+    x = MaskedWordEmbedding(c.vocab_size, c.word_dim, name="embed")(input_ids)
     words = bidirectional_gru(x, mask, c.embed_size, c.num_layers)
     pooled, _ = GPO(name="gpool")(words, mask)
     return pooled if c.no_txtnorm else l2norm(pooled, eps=EPS)

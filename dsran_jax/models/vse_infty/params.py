@@ -47,7 +47,6 @@ RULES = [
     (r"^(img_enc|txt_enc)\.gpool\.gru$", r"\1/gpool/gru", "gru"),
     (r"^(img_enc|txt_enc)\.gpool\.linear$", r"\1/gpool/linear", "linear"),
     (r"^txt_enc\.linear$", "txt_enc/linear", "linear"),
-    (r"^txt_enc\.embed$", "txt_enc/embed", "embed"),
     (r"^txt_enc\.rnn$", "txt_enc/gru", "gru"),
 ]
 _GRU_LEAF = re.compile(r"^rnn\.(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)(_reverse)?$")
@@ -137,12 +136,17 @@ def model_options(opt: Mapping[str, Any], img: Mapping[str, np.ndarray],
   return out
 
 
-def _deep_gru_layers(txt: Mapping[str, np.ndarray]) -> Tuple[dict, dict]:
-  """BiGRU layers > 0 (the engine's "gru" kind maps layer 0): (flat variables, rest)."""
+def _bigru_extra(txt: Mapping[str, np.ndarray]) -> Tuple[dict, dict]:
+  """What the rule table does not map, `(flat variables, rest)`: BiGRU layers > 0 (the
+  engine's "gru" kind maps layer 0), and `embed.weight` split into the words' rows and
+  the last row, their `<mask>`."""
   flat, rest = {}, {}
   for key, value in txt.items():
     m = _GRU_LEAF.match(key)
-    if m and int(m.group(2)) > 0:
+    if key == "embed.weight":
+      flat["params/txt_enc/embed/embedding"] = value[:-1]
+      flat["params/txt_enc/embed/mask"] = value[-1:]
+    elif m and int(m.group(2)) > 0:
       name, transpose = _GRU_NAMES[m.group(1)]
       flat[f"params/txt_enc/gru_l{m.group(2)}{m.group(3) or ''}/{name}"] = (
           np.ascontiguousarray(value.T) if transpose else value)
@@ -160,7 +164,7 @@ def convert_state_dicts(img: Mapping[str, np.ndarray], txt: Mapping[str, np.ndar
   Raises:
     ConversionError naming every unexpected key, missing param and shape mismatch.
   """
-  extra, txt = _deep_gru_layers(txt)
+  extra, txt = _bigru_extra(txt)
   problems: List[str] = []
   if bert is not None:
     bert_state = {k[len(BERT_PREFIX):]: v for k, v in txt.items() if k.startswith(BERT_PREFIX)}
