@@ -395,3 +395,36 @@ def test_word_table_has_the_vocabulary_rows():
   got = MaskedWordEmbedding(30, 4).apply({"params": embed}, np.array([[30, 3]]))
   np.testing.assert_array_equal(got[0, 0], embed["mask"][0])
   np.testing.assert_array_equal(got[0, 1], embed["embedding"][3])
+
+
+def test_training_pipeline_replays_the_augmented_batches():
+  """`pipeline.train_batches(augment=...)` applies the family's augmentation to every
+  batch with a generator of (seed, step, host): a run resumed at step 3 gets the batch
+  the uninterrupted run got, region masks included."""
+  from dsran_jax.data import base, pipeline  # pylint: disable=g-import-not-at-top
+  n_img, r = 12, 10
+
+  def read_images(idx):
+    f = np.asarray(idx, np.float32)[:, None, None] + 1
+    return {"regions": np.broadcast_to(f, (len(idx), r, 4)).copy(),
+            "region_mask": np.ones((len(idx), r), bool)}
+
+  n_cap = n_img * 5
+  ids = np.tile(np.arange(1, 9, dtype=np.int32), (n_cap, 1))
+  split = base.Split(name="train", image_ids=[str(i) for i in range(n_img)],
+                     texts=["x"] * n_cap, input_ids=ids,
+                     attention_mask=np.ones_like(ids), captions_per_image=5,
+                     read_images=read_images)
+  c = recipe_config("f30k", "vse_infty,text_encoder=bigru")
+  c.train.batch_size, c.data.prefetch = 8, 1
+  augment = models.train_augmentation(c, 20)
+  kw = {"process_index": 0, "process_count": 1, "augment": augment}
+  with pipeline.train_batches(split, c, **kw) as it:
+    run = [next(it) for _ in range(4)]
+  with pipeline.train_batches(split, c, start_step=3, **kw) as it:
+    resumed = next(it)
+  for key in ("regions", "region_mask", "input_ids", "attention_mask"):
+    np.testing.assert_array_equal(resumed[key], run[3][key])
+  masks = np.concatenate([b["region_mask"] for b in run])
+  assert 0 < masks.mean() < 1 and masks.dtype == bool
+  assert any((b["attention_mask"] == 0).any() or (b["input_ids"] == 20).any() for b in run)
