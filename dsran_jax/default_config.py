@@ -254,8 +254,9 @@ KEYS: Dict[str, Key] = declare([
         Real(0, allow_inf=True, note=" (seconds; 0: after every step; inf: by steps only)"),
         "... and at most this many seconds between them"),
     Key("train.seed", 0, Int(0, 2**32 - 1), "seed of initialisation, order and dropout"),
-    Key("train.optimizer", "bertadam", Choice("bertadam", "adam"),
-        "'bertadam' (authors' BERT build) | 'adam' (GRU build)"),
+    Key("train.optimizer", "bertadam", Choice("bertadam", "adam", "adamw"),
+        "'bertadam' (authors' BERT build) | 'adam' (GRU build) | 'adamw' (VSE∞)"),
+    Key("train.weight_decay", 0.0, Real(0), "'adamw': decoupled weight decay (x lr)"),
     Key("train.learning_rate", 2e-5, Real(0, lo_open=True), "peak learning rate"),
     Key("train.lr_update", 6, Int(1, note=" (epochs between x0.1 decays; a large value "
                                           "disables them)"),

@@ -7,6 +7,9 @@
   1 over the first `warmup` fraction and then falls linearly to 0 at the last step.
 - GRU build ("adam"): torch.optim.Adam (bias-corrected, eps 1e-8) after global-norm
   clipping at `grad_clip`, lr = base * 0.1^(epoch // lr_update).
+- "adamw": torch.optim.AdamW, the same Adam direction plus the decoupled decay
+  `weight_decay * param`, both scaled by the learning rate (VSE∞'s recipe); with
+  `bert_lr_scale` the BERT group's decay is scaled too, as a torch param group's lr is.
 """
 import re
 from typing import NamedTuple, Sequence, Tuple
@@ -127,16 +130,24 @@ def make_optimizer(train_config, schedule,
     chain = [clip_each_by_norm(1.0), scale_by_bert_adam()]
   elif t.optimizer == "adam":
     chain = [optax.scale_by_adam(eps=1e-8)]
+  elif t.optimizer == "adamw":
+    chain = [optax.scale_by_adam(eps=1e-8), optax.add_decayed_weights(t.weight_decay)]
   else:
-    raise ValueError(f"config.train.optimizer={t.optimizer!r}; expected 'bertadam' or 'adam'")
-  if t.grad_clip > 0:
+    raise ValueError(f"config.train.optimizer={t.optimizer!r}; expected 'bertadam', 'adam' "
+                     f"or 'adamw'")
+  split = t.bert_lr_scale != 1.0
+  if t.grad_clip > 0 and not split:
     chain.insert(0, optax.clip_by_global_norm(t.grad_clip))
   chain.append(optax.scale_by_schedule(lambda step: -schedule(step)))
   tx = optax.chain(*chain)
-  if t.bert_lr_scale != 1.0:
+  if split:
     tx = optax.multi_transform(
         {"bert": optax.chain(tx, optax.scale(t.bert_lr_scale)), "rest": tx},
         lambda params: path_labels(params, [BERT_PATHS], "bert"))
+    if t.grad_clip > 0:
+      # One global norm over every trained parameter, BERT's group included, as torch's
+      # clip_grad_norm_(params) before the step (not one norm per group).
+      tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
   if frozen:
     # multi_transform hands the trainable subtree alone to `tx`, so a global-norm clip
     # is computed over the trained parameters only (MLASM's recipe).

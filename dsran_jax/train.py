@@ -361,7 +361,9 @@ def _train_and_evaluate(config, wd: Workdir, mesh, stop_at, save_sims) -> dict:
   bar = Progress(total_steps, "train", unit="step", initial=start)
   window_t, window_n, last_save = time.time(), 0, time.time()
   # Closing the endless reader stops its background reads before the final evaluation.
-  with pipeline.train_batches(train_split, config, start_step=start) as batches, \
+  augment = models.train_augmentation(config, data.vocab_size(config, workdir))
+  with pipeline.train_batches(train_split, config, start_step=start,
+                              augment=augment) as batches, \
       _Preemption() as preempt:
     if pending_validation is not None and not validate(pending_validation, preempt):
       save_latest(start, pending_validation)

@@ -181,8 +181,10 @@ def _variants(name):
   and the options that change which inputs it reads."""
   from dsran_jax.default_config import recipe_config  # pylint: disable=g-import-not-at-top
   out = [tiny_config(name)]
-  if name != "dsran":  # DSRAN's recipes need the BERT files; its options vary below
-    out += [recipe_config(dataset, name) for dataset in ("f30k", "coco")]
+  # A recipe with BERT (DSRAN's, VSE∞'s) needs the BERT files to build; the options
+  # that change inputs vary below.
+  out += [c for c in (recipe_config(dataset, name) for dataset in ("f30k", "coco"))
+          if not models.bert_path(c)]
   options = {"dsran": [{"dsran.image_inputs": "regions"},
                        {"dsran.image_inputs": "grid+regions"}],
              "bssan": [{"bssan.directions": d, "bssan.w2r_visual": v}

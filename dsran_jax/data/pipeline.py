@@ -22,7 +22,7 @@ import atexit
 import gc
 import threading
 import weakref
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -248,7 +248,9 @@ def _options(ds):
 def train_batches(split: Split, config, start_step: int = 0,
                   process_index: Optional[int] = None,
                   process_count: Optional[int] = None,
-                  num_parallel_calls: Optional[int] = None) -> "Batches":
+                  num_parallel_calls: Optional[int] = None,
+                  augment: Optional[Callable[[dict, np.random.Generator], dict]] = None
+                  ) -> "Batches":
   """Endless iterator of this host's training batches, starting at global `start_step`.
 
   Args:
@@ -259,6 +261,9 @@ def train_batches(split: Split, config, start_step: int = 0,
     process_index, process_count: this host and the number of hosts; default
       `jax.process_index()` / `jax.process_count()`.
     num_parallel_calls: feature reads in flight (default: tf.data autotuning).
+    augment: the family's augmentation (`models.train_augmentation`), applied to each
+      batch with a generator seeded by (train.seed, step, host), so a resumed run
+      replays the same augmented batches.
 
   Yields:
     numpy dicts of `train.batch_size // process_count` (image, caption) pairs: the
@@ -308,6 +313,9 @@ def train_batches(split: Split, config, start_step: int = 0,
                 for k, v in split.captions(captions, order.width(step)).items()})
     out["image_index"] = images.astype(np.int32)
     out["caption_index"] = captions.astype(np.int32)
+    if augment is not None:
+      out = augment(out, np.random.default_rng(
+          (int(config.train.seed), int(step), int(process_index))))
     return out
 
   ds = tf.data.Dataset.counter(start=int(start_step), dtype=tf.int64)

@@ -28,7 +28,10 @@ A family is a package `dsran_jax/models/<name>/` with
     `eval_tile(model_config) -> (images, captions)`  default scoring tile;
 - `__init__.py`: `build(model_config, vocab_size) -> flax Module` and
   `load_pretrained(variables, config, vocab=None) -> variables` (BERT, GloVe, ...;
-  `vocab` the word vocabulary, from the caller);
+  `vocab` the word vocabulary, from the caller); optional
+  `train_augmentation(config, vocab_size) -> augment | None`, the family's training-time
+  data augmentation, `augment(batch, rng) -> batch` on a host batch of numpy arrays
+  (same keys and shapes; `rng` a `np.random.Generator`);
 - `params.py`: its PyTorch checkpoint rules for `tools.convert_torch`.
 
 Every family's Module implements the `MatchingModel` contract (`common/base.py`):
@@ -163,6 +166,14 @@ def load_pretrained(variables: dict, config, vocab=None) -> dict:
   `vocab`: the word vocabulary (`core.vocab.Vocabulary`) of a word-id model, whose rows
   GloVe fills when `model.glove_path` is set; None for BERT tokenizers."""
   return family(config.model.name).load_pretrained(variables, config, vocab)
+
+
+def train_augmentation(config, vocab_size: Optional[int] = None):
+  """The family's training-batch augmentation `augment(batch, rng) -> batch` (numpy,
+  same keys and shapes), or None when it has none (`vocab_size`: the word
+  vocabulary's, if any)."""
+  hook = getattr(family(config.model.name), "train_augmentation", None)
+  return hook(config, vocab_size) if hook else None
 
 
 def frozen_paths(model_config) -> Tuple[str, ...]:

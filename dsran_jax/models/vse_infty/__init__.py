@@ -1,0 +1,95 @@
+"""VSE∞ (Chen et al., CVPR 2021; woodfrog/vse_infty): the family's module builder and
+hooks. Options: `config.model.vse_infty` (see config.py)."""
+import json
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsran_jax.core.text_policy import TextPolicy
+from dsran_jax.hub import resolve_pretrained_dir
+from dsran_jax.models.common.bert import BertConfig, load_hf_bert
+from dsran_jax.models.vse_infty.augment import Augmentation, wordpiece_vocabulary
+from dsran_jax.models.vse_infty.config import OPTIONS
+from dsran_jax.models.vse_infty.model import VseInfty, VseInftyConfig
+
+
+def bert_config_from(model_config) -> BertConfig:
+  """The BertConfig of the BERT build: model.vse_infty.bert.* if random init, else the
+  config.json of model.vse_infty.bert_path."""
+  s = model_config.vse_infty
+  if s.bert_random_init:
+    b = s.bert
+    return BertConfig(vocab_size=b.vocab_size, hidden_size=b.hidden_size,
+                      num_layers=b.num_layers, num_heads=b.num_heads,
+                      intermediate_size=b.intermediate_size, max_position=b.max_position,
+                      type_vocab_size=b.type_vocab_size)
+  if not s.bert_path:
+    raise ValueError("config.model.vse_infty.bert_path='': the BERT build needs a BERT "
+                     "directory or hub name (or model.vse_infty.bert_random_init=True)")
+  return BertConfig.from_hf_json(resolve_pretrained_dir(s.bert_path) / "config.json")
+
+
+def model_config_from(model_config, vocab_size: Optional[int] = None) -> VseInftyConfig:
+  """Turns `config.model` (ml_collections) into the hashable VseInftyConfig."""
+  bert = (bert_config_from(model_config)
+          if model_config.vse_infty.text_encoder == "bert" else None)
+  return OPTIONS.module_config(VseInftyConfig, model_config, vocab_size, bert=bert)
+
+
+def build(model_config, vocab_size: Optional[int] = None) -> VseInfty:
+  """The VSE∞ module for `config.model` (BiGRU: `vocab_size` words, plus `<mask>`)."""
+  cfg = model_config if isinstance(model_config, VseInftyConfig) else model_config_from(
+      model_config, vocab_size)
+  return VseInfty(cfg)
+
+
+def load_pretrained(variables: dict, config, vocab=None) -> dict:
+  """BERT build: the pretrained BERT of model.vse_infty.bert_path (unless
+  bert_random_init), as their `BertModel.from_pretrained`; the BiGRU build starts from
+  random weights, as theirs."""
+  del vocab
+  s = config.model.vse_infty
+  if s.text_encoder != "bert" or s.bert_random_init:
+    return variables
+  _, bert_params = load_hf_bert(s.bert_path)
+  params = dict(variables["params"])
+  text = dict(params["txt_enc"])
+  expected = jax.tree_util.tree_map(jnp.shape, text["bert"])
+  got = jax.tree_util.tree_map(np.shape, bert_params)
+  if expected != got:
+    raise ValueError(f"pretrained BERT at {s.bert_path!r} does not match the model's BERT "
+                     f"shapes:\nexpected {json.dumps(expected, default=str)[:500]}\n"
+                     f"got {json.dumps(got, default=str)[:500]}")
+  text["bert"] = jax.tree_util.tree_map(jnp.asarray, bert_params)
+  params["txt_enc"] = text
+  return {**variables, "params": params}
+
+
+def train_augmentation(config, vocab_size: Optional[int] = None) -> Optional[Augmentation]:
+  """Their loader's region dropout and token masking (`augment.Augmentation`) at the
+  rates of `model.vse_infty.region_drop` / `token_mask`; None when both are 0."""
+  s = config.model.vse_infty
+  if s.region_drop == 0 and s.token_mask == 0:
+    return None
+  if s.text_encoder == "bert":
+    text = {"kind": "bert",
+            "vocab": wordpiece_vocabulary(str(resolve_pretrained_dir(s.bert_path)))}
+  else:
+    size = config.model.vocab_size or vocab_size
+    if not size:
+      raise ValueError("VSE∞'s BiGRU token masking needs the vocabulary size")
+    text = {"kind": "bigru", "vocab_size": int(size)}
+  return Augmentation(s.region_drop, s.token_mask, text)
+
+
+def text_policy(model: VseInfty, config):
+  """Captions are never cut (their loader never cuts them); BERT attention and the GRU
+  are masked, so any padded width gives the same embeddings."""
+  del model, config
+  return TextPolicy(untruncated=True)
+
+
+__all__ = ["VseInfty", "VseInftyConfig", "bert_config_from", "build", "load_pretrained",
+           "model_config_from", "text_policy", "train_augmentation"]

@@ -1,0 +1,146 @@
+"""VSE∞'s config hooks (jax-free). Its options live under `config.model.vse_infty`,
+declared once in `OPTIONS` below; they mirror the flags of the authors' train.py
+(woodfrog/vse_infty: `master` is the BERT build, branch `bigru` the BiGRU build) that
+change the model or its training-time augmentation. Shared widths are the top-level
+`model.embed_size`, `model.img_dim`, `model.word_dim` and `model.vocab_size` (BiGRU: the
+words of the vocabulary; the embedding has one more row, their appended `<mask>`).
+The model's specification: docs/models/vse_infty.md.
+"""
+from dsran_jax.hub import minilm_dir
+from dsran_jax.models.common import recipes
+from dsran_jax.models.common.options import (Option, Options, integer_at_least, one_of,
+                                              within)
+
+TEXT_ENCODERS = ("bert", "bigru")
+# "basic": fc + a 2-layer MLP residual (their precomputed-region build); "backbone": fc
+# alone (their grid build's head, here on precomputed features; the CNN is not ported).
+PRECOMP_ENC_TYPES = ("basic", "backbone")
+
+# train_region.sh (the same on both branches): --num_epochs=25 --lr_update=15
+# --learning_rate=.0005 --vse_mean_warmup_epochs 1 --embed_size 1024; arguments.py
+# defaults: batch 128, margin 0.2, grad_clip 2.0, AdamW.
+EPOCHS, LR_UPDATE, LEARNING_RATE, BATCH = 25, 15, 5e-4, 128
+# Training captions of the precomp releases (5 per image: F30K 29,000 images, COCO
+# 113,287); their loader drops the last partial batch, so one warm-up epoch is
+# captions // batch steps.
+TRAIN_CAPTIONS = {"f30k": 145_000, "coco": 566_435}
+# vse.py: BERT build AdamW(weight_decay=1e-4) with BERT at lr x 0.1; BiGRU branch
+# AdamW(params, lr) with torch's default weight_decay 0.01 and no groups.
+WEIGHT_DECAY = {"bert": 1e-4, "bigru": 0.01}
+BERT_LR_FACTOR = {"bert": 0.1, "bigru": 1.0}
+
+BERT_SHAPE = (("vocab_size", 30522, "WordPiece vocabulary"), ("hidden_size", 768, "hidden width"),
+              ("num_layers", 12, "layers"), ("num_heads", 12, "attention heads"),
+              ("intermediate_size", 3072, "feed-forward width"),
+              ("max_position", 512, "position embeddings"), ("type_vocab_size", 2, "token types"))
+
+OPTIONS = Options("vse_infty", [
+    Option("text_encoder", "bert", one_of(*TEXT_ENCODERS),
+           '"bert" (master: BERT + Linear + GPO) | "bigru" (branch bigru: BiGRU + GPO)'),
+    Option("precomp_enc_type", "basic", one_of(*PRECOMP_ENC_TYPES),
+           '"basic" (fc + MLP residual, regions) | "backbone" (fc only)'),
+    Option("no_imgnorm", False, None, "no l2norm of the pooled image embedding"),
+    Option("no_txtnorm", False, None, "no l2norm of the pooled caption embedding"),
+    Option("num_layers", 1, integer_at_least(1), "BiGRU layers (their --num_layers)"),
+    Option("region_drop", 0.2, within(0.0, 1.0, high_open=True),
+           "training: each region dropped with this probability (their loader: 0.2)"),
+    Option("token_mask", 0.2, within(0.0, 1.0, high_open=True),
+           "training: share of words masked (1/2), randomised (1/10) or deleted (2/5) "
+           "(their process_caption: 0.2)"),
+    Option("bert_path", "", None, "local HF BERT directory or hub name (its tokenizer, "
+           "config.json and, unless bert_random_init, weights)", field=False),
+    Option("bert_random_init", False, None,
+           "True: BERT of shape bert.* with random weights", field=False),
+] + [Option(f"bert.{name}", default, integer_at_least(1), f"BERT {doc}", field=False)
+     for name, default, doc in BERT_SHAPE])
+defaults = OPTIONS.defaults
+
+image_keys = recipes.region_keys
+text_keys = recipes.word_keys
+frozen_paths = recipes.nothing_frozen
+
+
+def _section(model_config):
+  return model_config.vse_infty if "vse_infty" in model_config else model_config
+
+
+def tokenizer(model_config):
+  """"bert" (WordPiece from `model.vse_infty.bert_path`) or "vocab" (BiGRU)."""
+  return "bert" if _section(model_config).text_encoder == "bert" else "vocab"
+
+
+def bert_path(model_config) -> str:
+  """The BERT directory (or hub name) of the BERT build; "" for the BiGRU build."""
+  s = model_config.vse_infty
+  return s.bert_path if s.text_encoder == "bert" else ""
+
+
+def eval_tile(model_config):
+  """An embedding model scores with one dot product: the whole F30K test in one tile."""
+  del model_config
+  return (1000, 5000)
+
+
+def _training(c, text_encoder: str, learning_rate: float, num_epochs: int, lr_update: int,
+              batch_size: int, warmup_steps: int):
+  """AdamW (their weight decay and BERT factor), global-norm clip 2.0, x0.1 at
+  `lr_update`; summed violations for `warmup_steps`, then hardest negatives."""
+  recipes.adam_clipped(c, learning_rate, num_epochs, lr_update, batch_size)
+  c.train.optimizer = "adamw"
+  c.train.weight_decay = WEIGHT_DECAY[text_encoder]
+  c.train.bert_lr_scale = BERT_LR_FACTOR[text_encoder]
+  return recipes.hinge_loss(c, max_violation=True, sum_violation_steps=warmup_steps)
+
+
+def recipe(c, dataset: str, text_encoder: str = "bert"):
+  """train_region.sh for `dataset` ("f30k" | "coco"): 36 BUTD regions x 2048, embed
+  1024, AdamW lr 5e-4 for 25 epochs (x0.1 at 15), batch 128, clip 2.0, one epoch of
+  summed violations (--vse_mean_warmup_epochs 1) then hardest negatives; BERT-base
+  (`text_encoder="bert"`, BERT at lr x 0.1, weight decay 1e-4) or the BiGRU of branch
+  `bigru` (word_dim 300, weight decay 0.01)."""
+  if dataset not in TRAIN_CAPTIONS:
+    raise ValueError(f"dataset {dataset!r}: expected one of {tuple(TRAIN_CAPTIONS)}")
+  if text_encoder not in TEXT_ENCODERS:
+    raise ValueError(f"text_encoder={text_encoder!r}: expected one of {TEXT_ENCODERS}")
+  s = c.model.vse_infty
+  s.text_encoder = text_encoder
+  s.precomp_enc_type = "basic"
+  if text_encoder == "bert":
+    s.bert_path = "bert-base-uncased"
+  recipes.region_features(c, "precomp")
+  recipes.joint_space(c, embed_size=1024, word_dim=300)
+  # Their captions are never cut; 64 word pieces hold all but a handful of them.
+  c.data.max_len = 64
+  c.eval.batch_size = 128
+  return _training(c, text_encoder, LEARNING_RATE, EPOCHS, LR_UPDATE, BATCH,
+                   TRAIN_CAPTIONS[dataset] // BATCH)
+
+
+def demo(c, text_encoder: str = "bigru"):
+  """VSE∞ on the synthetic world, 256-wide, 3 epochs at batch 64: the BiGRU build by
+  default (a few minutes on 2 cores); `configs/demo.py:vse_infty,text_encoder=bert`
+  trains the BERT build on the MiniLM-L6 weights (BERT at lr x 0.1, as theirs).
+  Their augmentation (region dropout, token masking) and one epoch of summed violations
+  before hardest negatives, as their recipe."""
+  if text_encoder not in TEXT_ENCODERS:
+    raise ValueError(f"text_encoder={text_encoder!r}: expected one of {TEXT_ENCODERS}")
+  s = c.model.vse_infty
+  s.text_encoder = text_encoder
+  if text_encoder == "bert":
+    s.bert_path = minilm_dir()
+  recipes.joint_space(c, embed_size=256, word_dim=128)
+  recipes.demo_training(c)
+  c.train.lr_update = 10  # no decay in 3 epochs
+  return _training(c, text_encoder, c.train.learning_rate, c.train.num_epochs,
+                   c.train.lr_update, c.train.batch_size, recipes.synthetic_epoch_steps(c))
+
+
+def validate(c):
+  """Raises ValueError naming the first VSE∞ key out of range."""
+  OPTIONS.validate(c.model)
+  recipes.validate_widths(c)
+  s = c.model.vse_infty
+  b = s.bert
+  if s.text_encoder == "bert" and b.hidden_size % b.num_heads:
+    raise ValueError(f"config.model.vse_infty.bert.hidden_size={b.hidden_size} must be "
+                     f"divisible by config.model.vse_infty.bert.num_heads={b.num_heads}")
