@@ -86,9 +86,11 @@ def train_augmentation(config, vocab_size: Optional[int] = None) -> Optional[Aug
 
 def text_policy(model: VseInfty, config):
   """Captions are never cut (their loader never cuts them); BERT attention and the GRU
-  are masked, so any padded width gives the same embeddings."""
-  del model, config
-  return TextPolicy(untruncated=True)
+  are masked, so any padded width gives the same embeddings. The BERT build's position
+  table bounds a caption's length."""
+  del config
+  bert = model.config.bert
+  return TextPolicy(max_positions=bert.max_position if bert is not None else None)
 
 
 __all__ = ["VseInfty", "VseInftyConfig", "bert_config_from", "build", "load_pretrained",

@@ -12,8 +12,8 @@ batch of numpy arrays (`models.train_augmentation` hands it to the training pipe
   (the ends can be picked), with their `<mask>` id (the row after the vocabulary) and
   random ids drawn from the vocabulary plus `<mask>`.
 
-Our captions arrive cut to `data.max_len`, so a caption longer than that is augmented
-after the cut (theirs are never cut).
+Captions arrive whole, as theirs (`data.max_len=-1`); a cut a user sets is applied
+before the augmentation.
 """
 import json
 import os

@@ -109,8 +109,7 @@ def recipe(c, dataset: str, text_encoder: str = "bert"):
     s.bert_path = "bert-base-uncased"
   recipes.region_features(c, "precomp")
   recipes.joint_space(c, embed_size=1024, word_dim=300)
-  # Their captions are never cut; 64 word pieces hold all but a handful of them.
-  c.data.max_len = 64
+  # Their captions are never cut: data.max_len=-1 (the default) keeps them whole.
   c.eval.batch_size = 128
   return _training(c, text_encoder, LEARNING_RATE, EPOCHS, LR_UPDATE, BATCH,
                    TRAIN_CAPTIONS[dataset] // BATCH)
