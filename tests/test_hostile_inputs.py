@@ -8,6 +8,7 @@ import sys
 import time
 import zipfile
 
+import numpy as np
 import pytest
 from test_torch_pickle import TORCH_MAGIC, _str, tensor_pickle, write_zip
 
@@ -199,3 +200,124 @@ def test_legacy_format_shares_the_bounds(tmp_path):
   with pytest.raises(torch_pickle.CheckpointTooLargeError, match=r"legacy.pt: storage '0' "
                      r"declares 2147483647 x torch.DoubleStorage"):
     torch_pickle.load(path)
+
+
+# ------------------------------------------------------------------------- images
+
+
+def png16(path, samples):
+  """A 16-bit PNG (gray (H, W) or RGB (H, W, 3) uint16) written by hand: PIL writes
+  16-bit grayscale but not 16-bit RGB."""
+  import zlib  # pylint: disable=g-import-not-at-top
+  h, w = samples.shape[:2]
+  color = 0 if samples.ndim == 2 else 2
+  raw = b"".join(b"\0" + samples[y].astype(">u2").tobytes() for y in range(h))
+
+  def chunk(kind, data):
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data)))
+
+  with open(path, "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color,
+                                                               0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [1, 3], ids=["gray", "rgb"])
+def test_16bit_png_is_extracted_like_its_8bit_version(tmp_path, channels):
+  """Issue 26 #5: convert("RGB") clipped 16-bit gray samples at 255, a white image."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  from dsran_jax import extract  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  # smooth full-range content, so bilinear resizing keeps a one-level difference at one
+  y, x = np.mgrid[0:260, 0:300].astype(np.float64)
+  waves = [np.sin(x / rng.uniform(20, 60) + rng.uniform(0, 6))
+           * np.cos(y / rng.uniform(20, 60) + rng.uniform(0, 6)) for _ in range(channels)]
+  samples = np.round(32767.5 * (1 + np.stack(waves, -1))).astype(np.uint16)
+  samples = samples[..., 0] if channels == 1 else samples
+  png16(tmp_path / "deep.png", samples)
+  Image.fromarray(np.round(samples / 257.0).astype(np.uint8)).save(tmp_path / "flat.png")
+  deep = extract.decode_image(str(tmp_path / "deep.png"))
+  flat = extract.decode_image(str(tmp_path / "flat.png"))
+  assert np.asarray(Image.open(tmp_path / "deep.png")).dtype != np.uint8 or channels == 3
+  # One 8-bit level after normalisation; PIL keeps the high byte of 16-bit RGB
+  # (floor(v / 256)) where rounding gives round(v / 257), at most one level apart.
+  level = 1 / 255 / extract.STD.min()
+  np.testing.assert_allclose(deep, flat, rtol=0, atol=1.001 * level)
+  assert np.abs(deep - flat).mean() < 0.5 * level
+  assert deep.std() > 0.5  # not a white (constant) picture
+  if channels == 1:
+    np.testing.assert_array_equal(deep, flat)  # the same rounding
+
+
+@pytest.mark.parametrize("mode", ["I", "F"])
+def test_32bit_images_of_no_defined_range_are_refused_naming_file_and_mode(tmp_path, mode):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  from dsran_jax import extract  # pylint: disable=g-import-not-at-top
+  data = np.arange(300 * 260, dtype=np.int32 if mode == "I" else np.float32)
+  Image.fromarray(data.reshape(260, 300)).save(tmp_path / "wide.tif")
+  with pytest.raises(extract.ImageError, match=rf"wide.tif: TIFF image of mode {mode} .*"
+                     r"has no defined range"):
+    extract.decode_image(str(tmp_path / "wide.tif"))
+
+
+def _png_header_only(path, width, height):
+  """A PNG whose header declares width x height 8-bit gray pixels, with one row of image
+  data: all that is read of a decompression bomb before it is refused."""
+  import zlib  # pylint: disable=g-import-not-at-top
+
+  def chunk(kind, data):
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data)))
+
+  with open(path, "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1))) + chunk(b"IEND", b""))
+
+
+def test_pixel_limit_refuses_from_the_header_and_the_flag_raises_it(tmp_path):
+  """A 12000x12000 PNG was decoded in full with only PIL's warning."""
+  from dsran_jax import extract  # pylint: disable=g-import-not-at-top
+  bomb = str(tmp_path / "bomb.png")
+  _png_header_only(bomb, 12000, 12000)
+  start = time.perf_counter()
+  with pytest.raises(extract.ImageError, match=r"bomb.png: 12000x12000 image \(144.0 "
+                     r"megapixels\) is larger than the limit of 89.5 megapixels .*raise "
+                     r"--max_image_pixels"):
+    extract.decode_image(bomb)
+  assert time.perf_counter() - start < 1
+  # A real picture above a lowered limit is refused; raising the limit lets it through.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  small = str(tmp_path / "small.png")
+  Image.new("RGB", (300, 260), (10, 200, 30)).save(small)
+  with pytest.raises(extract.ImageError, match=r"small.png: 300x260 image \(0.1 "
+                     r"megapixels\) is larger than the limit of 0.0 megapixels"):
+    extract.decode_image(small, max_pixels=1000)
+  assert extract.decode_image(small, max_pixels=300 * 260).shape == (224, 224, 3)
+
+
+def test_symlink_loop_named_jpg_is_reported_not_skipped(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  from dsran_jax import extract  # pylint: disable=g-import-not-at-top
+  images = tmp_path / "images"
+  images.mkdir()
+  Image.new("RGB", (300, 300)).save(images / "a.png")
+  os.symlink("loop.jpg", images / "loop.jpg")
+  os.symlink("gone.png", images / "broken.jpg")
+  (images / "dir.jpg").mkdir()  # a directory: no image, skipped and counted
+  with pytest.raises(FileNotFoundError, match=r"(?s)2 image file\(s\) of .*images cannot be "
+                     r"opened:\n  .*broken.jpg: a broken symlink to gone.png: .*\n  "
+                     r".*loop.jpg: a symlink loop: Too many levels of symbolic links"):
+    extract.list_images(str(images))
+  listing = tmp_path / "list.txt"
+  listing.write_text("images/a.png\nimages/loop.jpg\n")
+  with pytest.raises(FileNotFoundError, match=r"loop.jpg \(line 2 of .*list.txt\): a "
+                     r"symlink loop"):
+    extract.list_images(str(listing))
+  os.remove(images / "loop.jpg")
+  os.remove(images / "broken.jpg")
+  assert extract.list_images(str(images))[0] == ["a.png"]
