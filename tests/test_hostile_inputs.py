@@ -321,3 +321,86 @@ def test_symlink_loop_named_jpg_is_reported_not_skipped(tmp_path):
   os.remove(images / "loop.jpg")
   os.remove(images / "broken.jpg")
   assert extract.list_images(str(images))[0] == ["a.png"]
+
+
+# ------------------------------------------------------------ hand-edited config.json
+
+
+def _scan_workdir(path, edit=None):
+  """A workdir holding only the config.json of a SCAN model, edited by `edit(dict)`."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  from dsran_jax.default_config import get_base_config  # pylint: disable=g-import-not-at-top
+  from dsran_jax.workdir import Workdir  # pylint: disable=g-import-not-at-top
+  config = get_base_config()
+  config.model.name = "scan"
+  wd = Workdir(path)
+  wd.save_config(config)
+  if edit is not None:
+    saved = json.loads(open(wd.config_file).read())
+    edit(saved)
+    with open(wd.config_file, "w") as f:
+      json.dump(saved, f)
+  return wd
+
+
+@pytest.mark.parametrize("case", ["lambda_str", "negative_dim", "float_int", "half"])
+def test_hand_edited_config_json_is_checked_by_the_command_line_rules(tmp_path, case):
+  """`lambda_softmax="abc"` was an ml_collections TypeError, `img_dim=-12` "negative
+  dimensions are not allowed" at the first matmul."""
+  from dsran_jax.workdir import ConfigFileError  # pylint: disable=g-import-not-at-top
+  edits = {
+      "lambda_str": (lambda c: c["model"]["scan"].update(lambda_softmax="abc"),
+                     r"config.model.scan.lambda_softmax='abc': expected a float, like its "
+                     r"default 9.0"),
+      "negative_dim": (lambda c: c["model"].update(img_dim=-12),
+                       r"config.model.img_dim=-12: must be >= 1"),
+      "float_int": (lambda c: c["eval"].update(batch_size=12.5),
+                    r"config.eval.batch_size=12.5: expected an int"),
+      "half": (None, r"not a JSON config \(cut short by a crash or a hand edit\?\): "
+                     r".*line \d+ column \d+"),
+  }
+  edit, expected = edits[case]
+  wd = _scan_workdir(tmp_path / "wd", edit)
+  if case == "half":
+    text = open(wd.config_file).read()
+    with open(wd.config_file, "w") as f:
+      f.write(text[:len(text) // 2])
+  with pytest.raises(ConfigFileError) as e:
+    wd.load_config()
+  assert len(e.value.problems) == 1, e.value.problems
+  line = e.value.one_line()
+  assert line.startswith(f"{wd.config_file}: ") and re_search(expected, line), line
+
+
+def re_search(pattern, text):
+  import re  # pylint: disable=g-import-not-at-top
+  return re.search(pattern, text) is not None
+
+
+def test_config_problems_name_their_source_and_all_are_listed(tmp_path):
+  from dsran_jax.workdir import ConfigFileError  # pylint: disable=g-import-not-at-top
+
+  def edit(c):
+    c["model"]["scan"]["lambda_softmax"] = "abc"
+    c["model"]["img_dim"] = -12
+
+  wd = _scan_workdir(tmp_path / "wd", edit)
+  with pytest.raises(ConfigFileError) as e:
+    wd.load_config({"eval.batch_size": 0})
+  assert e.value.problems == [
+      f"{wd.config_file}: config.model.scan.lambda_softmax='abc': expected a float, like "
+      "its default 9.0",
+      "the command line: config.eval.batch_size=0: must be an integer >= 1",
+      f"{wd.config_file}: config.model.img_dim=-12: must be >= 1"]
+  assert _scan_workdir(tmp_path / "good").load_config().model.name == "scan"
+
+
+def test_main_eval_on_a_hand_edited_workdir_is_one_line(tmp_path):
+  wd = _scan_workdir(tmp_path / "wd", lambda c: c["model"]["scan"].update(
+      lambda_softmax="abc"))
+  rc, out, err, _ = run_cli("dsran_jax.main", "--mode=eval", f"--workdir={wd.path}")
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert rc == 2 and not out and "Traceback" not in err, err[-2000:]
+  assert lines == [f"error: {wd.config_file}: config.model.scan.lambda_softmax='abc': "
+                   "expected a float, like its default 9.0"], lines
