@@ -337,7 +337,8 @@ def _scan_workdir(path, edit=None):
   wd = Workdir(path)
   wd.save_config(config)
   if edit is not None:
-    saved = json.loads(open(wd.config_file).read())
+    with open(wd.config_file) as f:
+      saved = json.load(f)
     edit(saved)
     with open(wd.config_file, "w") as f:
       json.dump(saved, f)
@@ -351,19 +352,20 @@ def test_hand_edited_config_json_is_checked_by_the_command_line_rules(tmp_path, 
   from dsran_jax.workdir import ConfigFileError  # pylint: disable=g-import-not-at-top
   edits = {
       "lambda_str": (lambda c: c["model"]["scan"].update(lambda_softmax="abc"),
-                     r"config.model.scan.lambda_softmax='abc': expected a float, like its "
-                     r"default 9.0"),
+                     (r"config.model.scan.lambda_softmax='abc': expected a float, like its "
+                      r"default 9.0")),
       "negative_dim": (lambda c: c["model"].update(img_dim=-12),
                        r"config.model.img_dim=-12: must be >= 1"),
       "float_int": (lambda c: c["eval"].update(batch_size=12.5),
                     r"config.eval.batch_size=12.5: expected an int"),
-      "half": (None, r"not a JSON config \(cut short by a crash or a hand edit\?\): "
-                     r".*line \d+ column \d+"),
+      "half": (None, (r"not a JSON config \(cut short by a crash or a hand edit\?\): "
+                      r".*line \d+ column \d+")),
   }
   edit, expected = edits[case]
   wd = _scan_workdir(tmp_path / "wd", edit)
   if case == "half":
-    text = open(wd.config_file).read()
+    with open(wd.config_file) as f:
+      text = f.read()
     with open(wd.config_file, "w") as f:
       f.write(text[:len(text) // 2])
   with pytest.raises(ConfigFileError) as e:
@@ -389,8 +391,8 @@ def test_config_problems_name_their_source_and_all_are_listed(tmp_path):
   with pytest.raises(ConfigFileError) as e:
     wd.load_config({"eval.batch_size": 0})
   assert e.value.problems == [
-      f"{wd.config_file}: config.model.scan.lambda_softmax='abc': expected a float, like "
-      "its default 9.0",
+      (f"{wd.config_file}: config.model.scan.lambda_softmax='abc': expected a float, like "
+       "its default 9.0"),
       "the command line: config.eval.batch_size=0: must be an integer >= 1",
       f"{wd.config_file}: config.model.img_dim=-12: must be >= 1"]
   assert _scan_workdir(tmp_path / "good").load_config().model.name == "scan"
@@ -402,5 +404,159 @@ def test_main_eval_on_a_hand_edited_workdir_is_one_line(tmp_path):
   rc, out, err, _ = run_cli("dsran_jax.main", "--mode=eval", f"--workdir={wd.path}")
   lines = [line for line in err.splitlines() if line.strip()]
   assert rc == 2 and not out and "Traceback" not in err, err[-2000:]
-  assert lines == [f"error: {wd.config_file}: config.model.scan.lambda_softmax='abc': "
-                   "expected a float, like its default 9.0"], lines
+  assert lines == [(f"error: {wd.config_file}: config.model.scan.lambda_softmax='abc': "
+                    "expected a float, like its default 9.0")], lines
+
+
+# ------------------------------------------------- shortlists, search, rank, queries
+
+
+def test_two_stage_report_caps_k_at_the_gallery():
+  """K above the gallery was reported as "4000 of 2000 pairs re-scored (200%)"."""
+  from test_two_stage import DotScorer
+
+  from dsran_jax.evaluation import two_stage  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  n = 25  # the COCO protocol: 5 folds of 5 images, and all 25
+  batch_i = {"a": rng.normal(size=(n, 4)).astype(np.float32), "valid": np.ones(n, bool)}
+  batch_t = {"a": rng.normal(size=(5 * n, 4)).astype(np.float32),
+             "valid": np.ones(5 * n, bool)}
+  scorer = DotScorer("a", "a")
+  _, report = two_stage.evaluate(scorer, scorer, [batch_i], [batch_t], [batch_i], [batch_t],
+                                 k=4000, protocol="coco")
+  text = two_stage.format_report({"shortlist_model": "dsran", "shortlist_workdir": "DIR",
+                                  **report})
+  lines = text.splitlines()
+  assert lines[0] == "two-stage: K=4000, fusion 0.0, first stage dsran (DIR)"
+  by_target = {line.split(":")[0].strip(): line for line in lines[1:3]}
+  # Each fold of coco1k is a gallery of 5 images and 25 captions; coco5k is all of them.
+  for name, (captions, images, pairs) in {"coco1k": (25, 5, 5 * 5 * 25),
+                                          "coco5k": (125, 25, 25 * 125)}.items():
+    assert by_target[name] == (
+        f"  {name}: K=4000 is capped at the gallery: {captions} captions per image, "
+        f"{images} images per caption; shortlist recall i2t 100.0% t2i 100.0%; of the "
+        f"{pairs} image-caption pairs, {pairs} re-scored i2t (100.00%) and {pairs} t2i "
+        "(100.00%)"), by_target[name]
+  # K inside the gallery: no cap named.
+  _, report = two_stage.evaluate(scorer, scorer, [batch_i], [batch_t], [batch_i], [batch_t],
+                                 k=3, protocol="coco")
+  text = two_stage.format_report({"shortlist_model": "dsran", "shortlist_workdir": "DIR",
+                                  **report})
+  assert "capped" not in text and "of the 3125 image-caption pairs, 75 re-scored i2t " \
+      "(2.40%) and 375 t2i (12.00%)" in text, text
+
+
+def test_float16_sims_are_summed_in_float32(tmp_path):
+  """Two float16 files of scores near 40000 summed to +Inf, "from NaN/Inf embeddings"."""
+  from dsran_jax import ranking  # pylint: disable=g-import-not-at-top
+  from dsran_jax.tools import rank  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  a = (40000 + 64 * rng.standard_normal((10, 50))).astype(np.float16)
+  b = (40000 + 64 * rng.standard_normal((10, 50))).astype(np.float16)
+  np.save(tmp_path / "a.npy", a)
+  np.save(tmp_path / "b.npy", b)
+  got = rank.rank_files([str(tmp_path / "a.npy"), str(tmp_path / "b.npy")])
+  want = ranking.evaluate_sims(a.astype(np.float32) + b.astype(np.float32), cpi=5)
+  assert got == want
+  assert ranking.sum_sims([a, b]).dtype == np.float32
+  assert ranking.sum_sims([a.astype(np.float64), b]).dtype == np.float64
+
+
+@pytest.fixture(scope="module")
+def search_workdirs(minilm_dir, tmp_path_factory):
+  """{name: workdir} on one synthetic split (10 test images, 50 captions), with random
+  weights (nothing trained): "dsran" (BERT: the first stage), "scan" (word vocabulary),
+  "dsran_dev" (its config names another test split), "nockpt" (a config, no checkpoint
+  yet), "novocab" (SCAN without its vocab.json)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+  from conftest import tiny_train_config
+
+  from dsran_jax import checkpointing, data, models  # pylint: disable=g-import-not-at-top
+  from dsran_jax.models.variables import init_variables  # pylint: disable=g-import-not-at-top
+  from dsran_jax.workdir import Workdir  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("search")
+  dirs = {name: str(root / name) for name in ("dsran", "scan", "dsran_dev", "nockpt",
+                                              "novocab")}
+  c = tiny_train_config(minilm_dir)
+  for name, seed in (("dsran", 0), ("scan", 1)):
+    if name == "scan":
+      c.model.name = "scan"
+      c.model.embed_size, c.model.word_dim = 32, 16
+    os.makedirs(dirs[name])
+    model = models.build_model(c.model, vocab_size=data.vocab_size(c, dirs[name]))
+    Workdir(dirs[name]).save_config(c)
+    checkpointing.save(dirs[name], checkpointing.BEST, 1,
+                       init_variables(model, jax.random.PRNGKey(seed)), {"step": 1})
+  shutil.copytree(dirs["dsran"], dirs["dsran_dev"])
+  dev = Workdir(dirs["dsran_dev"]).load_config()
+  dev.data.test_split = "dev"
+  Workdir(dirs["dsran_dev"]).save_config(dev)
+  os.makedirs(dirs["nockpt"])
+  shutil.copy(os.path.join(dirs["scan"], "config.json"), dirs["nockpt"])
+  shutil.copytree(dirs["scan"], dirs["novocab"])
+  os.remove(os.path.join(dirs["novocab"], "vocab.json"))
+  return dirs
+
+
+def test_search_refusals_are_one_line(search_workdirs, tmp_path):
+  """Each was a traceback, or came after the gallery had been encoded."""
+  w = search_workdirs
+  cases = [
+      ([f"--workdir={w['scan']}", f"--shortlist_workdir={w['dsran_dev']}"],
+       f"eval.shortlist_workdir={w['dsran_dev']!r} is for another dataset or split: its "
+       "data.test_split='dev', this evaluation's data.test_split='test'"),
+      ([f"--workdir={w['scan']}", f"--shortlist_workdir={tmp_path / 'missing'}"],
+       f"--shortlist_workdir: {tmp_path / 'missing' / 'config.json'} not found"),
+      ([f"--workdir={w['scan']}", f"--shortlist_workdir={w['dsran']}", "--shortlist_k=0"],
+       "--shortlist_k must be >= 1, got 0"),
+      ([f"--workdir={w['nockpt']}"],
+       f"{w['nockpt']} has no checkpoint yet (nothing under "
+       f"{os.path.join(w['nockpt'], 'checkpoints')}): train until its first checkpoint"),
+      ([f"--workdir={w['novocab']}"],
+       f"{w['novocab']} has checkpoints but no word vocabulary at "
+       f"{os.path.join(w['novocab'], 'vocab.json')}"),
+  ]
+  for args, expected in cases:
+    rc, out, err, seconds = run_cli("dsran_jax.search", "--query=a dog", *args)
+    lines = error_lines(err)
+    assert rc in (1, 2) and not out and "Traceback" not in err, (args, err[-3000:])
+    assert len(lines) == 1 and expected in lines[0], (args, expected, err[-3000:])
+    assert "gallery test:" not in err, err  # refused before any gallery was encoded
+
+
+def test_shortlist_k_above_the_gallery_is_reported_capped(search_workdirs):
+  w = search_workdirs
+  rc, out, err, _ = run_cli("dsran_jax.search", "--query=a dog", f"--workdir={w['scan']}",
+                            f"--shortlist_workdir={w['dsran']}", "--shortlist_k=4000",
+                            "--nocache", "--top_k=3")
+  assert rc == 0, err[-3000:]
+  assert len(out.splitlines()) == 3
+  assert "(K=4000 capped at the 10 images of the gallery, exact index;" in err, err
+
+
+def test_overlong_query_is_reported_not_cut_silently(search_workdirs, caplog):
+  import logging  # pylint: disable=g-import-not-at-top
+
+  from dsran_jax import inference, search  # pylint: disable=g-import-not-at-top
+  matcher = inference.load(search_workdirs["dsran"])
+  long_query = " ".join(["dog"] * 10000)
+  assert matcher.overlong(["a dog", long_query]) == [(1, 10002)]  # [CLS] + [SEP]
+  note = ("the text has 10002 tokens; this model (dsran) reads at most 16 (data.max_len, "
+          "special tokens included): the rest is cut")
+  assert matcher.cut_note([long_query]) == note and matcher.cut_note(["a dog"]) is None
+  assert matcher.cut_note(["a dog", long_query, long_query + " cat"]) == (
+      "2 of 3 texts are longer (text 2: 10003 tokens); this model (dsran) reads at most 16 "
+      "(data.max_len, special tokens included): the rest is cut")
+  gallery = search.Gallery.load(search_workdirs["dsran"], use_cache=False)
+  with caplog.at_level(logging.WARNING):
+    hits = search.search_text(gallery, long_query, top_k=2)
+  assert len(hits) == 2
+  assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [note]
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    search.search_text(gallery, "a dog", top_k=2)
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+  # SCAN never cuts a caption (its text policy): nothing to report.
+  assert inference.load(search_workdirs["scan"]).overlong([long_query]) == []
