@@ -326,12 +326,13 @@ def load(workdir: str, batch_size: int = DEFAULT_BATCH_SIZE) -> Matcher:
     batch_size: rows per jitted call of `encode_images` / `encode_texts`.
   """
   wd = Workdir(workdir)
+  config = wd.load_config()  # first: a directory that is no workdir says so
   if not any(checkpointing.latest_step(wd.path, kind) is not None
              for kind in (checkpointing.BEST, checkpointing.LATEST)):
     raise FileNotFoundError(
         f"{wd.path} has no checkpoint yet (nothing under "
         f"{wd.file(checkpointing.CHECKPOINTS_DIR)}): train until its first checkpoint "
         "(train.checkpoint_every) or convert one (python -m dsran_jax.tools.convert_torch)")
-  restored = wd.restore()
+  restored = wd.restore(config)
   return Matcher(restored.model, restored.variables, restored.config, workdir, batch_size,
                  restored.meta)
