@@ -500,47 +500,52 @@ def search_workdirs(minilm_dir, tmp_path_factory):
   return dirs
 
 
-def test_search_refusals_are_one_line(search_workdirs, tmp_path):
+def test_search_refusals_are_one_line(search_workdirs):
   """Each was a traceback, or came after the gallery had been encoded."""
   w = search_workdirs
   cases = [
       ([f"--workdir={w['scan']}", f"--shortlist_workdir={w['dsran_dev']}"],
-       f"eval.shortlist_workdir={w['dsran_dev']!r} is for another dataset or split: its "
-       "data.test_split='dev', this evaluation's data.test_split='test'"),
-      ([f"--workdir={w['scan']}", f"--shortlist_workdir={tmp_path / 'missing'}"],
-       f"--shortlist_workdir: {tmp_path / 'missing' / 'config.json'} not found"),
-      ([f"--workdir={w['scan']}", f"--shortlist_workdir={w['dsran']}", "--shortlist_k=0"],
-       "--shortlist_k must be >= 1, got 0"),
+       (f"eval.shortlist_workdir={w['dsran_dev']!r} is for another dataset or split: its "
+        "data.test_split='dev', this evaluation's data.test_split='test'")),
       ([f"--workdir={w['nockpt']}"],
-       f"{w['nockpt']} has no checkpoint yet (nothing under "
-       f"{os.path.join(w['nockpt'], 'checkpoints')}): train until its first checkpoint"),
+       (f"{w['nockpt']} has no checkpoint yet (nothing under "
+        f"{os.path.join(w['nockpt'], 'checkpoints')}): train until its first checkpoint")),
       ([f"--workdir={w['novocab']}"],
-       f"{w['novocab']} has checkpoints but no word vocabulary at "
-       f"{os.path.join(w['novocab'], 'vocab.json')}"),
+       (f"{w['novocab']} has checkpoints but no word vocabulary at "
+        f"{os.path.join(w['novocab'], 'vocab.json')}")),
   ]
   for args, expected in cases:
-    rc, out, err, seconds = run_cli("dsran_jax.search", "--query=a dog", *args)
+    rc, out, err, _ = run_cli("dsran_jax.search", "--query=a dog", *args)
     lines = error_lines(err)
     assert rc in (1, 2) and not out and "Traceback" not in err, (args, err[-3000:])
     assert len(lines) == 1 and expected in lines[0], (args, expected, err[-3000:])
     assert "gallery test:" not in err, err  # refused before any gallery was encoded
 
 
-def test_shortlist_k_above_the_gallery_is_reported_capped(search_workdirs):
-  w = search_workdirs
-  rc, out, err, _ = run_cli("dsran_jax.search", "--query=a dog", f"--workdir={w['scan']}",
-                            f"--shortlist_workdir={w['dsran']}", "--shortlist_k=4000",
-                            "--nocache", "--top_k=3")
-  assert rc == 0, err[-3000:]
-  assert len(out.splitlines()) == 3
-  assert "(K=4000 capped at the 10 images of the gallery, exact index;" in err, err
+@pytest.fixture(scope="module")
+def dsran_gallery(search_workdirs):
+  from dsran_jax import search  # pylint: disable=g-import-not-at-top
+  return search.Gallery.load(search_workdirs["dsran"], use_cache=False)
 
 
-def test_overlong_query_is_reported_not_cut_silently(search_workdirs, caplog):
+def test_shortlist_k_above_the_gallery_is_reported_capped(dsran_gallery):
+  from dsran_jax import search  # pylint: disable=g-import-not-at-top
+  first = search.Shortlist(dsran_gallery, k=4000)
+  hits = search.search_text(dsran_gallery, "a dog", top_k=3, shortlist=first)
+  assert [h["stage"] for h in hits] == [2, 2, 2]
+  assert search._k_note(first, dsran_gallery, True) == (  # pylint: disable=protected-access
+      "K=4000 capped at the 10 images of the gallery")
+  assert search._k_note(first, dsran_gallery, False) == (  # pylint: disable=protected-access
+      "K=4000 capped at the 50 captions of the gallery")
+  assert search._k_note(search.Shortlist(dsran_gallery, k=10), dsran_gallery,  # pylint: disable=protected-access
+                        True) == "K=10"
+
+
+def test_overlong_query_is_reported_not_cut_silently(search_workdirs, dsran_gallery, caplog):
   import logging  # pylint: disable=g-import-not-at-top
 
   from dsran_jax import inference, search  # pylint: disable=g-import-not-at-top
-  matcher = inference.load(search_workdirs["dsran"])
+  matcher = dsran_gallery.encoder  # inference.load(the dsran workdir)
   long_query = " ".join(["dog"] * 10000)
   assert matcher.overlong(["a dog", long_query]) == [(1, 10002)]  # [CLS] + [SEP]
   note = ("the text has 10002 tokens; this model (dsran) reads at most 16 (data.max_len, "
@@ -549,7 +554,7 @@ def test_overlong_query_is_reported_not_cut_silently(search_workdirs, caplog):
   assert matcher.cut_note(["a dog", long_query, long_query + " cat"]) == (
       "2 of 3 texts are longer (text 2: 10003 tokens); this model (dsran) reads at most 16 "
       "(data.max_len, special tokens included): the rest is cut")
-  gallery = search.Gallery.load(search_workdirs["dsran"], use_cache=False)
+  gallery = dsran_gallery
   with caplog.at_level(logging.WARNING):
     hits = search.search_text(gallery, long_query, top_k=2)
   assert len(hits) == 2
