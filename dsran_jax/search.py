@@ -594,7 +594,7 @@ def _shortlist_config(f, config, split_name: str):
   try:
     sl_config = Workdir(sl_dir).load_config()
   except (FileNotFoundError, ValueError) as e:
-    raise ValueError(f"--shortlist_workdir: {e}") from e
+    raise ValueError(f"--shortlist_workdir: {cli.error_message(e)}") from e
   two_stage.check_shortlist_config(config, split_name, sl_config, sl_dir)
   return sl_config
 
