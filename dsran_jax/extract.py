@@ -19,6 +19,14 @@ r"""ResNet grid and global features of your own images, in the layouts the reade
 - Decoding is torchvision's eval transform on PIL images: RGB, `Resize(256)` (shorter
   side to 256, bilinear), `CenterCrop(224)`, `ToTensor()` (/255), `Normalize` with the
   ImageNet mean/std. EXIF orientation is not applied (torchvision does not either).
+  16-bit images (PNG, TIFF, PGM grayscale: PIL modes I;16 and I) are scaled to 8 bits
+  over their full range (`round(v / 257)`), as PIL itself does for 16-bit RGB; 32-bit
+  integer and floating-point images (TIFF modes I and F), whose range the file does not
+  give, are refused naming the file. An image of more than `--max_image_pixels`
+  (default 89,478,485, PIL's own warning threshold, which this limit replaces) is
+  refused from its header, before it is decoded: a decompression bomb costs nothing.
+- An image-named entry of the directory that cannot be opened (a symlink loop, a broken
+  link) is an error naming it, not a skipped file.
 
 Writes into `--out`:
 - `{split}_grid.npy` float32 (N, 49, 2048): the `layer4` map, cell `7 * row + col`
@@ -37,9 +45,12 @@ The default split, "test", is where evaluation and `dsran_jax.search` look
 (`config.data.test_split`).
 """
 import concurrent.futures
+import errno
+import functools
 import hashlib
 import json
 import os
+import stat
 import time
 import types
 from typing import List, Optional, Sequence, Tuple
@@ -64,6 +75,11 @@ GRID_CELLS = 49
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                   ".ppm")
 RECORD_VERSION = 1
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS: a 9459x9459 picture
+# PIL modes holding 16-bit samples; mode I (32-bit) does when PNG (old Pillow) or PGM/PPM
+# (maxval > 255) decoded them, but a TIFF's mode I may hold any 32-bit range.
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_FORMATS_16BIT_IN_I = ("PNG", "PPM")
 
 
 class ImageError(ValueError):
@@ -83,13 +99,25 @@ def list_images(images: str) -> Tuple[List[str], List[str]]:
   the lines as written); `paths` are the files to open.
 
   Raises:
-    FileNotFoundError: `images` does not exist, or listed images are missing (all
-      named, with their line numbers). ValueError: no images.
+    FileNotFoundError: `images` does not exist, or listed images are missing, or image
+      files of the directory cannot be opened (symlink loops, broken links; all named,
+      with their line numbers). ValueError: no images.
   """
   if os.path.isdir(images):
     names = sorted(os.listdir(images))
-    entries = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES)
-               and os.path.isfile(os.path.join(images, n))]
+    entries, unreadable = [], []
+    for n in names:
+      if not n.lower().endswith(IMAGE_SUFFIXES):
+        continue
+      why = _not_a_file(os.path.join(images, n))
+      if why is None:
+        entries.append(n)
+      elif why != "a directory":  # a directory named x.jpg is no image: skipped, counted
+        unreadable.append(f"{os.path.join(images, n)}: {why}")
+    if unreadable:
+      shown = "\n  ".join(unreadable[:20]) + ("\n  ..." if len(unreadable) > 20 else "")
+      raise FileNotFoundError(f"{len(unreadable)} image file(s) of {images} cannot be "
+                              f"opened:\n  {shown}")
     skipped = len(names) - len(entries)
     if skipped:
       logging.info("%s: %d entries that are not image files (%s) skipped", images, skipped,
@@ -107,16 +135,32 @@ def list_images(images: str) -> Tuple[List[str], List[str]]:
       if not entry.strip():
         continue
       path = entry if os.path.isabs(entry) else os.path.join(base, entry)
-      if not os.path.isfile(path):
-        missing.append(f"{path} (line {number} of {images})")
+      why = _not_a_file(path)
+      if why is not None:
+        missing.append(f"{path} (line {number} of {images}): {why}")
       entries.append(entry)
       paths.append(path)
   if missing:
     shown = "\n  ".join(missing[:20]) + ("\n  ..." if len(missing) > 20 else "")
-    raise FileNotFoundError(f"{len(missing)} listed image(s) not found:\n  {shown}")
+    raise FileNotFoundError(f"{len(missing)} listed image(s) cannot be opened:\n  {shown}")
   if not entries:
     raise ValueError(f"{images}: the list names no images")
   return entries, paths
+
+
+def _not_a_file(path: str) -> Optional[str]:
+  """None for a regular file (or a link to one), else why not, in a few words."""
+  try:
+    st = os.stat(path)
+  except OSError as e:
+    if os.path.islink(path):
+      reason = ("a symlink loop" if e.errno == errno.ELOOP else
+                f"a broken symlink to {os.readlink(path)}")
+      return f"{reason}: {e.strerror}"
+    return e.strerror or "not found"
+  if stat.S_ISDIR(st.st_mode):
+    return "a directory"
+  return None if stat.S_ISREG(st.st_mode) else "not a regular file"
 
 
 def resized_size(width: int, height: int, size: int = RESIZE) -> Tuple[int, int]:
@@ -137,17 +181,51 @@ def center_crop_box(width: int, height: int, size: int = CROP) -> Tuple[int, int
   return left, top, left + size, top + size
 
 
-def decode_image(path: str) -> np.ndarray:
+def _rgb8(im, path: str):
+  """`im` (opened, not yet decoded) as an 8-bit RGB PIL image, over its full range."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  mode = im.mode
+  if mode in _MODES_16BIT or (mode == "I" and im.format in _FORMATS_16BIT_IN_I):
+    # convert("RGB") would clip 16-bit samples at 255 (a white image): scale them.
+    samples = np.asarray(im).astype(np.float32)  # decodes the whole file
+    if samples.min() < 0 or samples.max() > 65535:
+      raise ImageError(f"{path}: {im.format} image of mode {mode} holds values in "
+                       f"[{samples.min():g}, {samples.max():g}], outside 16 bits")
+    return Image.fromarray(np.round(samples / 257.0).astype(np.uint8), "L").convert("RGB")
+  if mode in ("I", "F") or mode.startswith("I;"):
+    raise ImageError(f"{path}: {im.format} image of mode {mode} ("
+                     f"{'32-bit floating point' if mode == 'F' else 'integer'} samples) "
+                     "has no defined range to map to 8 bits; convert it to an 8- or "
+                     "16-bit image")
+  return im.convert("RGB")  # decodes the whole file: truncated data fails here
+
+
+def decode_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
   """One image as the network input: (224, 224, 3) float32, ImageNet-normalised (HWC).
 
+  Args:
+    path: the image file.
+    max_pixels: larger images are refused from their header, before decoding.
+
   Raises:
-    ImageError: the file cannot be read or decoded (naming it).
+    ImageError: the file cannot be read or decoded, is larger than `max_pixels`, or has
+      samples of no defined range (naming it).
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
+  # `max_pixels` replaces PIL's process-wide limit, which only warns below twice itself
+  # (a 12000x12000 picture was decoded with a warning) and could not be raised per call.
+  Image.MAX_IMAGE_PIXELS = None
   try:
-    with Image.open(path) as im:
-      im = im.convert("RGB")  # decodes the whole file: truncated data fails here
+    with Image.open(path) as im:  # reads the header only
+      w, h = im.size
+      if w * h > max_pixels:
+        raise ImageError(f"{path}: {w}x{h} image ({w * h / 1e6:.1f} megapixels) is larger "
+                         f"than the limit of {max_pixels / 1e6:.1f} megapixels (a "
+                         "decompression bomb?); raise --max_image_pixels to decode it")
+      im = _rgb8(im, path)
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    if isinstance(e, ImageError):
+      raise
     raise ImageError(f"{path}: cannot decode image: {e}") from e
   w, h = im.size
   im = im.resize(resized_size(w, h), Image.Resampling.BILINEAR)
@@ -156,10 +234,12 @@ def decode_image(path: str) -> np.ndarray:
   return (x - MEAN) / STD
 
 
-def decode_batch(paths: Sequence[str], pool: concurrent.futures.Executor) -> np.ndarray:
+def decode_batch(paths: Sequence[str], pool: concurrent.futures.Executor,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
   """(len(paths), 224, 224, 3) float32, decoded on `pool`'s threads (PIL releases the
   GIL while decoding and resizing)."""
-  return np.stack(list(pool.map(decode_image, paths)))
+  return np.stack(list(pool.map(functools.partial(decode_image, max_pixels=max_pixels),
+                                paths)))
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -288,7 +368,8 @@ def _extract_batches(load, prefetch, starts, batch_size, features, grid, pooled,
 # ----------------------------------------------------------------------------- run
 
 def run(images: str, weights: str, out: str, split: str = "test", batch_size: int = 32,
-        num_workers: int = 0, show_progress: bool = True) -> dict:
+        num_workers: int = 0, show_progress: bool = True,
+        max_image_pixels: int = MAX_IMAGE_PIXELS) -> dict:
   """Extracts grid and global features of the images (see the module docstring).
 
   Returns:
@@ -306,6 +387,8 @@ def run(images: str, weights: str, out: str, split: str = "test", batch_size: in
   """
   if batch_size < 1:
     raise ValueError(f"--batch_size={batch_size}: must be positive")
+  if max_image_pixels < 1:
+    raise ValueError(f"--max_image_pixels={max_image_pixels}: must be positive")
   entries, paths = list_images(images)
   n = len(entries)
   if not os.path.isfile(weights):
@@ -371,7 +454,8 @@ def run(images: str, weights: str, out: str, split: str = "test", batch_size: in
     with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
         concurrent.futures.ThreadPoolExecutor(1) as prefetch:
       t_after_first = _extract_batches(
-          lambda s: decode_batch(paths[s:s + batch_size], pool), prefetch, starts,
+          lambda s: decode_batch(paths[s:s + batch_size], pool, max_image_pixels), prefetch,
+          starts,
           batch_size, lambda x: jax.device_get(features(variables, x)), grid, pooled,
           record, files["record"], progress)
   finally:
@@ -410,6 +494,9 @@ def _define_flags() -> types.SimpleNamespace:
       batch_size=flags.DEFINE_integer("batch_size", 32, "Images per forward pass."),
       num_workers=flags.DEFINE_integer(
           "num_workers", 0, "Image decoding threads (0: one per CPU core, at most 8)."),
+      max_image_pixels=flags.DEFINE_integer(
+          "max_image_pixels", MAX_IMAGE_PIXELS, "Larger images are refused from their "
+          "header, before decoding (decompression bombs)."),
   )
 
 
@@ -422,7 +509,8 @@ def main(argv):
       raise app.UsageError(f"--{name} is required")
   logging.set_verbosity(logging.INFO)
   summary = run(f.images.value, f.weights.value, f.out.value, f.split.value,
-                f.batch_size.value, f.num_workers.value)
+                f.batch_size.value, f.num_workers.value,
+                max_image_pixels=f.max_image_pixels.value)
   print(json.dumps(summary))
 
 

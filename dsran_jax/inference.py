@@ -24,13 +24,13 @@ as training and evaluation tokenise them (cut only where the authors cut, or at 
 `data.caption_bucket`, so compiles stay few and no caption loses a word.
 """
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 from absl import logging
 
-from dsran_jax import evaluation, models
+from dsran_jax import checkpointing, evaluation, models
 from dsran_jax.core.batch import KEY_SPECS, key_shape
 from dsran_jax.core.text_policy import TextPolicy, bucket_width
 from dsran_jax.data import tokenize
@@ -205,13 +205,39 @@ class Matcher:
       logging.warning("%s", lengths.message("encode_texts"))
     return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
+  def overlong(self, texts: Sequence[str]) -> List[Tuple[int, int]]:
+    """[(index, tokens)] of the texts `tokenize` cuts: longer than `data.max_len`
+    tokens (special tokens included; none when the family's text policy never cuts)."""
+    if isinstance(texts, str):
+      raise TypeError("texts must be a list of strings, got a single str")
+    tok = self.tokenizer
+    if self.text_policy.untruncated and hasattr(tok, "vocab"):
+      return []
+    lengths = np.asarray(tok.lengths(list(texts)))
+    return [(int(i), int(lengths[i])) for i in np.nonzero(lengths > tok.max_len)[0]]
+
+  def cut_note(self, texts: Sequence[str]) -> Optional[str]:
+    """What `encode_texts(texts)` cuts, in one line (None: nothing): how many texts, the
+    longest, and the model's maximum."""
+    cut = self.overlong(texts)
+    if not cut:
+      return None
+    longest = max(cut, key=lambda c: c[1])
+    what = (f"the text has {longest[1]} tokens" if len(texts) == 1 else
+            f"{len(cut)} of {len(texts)} texts are longer (text {longest[0]}: "
+            f"{longest[1]} tokens)")
+    return (f"{what}; this model ({self.config.model.name}) reads at most "
+            f"{self.tokenizer.max_len} (data.max_len, special tokens included): the rest "
+            "is cut")
+
   def encode_texts(self, texts: Optional[Sequence[str]] = None, input_ids=None,
                    attention_mask=None):
     """Caption reps, from raw `texts` or token ids.
 
     Args:
       texts: captions (tokenised with the model's tokenizer: BERT WordPiece from
-        `models.bert_path`, or the word vocabulary `{workdir}/vocab.json`).
+        `models.bert_path`, or the word vocabulary `{workdir}/vocab.json`); those longer
+        than `data.max_len` tokens are cut to it, with a warning (`cut_note`).
       input_ids: int (B, L), 0-padded, laid out as `tokenize` returns them.
       attention_mask: (B, L), 1 for tokens; None: `input_ids != 0`.
     """
@@ -221,6 +247,9 @@ class Matcher:
       if attention_mask is not None:
         raise ValueError("attention_mask goes with input_ids, not texts")
       input_ids, attention_mask = self.tokenize(texts)
+      note = self.cut_note(texts)
+      if note:
+        logging.warning("%s", note)
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
       raise ValueError(f"input_ids must have rank 2 (B, L), got shape {ids.shape}")
@@ -297,6 +326,14 @@ def load(workdir: str, batch_size: int = DEFAULT_BATCH_SIZE) -> Matcher:
     workdir: a dsran_jax workdir.
     batch_size: rows per jitted call of `encode_images` / `encode_texts`.
   """
-  restored = Workdir(workdir).restore()
+  wd = Workdir(workdir)
+  config = wd.load_config()  # first: a directory that is no workdir says so
+  if not any(checkpointing.latest_step(wd.path, kind) is not None
+             for kind in (checkpointing.BEST, checkpointing.LATEST)):
+    raise FileNotFoundError(
+        f"{wd.path} has no checkpoint yet (nothing under "
+        f"{wd.file(checkpointing.CHECKPOINTS_DIR)}): train until its first checkpoint "
+        "(train.checkpoint_every) or convert one (python -m dsran_jax.tools.convert_torch)")
+  restored = wd.restore(config)
   return Matcher(restored.model, restored.variables, restored.config, workdir, batch_size,
                  restored.meta)

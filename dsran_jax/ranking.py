@@ -553,7 +553,8 @@ def sum_sims(arrays: Sequence, names: Optional[Sequence[str]] = None) -> np.ndar
 
   `names` (e.g. file paths) label the arrays in error messages. A single array is
   returned as is (no copy); otherwise the sum is a new array in the inputs' result
-  dtype (float32 for float32 inputs, as the authors sum them).
+  dtype, at least float32 (float32 for float32 inputs, as the authors sum them; float16
+  ones would overflow at 65504).
   """
   arrays = list(arrays)
   if not arrays:
@@ -577,6 +578,8 @@ def sum_sims(arrays: Sequence, names: Optional[Sequence[str]] = None) -> np.ndar
   dtype = np.result_type(*[np.asarray(a).dtype for a in arrays])
   if not np.issubdtype(dtype, np.floating):
     dtype = np.float64
+  # float16 files sum in float32: in float16 two scores of 40000 overflow to Inf.
+  dtype = np.promote_types(dtype, np.float32)
   out = np.array(arrays[0], dtype=dtype, copy=True)
   for a in arrays[1:]:
     np.add(out, a, out=out)

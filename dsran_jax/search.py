@@ -603,15 +603,22 @@ def _define_flags() -> types.SimpleNamespace:
   return f
 
 
-def _load_shortlist(f, config, split_name: str) -> Shortlist:
-  """The CLI's first stage: the shortlist workdir's gallery of the same split (checked to
-  be the same dataset and split), and its index settings."""
+def _shortlist_config(f, config, split_name: str):
+  """The shortlist workdir's config, checked to be of this dataset and split (before
+  any gallery is encoded: a wrong workdir fails in a second)."""
   sl_dir = f.shortlist_workdir.value
   try:
     sl_config = Workdir(sl_dir).load_config()
   except (FileNotFoundError, ValueError) as e:
-    raise ValueError(f"--shortlist_workdir: {e}") from e
+    raise ValueError(f"--shortlist_workdir: {cli.error_message(e)}") from e
   two_stage.check_shortlist_config(config, split_name, sl_config, sl_dir)
+  return sl_config
+
+
+def _load_shortlist(f, config, split_name: str, sl_config) -> Shortlist:
+  """The CLI's first stage: the shortlist workdir's gallery of the same split, and its
+  index settings."""
+  sl_dir = f.shortlist_workdir.value
   first = Gallery.load(sl_dir, split_name, encoder=inference.load(sl_dir),
                        config=two_stage.shortlist_data_config(config, sl_config),
                        use_cache=f.cache.value, rebuild=f.rebuild.value)
@@ -619,6 +626,14 @@ def _load_shortlist(f, config, split_name: str) -> Shortlist:
             "hnsw": {"hnsw_m": f.index_hnsw_m.value, "ef_search": f.index_ef_search.value},
             "exact": {}}[f.index.value]
   return Shortlist(first, f.shortlist_k.value, f.fusion.value, f.index.value, **params)
+
+
+def _k_note(shortlist: Shortlist, gallery: Gallery, text_query: bool) -> str:
+  """"K=100", or "K=4000 capped at the 10 images of the gallery"."""
+  n, what = ((gallery.num_images, "images") if text_query
+             else (gallery.num_captions, "captions"))
+  return (f"K={shortlist.k}" if shortlist.k <= n
+          else f"K={shortlist.k} capped at the {n} {what} of the gallery")
 
 
 def main(argv):
@@ -643,7 +658,7 @@ def main(argv):
   try:
     config = Workdir(workdir).load_config()
   except (FileNotFoundError, ValueError) as e:
-    cli.fail(str(e))
+    cli.fail(cli.error_message(e))
   if f.data_root.value:
     config.data.root = f.data_root.value
   split_name = f.split.value or config.data.test_split
@@ -652,28 +667,32 @@ def main(argv):
     ids = [str(i) for i in data.read_raw_split(config, split_name).image_ids]
     if str(image_id) not in set(ids):
       cli.fail(unknown_image_message(image_id, split_name, ids))
-  encoder = inference.load(workdir)
-  t0 = time.time()
-  gallery = Gallery.load(workdir, split_name, encoder=encoder, config=config,
-                         use_cache=f.cache.value, rebuild=f.rebuild.value)
-  how = (f"cached in {cache_path(workdir, split_name)}" if gallery.from_cache
-         else f"encoded in {time.time() - t0:.1f}s")
-  print(f"gallery {split_name}: {gallery.num_images} images, {gallery.num_captions} "
-        f"captions ({how})", file=sys.stderr)
   shortlist = None
   try:
-    if f.shortlist_workdir.value:
-      shortlist = _load_shortlist(f, config, split_name)
+    sl_config = (_shortlist_config(f, config, split_name) if f.shortlist_workdir.value
+                 else None)
+    encoder = inference.load(workdir)
+    t0 = time.time()
+    gallery = Gallery.load(workdir, split_name, encoder=encoder, config=config,
+                           use_cache=f.cache.value, rebuild=f.rebuild.value)
+    how = (f"cached in {cache_path(workdir, split_name)}" if gallery.from_cache
+           else f"encoded in {time.time() - t0:.1f}s")
+    print(f"gallery {split_name}: {gallery.num_images} images, {gallery.num_captions} "
+          f"captions ({how})", file=sys.stderr)
+    if sl_config is not None:
+      shortlist = _load_shortlist(f, config, split_name, sl_config)
     t0 = time.time()
     if query is not None:
       hits = search_text(gallery, query, top_k, shortlist=shortlist)
     else:
       hits = search_image(gallery, image_id, top_k, shortlist=shortlist)
   except (UnknownImageError, ValueError, ImportError) as e:
-    cli.fail(str(e))
+    # (a workdir without its vocab.json fails in the tokenizer with a ValueError)
+    cli.fail(cli.error_message(e))
   print(f"answered in {1000 * (time.time() - t0):.1f} ms"
-        + (f" (K={shortlist.k}, {shortlist.index_kind} index; the first query of a process "
-           f"includes compiling)" if shortlist else ""), file=sys.stderr)
+        + (f" ({_k_note(shortlist, gallery, query is not None)}, {shortlist.index_kind} "
+           "index; the first query of a process includes compiling)" if shortlist else ""),
+        file=sys.stderr)
   for h in hits:
     print(json.dumps(h, ensure_ascii=False))
   sys.stdout.flush()

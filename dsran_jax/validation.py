@@ -23,7 +23,7 @@ from dsran_jax import models
 from dsran_jax.default_config import KEYS, VLP_SPLITS, ConfigError, Rule, get_base_config
 
 __all__ = ["CHECKED_SECTIONS", "ConfigError", "RULES", "flat_items", "unchecked_keys",
-           "unknown_key", "validate_config"]
+           "unknown_key", "validate_config", "value_problems"]
 
 # key -> rule, derived from the one declaration of each key (default_config.KEYS).
 RULES: Dict[str, Rule] = {name: key.rule for name, key in KEYS.items()}
@@ -115,11 +115,27 @@ def validate_config(config, num_devices: Optional[int] = None,
     config: the full config (see dsran_jax/default_config.py).
     num_devices / num_processes: if given, `train.batch_size` must divide by them.
   """
-  errors = []
   known = {k for k, _ in flat_items(get_base_config())}
-  for key, _ in flat_items(config):
-    if key not in known:
-      errors.append(unknown_key(key, known))
+  errors = [unknown_key(key, known) for key, _ in flat_items(config) if key not in known]
+  errors += _rule_problems(config)
+  if not errors:
+    errors += _cross_checks(config, num_devices, num_processes)
+  errors += _family_problems(config)
+  if errors:
+    raise ConfigError(errors)
+
+
+def value_problems(config) -> List[str]:
+  """The problems of `config`'s values, each a line naming the key, its value and what is
+  allowed: every key's rule and the family's checks of its section, as `validate_config`
+  runs them, without the rules of a training run over several keys (a data root, the
+  batch size against the devices). For a config read back from a workdir (`load_config`),
+  which inference and search use without any data."""
+  return _rule_problems(config) + _family_problems(config)
+
+
+def _rule_problems(config) -> List[str]:
+  errors = []
   for key, check in RULES.items():
     value = _get(config, key)
     if value is _MISSING:  # a rule may come before its key (or a family has no BERT)
@@ -127,19 +143,19 @@ def validate_config(config, num_devices: Optional[int] = None,
     problem = check(value)
     if problem:
       errors.append(f"config.{key}={value!r}: {problem}")
-  if not errors:
-    errors += _cross_checks(config, num_devices, num_processes)
+  return errors
+
+
+def _family_problems(config) -> List[str]:
   try:
     family = models.family_config(config.model.name)
   except ValueError as e:  # an unknown family: its message names the key and the choices
-    errors.append(str(e))
-  else:
-    try:
-      family.validate(config)
-    except (ValueError, TypeError, KeyError) as e:
-      errors.append(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
-  if errors:
-    raise ConfigError(errors)
+    return [str(e)]
+  try:
+    family.validate(config)
+  except (ValueError, TypeError, KeyError) as e:
+    return [str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)]
+  return []
 
 
 def unchecked_keys(config=None) -> Sequence[str]:

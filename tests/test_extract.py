@@ -168,7 +168,7 @@ def test_resume_after_a_corrupt_image(images_dir, ref, tmp_path, monkeypatch):
   decoded = []
   real_decode = extract.decode_image
   monkeypatch.setattr(extract, "decode_image",
-                      lambda p: decoded.append(os.path.basename(p)) or real_decode(p))
+                      lambda p, **kw: decoded.append(os.path.basename(p)) or real_decode(p, **kw))
   summary = extract.run(str(d), ref["tv"], out, batch_size=2, show_progress=False)
   assert sorted(decoded) == ref["names"][2:]  # rows 0-1 were not decoded again
   assert summary["resumed_from"] == 2 and summary["extracted"] == len(ref["names"]) - 2

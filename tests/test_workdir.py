@@ -123,7 +123,8 @@ def test_an_old_layout_config_loads_with_dsran_s_keys_under_model_dsran(tmp_path
   open(wd.config_file, "w").write(json.dumps(old))
   assert wd.load_config().to_dict() == base.to_dict()
   old["model"].update(K=4, text_encoder="gru", gat_heads=4)
-  old["model"]["bert"] = {**old["model"]["bert"], "hidden_size": 64}
+  # (a BERT section load_config's rules accept: 64 wide with 4 heads)
+  old["model"]["bert"] = {**old["model"]["bert"], "hidden_size": 64, "num_heads": 4}
   open(wd.config_file, "w").write(json.dumps(old))
   loaded = wd.load_config({"model.dsran.gat_layers": 2})
   d = loaded.model.dsran

@@ -35,6 +35,16 @@ What comes back: the pickled object with
 
 Any other global in the pickle is refused before it is built: `UnsafeCheckpointError`
 names it (`module.name`). All errors name the file.
+
+Bounds (any input ends in seconds, `CheckpointTooLargeError` says which bound and where):
+the object pickle is at most `max_pickle_bytes` (64 MiB; a state dict of 100,000 tensors
+takes about 20 MB); the storages it declares, and the tensors it builds from them, at most
+`max_bytes` (8 GiB) together, checked before anything is allocated; a stored zip record
+must hold the bytes it declares; containers nest at most `max_depth` (100) levels; and
+the object, read as a tree (a shared list counted once per reference, as `json.dumps` or
+a pytree walk would visit it), has at most `max_objects` (1,000,000) nodes. The last
+bound is the one shared references need: `x = [x, x]` nested 40 times is 40 lists in
+an 11 KB file but 2**41 nodes to anything that walks it. A reference cycle is refused.
 """
 import argparse
 import io
@@ -44,7 +54,7 @@ import struct
 import sys
 import tarfile
 import zipfile
-from typing import Any, BinaryIO, Callable, Dict, Optional, Union
+from typing import Any, BinaryIO, Callable, Dict, List, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -52,7 +62,14 @@ MAGIC_NUMBER = 0x1950a86a20f9469cfc6c
 PROTOCOL_VERSION = 1001
 _ZIP_MAGIC = b"PK\x03\x04"
 
-__all__ = ["load", "CheckpointError", "UnsafeCheckpointError"]
+# Defaults of `load`'s bounds (see the module docstring).
+MAX_PICKLE_BYTES = 64 << 20
+MAX_BYTES = 8 << 30
+MAX_DEPTH = 100
+MAX_OBJECTS = 1_000_000
+
+__all__ = ["load", "CheckpointError", "UnsafeCheckpointError", "CheckpointTooLargeError",
+           "Limits"]
 
 
 class CheckpointError(ValueError):
@@ -61,6 +78,25 @@ class CheckpointError(ValueError):
 
 class UnsafeCheckpointError(CheckpointError):
   """The pickle names a global outside the allowed data types; nothing was built."""
+
+
+class CheckpointTooLargeError(CheckpointError):
+  """The file exceeds a bound of `load` (size, depth, objects, shared references)."""
+
+
+class Limits(NamedTuple):
+  """`load`'s bounds; the defaults are far above what any training checkpoint holds."""
+  max_pickle_bytes: int = MAX_PICKLE_BYTES
+  max_bytes: int = MAX_BYTES
+  max_depth: int = MAX_DEPTH
+  max_objects: int = MAX_OBJECTS
+
+
+def _size_str(nbytes: int) -> str:
+  for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+    if nbytes >= 1 << shift:
+      return f"{nbytes / (1 << shift):.1f} {unit}"
+  return f"{nbytes} bytes"
 
 
 # ------------------------------------------------------------------ pickled objects
@@ -312,12 +348,34 @@ def _key(value, path: str) -> str:
   return value
 
 
-class _ZipStorages:
-  """persistent_load of the zip format: one `_Storage` per key."""
+class _Storages:
+  """persistent_load's storages by key; their declared bytes are counted against
+  `max_bytes` as the pickle names them, before any is allocated."""
 
-  def __init__(self, path: str):
-    self.path = path
+  def __init__(self, path: str, max_bytes: int):
+    self.path, self.max_bytes, self.declared = path, max_bytes, 0
     self.storages: Dict[str, _Storage] = {}
+
+  def _root(self, key: str, stype: _StorageType, numel: int) -> _Storage:
+    if key not in self.storages:
+      nbytes = numel * stype.dtype.itemsize
+      self.declared += nbytes
+      if self.declared > self.max_bytes:
+        raise CheckpointTooLargeError(
+            f"{self.path}: storage {key!r} declares {numel} x {stype} "
+            f"({_size_str(nbytes)}), {_size_str(self.declared)} with the storages before "
+            f"it: more than the limit of {_size_str(self.max_bytes)} (max_bytes)")
+      self.storages[key] = _Storage(key, stype, numel)
+    st = self.storages[key]
+    if st.stype is not stype or st.numel != numel:
+      # torch.save refuses to write this; torch.load would reinterpret silently.
+      raise CheckpointError(f"{self.path}: storage {key!r} is used as {st.numel} x "
+                            f"{st.stype} and as {numel} x {stype}")
+    return st
+
+
+class _ZipStorages(_Storages):
+  """persistent_load of the zip format: one `_Storage` per key."""
 
   def __call__(self, data: tuple) -> _Storage:
     if len(data) != 4:
@@ -325,16 +383,15 @@ class _ZipStorages:
                             "the zip format has 4")
     stype, key, _, numel = data  # the location ('cpu', 'cuda:0') does not matter here
     key, numel = _key(key, self.path), _int(numel, "storage size", self.path)
-    return _add_root(self.storages, key, stype, numel, self.path)
+    return self._root(key, stype, numel)
 
 
-class _LegacyStorages:
+class _LegacyStorages(_Storages):
   """persistent_load of the legacy format: roots by key, plus the storage views of
   torch < 1.0 (`view_metadata = (view_key, offset, numel)`, in elements of the root)."""
 
-  def __init__(self, path: str):
-    self.path = path
-    self.storages: Dict[str, _Storage] = {}
+  def __init__(self, path: str, max_bytes: int):
+    super().__init__(path, max_bytes)
     self.views: Dict[str, _Storage] = {}
 
   def __call__(self, data: tuple) -> _Storage:
@@ -343,7 +400,7 @@ class _LegacyStorages:
                             "the legacy format has 5")
     stype, key, _, numel, view = data
     key, numel = _key(key, self.path), _int(numel, "storage size", self.path)
-    root = _add_root(self.storages, key, stype, numel, self.path)
+    root = self._root(key, stype, numel)
     if view is None:
       return root
     if not isinstance(view, tuple) or len(view) != 3:
@@ -361,26 +418,16 @@ class _LegacyStorages:
     return self.views[view_key]
 
 
-def _add_root(storages: Dict[str, _Storage], key: str, stype: _StorageType, numel: int,
-              path: str) -> _Storage:
-  if key not in storages:
-    storages[key] = _Storage(key, stype, numel)
-  st = storages[key]
-  if st.stype is not stype or st.numel != numel:
-    # torch.save refuses to write this; torch.load would reinterpret silently.
-    raise CheckpointError(f"{path}: storage {key!r} is used as {st.numel} x {st.stype} and "
-                          f"as {numel} x {stype}")
-  return st
-
-
 # -------------------------------------------------------------------------- reading
 
 
-def load(path: Union[str, os.PathLike]) -> Any:
-  """Reads a `torch.save` file (zip or legacy format) without torch.
+def load(path: Union[str, os.PathLike], limits: Optional[Limits] = None) -> Any:
+  """Reads a `torch.save` file (zip or legacy format) without torch, within `limits`.
 
   Args:
     path: the checkpoint, e.g. an authors' `model_best.pth.tar` or a `pytorch_model.bin`.
+    limits: the bounds on what the file may make this process build (default `Limits()`,
+      see the module docstring).
 
   Returns:
     The saved object, tensors as numpy arrays, OrderedDicts as dicts, argparse.Namespace
@@ -390,9 +437,10 @@ def load(path: Union[str, os.PathLike]) -> Any:
     FileNotFoundError: no such file.
     UnsafeCheckpointError: the pickle names a global that is not plain data (named in the
       message; nothing was built).
+    CheckpointTooLargeError: the file exceeds one of `limits` (named in the message).
     CheckpointError: truncated, corrupt, not a checkpoint, or an unsupported format.
   """
-  path = os.fspath(path)
+  path, limits = os.fspath(path), limits or Limits()
   if not os.path.isfile(path):
     raise FileNotFoundError(f"checkpoint not found (no such file): {path}")
   with open(path, "rb") as f:
@@ -402,12 +450,12 @@ def load(path: Union[str, os.PathLike]) -> Any:
       raise CheckpointError(f"{path}: empty file")
     try:
       if head == _ZIP_MAGIC:
-        obj = _read_zip(f, path)
+        obj = _read_zip(f, path, limits)
       elif head[:1] == b"\x80":  # pickle's PROTO opcode: the legacy format's magic pickle
-        obj = _read_legacy(f, path)
+        obj = _read_legacy(f, path, limits)
       else:
         raise _not_a_checkpoint(path, head)
-      return _resolve(obj, path)
+      return _resolve(obj, path, limits)
     except CheckpointError:
       raise
     except _PICKLE_ERRORS as e:
@@ -439,7 +487,7 @@ def _is_tar(path: str) -> bool:
     return False
 
 
-def _read_zip(f: BinaryIO, path: str):
+def _read_zip(f: BinaryIO, path: str, limits: Limits):
   try:
     zf = zipfile.ZipFile(f)
   except zipfile.BadZipFile as e:
@@ -461,7 +509,13 @@ def _read_zip(f: BinaryIO, path: str):
       byteorder = zf.read(prefix + "byteorder").decode("ascii", "replace")
       if byteorder not in ("little", "big"):
         raise CheckpointError(f"{path}: {prefix}byteorder is {byteorder!r}")
-    storages = _ZipStorages(path)
+    pickle_size = zf.getinfo(pickles[0]).file_size
+    if pickle_size > limits.max_pickle_bytes:  # before inflating what it declares
+      raise CheckpointTooLargeError(
+          f"{path}: {pickles[0]} is {_size_str(pickle_size)}, more than the limit of "
+          f"{_size_str(limits.max_pickle_bytes)} (max_pickle_bytes); the object pickle "
+          "of a checkpoint holds names and shapes, not data")
+    storages = _ZipStorages(path, limits.max_bytes)
     obj = _Unpickler(io.BytesIO(zf.read(pickles[0])), path, storages).load()
     for key, st in storages.storages.items():
       record = f"{prefix}data/{key}"
@@ -473,6 +527,10 @@ def _read_zip(f: BinaryIO, path: str):
       if info.file_size != nbytes:
         raise CheckpointError(f"{path}: storage record {record} has {info.file_size} "
                               f"bytes; {st.numel} x {st.stype} need {nbytes}")
+      if info.compress_type == zipfile.ZIP_STORED and info.compress_size != nbytes:
+        # (torch.save stores records uncompressed) a size the archive cannot hold
+        raise CheckpointError(f"{path}: storage record {record} declares {nbytes} bytes "
+                              f"but holds {info.compress_size} in the archive")
       buf = np.empty(nbytes, np.uint8)
       with zf.open(info) as rf:
         _read_exactly(rf, buf, path, f"storage record {record}")
@@ -480,7 +538,7 @@ def _read_zip(f: BinaryIO, path: str):
   return obj
 
 
-def _read_legacy(f: BinaryIO, path: str):
+def _read_legacy(f: BinaryIO, path: str, limits: Limits):
   try:
     magic = _Unpickler(f, path).load()
   except UnsafeCheckpointError:
@@ -498,7 +556,7 @@ def _read_legacy(f: BinaryIO, path: str):
   sys_info = _Unpickler(f, path).load()
   if not isinstance(sys_info, dict):
     raise CheckpointError(f"{path}: legacy sys info is a {type(sys_info).__name__}")
-  storages = _LegacyStorages(path)
+  storages = _LegacyStorages(path, limits.max_bytes)
   obj = _Unpickler(f, path, storages).load()
   keys = _Unpickler(f, path).load()
   if not isinstance(keys, list):
@@ -565,43 +623,89 @@ def _tensor(ref: _TensorRef, path: str) -> np.ndarray:
   return array
 
 
-def _resolve(obj: Any, path: str) -> Any:
+def _resolve(obj: Any, path: str, limits: Limits) -> Any:
   """Replaces tensors and bare storages by arrays and OrderedDicts by dicts, keeping
-  shared references shared."""
-  memo: Dict[int, Any] = {}
+  shared references shared, within `limits` (depth, nodes as a tree walk sees them, bytes
+  of the tensors)."""
+  memo: Dict[int, tuple] = {}  # id -> (converted, tree nodes, tree bytes)
   in_progress: set = set()
+  seen = [0]  # distinct containers and leaves visited so far
 
-  def walk(x):
+  def where(trail: List[Any]) -> str:
+    shown = "".join(f"[{k!r:.40}]" for k in trail[:3])
+    return f"at {shown}{'...' if len(trail) > 3 else ''}" if trail else "at the top level"
+
+  def too_large(what: str, trail: List[Any]) -> CheckpointTooLargeError:
+    return CheckpointTooLargeError(f"{path}: {what} {where(trail)}; refusing it")
+
+  def walk(x, trail: List[Any]):
+    """(converted x, its node count as a tree, its tensor bytes as a tree)."""
+    seen[0] += 1
+    if seen[0] > limits.max_objects:
+      raise too_large(f"the pickle holds more than {limits.max_objects} objects (the limit, "
+                      "max_objects; a checkpoint holds a few thousand)", trail)
     if isinstance(x, (str, bytes, int, float, complex, bool, type(None), np.generic)):
-      return x
+      return x, 1, 0
     if id(x) in memo:
       return memo[id(x)]
-    if isinstance(x, _TensorRef):
-      out = _tensor(x, path)
-    elif isinstance(x, _Storage):
-      out = x.elements()
-      if x.stype.bfloat16:
-        out = (out.astype(np.uint32) << 16).view(np.float32)
-    elif isinstance(x, dict):
-      out = memo[id(x)] = {}
-      for k, v in x.items():
-        out[walk(k)] = walk(v)
-    elif isinstance(x, list):
-      out = memo[id(x)] = []
-      out.extend(walk(v) for v in x)
-    elif isinstance(x, argparse.Namespace):
-      out = memo[id(x)] = argparse.Namespace()
-      for k, v in vars(x).items():
-        setattr(out, k, walk(v))
-    elif isinstance(x, (tuple, set, frozenset)):
-      if id(x) in in_progress:
-        raise CheckpointError(f"{path}: a {type(x).__name__} that contains itself")
-      in_progress.add(id(x))
-      out = type(x)(walk(v) for v in x)
-      in_progress.discard(id(x))
+    if id(x) in in_progress:
+      raise CheckpointError(f"{path}: a {type(x).__name__} that contains itself (a reference "
+                            f"cycle) {where(trail)}")
+    if len(trail) >= limits.max_depth:
+      raise too_large(f"containers nest deeper than {limits.max_depth} levels (the limit, "
+                      "max_depth; a checkpoint nests a few)", trail)
+    nodes, nbytes = 1, 0
+    if isinstance(x, (_TensorRef, _Storage)):
+      shape = x.size if isinstance(x, _TensorRef) else (x.numel,)
+      stype = x.storage.stype if isinstance(x, _TensorRef) else x.stype
+      nbytes = int(np.prod(shape, dtype=object)) * (4 if stype.bfloat16 else
+                                                     stype.dtype.itemsize)
+      if nbytes > limits.max_bytes:  # before a stride-0 view is made real
+        raise too_large(f"a tensor of shape {tuple(shape)} ({_size_str(nbytes)}) exceeds the "
+                        f"limit of {_size_str(limits.max_bytes)} (max_bytes)", trail)
+      if isinstance(x, _TensorRef):
+        out = _tensor(x, path)
+      else:
+        out = x.elements()
+        if x.stype.bfloat16:
+          out = (out.astype(np.uint32) << 16).view(np.float32)
     else:
-      raise CheckpointError(f"{path}: unexpected {type(x).__name__} in the pickle")
-    memo[id(x)] = out
-    return out
+      in_progress.add(id(x))
+      if isinstance(x, dict):
+        out, items = {}, x.items()
+      elif isinstance(x, list):
+        out, items = [], enumerate(x)
+      elif isinstance(x, argparse.Namespace):
+        out, items = argparse.Namespace(), vars(x).items()
+      elif isinstance(x, (tuple, set, frozenset)):
+        out, items = [], enumerate(x)
+      else:
+        raise CheckpointError(f"{path}: unexpected {type(x).__name__} in the pickle "
+                              f"{where(trail)}")
+      for k, v in items:
+        if isinstance(x, dict):
+          k, k_nodes, _ = walk(k, trail + [k])
+          nodes += k_nodes
+        v, v_nodes, v_bytes = walk(v, trail + [k])
+        nodes, nbytes = nodes + v_nodes, nbytes + v_bytes
+        if nodes > limits.max_objects:
+          raise too_large(
+              f"shared references expand a {type(x).__name__} to more than "
+              f"{limits.max_objects} objects when followed (the limit, max_objects; "
+              "e.g. x = [x, x] nested 20 times)", trail)
+        if nbytes > limits.max_bytes:
+          raise too_large(f"tensors of more than {_size_str(limits.max_bytes)} together "
+                          "(the limit, max_bytes), counting each reference", trail)
+        if isinstance(out, dict):
+          out[k] = v
+        elif isinstance(out, argparse.Namespace):
+          setattr(out, k, v)
+        else:
+          out.append(v)
+      if isinstance(x, (tuple, set, frozenset)):
+        out = type(x)(out)
+      in_progress.discard(id(x))
+    memo[id(x)] = (out, nodes, nbytes)
+    return memo[id(x)]
 
-  return walk(obj)
+  return walk(obj, [])[0]

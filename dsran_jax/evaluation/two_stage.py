@@ -120,8 +120,10 @@ def evaluate(scorer, shortlist_scorer, image_batches: Iterable[Dict[str, Any]],
       times["second_stage_s"] += time.time() - t0
       r_i2t, r_t2i = two_stage_ranks(sl, s_i2t, s_t2i, cpi, fusion)
       per_span.append((name, sl, r_i2t, r_t2i))
-      logging.info("two-stage %s: shortlist recall i2t %.1f%% t2i %.1f%% at K=%d, %d pairs "
-                   "re-scored", name, *sl.recall().values(), k, sl.i2t.size + sl.t2i.size)
+      logging.info("two-stage %s: shortlist recall i2t %.1f%% t2i %.1f%% at K=%d%s, %d "
+                   "pairs re-scored", name, *sl.recall().values(), k,
+                   f" ({k_capped(k, sl.k_i2t, sl.k_t2i)})" if sl.k_i2t < k or sl.k_t2i < k
+                   else "", sl.i2t.size + sl.t2i.size)
   if ranks_out is not None:
     ranks_out["i2t"], ranks_out["t2i"] = per_span[0][2], per_span[0][3]
 
@@ -244,14 +246,29 @@ def two_stage(task: registry.Task) -> registry.Outcome:
                           {"two_stage": section}, [format_report(section)])
 
 
+def k_capped(k: int, k_i2t: int, k_t2i: int) -> str:
+  """"" when both directions list K items, else how the gallery caps K: "K=4000 is capped
+  at the gallery: 50 captions per image, 10 images per caption"."""
+  if k_i2t == k and k_t2i == k:
+    return ""
+  return (f"K={k} is capped at the gallery: {k_i2t} captions per image, {k_t2i} images "
+          "per caption")
+
+
 def format_report(two_stage: Dict[str, Any]) -> str:
-  """Lines summarising a two-stage run (shortlist recall, pairs scored, times)."""
+  """Lines summarising a two-stage run (shortlist recall, pairs scored, times). Each
+  direction re-scores its own short lists, so each is counted against the gallery's
+  image-caption pairs (with K capped at the gallery, both are 100%)."""
   lines = [f"two-stage: K={two_stage['k']}, fusion {two_stage['fusion']}, first stage "
            f"{two_stage['shortlist_model']} ({two_stage['shortlist_workdir']})"]
   for name, t in two_stage["targets"].items():
-    lines.append(f"  {name}: shortlist recall i2t {t['shortlist_recall_i2t']:.1f}% t2i "
-                 f"{t['shortlist_recall_t2i']:.1f}%; {t['pairs_scored']} of "
-                 f"{t['pairs_full']} pairs re-scored "
-                 f"({100.0 * t['pairs_scored'] / max(t['pairs_full'], 1):.2f}%)")
+    full = max(t["pairs_full"], 1)
+    capped = k_capped(two_stage["k"], t["k_i2t"], t["k_t2i"])
+    lines.append(f"  {name}: {capped + '; ' if capped else ''}shortlist recall "
+                 f"i2t {t['shortlist_recall_i2t']:.1f}% t2i "
+                 f"{t['shortlist_recall_t2i']:.1f}%; of the {t['pairs_full']} "
+                 f"image-caption pairs, {t['pairs_scored_i2t']} re-scored i2t "
+                 f"({100.0 * t['pairs_scored_i2t'] / full:.2f}%) and "
+                 f"{t['pairs_scored_t2i']} t2i ({100.0 * t['pairs_scored_t2i'] / full:.2f}%)")
   lines.append("  seconds: " + ", ".join(f"{k} {v}" for k, v in two_stage["seconds"].items()))
   return "\n".join(lines)

@@ -29,6 +29,7 @@ import tempfile
 import types
 from typing import Any, Dict, Optional, Sequence
 
+import numpy as np
 from absl import app
 from absl import flags
 
@@ -74,6 +75,25 @@ def _write_files(directory: str, converted) -> list[str]:
   return names
 
 
+def _source_meta(ckpt: Dict[str, Any], path: str):
+  """(step, checkpoint metadata) from the authors' `Eiters`, `epoch` and `best_rsum`,
+  each a number or absent; anything else is refused naming the key."""
+  values = {}
+  for key in ("Eiters", "epoch", "best_rsum"):
+    value = ckpt.get(key)
+    if isinstance(value, (np.generic, np.ndarray)) and np.ndim(value) == 0:
+      value = value.item()  # a numpy scalar, or a 0-d tensor such as a saved rsum
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+      raise ConversionError(f"{path}: '{key}' is a {type(value).__name__}, expected a "
+                            "number")  # (its repr could be huge)
+    values[key] = value
+  step = int(values["Eiters"] or values["epoch"] or 0)
+  best_rsum = None if values["best_rsum"] is None else float(values["best_rsum"])
+  return step, {"step": step, "source_checkpoint": os.path.abspath(path),
+                "epoch": values["epoch"], "Eiters": values["Eiters"], "best_rsum": best_rsum,
+                "rsum": best_rsum, "converted_by": "dsran_jax.tools.convert_torch"}
+
+
 def convert_checkpoint(checkpoint: str, workdir: str, model: Optional[str] = None,
                        **options) -> Dict[str, Any]:
   """Converts `checkpoint` into `workdir` (config.json, checkpoints/best, vocab.json, the
@@ -104,13 +124,7 @@ def convert_checkpoint(checkpoint: str, workdir: str, model: Optional[str] = Non
   # records) and validates it with its own rules.
   converted = rules.convert(ckpt, {**options, "path": checkpoint}, config=get_base_config())
   check_finite(converted.variables, checkpoint)
-  step = int(ckpt.get("Eiters") or ckpt.get("epoch") or 0)
-  best_rsum = ckpt.get("best_rsum")
-  best_rsum = None if best_rsum is None else float(best_rsum)
-  meta = {"step": step, "source_checkpoint": os.path.abspath(checkpoint),
-          "epoch": ckpt.get("epoch"), "Eiters": ckpt.get("Eiters"), "best_rsum": best_rsum,
-          "rsum": best_rsum, "converted_by": "dsran_jax.tools.convert_torch"}
-  meta = json.loads(json.dumps(meta, default=lambda x: getattr(x, "item", lambda: str(x))()))
+  step, meta = _source_meta(ckpt, checkpoint)  # all checked before the first write
   if not os.path.exists(workdir):
     # Built in a temporary directory beside it and renamed into place whole: a failed
     # or killed conversion leaves no half workdir.
@@ -128,7 +142,7 @@ def convert_checkpoint(checkpoint: str, workdir: str, model: Optional[str] = Non
         atomic.install(os.path.join(stage, name), os.path.join(workdir, name))
   written = [os.path.abspath(os.path.join(workdir, name)) for name in converted.files]
   return {"workdir": os.path.abspath(workdir), "model": family, **converted.summary,
-          "step": step, "epoch": meta["epoch"], "best_rsum": best_rsum,
+          "step": step, "epoch": meta["epoch"], "best_rsum": meta["best_rsum"],
           "vocab_json": converted.vocab is not None, **({"files": written} if written else {})}
 
 

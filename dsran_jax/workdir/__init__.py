@@ -29,7 +29,7 @@ Layout:
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from dsran_jax import atomic, checkpointing, models
+from dsran_jax import atomic, checkpointing, models, validation
 from dsran_jax.default_config import ConfigError, get_base_config
 from dsran_jax.models import variables as model_variables
 from dsran_jax.workdir.lock import LOCK_NAME, STALE_AFTER_S, WorkdirLock, WorkdirLockedError
@@ -91,10 +91,11 @@ def _whole_captions(config, saved: dict) -> None:
 
 
 class ConfigFileError(ConfigError):
-  """A workdir's config.json is unreadable or names an unknown key."""
+  """A workdir's config.json is unreadable, names an unknown key or holds a value its
+  rule refuses (`problems`: one line each, naming the file and the key)."""
 
-  def __init__(self, message: str):
-    super().__init__([message], header="")
+  def __init__(self, message: Union[str, Sequence[str]]):
+    super().__init__([message] if isinstance(message, str) else list(message), header="")
 
 
 @dataclasses.dataclass
@@ -127,14 +128,25 @@ def embedding_rows(variables) -> Optional[int]:
   return None
 
 
-def _merge(dst, src: Mapping[str, Any], prefix: str, where: str) -> None:
+def _merge(dst, src: Mapping[str, Any], prefix: str, where: str, problems: List[str]
+           ) -> None:
+  """Lays `src` over `dst`; a value of the wrong type (ml_collections refuses it) is
+  added to `problems`, naming the key, and the key keeps its default."""
   for key, value in src.items():
     if key not in dst:
       raise ConfigFileError(f"{where}: unknown config key {prefix}{key}")
-    if isinstance(value, dict):
-      _merge(dst[key], value, f"{prefix}{key}.", where)
-    else:
+    if isinstance(value, dict) and isinstance(dst[key], ml_collections.ConfigDict):
+      _merge(dst[key], value, f"{prefix}{key}.", where, problems)
+      continue
+    try:
       dst[key] = value
+    except TypeError:  # e.g. "abc" for a float, 12.5 or a section for an int
+      default = dst[key]
+      kind = "section" if isinstance(default, ml_collections.ConfigDict) else type(
+          default).__name__
+      problems.append(f"config.{prefix}{key}={value!r:.60}: expected "
+                      f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}, like "
+                      f"its default{'' if kind == 'section' else f' {default!r}'}")
 
 
 def apply_overrides(config, overrides: Mapping[str, Any], where: str = "the command line"):
@@ -151,6 +163,12 @@ def apply_overrides(config, overrides: Mapping[str, Any], where: str = "the comm
       raise ConfigFileError(f"{where}: unknown config key {key}")
     node[leaf] = value
   return config
+
+
+def _source_of(problem: str, overrides: Mapping[str, Any], path: str) -> str:
+  """Where the value a problem line ("config.a.b=v: ...") names came from."""
+  key = problem.split("=", 1)[0].split(":", 1)[0].removeprefix("config.")
+  return "the command line" if key in overrides else path
 
 
 class Workdir:
@@ -238,27 +256,37 @@ class Workdir:
 
   def load_config(self, overrides: Optional[Mapping[str, Any]] = None
                   ) -> ml_collections.ConfigDict:
-    """The saved config laid over today's defaults, migrated, with `overrides`.
+    """The saved config laid over today's defaults, migrated, with `overrides`, its
+    values checked by the rules the command line's are (`validation.value_problems`: a
+    hand-edited config.json is held to them too).
 
     Raises FileNotFoundError naming the file when the workdir has no config.json, and
-    ConfigFileError when it is not JSON or when it (or `overrides`) names a key the
-    defaults do not know.
+    ConfigFileError when it is not JSON, when it (or `overrides`) names a key the
+    defaults do not know, or when a value has the wrong type or breaks its rule (every
+    problem listed, each naming the file, or the command line, and the key).
     """
     path = self.config_file
     if not os.path.exists(path):
       raise FileNotFoundError(f"{path} not found: is {self.path!r} a dsran_jax workdir?")
     try:
-      with open(path) as f:
+      with open(path, encoding="utf-8") as f:
         saved = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConfigFileError(f"{path}: not a JSON config ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ConfigFileError(f"{path}: not a JSON config (cut short by a crash or a "
+                            f"hand edit?): {e}") from None
     if not isinstance(saved, dict):
       raise ConfigFileError(f"{path}: expected a JSON object, got {type(saved).__name__}")
     saved = migrate_saved(saved)
     config = get_base_config()
-    _merge(config, saved, "", path)
+    problems: List[str] = []
+    _merge(config, saved, "", path, problems)
     _whole_captions(config, saved)
-    return apply_overrides(config, overrides or {})
+    overrides = dict(overrides or {})
+    config = apply_overrides(config, overrides)
+    problems += validation.value_problems(config)
+    if problems:
+      raise ConfigFileError([f"{_source_of(p, overrides, path)}: {p}" for p in problems])
+    return config
 
   # -------------------------------------------------------------- run state
 
