@@ -196,25 +196,24 @@ class Matcher:
   def tokenize(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
     """`(input_ids, attention_mask)` int32 for `texts`, as `encode_texts` would use them:
     the tokenizer of training and evaluation, so a caption is cut only where they cut
-    it (`models.caption_cap`: the authors' cut or `data.max_len`), and a cut is logged
-    as a warning (how many, the longest)."""
+    it (`models.caption_cap`: the authors' cut or `data.max_len`; `overlong` and
+    `cut_note` say what it cuts)."""
     if isinstance(texts, str):
       raise TypeError("texts must be a list of strings, got a single str")
-    ids, mask, lengths = self.tokenizer.encode_report(list(texts))
-    if lengths.cut:
-      logging.warning("%s", lengths.message("encode_texts"))
+    ids, mask = self.tokenizer.encode(list(texts))
     return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
   def overlong(self, texts: Sequence[str]) -> List[Tuple[int, int]]:
-    """[(index, tokens)] of the texts `tokenize` cuts: longer than `data.max_len`
-    tokens (special tokens included; none when the family's text policy never cuts)."""
+    """[(index, tokens)] of the texts `tokenize` cuts: longer than the model's cut
+    (special tokens included; none for a family whose authors keep captions whole and
+    no `data.max_len` set)."""
     if isinstance(texts, str):
       raise TypeError("texts must be a list of strings, got a single str")
-    tok = self.tokenizer
-    if self.text_policy.untruncated and hasattr(tok, "vocab"):
+    cap = self.tokenizer.cap
+    if cap <= 0:
       return []
-    lengths = np.asarray(tok.lengths(list(texts)))
-    return [(int(i), int(lengths[i])) for i in np.nonzero(lengths > tok.max_len)[0]]
+    lengths = np.asarray(self.tokenizer.lengths(list(texts)))
+    return [(int(i), int(lengths[i])) for i in np.nonzero(lengths > cap)[0]]
 
   def cut_note(self, texts: Sequence[str]) -> Optional[str]:
     """What `encode_texts(texts)` cuts, in one line (None: nothing): how many texts, the
@@ -227,7 +226,7 @@ class Matcher:
             f"{len(cut)} of {len(texts)} texts are longer (text {longest[0]}: "
             f"{longest[1]} tokens)")
     return (f"{what}; this model ({self.config.model.name}) reads at most "
-            f"{self.tokenizer.max_len} (data.max_len, special tokens included): the rest "
+            f"{self.tokenizer.cap} (data.max_len, special tokens included): the rest "
             "is cut")
 
   def encode_texts(self, texts: Optional[Sequence[str]] = None, input_ids=None,
@@ -237,7 +236,8 @@ class Matcher:
     Args:
       texts: captions (tokenised with the model's tokenizer: BERT WordPiece from
         `models.bert_path`, or the word vocabulary `{workdir}/vocab.json`); those longer
-        than `data.max_len` tokens are cut to it, with a warning (`cut_note`).
+        than the model's cut (`models.caption_cap`) are cut to it, with a warning
+        (`cut_note`).
       input_ids: int (B, L), 0-padded, laid out as `tokenize` returns them.
       attention_mask: (B, L), 1 for tokens; None: `input_ids != 0`.
     """

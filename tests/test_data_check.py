@@ -60,7 +60,7 @@ def _overrides(family, root, bert):
   """The command-line overrides that put `configs/f30k.py:<family>` on a precomp copy."""
   out = {"data.root": str(root), "data.format": "precomp"}
   if models.tokenizer_kind(_f30k(family)) == "bert":
-    out["model.dsran.bert_path"] = str(bert)
+    out[f"model.{family}.bert_path"] = str(bert)   # the family's BERT tokenizer
   return out
 
 
@@ -193,7 +193,7 @@ def test_gru_vocab_file_is_used_when_given_and_never_written(good_root, tmp_path
 
 def test_formats_are_registered_once():
   assert data_lib.FORMATS == formats.FORMATS == tuple(formats.READERS)
-  assert set(formats.FORMATS) == {"synthetic", "precomp", "vlp"}
+  assert set(formats.FORMATS) == {"synthetic", "precomp", "vlp", "coco_vsepp"}
   for name, module in formats.READERS.items():
     assert callable(module.read_raw_split), name
   config = _f30k("scan")
@@ -201,7 +201,8 @@ def test_formats_are_registered_once():
   config.data.format = "npz"
   with pytest.raises(ConfigError) as e:
     data_lib.read_raw_split(config, "train")
-  assert str(e.value) == "config.data.format='npz': expected one of synthetic, precomp, vlp"
+  assert str(e.value) == ("config.data.format='npz': expected one of "
+                          f"{', '.join(formats.FORMATS)}")
 
 
 def test_importing_the_data_package_stays_light():
