@@ -34,9 +34,11 @@ TEST = [
     "nbformat>=5.10",
     "ipykernel>=6.29",
     "faiss-cpu>=1.8",  # tests of the index extra (the numpy path is tested without it too)
-] + ECCV
-# ECCV Caption / CxC / COCO ground truths and metrics (NAVER AI's package, numpy only).
+]
+# ECCV Caption / CxC / COCO ground truths and metrics (NAVER AI's package, numpy only):
+# the tests check our metrics against it on its real ground truths.
 ECCV = ["eccv-caption==0.1.0"]
+TEST += ECCV
 # Approximate and exact nearest-neighbour indexes for large galleries (search).
 INDEX = ["faiss-cpu>=1.8"]
 
