@@ -322,3 +322,18 @@ def load_hf_bert(path_or_name: Union[str, os.PathLike]) -> tuple[BertConfig, dic
   directory = hub.resolve_pretrained_dir(str(path_or_name))
   config = BertConfig.from_hf_json(directory / "config.json")
   return config, hf_state_dict_to_params(load_hf_state_dict(directory), config)
+
+
+def bert_config_of(section, name: str) -> BertConfig:
+  """The BertConfig a family's section (`config.model.<name>`, with `bert_options`) asks
+  for: its `bert.*` shape when `bert_random_init`, else `bert_path`'s config.json."""
+  if section.bert_random_init:
+    b = section.bert
+    return BertConfig(vocab_size=b.vocab_size, hidden_size=b.hidden_size,
+                      num_layers=b.num_layers, num_heads=b.num_heads,
+                      intermediate_size=b.intermediate_size, max_position=b.max_position,
+                      type_vocab_size=b.type_vocab_size)
+  if not section.bert_path:
+    raise ValueError(f"config.model.{name}.bert_path='': the BERT build needs a BERT "
+                     f"directory or hub name (or model.{name}.bert_random_init=True)")
+  return BertConfig.from_hf_json(hub.resolve_pretrained_dir(section.bert_path) / "config.json")

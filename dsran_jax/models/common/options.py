@@ -251,3 +251,23 @@ def _field(default):
   if dataclasses.is_dataclass(default) or isinstance(default, (list, dict, set)):
     return dataclasses.field(default_factory=lambda: default)
   return dataclasses.field(default=default)
+
+
+# A BERT build's shape when `bert_random_init` (else the shape is bert_path's config.json).
+BERT_SHAPE = (("vocab_size", 30522, "WordPiece vocabulary"), ("hidden_size", 768, "hidden width"),
+              ("num_layers", 12, "layers"), ("num_heads", 12, "attention heads"),
+              ("intermediate_size", 3072, "feed-forward width"),
+              ("max_position", 512, "position embeddings"), ("type_vocab_size", 2, "token types"))
+
+
+def bert_options() -> List[Option]:
+  """The options of a family with a BERT text encoder: `bert_path`, `bert_random_init`
+  and the random-init shape `bert.*` (config keys only: the Module gets the BertConfig
+  they imply, `common.bert.bert_config_of`)."""
+  return [
+      Option("bert_path", "", None, "local HF BERT directory or hub name (its tokenizer, "
+             "config.json and, unless bert_random_init, weights)", field=False),
+      Option("bert_random_init", False, None,
+             "True: BERT of shape bert.* with random weights", field=False),
+  ] + [Option(f"bert.{name}", default, integer_at_least(1), f"BERT {doc}", field=False)
+       for name, default, doc in BERT_SHAPE]

@@ -8,8 +8,7 @@ import numpy as np
 
 from dsran_jax import models
 from dsran_jax.core.text_policy import TextPolicy
-from dsran_jax.hub import resolve_pretrained_dir
-from dsran_jax.models.common.bert import BertConfig, load_hf_bert
+from dsran_jax.models.common.bert import BertConfig, bert_config_of, load_hf_bert
 from dsran_jax.models.common import resnet
 from dsran_jax.models.common.glove import load_configured_glove
 from dsran_jax.models.dsran.attention import jsr_attention
@@ -17,20 +16,9 @@ from dsran_jax.models.dsran.config import ONLINE, OPTIONS
 from dsran_jax.models.dsran.model import DSRAN, GRID_NODES, DSRANConfig
 
 
-def bert_config_from(model_config):
-  """The BertConfig a config asks for: model.dsran.bert.* if random init, else the
-  config.json of model.dsran.bert_path."""
-  d = model_config.dsran
-  if d.bert_random_init:
-    b = d.bert
-    return BertConfig(vocab_size=b.vocab_size, hidden_size=b.hidden_size,
-                      num_layers=b.num_layers, num_heads=b.num_heads,
-                      intermediate_size=b.intermediate_size, max_position=b.max_position,
-                      type_vocab_size=b.type_vocab_size)
-  if not d.bert_path:
-    raise ValueError("config.model.dsran.bert_path='': the BERT build needs a BERT "
-                     "directory or hub name (or model.dsran.bert_random_init=True)")
-  return BertConfig.from_hf_json(resolve_pretrained_dir(d.bert_path) / "config.json")
+def bert_config_from(model_config) -> BertConfig:
+  """The BertConfig of the BERT build (`common.bert.bert_config_of` of model.dsran)."""
+  return bert_config_of(model_config.dsran, "dsran")
 
 
 def model_config_from(model_config, vocab_size: Optional[int] = None) -> DSRANConfig:

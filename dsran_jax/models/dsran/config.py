@@ -8,8 +8,8 @@ moves the top-level keys of a config.json written before the section existed int
 The model's specification: docs/models/dsran.md."""
 from dsran_jax.hub import minilm_dir
 from dsran_jax.models.common import recipes
-from dsran_jax.models.common.options import (Option, Options, at_least, integer_at_least,
-                                              one_of, within)
+from dsran_jax.models.common.options import (Option, Options, at_least, bert_options,
+                                              integer_at_least, one_of, within)
 
 IMAGE_INPUTS = ("grid+regions", "regions", "image+regions")
 ONLINE = "image+regions"
@@ -30,12 +30,6 @@ RECIPES = {
     ("coco", "gru"): (18, 300, 9, 2),
 }
 
-
-# The BERT build's shape when `bert_random_init` (else the shape is bert_path's config.json).
-BERT_SHAPE = (("vocab_size", 30522, "WordPiece vocabulary"), ("hidden_size", 768, "hidden width"),
-              ("num_layers", 12, "layers"), ("num_heads", 12, "attention heads"),
-              ("intermediate_size", 3072, "feed-forward width"),
-              ("max_position", 512, "position embeddings"), ("type_vocab_size", 2, "token types"))
 
 OPTIONS = Options("dsran", [
     Option("K", 2, one_of(1, 2, 4), "JSR branches"),
@@ -73,14 +67,7 @@ OPTIONS = Options("dsran", [
     Option("cnn_random_init", False, None,
            "online grid: a randomly initialised frozen ResNet (tests and the demo only)",
            field=False),
-    # The BERT build's weights: config keys only (the Module gets the BertConfig they
-    # imply, `dsran.bert_config_from`).
-    Option("bert_path", "", None, "local HF BERT directory or hub name (its tokenizer, "
-           "config.json and, unless bert_random_init, weights)", field=False),
-    Option("bert_random_init", False, None,
-           "True: BERT of shape bert.* with random weights", field=False),
-] + [Option(f"bert.{name}", default, integer_at_least(1), f"BERT {doc}", field=False)
-     for name, default, doc in BERT_SHAPE])
+] + bert_options())
 defaults = OPTIONS.defaults
 
 # DSRAN's keys that a config.json written before `model.dsran` existed holds at the top

@@ -9,26 +9,15 @@ import numpy as np
 
 from dsran_jax.core.text_policy import TextPolicy
 from dsran_jax.hub import resolve_pretrained_dir
-from dsran_jax.models.common.bert import BertConfig, load_hf_bert
+from dsran_jax.models.common.bert import BertConfig, bert_config_of, load_hf_bert
 from dsran_jax.models.vse_infty.augment import Augmentation, wordpiece_vocabulary
 from dsran_jax.models.vse_infty.config import OPTIONS
 from dsran_jax.models.vse_infty.model import VseInfty, VseInftyConfig
 
 
 def bert_config_from(model_config) -> BertConfig:
-  """The BertConfig of the BERT build: model.vse_infty.bert.* if random init, else the
-  config.json of model.vse_infty.bert_path."""
-  s = model_config.vse_infty
-  if s.bert_random_init:
-    b = s.bert
-    return BertConfig(vocab_size=b.vocab_size, hidden_size=b.hidden_size,
-                      num_layers=b.num_layers, num_heads=b.num_heads,
-                      intermediate_size=b.intermediate_size, max_position=b.max_position,
-                      type_vocab_size=b.type_vocab_size)
-  if not s.bert_path:
-    raise ValueError("config.model.vse_infty.bert_path='': the BERT build needs a BERT "
-                     "directory or hub name (or model.vse_infty.bert_random_init=True)")
-  return BertConfig.from_hf_json(resolve_pretrained_dir(s.bert_path) / "config.json")
+  """The BertConfig of the BERT build (`common.bert.bert_config_of` of model.vse_infty)."""
+  return bert_config_of(model_config.vse_infty, "vse_infty")
 
 
 def model_config_from(model_config, vocab_size: Optional[int] = None) -> VseInftyConfig:

@@ -8,8 +8,8 @@ The model's specification: docs/models/vse_infty.md.
 """
 from dsran_jax.hub import minilm_dir
 from dsran_jax.models.common import recipes
-from dsran_jax.models.common.options import (Option, Options, integer_at_least, one_of,
-                                              within)
+from dsran_jax.models.common.options import (Option, Options, bert_options,
+                                              integer_at_least, one_of, within)
 
 TEXT_ENCODERS = ("bert", "bigru")
 # "basic": fc + a 2-layer MLP residual (their precomputed-region build); "backbone": fc
@@ -29,11 +29,6 @@ TRAIN_CAPTIONS = {"f30k": 145_000, "coco": 566_435}
 WEIGHT_DECAY = {"bert": 1e-4, "bigru": 0.01}
 BERT_LR_FACTOR = {"bert": 0.1, "bigru": 1.0}
 
-BERT_SHAPE = (("vocab_size", 30522, "WordPiece vocabulary"), ("hidden_size", 768, "hidden width"),
-              ("num_layers", 12, "layers"), ("num_heads", 12, "attention heads"),
-              ("intermediate_size", 3072, "feed-forward width"),
-              ("max_position", 512, "position embeddings"), ("type_vocab_size", 2, "token types"))
-
 OPTIONS = Options("vse_infty", [
     Option("text_encoder", "bert", one_of(*TEXT_ENCODERS),
            '"bert" (master: BERT + Linear + GPO) | "bigru" (branch bigru: BiGRU + GPO)'),
@@ -47,12 +42,7 @@ OPTIONS = Options("vse_infty", [
     Option("token_mask", 0.2, within(0.0, 1.0, high_open=True),
            "training: share of words masked (1/2), randomised (1/10) or deleted (2/5) "
            "(their process_caption: 0.2)"),
-    Option("bert_path", "", None, "local HF BERT directory or hub name (its tokenizer, "
-           "config.json and, unless bert_random_init, weights)", field=False),
-    Option("bert_random_init", False, None,
-           "True: BERT of shape bert.* with random weights", field=False),
-] + [Option(f"bert.{name}", default, integer_at_least(1), f"BERT {doc}", field=False)
-     for name, default, doc in BERT_SHAPE])
+] + bert_options())
 defaults = OPTIONS.defaults
 
 image_keys = recipes.region_keys
