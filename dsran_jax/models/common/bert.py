@@ -337,3 +337,20 @@ def bert_config_of(section, name: str) -> BertConfig:
     raise ValueError(f"config.model.{name}.bert_path='': the BERT build needs a BERT "
                      f"directory or hub name (or model.{name}.bert_random_init=True)")
   return BertConfig.from_hf_json(hub.resolve_pretrained_dir(section.bert_path) / "config.json")
+
+
+def with_pretrained_bert(variables: dict, path: str, text_module: str) -> dict:
+  """`variables` with `params/<text_module>/bert` replaced by the pretrained BERT at
+  `path` (a HF directory or hub name); a shape mismatch is an error showing both."""
+  _, bert_params = load_hf_bert(path)
+  params = dict(variables["params"])
+  text = dict(params[text_module])
+  expected = jax.tree_util.tree_map(jnp.shape, text["bert"])
+  got = jax.tree_util.tree_map(np.shape, bert_params)
+  if expected != got:
+    raise ValueError(f"pretrained BERT at {path!r} does not match the model's BERT "
+                     f"shapes:\nexpected {json.dumps(expected, default=str)[:500]}\n"
+                     f"got {json.dumps(got, default=str)[:500]}")
+  text["bert"] = jax.tree_util.tree_map(jnp.asarray, bert_params)
+  params[text_module] = text
+  return {**variables, "params": params}

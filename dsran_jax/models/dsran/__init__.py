@@ -1,14 +1,12 @@
 """DSRAN (Wen, Gu & Cheng, TCSVT 2021): the family's module builder and weight hooks."""
-import json
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dsran_jax import models
 from dsran_jax.core.text_policy import TextPolicy
-from dsran_jax.models.common.bert import BertConfig, bert_config_of, load_hf_bert
+from dsran_jax.models.common.bert import BertConfig, bert_config_of, with_pretrained_bert
 from dsran_jax.models.common import resnet
 from dsran_jax.models.common.glove import load_configured_glove
 from dsran_jax.models.dsran.attention import jsr_attention
@@ -38,19 +36,7 @@ def build(model_config, vocab_size: Optional[int] = None) -> DSRAN:
 def load_pretrained_bert(variables: dict, model_config) -> dict:
   """Replaces the BERT weights in `variables` with the pretrained ones at
   model.dsran.bert_path."""
-  path = model_config.dsran.bert_path
-  _, bert_params = load_hf_bert(path)
-  params = dict(variables["params"])
-  text = dict(params["text_enc"])
-  expected = jax.tree_util.tree_map(jnp.shape, text["bert"])
-  got = jax.tree_util.tree_map(np.shape, bert_params)
-  if expected != got:
-    raise ValueError(f"pretrained BERT at {path!r} does not match the "
-                     f"model's BERT shapes:\nexpected {json.dumps(expected, default=str)[:500]}"
-                     f"\ngot {json.dumps(got, default=str)[:500]}")
-  text["bert"] = jax.tree_util.tree_map(jnp.asarray, bert_params)
-  params["text_enc"] = text
-  return {**variables, "params": params}
+  return with_pretrained_bert(variables, model_config.dsran.bert_path, "text_enc")
 
 
 def load_pretrained_cnn(variables: dict, model_config) -> dict:

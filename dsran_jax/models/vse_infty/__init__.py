@@ -1,15 +1,10 @@
 """VSE∞ (Chen et al., CVPR 2021; woodfrog/vse_infty): the family's module builder and
 hooks. Options: `config.model.vse_infty` (see config.py)."""
-import json
 from typing import Optional
-
-import jax
-import jax.numpy as jnp
-import numpy as np
 
 from dsran_jax.core.text_policy import TextPolicy
 from dsran_jax.hub import resolve_pretrained_dir
-from dsran_jax.models.common.bert import BertConfig, bert_config_of, load_hf_bert
+from dsran_jax.models.common.bert import BertConfig, bert_config_of, with_pretrained_bert
 from dsran_jax.models.vse_infty.augment import Augmentation, wordpiece_vocabulary
 from dsran_jax.models.vse_infty.config import OPTIONS
 from dsran_jax.models.vse_infty.model import VseInfty, VseInftyConfig
@@ -42,18 +37,7 @@ def load_pretrained(variables: dict, config, vocab=None) -> dict:
   s = config.model.vse_infty
   if s.text_encoder != "bert" or s.bert_random_init:
     return variables
-  _, bert_params = load_hf_bert(s.bert_path)
-  params = dict(variables["params"])
-  text = dict(params["txt_enc"])
-  expected = jax.tree_util.tree_map(jnp.shape, text["bert"])
-  got = jax.tree_util.tree_map(np.shape, bert_params)
-  if expected != got:
-    raise ValueError(f"pretrained BERT at {s.bert_path!r} does not match the model's BERT "
-                     f"shapes:\nexpected {json.dumps(expected, default=str)[:500]}\n"
-                     f"got {json.dumps(got, default=str)[:500]}")
-  text["bert"] = jax.tree_util.tree_map(jnp.asarray, bert_params)
-  params["txt_enc"] = text
-  return {**variables, "params": params}
+  return with_pretrained_bert(variables, s.bert_path, "txt_enc")
 
 
 def train_augmentation(config, vocab_size: Optional[int] = None) -> Optional[Augmentation]:
