@@ -32,7 +32,6 @@ with it (`tools.rank --rerank`).
 """
 import dataclasses
 import functools
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -41,7 +40,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dsran_jax import ranking
+from dsran_jax import integrity, ranking
 
 EXTRA_INSTALL = 'pip install "dsran_jax[eccv]"'
 PACKAGE = "eccv_caption"
@@ -102,12 +101,8 @@ def package_version() -> str:
 
 
 def sha256(path: str) -> str:
-  """Hex sha256 of a file."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
+  """Hex sha256 of a file (the protocol record names the algorithm)."""
+  return integrity.file_digest(path, algorithm="sha256")
 
 
 @dataclasses.dataclass(frozen=True)

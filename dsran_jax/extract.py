@@ -63,7 +63,7 @@ from absl import logging  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dsran_jax import atomic, cli  # noqa: E402
+from dsran_jax import atomic, cli, integrity  # noqa: E402
 from dsran_jax.models.common import resnet  # noqa: E402
 from dsran_jax.progress import Progress  # noqa: E402
 
@@ -252,14 +252,6 @@ def output_paths(out: str, split: str) -> dict:
           "record": os.path.join(out, f"{split}_extract.json")}
 
 
-def _sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 22), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def _sha256_lines(lines: Sequence[str]) -> str:
   return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
@@ -393,7 +385,7 @@ def run(images: str, weights: str, out: str, split: str = "test", batch_size: in
   n = len(entries)
   if not os.path.isfile(weights):
     raise FileNotFoundError(f"{weights}: ResNet weights file not found")
-  weights_sha = _sha256_file(weights)
+  weights_sha = integrity.file_digest(weights, algorithm="sha256")
   files = output_paths(out, split)
   record = None
   if os.path.isfile(files["record"]):

@@ -36,14 +36,15 @@ class IntegrityError(ValueError):
   bit, a truncated or replaced file). The message names the file and what differs."""
 
 
-def new_hash():
-  """A fresh streaming hash of `ALGORITHM`."""
-  return hashlib.new(ALGORITHM)
+def new_hash(algorithm: str = ALGORITHM):
+  """A fresh streaming hash of `algorithm` (default `ALGORITHM`)."""
+  return hashlib.new(algorithm)
 
 
-def file_digest(path: str, chunk: int = CHUNK) -> str:
-  """The hex digest of the file's bytes, read `chunk` bytes at a time."""
-  h = new_hash()
+def file_digest(path: str, chunk: int = CHUNK, algorithm: str = ALGORITHM) -> str:
+  """The hex digest (`algorithm`, default `ALGORITHM`) of the file's bytes, read `chunk`
+  bytes at a time."""
+  h = new_hash(algorithm)
   with open(path, "rb") as f:
     while True:
       block = f.read(chunk)
