@@ -36,6 +36,7 @@ import numpy as np
 from flax import traverse_util
 
 from dsran_jax.convert import torch_pickle
+from dsran_jax.convert.engine import ConversionError
 from dsran_jax.models.common.layers import MaskedBatchNorm
 
 
@@ -589,4 +590,20 @@ def checkpoint_cnn(state: Mapping[str, Any], prefix: str
   if not tensors:
     raise ValueError(f"no {prefix}* tensors")
   config, _ = load_weights({prefix + k: v for k, v in tensors.items()}, prefix=prefix)
+  return config, tensors
+
+
+def converted_cnn(state: Mapping[str, Any], prefix: str, width: int, consumer: str,
+                  what: str, note: str) -> Tuple[ResNetConfig, dict[str, np.ndarray]]:
+  """`checkpoint_cnn(state, prefix)` for a converter: a ResNet dsran_jax cannot run, or one
+  whose output is not the `width` channels that `consumer` takes, is a ConversionError
+  naming the checkpoint (`what`); `note` says why the family's checkpoint holds it."""
+  try:
+    config, tensors = checkpoint_cnn(state, prefix)
+  except ValueError as e:
+    raise ConversionError(f"{what}: img_enc.cnn is not a ResNet dsran_jax runs ({e}); "
+                          f"{note}") from None
+  if config.out_channels != width:
+    raise ConversionError(f"{what}: img_enc.cnn ({config.describe()}) outputs "
+                          f"{config.out_channels} channels but {consumer} takes {width}")
   return config, tensors

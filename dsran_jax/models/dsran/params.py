@@ -248,18 +248,10 @@ def cnn_state(state_dict: Mapping[str, Any], img_dim: int, what: str):
   the grid branch's `img_enc.fc` takes."""
   state = {k: to_numpy(v, keep_dtype=True) for k, v in strip_prefix(state_dict).items()
            if k.startswith(CNN_PREFIX)}
-  try:
-    config, tensors = resnet.checkpoint_cnn(state, CNN_PREFIX)
-  except ValueError as e:
-    raise ConversionError(f"{what}: img_enc.cnn is not a ResNet dsran_jax runs ({e}); "
-                          f"DSRAN's checkpoints hold their ResNet-152, whose drifted "
-                          f"BatchNorm statistics the grid features must be extracted "
-                          f"with") from None
-  if config.out_channels != img_dim:
-    raise ConversionError(f"{what}: img_enc.cnn ({config.describe()}) outputs "
-                          f"{config.out_channels} channels but the grid branch's img_enc.fc "
-                          f"takes {img_dim}")
-  return config, tensors
+  return resnet.converted_cnn(
+      state, CNN_PREFIX, img_dim, "the grid branch's img_enc.fc", what,
+      "DSRAN's checkpoints hold their ResNet-152, whose drifted BatchNorm statistics the "
+      "grid features must be extracted with")
 
 
 # ----------------------------------------------------------------------------- workdir

@@ -111,18 +111,10 @@ def cnn_state(state: Mapping[str, np.ndarray], global_dim: int, what: str):
   """`(resnet_config, tensors)` of the checkpoint's `img_enc.cnn.module.*`
   (`resnet.checkpoint_cnn`: checked against dsran_jax's ResNet, every tensor as stored,
   under torchvision's names), whose pooled output must be `global_dim` wide."""
-  try:
-    config, tensors = resnet.checkpoint_cnn(state, CNN_PREFIX)
-  except ValueError as e:
-    raise ConversionError(f"{what}: img_enc.cnn is not a ResNet dsran_jax runs ({e}); "
-                          f"MLASM's checkpoints hold their ResNet-152 (with its drifted "
-                          f"BatchNorm statistics), which global_feat must be extracted "
-                          f"with") from None
-  if config.out_channels != global_dim:
-    raise ConversionError(f"{what}: img_enc.cnn ({config.describe()}) outputs "
-                          f"{config.out_channels} channels but img_enc.fc.weight takes "
-                          f"{global_dim}")
-  return config, tensors
+  return resnet.converted_cnn(
+      state, CNN_PREFIX, global_dim, "img_enc.fc.weight", what,
+      "MLASM's checkpoints hold their ResNet-152 (with its drifted BatchNorm statistics), "
+      "which global_feat must be extracted with")
 
 
 def convert_state(state: Mapping[str, np.ndarray], expected: Mapping[str, Tuple[int, ...]],
