@@ -198,10 +198,15 @@ class Matcher:
     the tokenizer of training and evaluation, so a caption is cut only where they cut
     it (`models.caption_cap`: the authors' cut or `data.max_len`; `overlong` and
     `cut_note` say what it cuts)."""
+    ids, mask, _ = self._encode(texts)
+    return ids, mask
+
+  def _encode(self, texts: Sequence[str]):
+    """`tokenize(texts)` and what the cut did (`data.tokenize.CaptionLengths`)."""
     if isinstance(texts, str):
       raise TypeError("texts must be a list of strings, got a single str")
-    ids, mask = self.tokenizer.encode(list(texts))
-    return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+    ids, mask, lengths = self.tokenizer.encode_report(list(texts))
+    return np.asarray(ids, np.int32), np.asarray(mask, np.int32), lengths
 
   def overlong(self, texts: Sequence[str]) -> List[Tuple[int, int]]:
     """[(index, tokens)] of the texts `tokenize` cuts: longer than the model's cut
@@ -246,10 +251,9 @@ class Matcher:
     if texts is not None:
       if attention_mask is not None:
         raise ValueError("attention_mask goes with input_ids, not texts")
-      input_ids, attention_mask = self.tokenize(texts)
-      note = self.cut_note(texts)
-      if note:
-        logging.warning("%s", note)
+      input_ids, attention_mask, lengths = self._encode(texts)
+      if lengths.cut:   # said per text only when something was cut: no second tokenising
+        logging.warning("%s", self.cut_note(texts))
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
       raise ValueError(f"input_ids must have rank 2 (B, L), got shape {ids.shape}")
