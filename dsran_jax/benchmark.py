@@ -77,6 +77,7 @@ import ml_collections
 import numpy as np
 
 from dsran_jax import atomic, cli, evaluation, models, optim, ranking, train, validation
+from dsran_jax.core import precision
 from dsran_jax.core.batch import KEY_SPECS, key_shape
 from dsran_jax.default_config import ConfigError, get_base_config
 from dsran_jax.models.variables import init_variables
@@ -103,7 +104,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--text_padding", default="masked", choices=("masked", "reference"))
   p.add_argument("--steps", type=int, default=10, help="timed steps (after 1 warm-up step)")
   p.add_argument("--warmup_steps", type=int, default=1)
-  p.add_argument("--bf16", action="store_true", help="model.dtype='bfloat16'")
+  p.add_argument("--bf16", action="store_true",
+                 help="model.dtype='bfloat16' (float32 on a CPU without native bf16 unless "
+                      "--set model.bf16_on_cpu=always; the output's compute_dtype says which)")
   p.add_argument("--peak_size", type=int, default=0,
                  help="matmul size for the peak; 0: best of 2048 and 4096")
   p.add_argument("--eval", action="store_true", help="time encoding + COCO 5K ranking")
@@ -347,8 +350,11 @@ def _device_info() -> dict:
         cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
     except OSError:
       pass
-  return {"device_kind": d.device_kind, "platform": d.platform,
+  info = {"device_kind": d.device_kind, "platform": d.platform,
           "num_devices": jax.device_count(), "cpu_model": cpu, "cpu_count": os.cpu_count()}
+  if d.platform == "cpu":
+    info["cpu_bf16_native"], info["cpu_bf16_units"] = precision.cpu_bf16_native()
+  return info
 
 
 def _shape_info(args) -> dict:
@@ -429,6 +435,7 @@ def benchmark_train(args: argparse.Namespace) -> dict:
       "other_load_cores": total.other_cores,
       "loadavg_1m": [load0, os.getloadavg()[0]],
       "loss": loss,
+      "compute_dtype": models.compute_dtype(config.model)[0],
       **_device_info(),
       **peak_memory(),
   }

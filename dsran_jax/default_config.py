@@ -235,6 +235,9 @@ KEYS: Dict[str, Key] = declare([
         "width of the region (and grid) features"),
     Key("model.dtype", "float32", Choice("float32", "bfloat16"),
         "compute dtype (params and BatchNorm/softmax/loss stay fp32)"),
+    Key("model.bf16_on_cpu", "auto", Choice("auto", "always"),
+        "bfloat16 on a CPU: auto = only where it runs natively (AMX, AVX512-BF16 on "
+        "AMD), else float32 (core/precision.py); always = bf16 anyway"),
     # word-vocabulary families (DSRAN's GRU build, SCAN, SGRAF, ...)
     Key("model.word_dim", 300, Int(note=_FAMILY), "word-embedding width"),
     Key("model.vocab_size", 0, Int(note=_FAMILY), "0: size of the built vocabulary"),

@@ -271,6 +271,9 @@ def _train_and_evaluate(config, wd: Workdir, mesh, stop_at, save_sims) -> dict:
   for note in departures:
     logging.warning("this run departs from the authors' recipe: %s", note)
   config.train.departures = "; ".join(departures)
+  _, dtype_note = models.compute_dtype(config.model)
+  if dtype_note:
+    logging.warning("%s", dtype_note)
   wd.save_config(config)
   mesh = mesh or make_mesh()
   check_batch_size(config, mesh)

@@ -44,6 +44,8 @@ import importlib.util
 import pkgutil
 from typing import Callable, Optional, Tuple
 
+from dsran_jax.core import precision
+
 DEFAULT = "dsran"
 _NOT_FAMILIES = ("common",)
 
@@ -155,8 +157,22 @@ def migrations() -> Tuple[Callable[[dict], dict], ...]:
                if m is not None)
 
 
+def compute_dtype(model_config) -> Tuple[str, str]:
+  """The dtype the model computes in on this backend and a note when that is not
+  `model.dtype` (bf16 asked for on a CPU without native bf16: `core.precision`)."""
+  # Imported here, not at the top: configs and --help import this registry, jax-free.
+  import jax  # pylint: disable=g-import-not-at-top
+  return precision.compute_dtype(model_config.dtype, model_config.bf16_on_cpu,
+                                 jax.default_backend())
+
+
 def build_model(model_config, vocab_size: Optional[int] = None):
-  """The Flax module of `config.model` (`vocab_size`: the word vocabulary's, if any)."""
+  """The Flax module of `config.model` (`vocab_size`: the word vocabulary's, if any),
+  computing in `compute_dtype(model_config)`."""
+  dtype, _ = compute_dtype(model_config)
+  if dtype != model_config.dtype:
+    model_config = model_config.copy_and_resolve_references()
+    model_config.dtype = dtype
   return family(model_config.name).build(model_config, vocab_size)
 
 
