@@ -107,7 +107,8 @@ def model_options(opt: Mapping[str, Any], img: Mapping[str, np.ndarray],
     bert_state = {k[len(BERT_PREFIX):]: v for k, v in txt.items() if k.startswith(BERT_PREFIX)}
     hidden = int(_need(bert_state, "embeddings.word_embeddings.weight", "txt_enc.bert").shape[1])
     out["chan.text_encoder"] = "bert"
-    out["bert"] = infer_bert_config(bert_state, bert_heads or heads_from_bert_dir(bert_path, hidden))
+    heads = bert_heads or heads_from_bert_dir(bert_path, hidden)
+    out["bert"] = infer_bert_config(bert_state, heads)
   else:
     emb = _need(txt, "embed.weight", "txt_enc")
     layers = sorted({int(m.group(2)) for k in txt for m in [GRU_LEAF.match(k)] if m})

@@ -303,6 +303,6 @@ def pairwise_xattn_scores(regions, region_mask, words, word_mask, *,
 
 
 __all__ = ["AGGS", "DIRECTIONS", "NORMS", "EPS", "aggregate", "attend", "attended_context",
-           "caption_chunk", "cosine", "map_caption_blocks", "masked_softmax", "normalize_over_queries",
-           "pairwise_xattn_scores", "region_word_similarities", "scores_from_similarities",
-           "xattn_scores"]
+           "caption_chunk", "cosine", "map_caption_blocks", "masked_softmax",
+           "normalize_over_queries", "pairwise_xattn_scores", "region_word_similarities",
+           "scores_from_similarities", "xattn_scores"]
