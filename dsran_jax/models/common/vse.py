@@ -10,7 +10,11 @@ hard alignment) use them before their own pooling or scoring.
 - `bert_words`: BERT (attention mask `ids != 0`) -> Linear(hidden, E) per token.
 - `bidirectional_gru`: nn.GRU(bidirectional, num_layers) on packed sequences, the last
   layer's halves averaged.
+- `MaskedWordEmbedding`: their BiGRU builds' word table with the `<mask>` row train.py
+  appends to the vocabulary.
 """
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -90,3 +94,28 @@ def bert_words(input_ids, mask, bert: BertConfig, embed_size: int, train: bool):
   token. Module names `bert`, `linear`; call from a compact scope."""
   h = BertEncoder(bert, name="bert")(input_ids, mask & (input_ids != 0), train=train)
   return Linear(embed_size, name="linear")(h)
+
+
+class MaskedWordEmbedding(nn.Module):
+  """Their `nn.Embedding(len(vocab) + 1, word_dim)`: `embedding` holds the `vocab_size`
+  rows of the vocabulary's words and `mask` the row after them, their `<mask>` (id
+  `vocab_size`), which train.py appends to the vocabulary. Kept apart so the word table
+  has exactly the vocabulary's rows, as every word-vocabulary model's.
+
+  Initialisation: U(-bound, bound) with `bound` (VSE∞: 0.1); None is
+  `nn.init.xavier_uniform_` of the whole (vocab_size + 1, features) table (CHAN).
+  """
+  vocab_size: int
+  features: int
+  bound: Optional[float] = 0.1
+
+  @nn.compact
+  def __call__(self, ids):
+    bound = self.bound
+    if bound is None:  # xavier over their one table: fan_in + fan_out = rows + columns
+      bound = (6.0 / (self.vocab_size + 1 + self.features)) ** 0.5
+    uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound)
+    words = self.param("embedding", uniform, (self.vocab_size, self.features))
+    mask_row = self.param("mask", uniform, (1, self.features))
+    return jnp.take(jnp.concatenate([words, mask_row]), ids, axis=0)
