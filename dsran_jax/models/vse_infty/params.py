@@ -84,7 +84,7 @@ def _need(sd: Mapping[str, np.ndarray], key: str, where: str) -> np.ndarray:
   return sd[key]
 
 
-def _heads_from_bert_dir(bert_path: str, hidden: int) -> Optional[int]:
+def heads_from_bert_dir(bert_path: str, hidden: int) -> Optional[int]:
   """num_attention_heads of a local BERT directory's config.json of width `hidden`."""
   cfg = os.path.join(os.path.expanduser(bert_path), "config.json") if bert_path else ""
   if not cfg or not os.path.isfile(cfg):
@@ -111,7 +111,7 @@ def model_options(opt: Mapping[str, Any], img: Mapping[str, np.ndarray],
     bert_state = {k[len(BERT_PREFIX):]: v for k, v in txt.items() if k.startswith(BERT_PREFIX)}
     hidden = int(_need(bert_state, "embeddings.word_embeddings.weight", "txt_enc.bert").shape[1])
     out["vse_infty.text_encoder"] = "bert"
-    heads = bert_heads or _heads_from_bert_dir(bert_path, hidden)
+    heads = bert_heads or heads_from_bert_dir(bert_path, hidden)
     out["bert"] = infer_bert_config(bert_state, heads)
   else:
     emb = _need(txt, "embed.weight", "txt_enc")
