@@ -92,7 +92,10 @@ class TorchEncoder(nn.Module):
 
 def same_initial_layers(params: dict) -> dict:
   """A `TorchEncoder`'s fresh params with every layer a copy of `layers_0`, as torch's
-  `_get_clones` deep-copies one initialised layer."""
+  `_get_clones` deep-copies one initialised layer (copies, not shared arrays: a jitted
+  step may donate every buffer of its state)."""
   if "layers_0" not in params:
     return params
-  return {k: (params["layers_0"] if k.startswith("layers_") else v) for k, v in params.items()}
+  first = params["layers_0"]
+  return {k: (jax.tree_util.tree_map(jnp.copy, first) if k.startswith("layers_") and
+              k != "layers_0" else v) for k, v in params.items()}

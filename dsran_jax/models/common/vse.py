@@ -1,7 +1,7 @@
 """Per-item encoders of the VSE∞ code base (woodfrog/vse_infty lib/encoders.py,
 lib/modules/mlp.py), shared by the models trained from it: VSE∞ pools their outputs with
-GPO (`common/gpo.py`); HREM (its `FC_MLP`, `models/hrem`) and CHAN (word and region features scored by
-hard alignment) use them before their own pooling or scoring.
+GPO (`common/gpo.py`); HREM (its `FC_MLP`, `models/hrem`) and CHAN (word and region
+features scored by hard alignment) use them before their own pooling or scoring.
 
 - `RegionMLP`: their `MLP(img_dim, E/2, E, 2)`, Linear -> BatchNorm1d -> ReLU -> Linear,
   whose BatchNorm1d normalises every row of the (B x max_len) padded batch, padding

@@ -18,7 +18,9 @@ def bert_config_from(model_config) -> BertConfig:
 
 
 def model_config_from(model_config, vocab_size: Optional[int] = None) -> HremConfig:
-  """Turns `config.model` (ml_collections) into the hashable HremConfig."""
+  """Turns `config.model` (ml_collections) into the hashable HremConfig; every
+  `model.hrem` option is checked, the objective's too (they are not Module fields)."""
+  OPTIONS.validate(model_config)
   return OPTIONS.module_config(HremConfig, model_config, vocab_size,
                                bert=bert_config_from(model_config))
 

@@ -98,6 +98,15 @@ def kth_largest(x, k: int):
   return jax.lax.top_k(x, k)[0][:, -1:]
 
 
+def top_k_or_fewer(x, k: int):
+  """The k largest values of the last axis, that axis padded with -inf when it is
+  shorter than k (then -inf where theirs, reading fewer than k items, would raise)."""
+  short = k - x.shape[-1]
+  if short > 0:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, short)], constant_values=-jnp.inf)
+  return jax.lax.top_k(x, k)[0]
+
+
 def connected(x, share: float):
   """Their connection mask: x >= the row's int(n * share)-th largest value."""
   k = int(x.shape[1] * share)
@@ -211,13 +220,13 @@ def word_region_scores(regions, region_mask, words, word_mask, topk: int):
   row = jnp.max(jnp.where(region_ok[None, :, None, :], by_word, -jnp.inf), axis=3)
   row_mean = (jnp.sum(jnp.where(word_real[:, None, :], row, 0.0), axis=2)
               / jnp.maximum(cap_len, 1)[:, None])
-  row_topk = jax.lax.top_k(jnp.where(word_sel[:, None, :], row, -jnp.inf), topk)[0]
+  row_topk = top_k_or_fewer(jnp.where(word_sel[:, None, :], row, -jnp.inf), topk)
   # i2t: normalised over the regions, max over the caption's real words.
   by_region = sim / jnp.maximum(jnp.sqrt(jnp.sum(sim * sim, axis=3, keepdims=True)), 1e-12)
   col = jnp.max(jnp.where(word_real[:, None, :, None], by_region, -jnp.inf), axis=2)
   n_regions = jnp.maximum(jnp.max(img_len), 1)
   col_mean = jnp.sum(jnp.where(region_ok[None], col, 0.0), axis=2) / n_regions
-  col_topk = jax.lax.top_k(jnp.where(region_ok[None], col, -jnp.inf), topk)[0]
+  col_topk = top_k_or_fewer(jnp.where(region_ok[None], col, -jnp.inf), topk)
   # Fewer than topk selected words / regions (their topk would raise): zeros there.
   row_topk = jnp.where(jnp.isfinite(row_topk), row_topk, 0.0)
   col_topk = jnp.where(jnp.isfinite(col_topk), col_topk, 0.0)
@@ -282,7 +291,8 @@ class GraphObjective:
                               outputs["text"], train=False)["params"]
     params = dict(params)
     params["gnn"] = same_initial_layers(params["gnn"])
-    params["mlp_i2t"] = params["mlp_t2i"]
+    # Copies, not the same arrays: the train step donates every buffer of its state.
+    params["mlp_i2t"] = jax.tree_util.tree_map(jnp.copy, params["mlp_t2i"])
     return {"params": params}
 
   def _loss(self, kind: str, im, s, ids, step, key, name: str):
