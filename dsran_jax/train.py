@@ -68,7 +68,7 @@ def init_objective(model, variables, objective, rng) -> dict:
       v, batch, train=True, method="training_outputs", rngs={"dropout": rng},
       mutable=["batch_stats"])[0], variables)
   outputs = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  got = objective.init(rng, outputs)
+  got = jax.jit(objective.init)(rng, outputs)
   if set(got) != {"params"}:
     raise ValueError(f"a training objective's init must give {{'params': ...}}, got "
                      f"collections {sorted(got)}")

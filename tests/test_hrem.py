@@ -131,12 +131,14 @@ def test_training_step_loss_equals_theirs(torch_ref, tmp_path, after_warmup):
   variables = dict(converted.variables)
   # After the warm-up our batch is padded wider than theirs (10 tokens, 9 regions).
   batch = _batch(images, img_lens, ids, lens, image_ids, *((10, 9) if after_warmup else ()))
-  outputs, upd = model.apply(variables, batch, train=True, method="training_outputs",
-                             mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
+  outputs, upd = jax.jit(lambda v, b: model.apply(
+      v, b, train=True, method="training_outputs", mutable=["batch_stats"],
+      rngs={"dropout": jax.random.key(0)}))(variables, batch)
   shapes = {f"params/{k}": tuple(v.shape) for k, v in flatten(
-      objective.init(jax.random.key(0), outputs)["params"]).items()}
+      jax.eval_shape(objective.init, jax.random.key(0), outputs)["params"]).items()}
   graph = hrem_params.convert_objective(want["graph"], shapes)
-  got = float(objective.loss(graph, outputs, batch, jnp.int32(step), jax.random.key(1)))
+  got = float(jax.jit(objective.loss)(graph, outputs, batch, jnp.int32(step),
+                                      jax.random.key(1)))
   assert want["loss"] > 0.1
   np.testing.assert_allclose(got, want["loss"], rtol=1e-5, atol=TOL)
   bn = upd["batch_stats"]["img_enc"]["fc"]["mlp"]["bn_0"]
