@@ -68,6 +68,9 @@ def test_cli_workdir_gives_their_similarity_matrix(torch_ref, minilm_dir, tmp_pa
                    captions=ids, lengths=lens, bert=TINY_BERT)
   matcher = inference.load(str(tmp_path / "wd"))
   assert matcher.config.model.hrem.nhead == 2
+  t = matcher.config.train
+  assert (t.optimizer, t.weight_decay, t.bert_lr_scale, t.lr_milestones) == (
+      "adamw", 1e-4, 0.1, "15,25")
   np.testing.assert_array_equal(matcher.tokenize(texts)[0][:, :lens.max()], ids)
   mask = np.arange(5)[None] < img_lens[:, None]
   got = matcher.score(matcher.encode_images(regions=images, region_mask=mask),
@@ -100,14 +103,16 @@ def _converted(torch_ref, tmp_path):
   return ckpt, converted, model
 
 
-@pytest.mark.parametrize("after_warmup", [False, True])
-def test_training_step_loss_equals_theirs(torch_ref, tmp_path, after_warmup):
+@pytest.mark.parametrize("after_warmup,loss", [(False, "trip"), (True, "trip"), (True, "vse")])
+def test_training_step_loss_equals_theirs(torch_ref, tmp_path, after_warmup, loss):
   """Train mode on a batch with a repeated image (ids 0, 0, ...: pairs of one image are
   positives), images of 2..6 regions and captions of 2..7 tokens (shorter than topk=4:
   their relevance reads padding there): our GraphLoss equals theirs on the same weights
   (their relation module's random parameters converted) and the same drawn negatives,
   before the warm-up (base triplet loss only) and after it (relation module, three gnn
-  losses, reg KL; our batch padded wider than theirs). Dropout 0 on both sides."""
+  losses, reg KL; our batch padded wider than theirs), with the triplet losses and with
+  their ContrastiveLoss ('vse', summed violations as their opt.max_violation=False,
+  pairs of one image masked). Dropout 0 on both sides."""
   rng = np.random.default_rng(8)
   ckpt, converted, model = _converted(torch_ref, tmp_path)
   b = 6
@@ -119,7 +124,7 @@ def test_training_step_loss_equals_theirs(torch_ref, tmp_path, after_warmup):
   ids = np.zeros((b, 7), np.int64)
   for j, n in enumerate(lens):
     ids[j, :n] = rng.integers(1000, 30000, n)
-  opt = {"dropout": 0.0, "warmup": 3, "topk": 4}
+  opt = {"dropout": 0.0, "warmup": 3, "topk": 4, "base_loss": loss, "gnn_loss": loss}
   step = 3 if after_warmup else 2
   want = torch_ref("hrem.train_loss", path=ckpt, images=images, image_lengths=img_lens,
                    captions=ids, lengths=lens, img_ids=image_ids, bert=NO_DROPOUT,
@@ -127,6 +132,8 @@ def test_training_step_loss_equals_theirs(torch_ref, tmp_path, after_warmup):
   assert ("gnn" in want["parts"]) == after_warmup
   c = converted.config
   c.model.hrem.dropout, c.model.hrem.warmup, c.model.hrem.topk = 0.0, 3, 4
+  c.model.hrem.base_loss = c.model.hrem.gnn_loss = loss
+  assert not c.train.max_violation  # their saved opt's
   objective = models.family("hrem").training_objective(c, sampler=_replay(want["draws"], b))
   variables = dict(converted.variables)
   # After the warm-up our batch is padded wider than theirs (10 tokens, 9 regions).

@@ -427,8 +427,8 @@ def train_loss(path, images, image_lengths, captions, lengths, img_ids, bert, it
   img_out = img_enc(im, il, graph=True)
   cap_out = txt_enc(cap, cl, graph=True)
   loss, parts = criterion(img_out, cap_out, img_ids=torch.tensor(np.asarray(img_ids)))
-  draws = criterion.base_loss.draws + (criterion.gnn_loss.draws
-                                       if criterion.gnn_loss is not criterion.base_loss else [])
+  draws = [d for loss in (criterion.base_loss, criterion.gnn_loss)
+           for d in getattr(loss, "draws", [])]
   bn = img_enc.fc.mlp.bns[0]
   return {"loss": float(loss), "parts": parts, "draws": draws,
           "graph": {k: v.detach().numpy().copy() for k, v in criterion.state_dict().items()},
