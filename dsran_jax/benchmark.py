@@ -375,16 +375,21 @@ def benchmark_train(args: argparse.Namespace) -> dict:
   schedule = optim.learning_rate_schedule(config.train, steps_per_epoch,
                                           config.train.num_epochs * steps_per_epoch)
   model_frozen = models.frozen_paths(config.model)
-  tx = optim.make_optimizer(config.train, schedule, model_frozen)
+  objective = models.training_objective(config)
+  tx = optim.make_optimizer(config.train, schedule, model_frozen, objective)
   frozen = optim.frozen_patterns(config.train, model_frozen)
   replicated = NamedSharding(mesh, P())
-  state = train.create_state(model, tx, config, jax.random.PRNGKey(args.seed), replicated)
+  state = train.create_state(model, tx, config, jax.random.PRNGKey(args.seed), replicated,
+                             objective=objective)
   state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
-  step_fn = train.jit_train_step(train.make_train_step(model, tx, config, schedule, frozen),
-                                 mesh, state_sharding)
+  step_fn = train.jit_train_step(
+      train.make_train_step(model, tx, config, schedule, frozen, objective), mesh,
+      state_sharding)
   rng = np.random.default_rng(args.seed)
-  batches = [train.global_batch(random_batch(rng, args.batch_size, args, model=model), mesh)
-             for _ in range(2)]
+  # A family objective reads the images' ids (pairs of one image are positives).
+  index = {"image_index": np.arange(args.batch_size, dtype=np.int32)} if objective else {}
+  batches = [train.global_batch({**random_batch(rng, args.batch_size, args, model=model),
+                                 **index}, mesh) for _ in range(2)]
 
   t = time.perf_counter()
   compiled = step_fn.lower(state, batches[0]).compile()

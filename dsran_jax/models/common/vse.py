@@ -1,7 +1,7 @@
 """Per-item encoders of the VSE∞ code base (woodfrog/vse_infty lib/encoders.py,
 lib/modules/mlp.py), shared by the models trained from it: VSE∞ pools their outputs with
-GPO (`common/gpo.py`); HREM (its `FC_MLP`) and CHAN (word and region features scored by
-hard alignment) use them before their own pooling or scoring.
+GPO (`common/gpo.py`); HREM (its `FC_MLP`, `models/hrem`) and CHAN (word and region
+features scored by hard alignment) use them before their own pooling or scoring.
 
 - `RegionMLP`: their `MLP(img_dim, E/2, E, 2)`, Linear -> BatchNorm1d -> ReLU -> Linear,
   whose BatchNorm1d normalises every row of the (B x max_len) padded batch, padding
@@ -59,20 +59,22 @@ class PaddedBatchNorm(nn.Module):
 
 class RegionMLP(nn.Module):
   """Their `MLP(img_dim, embed // 2, embed, 2)`: layer_0 -> bn_0 -> ReLU -> layer_1 (a
-  `bns.1` exists in their state dict but is never called)."""
+  `bns.1` exists in their state dict but is never called). `init`: the Linears' (see
+  `layers.Linear`; HREM's `FC_MLP` applies Xavier to them)."""
   hidden: int
   out: int
+  init: str = "torch"
 
   @nn.compact
   def __call__(self, x, mask, train: bool):
-    layer_0 = Linear(self.hidden, name="layer_0")
+    layer_0 = Linear(self.hidden, init=self.init, name="layer_0")
     h = layer_0(x)
     lengths = jnp.sum(mask, axis=1)
     # Their collate pads each batch to its longest image with zero rows.
     n_pad = (x.shape[0] * jnp.max(lengths) - jnp.sum(lengths)).astype(jnp.float32)
     pad_row = layer_0(jnp.zeros((1, x.shape[-1]), x.dtype))[0]
     h = PaddedBatchNorm(name="bn_0")(h, mask, pad_row, n_pad, train)
-    return Linear(self.out, name="layer_1")(jax.nn.relu(h))
+    return Linear(self.out, init=self.init, name="layer_1")(jax.nn.relu(h))
 
 
 def bidirectional_gru(x, mask, hidden: int, num_layers: int):
