@@ -4,12 +4,11 @@ relation module: objective.py."""
 from typing import Optional
 
 from dsran_jax.core.text_policy import TextPolicy
-from dsran_jax.hub import resolve_pretrained_dir
 from dsran_jax.models.common.bert import BertConfig, bert_config_of, with_pretrained_bert
+from dsran_jax.models.common.vse_augment import Augmentation, augmentation_of
 from dsran_jax.models.hrem.config import OPTIONS
 from dsran_jax.models.hrem.model import Hrem, HremConfig
 from dsran_jax.models.hrem.objective import GraphObjective, objective_config
-from dsran_jax.models.vse_infty.augment import Augmentation, wordpiece_vocabulary
 
 
 def bert_config_from(model_config) -> BertConfig:
@@ -50,14 +49,10 @@ def training_objective(config, sampler=None) -> GraphObjective:
 
 def train_augmentation(config, vocab_size: Optional[int] = None) -> Optional[Augmentation]:
   """Their loader's region dropout (--size_augment 1) and WordPiece masking
-  (process_caption_bert), which are VSE∞'s (`vse_infty.augment.Augmentation`), at the
+  (process_caption_bert), which are VSE∞'s (`common.vse_augment.Augmentation`), at the
   rates of `model.hrem.region_drop` / `token_mask`; None when both are 0."""
-  del vocab_size
   s = config.model.hrem
-  if s.region_drop == 0 and s.token_mask == 0:
-    return None
-  text = {"kind": "bert", "vocab": wordpiece_vocabulary(str(resolve_pretrained_dir(s.bert_path)))}
-  return Augmentation(s.region_drop, s.token_mask, text)
+  return augmentation_of(s, "bert", s.bert_path, vocab_size or 0, "HREM")
 
 
 def text_policy(model: Hrem, config):
