@@ -79,6 +79,7 @@ import ml_collections
 import numpy as np
 
 from dsran_jax import atomic, cli, evaluation, models, optim, ranking, train, validation
+from dsran_jax.core import precision
 from dsran_jax.core.batch import KEY_SPECS, key_shape
 from dsran_jax.default_config import ConfigError, get_base_config
 from dsran_jax.models.variables import init_variables
@@ -105,7 +106,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--text_padding", default="masked", choices=("masked", "reference"))
   p.add_argument("--steps", type=int, default=10, help="timed steps (after 1 warm-up step)")
   p.add_argument("--warmup_steps", type=int, default=1)
-  p.add_argument("--bf16", action="store_true", help="model.dtype='bfloat16'")
+  p.add_argument("--bf16", action="store_true",
+                 help="model.dtype='bfloat16' (float32 on a CPU without native bf16 unless "
+                      "--set model.bf16_on_cpu=always; the output's compute_dtype says which)")
   p.add_argument("--peak_size", type=int, default=0,
                  help="matmul size for the peak; 0: best of 2048 and 4096")
   p.add_argument("--eval", action="store_true", help="time encoding + COCO 5K ranking")
@@ -349,8 +352,11 @@ def _device_info() -> dict:
         cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
     except OSError:
       pass
-  return {"device_kind": d.device_kind, "platform": d.platform,
+  info = {"device_kind": d.device_kind, "platform": d.platform,
           "num_devices": jax.device_count(), "cpu_model": cpu, "cpu_count": os.cpu_count()}
+  if d.platform == "cpu":
+    info["cpu_bf16_native"], info["cpu_bf16_units"] = precision.cpu_bf16_native()
+  return info
 
 
 def _shape_info(args) -> dict:
@@ -371,16 +377,21 @@ def benchmark_train(args: argparse.Namespace) -> dict:
   schedule = optim.learning_rate_schedule(config.train, steps_per_epoch,
                                           config.train.num_epochs * steps_per_epoch)
   model_frozen = models.frozen_paths(config.model)
-  tx = optim.make_optimizer(config.train, schedule, model_frozen)
+  objective = models.training_objective(config)
+  tx = optim.make_optimizer(config.train, schedule, model_frozen, objective)
   frozen = optim.frozen_patterns(config.train, model_frozen)
   replicated = NamedSharding(mesh, P())
-  state = train.create_state(model, tx, config, jax.random.PRNGKey(args.seed), replicated)
+  state = train.create_state(model, tx, config, jax.random.PRNGKey(args.seed), replicated,
+                             objective=objective)
   state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
-  step_fn = train.jit_train_step(train.make_train_step(model, tx, config, schedule, frozen),
-                                 mesh, state_sharding)
+  step_fn = train.jit_train_step(
+      train.make_train_step(model, tx, config, schedule, frozen, objective), mesh,
+      state_sharding)
   rng = np.random.default_rng(args.seed)
-  batches = [train.global_batch(random_batch(rng, args.batch_size, args, model=model), mesh)
-             for _ in range(2)]
+  # A family objective reads the images' ids (pairs of one image are positives).
+  index = {"image_index": np.arange(args.batch_size, dtype=np.int32)} if objective else {}
+  batches = [train.global_batch({**random_batch(rng, args.batch_size, args, model=model),
+                                 **index}, mesh) for _ in range(2)]
 
   t = time.perf_counter()
   compiled = step_fn.lower(state, batches[0]).compile()
@@ -431,6 +442,7 @@ def benchmark_train(args: argparse.Namespace) -> dict:
       "other_load_cores": total.other_cores,
       "loadavg_1m": [load0, os.getloadavg()[0]],
       "loss": loss,
+      "compute_dtype": models.compute_dtype(config.model)[0],
       **_device_info(),
       **peak_memory(),
   }

@@ -57,7 +57,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from absl import logging
 
-from dsran_jax import atomic, integrity
+from dsran_jax import atomic, integrity, models
 
 LATEST, BEST = "latest", "best"
 KINDS = (LATEST, BEST)
@@ -616,7 +616,9 @@ def _stored_layout(path: str):
 
 
 def load_variables(workdir: str) -> tuple[dict, dict]:
-  """Model variables {'params', 'batch_stats'} of the best checkpoint (else the latest)."""
+  """Model variables {'params', 'batch_stats'} of the best checkpoint (else the latest,
+  less a family objective's parameters)."""
   kind = BEST if latest_step(workdir, BEST) is not None else LATEST
   state, meta = restore(workdir, kind)
-  return {"params": state["params"], "batch_stats": state["batch_stats"]}, meta
+  return {"params": models.model_params(state["params"]),
+          "batch_stats": state["batch_stats"]}, meta

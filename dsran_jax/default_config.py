@@ -23,7 +23,7 @@ import inspect
 import math
 import numbers
 import re
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import ml_collections
 
@@ -131,6 +131,31 @@ def Regexes() -> Rule:
   return check
 
 
+def Milestones() -> Rule:
+  """A string of comma-separated epochs >= 1, increasing ("" for none)."""
+  def check(v):
+    try:
+      parse_milestones(v)
+    except ValueError as e:
+      return str(e)
+  return check
+
+
+def parse_milestones(v) -> Tuple[int, ...]:
+  """The epochs of a `train.lr_milestones` string ("15,25" -> (15, 25); "" -> ()).
+  Raises ValueError saying what a valid value looks like."""
+  msg = "must be a string of comma-separated increasing epochs >= 1, e.g. '15,25'"
+  if not isinstance(v, str):
+    raise ValueError(msg)
+  parts = [p.strip() for p in v.split(",") if p.strip()]
+  if not all(p.isdigit() for p in parts):
+    raise ValueError(msg)
+  epochs = tuple(int(p) for p in parts)
+  if any(e < 1 for e in epochs) or list(epochs) != sorted(set(epochs)):
+    raise ValueError(msg)
+  return epochs
+
+
 def _caption_cap_rule(v) -> Optional[str]:
   """`data.max_len`: -1 (the family's rule), 0 (whole captions) or a cut in [3, 4096]
   (a caption keeps at least its two end tokens)."""
@@ -235,6 +260,9 @@ KEYS: Dict[str, Key] = declare([
         "width of the region (and grid) features"),
     Key("model.dtype", "float32", Choice("float32", "bfloat16"),
         "compute dtype (params and BatchNorm/softmax/loss stay fp32)"),
+    Key("model.bf16_on_cpu", "auto", Choice("auto", "always"),
+        "bfloat16 on a CPU: auto = only where it runs natively (AMX, AVX512-BF16 on "
+        "AMD), else float32 (core/precision.py); always = bf16 anyway"),
     # word-vocabulary families (DSRAN's GRU build, SCAN, SGRAF, ...)
     Key("model.word_dim", 300, Int(note=_FAMILY), "word-embedding width"),
     Key("model.vocab_size", 0, Int(note=_FAMILY), "0: size of the built vocabulary"),
@@ -261,6 +289,9 @@ KEYS: Dict[str, Key] = declare([
     Key("train.lr_update", 6, Int(1, note=" (epochs between x0.1 decays; a large value "
                                           "disables them)"),
         "epochs between x0.1 decays"),
+    Key("train.lr_milestones", "", Milestones(),
+        "comma-separated epochs at which the lr falls x0.1 (e.g. '15,25'); '' (the "
+        "default): every train.lr_update epochs"),
     Key("train.warmup", 0.1, Real(0, 1, hi_open=True, note=" (fraction of the steps)"),
         "fraction of total steps, linear warmup (BertAdam); 0: none"),
     Key("train.grad_clip", 0.0, Real(0, note=" (0: no clipping)"),

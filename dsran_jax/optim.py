@@ -18,17 +18,28 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dsran_jax.default_config import parse_milestones
+from dsran_jax.models import OBJECTIVE_KEY as OBJECTIVE
+
 
 def learning_rate_schedule(train_config, steps_per_epoch: int, total_steps: int):
-  """step -> lr, the product of the step decay and (BertAdam) the warmup-linear factor."""
+  """step -> lr, the product of the step decay and (BertAdam) the warmup-linear factor.
+
+  The step decay is x0.1 every `lr_update` epochs, or x0.1 at each epoch of
+  `lr_milestones` when that is set (HREM's `--lr_schedules 15 25`)."""
   base = train_config.learning_rate
   decay_every = max(1, train_config.lr_update * steps_per_epoch)
+  milestones = parse_milestones(train_config.get("lr_milestones", ""))
+  bounds = jnp.asarray([m * steps_per_epoch for m in milestones], jnp.float32)
   warmup = train_config.warmup if train_config.optimizer == "bertadam" else 0.0
   total = max(1, total_steps)
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
-    lr = base * 0.1 ** jnp.floor(step / decay_every)
+    if milestones:
+      lr = base * 0.1 ** jnp.sum(step >= bounds).astype(jnp.float32)
+    else:
+      lr = base * 0.1 ** jnp.floor(step / decay_every)
     if warmup > 0:
       x = step / total
       lr = lr * jnp.where(x < warmup, x / warmup, jnp.maximum((x - 1.0) / (warmup - 1.0), 0.0))
@@ -119,22 +130,87 @@ def stop_frozen_gradients(params, patterns: Sequence[str]):
       lambda p, l: jax.lax.stop_gradient(p) if l == "frozen" else p, params, labels)
 
 
-def make_optimizer(train_config, schedule,
-                   model_frozen: Sequence[str] = ()) -> optax.GradientTransformation:
+class GateState(NamedTuple):
+  count: jnp.ndarray
+  inner: optax.OptState
+
+
+def active_from(start: int, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` from its `start`-th update on; before that, zero updates and `inner`'s
+  state untouched (torch's optimisers skip a parameter whose grad is None: no moment,
+  no weight decay, no step count until the first gradient reaches it)."""
+
+  def init_fn(params):
+    return GateState(jnp.zeros((), jnp.int32), inner.init(params))
+
+  def update_fn(updates, state, params=None):
+    new_updates, new_inner = inner.update(updates, state.inner, params)
+    on = state.count >= start
+    updates = jax.tree_util.tree_map(lambda u: jnp.where(on, u, jnp.zeros_like(u)),
+                                     new_updates)
+    kept = jax.tree_util.tree_map(lambda n, o: jnp.where(on, n, o), new_inner, state.inner)
+    return updates, GateState(state.count + 1, kept)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _direction(t) -> list:
+  """The per-parameter update direction of `t.optimizer`, before the learning rate."""
+  if t.optimizer == "bertadam":
+    return [clip_each_by_norm(1.0), scale_by_bert_adam()]
+  if t.optimizer == "adam":
+    return [optax.scale_by_adam(eps=1e-8)]
+  if t.optimizer == "adamw":
+    return [optax.scale_by_adam(eps=1e-8), optax.add_decayed_weights(t.weight_decay)]
+  raise ValueError(f"config.train.optimizer={t.optimizer!r}; expected 'bertadam', 'adam' "
+                   f"or 'adamw'")
+
+
+def _with_objective(t, schedule, objective) -> optax.GradientTransformation:
+  """The optimiser of a family objective's run (see `make_optimizer`): one global-norm
+  clip over every trained parameter, then the groups bert (x bert_lr_scale), objective
+  (x objective.lr_scale, updated from step objective.active_from on) and the rest."""
+  groups = {"rest": optax.chain(*_direction(t)),
+            "bert": optax.chain(*_direction(t), optax.scale(t.bert_lr_scale)),
+            OBJECTIVE: optax.chain(active_from(int(objective.active_from),
+                                               optax.chain(*_direction(t))),
+                                   optax.scale(float(objective.lr_scale)))}
+
+  def labels(params):
+    def label(path, _):
+      p = path_str(path)
+      if p.split("/", 1)[0] == OBJECTIVE:
+        return OBJECTIVE
+      return "bert" if re.search(BERT_PATHS, p) else "rest"
+    return jax.tree_util.tree_map_with_path(label, params)
+
+  chain = [optax.multi_transform(groups, labels),
+           optax.scale_by_schedule(lambda step: -schedule(step))]
+  if t.grad_clip > 0:
+    chain.insert(0, optax.clip_by_global_norm(t.grad_clip))
+  return optax.chain(*chain)
+
+
+def make_optimizer(train_config, schedule, model_frozen: Sequence[str] = (),
+                   objective=None) -> optax.GradientTransformation:
   """The optax chain for `config.train` (see module docstring). Parameters whose path
   matches a regex of `frozen_patterns(train_config, model_frozen)` get no update and take
-  no part in gradient clipping; BERT weights can get a smaller lr (`bert_lr_scale`)."""
+  no part in gradient clipping; BERT weights can get a smaller lr (`bert_lr_scale`).
+
+  `objective`: a family's training objective (`models.training_objective`), whose
+  parameters sit under the key "objective" of the trained tree: they get their own
+  group, at lr x `objective.lr_scale`, untouched before step `objective.active_from`
+  (as torch's AdamW skips parameters without gradients), and share the global-norm clip
+  (HREM's four AdamW groups). None: the chain of a family without one, unchanged."""
   t = train_config
   frozen = frozen_patterns(t, model_frozen)
-  if t.optimizer == "bertadam":
-    chain = [clip_each_by_norm(1.0), scale_by_bert_adam()]
-  elif t.optimizer == "adam":
-    chain = [optax.scale_by_adam(eps=1e-8)]
-  elif t.optimizer == "adamw":
-    chain = [optax.scale_by_adam(eps=1e-8), optax.add_decayed_weights(t.weight_decay)]
-  else:
-    raise ValueError(f"config.train.optimizer={t.optimizer!r}; expected 'bertadam', 'adam' "
-                     f"or 'adamw'")
+  if objective is not None:
+    tx = _with_objective(t, schedule, objective)
+    if frozen:
+      tx = optax.multi_transform({"frozen": optax.set_to_zero(), "rest": tx},
+                                 lambda params: path_labels(params, frozen, "frozen"))
+    return tx
+  chain = _direction(t)
   split = t.bert_lr_scale != 1.0
   if t.grad_clip > 0 and not split:
     chain.insert(0, optax.clip_by_global_norm(t.grad_clip))

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsran_jax import checkpointing, data, evaluation, losses, models, optim, validation
 from dsran_jax.data import pipeline
-from dsran_jax.models.variables import init_variables
+from dsran_jax.models.variables import example_batch, init_variables
 from dsran_jax.progress import Progress, interactive as progress_interactive
 from dsran_jax.workdir import CONFIG_FILE, VOCAB_FILE, Workdir
 
@@ -38,7 +38,8 @@ class TrainState:
 
   @property
   def variables(self):
-    return {"params": self.params, "batch_stats": self.batch_stats}
+    """The model's variables (a family objective's parameters left out)."""
+    return {"params": models.model_params(self.params), "batch_stats": self.batch_stats}
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
@@ -59,24 +60,51 @@ def check_batch_size(config, mesh):
                      f"by the {n} devices of the mesh")
 
 
-def create_state(model, tx, config, rng, sharding, workdir=None) -> TrainState:
+def init_objective(model, variables, objective, rng) -> dict:
+  """The family objective's fresh parameters, initialised on the model's training
+  outputs for an example batch (their shapes only matter)."""
+  batch = example_batch(model)
+  shapes = jax.eval_shape(lambda v: model.apply(
+      v, batch, train=True, method="training_outputs", rngs={"dropout": rng},
+      mutable=["batch_stats"])[0], variables)
+  outputs = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  got = jax.jit(objective.init)(rng, outputs)
+  if set(got) != {"params"}:
+    raise ValueError(f"a training objective's init must give {{'params': ...}}, got "
+                     f"collections {sorted(got)}")
+  return got["params"]
+
+
+def create_state(model, tx, config, rng, sharding, workdir=None,
+                 objective=None) -> TrainState:
   """Fresh replicated state: random init, then the family's pretrained weights (BERT,
-  GloVe, ...)."""
+  GloVe, ...); with a family `objective`, its parameters under
+  `params[models.OBJECTIVE_KEY]`."""
   variables = init_variables(model, rng)
   variables = models.load_pretrained(variables, config, vocab=data.gru_vocabulary(config, workdir))
-  variables = jax.device_put(variables, sharding)
+  params = variables["params"]
+  if objective is not None:
+    if models.OBJECTIVE_KEY in params:
+      raise ValueError(f"the model has a top-level module named {models.OBJECTIVE_KEY!r}, "
+                       f"the key of its training objective's parameters")
+    params = {**params, models.OBJECTIVE_KEY: init_objective(
+        model, variables, objective, jax.random.fold_in(rng, 1))}
+  variables = jax.device_put({**variables, "params": params}, sharding)
   opt_state = jax.jit(tx.init, out_shardings=sharding)(variables["params"])
   return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), sharding),
                     params=variables["params"], batch_stats=variables.get("batch_stats", {}),
                     opt_state=opt_state)
 
 
-def make_train_step(model, tx, config, schedule, frozen=()):
+def make_train_step(model, tx, config, schedule, frozen=(), objective=None):
   """The pure train step `(state, batch) -> (state, metrics)` (not yet jitted).
 
-  The model's training call gives the (B, B) score matrix of the batch and the loss is
-  the VSE++ hinge on it, whatever the family. Parameters matching a `frozen` regex get
-  stop_gradient, so XLA drops their backward pass.
+  Without a family `objective`, the model's training call gives the (B, B) score matrix
+  of the batch and the loss is the VSE++ hinge on it. With one
+  (`models.training_objective`), the loss is `objective.loss` of the model's
+  `training_outputs` and the objective's parameters (`params[models.OBJECTIVE_KEY]`).
+  Parameters matching a `frozen` regex get stop_gradient, so XLA drops their backward
+  pass.
   """
   t = config.train
   base_rng = jax.random.PRNGKey(t.seed)
@@ -84,14 +112,22 @@ def make_train_step(model, tx, config, schedule, frozen=()):
   def step_fn(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step)
 
-    def objective(params):
+    def loss_fn(params):
       params = optim.stop_frozen_gradients(params, frozen)
-      scores, updates = model.apply(
-          {"params": params, "batch_stats": state.batch_stats}, batch, train=True,
-          rngs={"dropout": rng}, mutable=["batch_stats"])
-      return losses.training_loss(scores, t, state.step), updates.get("batch_stats", {})
+      variables = {"params": models.model_params(params), "batch_stats": state.batch_stats}
+      if objective is None:
+        scores, updates = model.apply(variables, batch, train=True, rngs={"dropout": rng},
+                                      mutable=["batch_stats"])
+        loss = losses.training_loss(scores, t, state.step)
+      else:
+        outputs, updates = model.apply(variables, batch, train=True,
+                                       method="training_outputs", rngs={"dropout": rng},
+                                       mutable=["batch_stats"])
+        loss = objective.loss({"params": params[models.OBJECTIVE_KEY]}, outputs, batch,
+                              state.step, jax.random.fold_in(rng, 1))
+      return loss, updates.get("batch_stats", {})
 
-    (loss, new_stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
@@ -271,6 +307,9 @@ def _train_and_evaluate(config, wd: Workdir, mesh, stop_at, save_sims) -> dict:
   for note in departures:
     logging.warning("this run departs from the authors' recipe: %s", note)
   config.train.departures = "; ".join(departures)
+  _, dtype_note = models.compute_dtype(config.model)
+  if dtype_note:
+    logging.warning("%s", dtype_note)
   wd.save_config(config)
   mesh = mesh or make_mesh()
   check_batch_size(config, mesh)
@@ -285,7 +324,8 @@ def _train_and_evaluate(config, wd: Workdir, mesh, stop_at, save_sims) -> dict:
   total_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
   schedule = optim.learning_rate_schedule(config.train, steps_per_epoch, total_steps)
   model_frozen = models.frozen_paths(config.model)
-  tx = optim.make_optimizer(config.train, schedule, model_frozen)
+  objective = models.training_objective(config)
+  tx = optim.make_optimizer(config.train, schedule, model_frozen, objective)
   frozen = optim.frozen_patterns(config.train, model_frozen)
   logging.info("data: %d training captions of %d images, dev %d images; %d steps of %d "
                "(%d per epoch) (%.1fs)", train_split.num_captions, train_split.num_images,
@@ -295,7 +335,7 @@ def _train_and_evaluate(config, wd: Workdir, mesh, stop_at, save_sims) -> dict:
   t0 = time.time()
   replicated = NamedSharding(mesh, P())
   state = create_state(model, tx, config, jax.random.PRNGKey(config.train.seed), replicated,
-                       workdir)
+                       workdir, objective)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
   logging.info("model %s: %.2fM parameters%s, on %d devices (%.1fs)", config.model.name,
                n_params / 1e6, f", frozen: {', '.join(frozen)}" if frozen else "",
@@ -315,8 +355,8 @@ def _train_and_evaluate(config, wd: Workdir, mesh, stop_at, save_sims) -> dict:
   start = int(state.step)
 
   state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
-  step_fn = jit_train_step(make_train_step(model, tx, config, schedule, frozen), mesh,
-                           state_sharding)
+  step_fn = jit_train_step(make_train_step(model, tx, config, schedule, frozen, objective),
+                           mesh, state_sharding)
   eval_every = config.train.eval_every or steps_per_epoch
   every_s = float(config.train.checkpoint_every_s)
   log = wd.metrics_log(start)

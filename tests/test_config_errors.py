@@ -139,8 +139,8 @@ def test_family_options_live_in_their_own_section_only():
   included); the table's top-level `model.*` keys are the shared ones, none of which a
   family declares again."""
   shared = {k.split(".")[1] for k in default_config.KEYS if k.startswith("model.")}
-  assert shared == {"name", "dtype", "embed_size", "img_dim", "word_dim", "vocab_size",
-                    "glove_path"}
+  assert shared == {"name", "dtype", "bf16_on_cpu", "embed_size", "img_dim", "word_dim",
+                    "vocab_size", "glove_path"}
   for name in models.names():
     options = getattr(models.family_config(name), "OPTIONS", None)
     if options is None:

@@ -18,7 +18,7 @@ from dsran_jax import losses, models, optim
 from dsran_jax.convert.engine import ConversionError, load_checkpoint
 from dsran_jax.default_config import get_base_config, recipe_config
 from dsran_jax.models.common import gpo
-from dsran_jax.models.vse_infty import augment as aug
+from dsran_jax.models.common import vse_augment as aug
 from dsran_jax.models.vse_infty import config as vse_config
 from dsran_jax.models.variables import init_variables
 from dsran_jax.models.vse_infty import params as vse_params

@@ -62,6 +62,10 @@ LEAF_KINDS: Dict[str, Dict[str, Optional[Tuple[str, str, Callable]]]] = {
            "running_mean": ("batch_stats", "mean", _I),
            "running_var": ("batch_stats", "var", _I), "num_batches_tracked": None},
     "embed": {"weight": ("params", "embedding", _I)},
+    "layernorm": {"weight": ("params", "scale", _I), "bias": ("params", "bias", _I)},
+    # torch nn.MultiheadAttention's packed q/k/v projection (`common.transformer`).
+    "mha": {"in_proj_weight": ("params", "in_proj_kernel", _T),
+            "in_proj_bias": ("params", "in_proj_bias", _I)},
     # PyTorch GRU/LSTM (gate order kept: r, z, n / i, f, g, o). A bidirectional layer's
     # `*_reverse` leaves go to the sibling module `<template>_reverse`.
     "gru": {"weight_ih_l0": ("params", "w_ih", _T), "bias_ih_l0": ("params", "b_ih", _I),

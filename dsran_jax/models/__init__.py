@@ -32,7 +32,24 @@ A family is a package `dsran_jax/models/<name>/` with
   `train_augmentation(config, vocab_size) -> augment | None`, the family's training-time
   data augmentation, `augment(batch, rng) -> batch` on a host batch of numpy arrays
   (same keys and shapes; `rng` a `np.random.Generator`);
+  `training_objective(config) -> objective | None` (optional), a training objective
+  with parameters of its own (HREM's relation module), see below;
 - `params.py`: its PyTorch checkpoint rules for `tools.convert_torch`.
+
+A family objective (`training_objective`; none: the VSE++ hinge of `losses.training_loss`
+on the (B, B) training scores, as every family had before) is an object with
+    `init(rng, outputs) -> {"params": ...}`  its variables, from example model outputs;
+    `loss(variables, outputs, batch, step, rng) -> scalar`  the loss of a train step;
+    `lr_scale: float`  its parameters' lr factor (their own optimiser group);
+    `active_from: int`  the step from which those parameters are updated (the optimiser
+        leaves them, weight decay included, untouched before: torch skips parameters that
+        got no gradient, e.g. a module used only after a warm-up);
+where `outputs = model.apply(v, batch, train=True, method="training_outputs")`, a dict
+the family's Module defines (its `__call__` stays the (B, B) scores). Training keeps the
+objective's parameters in `TrainState.params[OBJECTIVE_KEY]` beside the model's (so the
+optimiser, the gradient clip and the `latest` checkpoint cover them, and a resumed run
+restores them); `TrainState.variables`, the `best` checkpoint, evaluation, inference and
+the converters see the model's variables only.
 
 Every family's Module implements the `MatchingModel` contract (`common/base.py`):
 `encode_images(batch)`, `encode_texts(batch)`, `score(image_reps, text_reps)` and
@@ -44,7 +61,11 @@ import importlib.util
 import pkgutil
 from typing import Callable, Optional, Tuple
 
+from dsran_jax.core import precision
+
 DEFAULT = "dsran"
+# Where a family objective's parameters sit in the trained tree (`TrainState.params`).
+OBJECTIVE_KEY = "objective"
 _NOT_FAMILIES = ("common",)
 
 
@@ -155,8 +176,22 @@ def migrations() -> Tuple[Callable[[dict], dict], ...]:
                if m is not None)
 
 
+def compute_dtype(model_config) -> Tuple[str, str]:
+  """The dtype the model computes in on this backend and a note when that is not
+  `model.dtype` (bf16 asked for on a CPU without native bf16: `core.precision`)."""
+  # Imported here, not at the top: configs and --help import this registry, jax-free.
+  import jax  # pylint: disable=g-import-not-at-top
+  return precision.compute_dtype(model_config.dtype, model_config.bf16_on_cpu,
+                                 jax.default_backend())
+
+
 def build_model(model_config, vocab_size: Optional[int] = None):
-  """The Flax module of `config.model` (`vocab_size`: the word vocabulary's, if any)."""
+  """The Flax module of `config.model` (`vocab_size`: the word vocabulary's, if any),
+  computing in `compute_dtype(model_config)`."""
+  dtype, _ = compute_dtype(model_config)
+  if dtype != model_config.dtype:
+    model_config = model_config.copy_and_resolve_references()
+    model_config.dtype = dtype
   return family(model_config.name).build(model_config, vocab_size)
 
 
@@ -174,6 +209,21 @@ def train_augmentation(config, vocab_size: Optional[int] = None):
   vocabulary's, if any)."""
   hook = getattr(family(config.model.name), "train_augmentation", None)
   return hook(config, vocab_size) if hook else None
+
+
+def training_objective(config):
+  """The family's training objective with parameters of its own (see the module
+  docstring), or None when it trains with the VSE++ hinge on its training scores."""
+  hook = getattr(family(config.model.name), "training_objective", None)
+  return hook(config) if hook else None
+
+
+def model_params(params):
+  """The model's part of a trained tree (`TrainState.params`): without the family
+  objective's parameters (`OBJECTIVE_KEY`), the tree itself when it has none."""
+  if hasattr(params, "keys") and OBJECTIVE_KEY in params:
+    return {k: v for k, v in params.items() if k != OBJECTIVE_KEY}
+  return params
 
 
 def frozen_paths(model_config) -> Tuple[str, ...]:

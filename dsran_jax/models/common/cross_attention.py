@@ -305,19 +305,19 @@ def caption_chunk(num_images: int, num_regions: int, num_words: int,
   return max(int(max_elements) // per_caption, 1)
 
 
-def pairwise_xattn_scores(regions, region_mask, words, word_mask, *,
-                          max_elements: Optional[int] = 1 << 25, **kwargs):
-  """`xattn_scores` over any number of images and captions with bounded memory.
+def map_caption_blocks(score, regions, region_mask, words, word_mask, *,
+                       max_elements: Optional[int] = 1 << 25):
+  """`score(regions, region_mask, words, word_mask) -> (I, J)` of a tile, over any number
+  of captions with bounded memory.
 
   The captions are cut into the fewest equal blocks of at most `caption_chunk(...)`
   (static shapes: the last block is padded with masked captions, whose columns are
   dropped) and scored one block at a time with `lax.map`, so no (I, J, k, L)
   intermediate exceeds `max_elements` floats. `max_elements=None` scores the whole
-  (I, J) at once. kwargs: those of `xattn_scores`.
+  (I, J) at once.
   """
   n_img, n_reg = regions.shape[:2]
   n_cap, n_words = words.shape[:2]
-  score = functools.partial(xattn_scores, **kwargs)
   if max_elements is None:
     return score(regions, region_mask, words, word_mask)
   chunk = caption_chunk(n_img, n_reg, n_words, max_elements)
@@ -334,7 +334,15 @@ def pairwise_xattn_scores(regions, region_mask, words, word_mask, *,
   return jnp.moveaxis(out, 0, 1).reshape(n_img, blocks * chunk)[:, :n_cap]
 
 
+def pairwise_xattn_scores(regions, region_mask, words, word_mask, *,
+                          max_elements: Optional[int] = 1 << 25, **kwargs):
+  """`xattn_scores` over any number of images and captions with bounded memory
+  (`map_caption_blocks`). kwargs: those of `xattn_scores`."""
+  return map_caption_blocks(functools.partial(xattn_scores, **kwargs), regions,
+                            region_mask, words, word_mask, max_elements=max_elements)
+
+
 __all__ = ["AGGS", "DIRECTIONS", "NORMS", "EPS", "aggregate", "attend", "attended_context",
-           "caption_chunk", "context_block", "cosine", "masked_softmax", "normalize_over_queries",
-           "pairwise_xattn_scores", "region_word_similarities",
-           "xattn_scores"]
+           "caption_chunk", "context_block", "cosine", "map_caption_blocks",
+           "masked_softmax", "normalize_over_queries", "pairwise_xattn_scores",
+           "region_word_similarities", "xattn_scores"]

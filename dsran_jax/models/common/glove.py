@@ -67,7 +67,8 @@ def load_glove(variables: dict, path: str, word2idx: Mapping[str, int],
   for idx, vec in rows.items():
     table[idx] = vec
   logging.info("GloVe %s: %d/%d words found, %d missing", path, len(rows), len(word2idx), missing)
-  text["embed"] = {"embedding": jnp.asarray(table)}
+  # Other tables of the embedding (a separate `<mask>` row) are kept as they are.
+  text["embed"] = {**text["embed"], "embedding": jnp.asarray(table)}
   params[module] = text
   return {**variables, "params": params}
 

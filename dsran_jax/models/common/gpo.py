@@ -1,6 +1,6 @@
 """Generalized Pooling Operator (GPO; Chen et al., "Learning the Best Pooling Strategy for
 Visual Semantic Embedding", CVPR 2021; woodfrog/vse_infty lib/modules/aggr/gpo.py), the
-pooling of VSE∞ and of the models built on its code (HREM, CHAN).
+pooling of VSE∞ (HREM, built on its code, pools otherwise: `models/hrem`).
 
 For a set of n feature vectors (regions or tokens), GPO learns one weight per *rank*:
 

@@ -169,7 +169,9 @@ class Linear(nn.Module):
 
   init="torch" is PyTorch's nn.Linear default, U(+-1/sqrt(fan_in)) for kernel and bias;
   init="xavier" is the uniform Xavier kernel with zero bias the GRU build uses;
-  init="bert" is BERT's N(0, 0.02) kernel with zero bias.
+  init="bert" is BERT's N(0, 0.02) kernel with zero bias;
+  init="torch_zero_bias" is nn.Linear's kernel with a zero bias (the `out_proj` of
+  torch's MultiheadAttention).
   """
   features: int
   init: str = "torch"
@@ -183,6 +185,9 @@ class Linear(nn.Module):
       b_init = _torch_bias_init(fan_in)
     elif self.init == "xavier":
       k_init, b_init = nn.initializers.xavier_uniform(), nn.initializers.zeros
+    elif self.init == "torch_zero_bias":
+      k_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+      b_init = nn.initializers.zeros
     elif self.init == "bert":
       k_init, b_init = nn.initializers.normal(stddev=0.02), nn.initializers.zeros
     else:

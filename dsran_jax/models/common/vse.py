@@ -1,7 +1,7 @@
 """Per-item encoders of the VSE∞ code base (woodfrog/vse_infty lib/encoders.py,
 lib/modules/mlp.py), shared by the models trained from it: VSE∞ pools their outputs with
-GPO (`common/gpo.py`); HREM (its `FC_MLP`) and CHAN (word and region features scored by
-hard alignment) use them before their own pooling or scoring.
+GPO (`common/gpo.py`); HREM (its `FC_MLP`, `models/hrem`) and CHAN (word and region
+features scored by hard alignment) use them before their own pooling or scoring.
 
 - `RegionMLP`: their `MLP(img_dim, E/2, E, 2)`, Linear -> BatchNorm1d -> ReLU -> Linear,
   whose BatchNorm1d normalises every row of the (B x max_len) padded batch, padding
@@ -10,7 +10,11 @@ hard alignment) use them before their own pooling or scoring.
 - `bert_words`: BERT (attention mask `ids != 0`) -> Linear(hidden, E) per token.
 - `bidirectional_gru`: nn.GRU(bidirectional, num_layers) on packed sequences, the last
   layer's halves averaged.
+- `MaskedWordEmbedding`: their BiGRU builds' word table with the `<mask>` row train.py
+  appends to the vocabulary.
 """
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -55,20 +59,22 @@ class PaddedBatchNorm(nn.Module):
 
 class RegionMLP(nn.Module):
   """Their `MLP(img_dim, embed // 2, embed, 2)`: layer_0 -> bn_0 -> ReLU -> layer_1 (a
-  `bns.1` exists in their state dict but is never called)."""
+  `bns.1` exists in their state dict but is never called). `init`: the Linears' (see
+  `layers.Linear`; HREM's `FC_MLP` applies Xavier to them)."""
   hidden: int
   out: int
+  init: str = "torch"
 
   @nn.compact
   def __call__(self, x, mask, train: bool):
-    layer_0 = Linear(self.hidden, name="layer_0")
+    layer_0 = Linear(self.hidden, init=self.init, name="layer_0")
     h = layer_0(x)
     lengths = jnp.sum(mask, axis=1)
     # Their collate pads each batch to its longest image with zero rows.
     n_pad = (x.shape[0] * jnp.max(lengths) - jnp.sum(lengths)).astype(jnp.float32)
     pad_row = layer_0(jnp.zeros((1, x.shape[-1]), x.dtype))[0]
     h = PaddedBatchNorm(name="bn_0")(h, mask, pad_row, n_pad, train)
-    return Linear(self.out, name="layer_1")(jax.nn.relu(h))
+    return Linear(self.out, init=self.init, name="layer_1")(jax.nn.relu(h))
 
 
 def bidirectional_gru(x, mask, hidden: int, num_layers: int):
@@ -90,3 +96,28 @@ def bert_words(input_ids, mask, bert: BertConfig, embed_size: int, train: bool):
   token. Module names `bert`, `linear`; call from a compact scope."""
   h = BertEncoder(bert, name="bert")(input_ids, mask & (input_ids != 0), train=train)
   return Linear(embed_size, name="linear")(h)
+
+
+class MaskedWordEmbedding(nn.Module):
+  """Their `nn.Embedding(len(vocab) + 1, word_dim)`: `embedding` holds the `vocab_size`
+  rows of the vocabulary's words and `mask` the row after them, their `<mask>` (id
+  `vocab_size`), which train.py appends to the vocabulary. Kept apart so the word table
+  has exactly the vocabulary's rows, as every word-vocabulary model's.
+
+  Initialisation: U(-bound, bound) with `bound` (VSE∞: 0.1); None is
+  `nn.init.xavier_uniform_` of the whole (vocab_size + 1, features) table (CHAN).
+  """
+  vocab_size: int
+  features: int
+  bound: Optional[float] = 0.1
+
+  @nn.compact
+  def __call__(self, ids):
+    bound = self.bound
+    if bound is None:  # xavier over their one table: fan_in + fan_out = rows + columns
+      bound = (6.0 / (self.vocab_size + 1 + self.features)) ** 0.5
+    uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound)
+    words = self.param("embedding", uniform, (self.vocab_size, self.features))
+    mask_row = self.param("mask", uniform, (1, self.features))
+    return jnp.take(jnp.concatenate([words, mask_row]), ids, axis=0)

@@ -3,9 +3,8 @@ hooks. Options: `config.model.vse_infty` (see config.py)."""
 from typing import Optional
 
 from dsran_jax.core.text_policy import TextPolicy
-from dsran_jax.hub import resolve_pretrained_dir
 from dsran_jax.models.common.bert import BertConfig, bert_config_of, with_pretrained_bert
-from dsran_jax.models.vse_infty.augment import Augmentation, wordpiece_vocabulary
+from dsran_jax.models.common.vse_augment import Augmentation, augmentation_of
 from dsran_jax.models.vse_infty.config import OPTIONS
 from dsran_jax.models.vse_infty.model import VseInfty, VseInftyConfig
 
@@ -41,20 +40,11 @@ def load_pretrained(variables: dict, config, vocab=None) -> dict:
 
 
 def train_augmentation(config, vocab_size: Optional[int] = None) -> Optional[Augmentation]:
-  """Their loader's region dropout and token masking (`augment.Augmentation`) at the
+  """Their loader's region dropout and token masking (`common.vse_augment.Augmentation`) at the
   rates of `model.vse_infty.region_drop` / `token_mask`; None when both are 0."""
   s = config.model.vse_infty
-  if s.region_drop == 0 and s.token_mask == 0:
-    return None
-  if s.text_encoder == "bert":
-    text = {"kind": "bert",
-            "vocab": wordpiece_vocabulary(str(resolve_pretrained_dir(s.bert_path)))}
-  else:
-    size = config.model.vocab_size or vocab_size
-    if not size:
-      raise ValueError("VSE∞'s BiGRU token masking needs the vocabulary size")
-    text = {"kind": "bigru", "vocab_size": int(size)}
-  return Augmentation(s.region_drop, s.token_mask, text)
+  return augmentation_of(s, s.text_encoder, s.bert_path,
+                         config.model.vocab_size or vocab_size, "VSE∞")
 
 
 def text_policy(model: VseInfty, config):

@@ -17,7 +17,6 @@ The per-item parts (the region MLP, BERT + Linear, the BiGRU) are the shared blo
 from typing import Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from dsran_jax.models.common.base import RegionWordModel, region_inputs
@@ -25,7 +24,8 @@ from dsran_jax.models.common.bert import BertConfig
 from dsran_jax.models.common.gpo import GPO
 from dsran_jax.models.common.layers import Linear, l2norm
 from dsran_jax.models.common.options import WIDTHS
-from dsran_jax.models.common.vse import RegionMLP, bert_words, bidirectional_gru
+from dsran_jax.models.common.vse import (MaskedWordEmbedding, RegionMLP, bert_words,
+                                         bidirectional_gru)
 from dsran_jax.models.vse_infty import config as spec
 
 EPS = 1e-8  # their l2norm: x / (||x|| + 1e-8)
@@ -72,23 +72,6 @@ class BertTextEncoder(nn.Module):
     words = bert_words(input_ids, mask, c.bert, c.embed_size, train)
     pooled, _ = GPO(name="gpool")(words, mask)
     return pooled if c.no_txtnorm else l2norm(pooled, eps=EPS)
-
-
-class MaskedWordEmbedding(nn.Module):
-  """Their `nn.Embedding(len(vocab) + 1, word_dim)`, U(-0.1, 0.1): `embedding` holds the
-  `vocab_size` rows of the vocabulary's words and `mask` the row after them, their
-  `<mask>` (id `vocab_size`), which train.py appends to the vocabulary. Kept apart so
-  the word table has exactly the vocabulary's rows, as every word-vocabulary model's."""
-  vocab_size: int
-  features: int
-
-  @nn.compact
-  def __call__(self, ids):
-    uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(
-        key, shape, dtype, -0.1, 0.1)
-    words = self.param("embedding", uniform, (self.vocab_size, self.features))
-    mask_row = self.param("mask", uniform, (1, self.features))
-    return jnp.take(jnp.concatenate([words, mask_row]), ids, axis=0)
 
 
 class BiGruTextEncoder(nn.Module):

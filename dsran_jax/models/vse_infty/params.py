@@ -49,7 +49,7 @@ RULES = [
     (r"^txt_enc\.linear$", "txt_enc/linear", "linear"),
     (r"^txt_enc\.rnn$", "txt_enc/gru", "gru"),
 ]
-_GRU_LEAF = re.compile(r"^rnn\.(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)(_reverse)?$")
+GRU_LEAF = re.compile(r"^rnn\.(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)(_reverse)?$")
 _GRU_NAMES = {"weight_ih": ("w_ih", True), "weight_hh": ("w_hh", True),
               "bias_ih": ("b_ih", False), "bias_hh": ("b_hh", False)}
 BERT_PREFIX = "bert."
@@ -84,7 +84,7 @@ def _need(sd: Mapping[str, np.ndarray], key: str, where: str) -> np.ndarray:
   return sd[key]
 
 
-def _heads_from_bert_dir(bert_path: str, hidden: int) -> Optional[int]:
+def heads_from_bert_dir(bert_path: str, hidden: int) -> Optional[int]:
   """num_attention_heads of a local BERT directory's config.json of width `hidden`."""
   cfg = os.path.join(os.path.expanduser(bert_path), "config.json") if bert_path else ""
   if not cfg or not os.path.isfile(cfg):
@@ -111,11 +111,11 @@ def model_options(opt: Mapping[str, Any], img: Mapping[str, np.ndarray],
     bert_state = {k[len(BERT_PREFIX):]: v for k, v in txt.items() if k.startswith(BERT_PREFIX)}
     hidden = int(_need(bert_state, "embeddings.word_embeddings.weight", "txt_enc.bert").shape[1])
     out["vse_infty.text_encoder"] = "bert"
-    heads = bert_heads or _heads_from_bert_dir(bert_path, hidden)
+    heads = bert_heads or heads_from_bert_dir(bert_path, hidden)
     out["bert"] = infer_bert_config(bert_state, heads)
   else:
     emb = _need(txt, "embed.weight", "txt_enc")
-    layers = sorted({int(m.group(2)) for k in txt for m in [_GRU_LEAF.match(k)] if m})
+    layers = sorted({int(m.group(2)) for k in txt for m in [GRU_LEAF.match(k)] if m})
     if not layers or layers != list(range(len(layers))):
       raise ValueError(f"txt_enc rnn.* layers {layers}: expected 0..n-1")
     if not any(k.endswith("_reverse") for k in txt):
@@ -136,13 +136,13 @@ def model_options(opt: Mapping[str, Any], img: Mapping[str, np.ndarray],
   return out
 
 
-def _bigru_extra(txt: Mapping[str, np.ndarray]) -> Tuple[dict, dict]:
+def bigru_extra(txt: Mapping[str, np.ndarray]) -> Tuple[dict, dict]:
   """What the rule table does not map, `(flat variables, rest)`: BiGRU layers > 0 (the
   engine's "gru" kind maps layer 0), and `embed.weight` split into the words' rows and
   the last row, their `<mask>`."""
   flat, rest = {}, {}
   for key, value in txt.items():
-    m = _GRU_LEAF.match(key)
+    m = GRU_LEAF.match(key)
     if key == "embed.weight":
       flat["params/txt_enc/embed/embedding"] = value[:-1]
       flat["params/txt_enc/embed/mask"] = value[-1:]
@@ -164,7 +164,7 @@ def convert_state_dicts(img: Mapping[str, np.ndarray], txt: Mapping[str, np.ndar
   Raises:
     ConversionError naming every unexpected key, missing param and shape mismatch.
   """
-  extra, txt = _bigru_extra(txt)
+  extra, txt = bigru_extra(txt)
   problems: List[str] = []
   if bert is not None:
     bert_state = {k[len(BERT_PREFIX):]: v for k, v in txt.items() if k.startswith(BERT_PREFIX)}

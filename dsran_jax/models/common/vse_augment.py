@@ -1,5 +1,7 @@
 """VSE∞'s training-time augmentation (their lib/datasets/image_caption.py), on a host
 batch of numpy arrays (`models.train_augmentation` hands it to the training pipeline).
+CHAN's loaders (ppanzx/CHAN lib/datasets/image_caption_{bert,bigru}.py) are the same
+code at the same rates, so both families use it (`augmentation_of`).
 
 - Regions (`PrecompRegionDataset.__getitem__`): each region is kept when a uniform draw
   exceeds `rate` (0.2); the kept ones stay in order at the front, the batch is padded
@@ -17,9 +19,11 @@ before the augmentation.
 """
 import json
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+
+from dsran_jax.hub import resolve_pretrained_dir
 
 MASK_SHARE, RANDOM_SHARE = 0.5, 0.6  # their thresholds on prob / rate
 
@@ -116,8 +120,8 @@ def wordpiece_vocabulary(bert_dir: str) -> Dict[str, int]:
   if os.path.isfile(tok_json):
     with open(tok_json, encoding="utf-8") as f:
       return dict(json.load(f)["model"]["vocab"])
-  raise FileNotFoundError(f"{bert_dir}: no vocab.txt or tokenizer.json (VSE∞'s token "
-                          f"masking needs the WordPiece vocabulary)")
+  raise FileNotFoundError(f"{bert_dir}: no vocab.txt or tokenizer.json (the training "
+                          f"token masking needs the WordPiece vocabulary)")
 
 
 class Augmentation:
@@ -162,3 +166,20 @@ class Augmentation:
             batch["input_ids"], batch["attention_mask"], self.token_rate,
             mask_id=self.vocab_size, num_ids=self.vocab_size + 1, rng=rng)
     return out
+
+
+def augmentation_of(section, text_encoder: str, bert_path: str, vocab_size: int,
+                    family: str) -> Optional[Augmentation]:
+  """The `Augmentation` of a family's options `section` (its `region_drop` and
+  `token_mask` rates): BERT build (`text_encoder == "bert"`) over `bert_path`'s
+  WordPiece vocabulary, else the word-vocabulary build of `vocab_size` words (their
+  `<mask>` comes after them); None when both rates are 0."""
+  if section.region_drop == 0 and section.token_mask == 0:
+    return None
+  if text_encoder == "bert":
+    text = {"kind": "bert", "vocab": wordpiece_vocabulary(str(resolve_pretrained_dir(bert_path)))}
+  else:
+    if not vocab_size:
+      raise ValueError(f"{family}'s word-vocabulary token masking needs the vocabulary size")
+    text = {"kind": "bigru", "vocab_size": int(vocab_size)}
+  return Augmentation(section.region_drop, section.token_mask, text)
