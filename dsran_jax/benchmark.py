@@ -52,7 +52,9 @@ I x J gallery, the tiled scoring evaluation uses (tile `--tile_images` x
 `--tile_captions`, default the family's; on every device), and prints `score_s` (median
 of `--score_repeats` runs), `pairs_per_s`, `flops_per_pair` (XLA's cost analysis of a
 small tile of (devices x 64) pairs, which no family splits into blocks, divided by its
-pairs), the tile and `first_run_s` (compilation included).
+pairs), the tile and `first_run_s` (compilation included), the fp32 matmul peak timed
+in the same process afterwards (`matmul_peak_gflops`, `--peak_size`) and
+`roofline_share` = flops_per_pair x pairs / score_s / that peak.
 
 Eval mode (`--eval`) encodes `--eval_images` images and 5x as many captions with the
 jitted eval-mode `embed_images` / `embed_texts` (batches of `--eval_batch_size`), reports
@@ -560,13 +562,16 @@ def benchmark_score(args: argparse.Namespace) -> dict:
       cpu_times.append(one.cpu)
   score_s = statistics.median(times)
   pairs = args.score_images * args.score_captions
+  achieved = flops_per_pair * pairs / score_s / 1e9
+  peak = matmul_peak_gflops((args.peak_size,) if args.peak_size else (2048, 4096))
   return {
       "mode": "score", "model": args.model, "embed_size": args.embed_size,
       "regions": args.regions, "seq_len": args.seq_len,
       "score_images": args.score_images, "score_captions": args.score_captions,
       "tile": [ti, tj], "score_s": score_s, "score_s_min": min(times),
       "pairs_per_s": pairs / score_s, "flops_per_pair": flops_per_pair,
-      "achieved_gflops": flops_per_pair * pairs / score_s / 1e9,
+      "achieved_gflops": achieved, **peak,
+      "roofline_share": achieved / peak["matmul_peak_gflops"],
       "first_run_s": first_s, "score_cpu_s": statistics.median(cpu_times),
       "other_load_cores": total.other_cores, "finite": bool(np.isfinite(out).all()),
       **_device_info(), **peak_memory(),
@@ -590,7 +595,8 @@ _SUITE_SHAPES = {
                        "--bert_hidden=768", "--K=2", "--regions=100", "--seq_len=32",
                        "--steps=10", "--bf16"],
              "score": ["--score_images=1000", "--score_captions=5000", "--regions=36",
-                       "--embed_size=1024", "--seq_len=20", "--score_repeats=3"],
+                       "--embed_size=1024", "--seq_len=20", "--score_repeats=3",
+                       "--peak_size=2048"],
              "eval": ["--eval", "--embed_size=1024", "--bert_layers=12", "--bert_hidden=768",
                       "--regions=100", "--seq_len=32", "--eval_images=5000",
                       "--eval_batch_size=256"]},
@@ -635,10 +641,8 @@ def device_suite(args: argparse.Namespace) -> dict:
   out["score"] = {}
   for family in SUITE_SCORERS:
     if family in models.names():
-      result = benchmark_score(parse_args(shapes["score"] + [f"--model={family}"]))
-      result.update(matmul_peak_gflops((2048,) if size == "full" else (256,)))
-      result["roofline_share"] = result["achieved_gflops"] / result["matmul_peak_gflops"]
-      out["score"][family] = result
+      out["score"][family] = benchmark_score(
+          parse_args(shapes["score"] + [f"--model={family}"]))
   out["eval"] = benchmark_eval(parse_args(shapes["eval"]))
   out["total_s"] = time.perf_counter() - t0
   out.update(jax_version=jax.__version__, date=time.strftime("%Y-%m-%d"))

@@ -323,8 +323,9 @@ def test_fully_padded_rows_are_finite(direction):
 
 @pytest.mark.parametrize("direction", xa.DIRECTIONS)
 def test_fused_equals_explicit_contexts(direction):
-  """The Gram-matrix form equals attend -> attended_context -> cosine -> aggregate on
-  materialised (I, J, n_q, d) contexts, values and gradients."""
+  """The Gram-matrix form, in one block and in blocks of context items, equals attend ->
+  attended_context -> cosine -> aggregate on materialised (I, J, n_q, d) contexts,
+  values and gradients."""
   rng = np.random.default_rng(7)
   regions, region_mask, words, word_mask = _tile(rng)
   lam, lse = LAMBDAS[direction]
@@ -340,22 +341,34 @@ def test_fused_equals_explicit_contexts(direction):
     ctx = xa.attended_context(a, c)                      # (I, J, n_q, d)
     return xa.aggregate(xa.cosine(q, ctx), qm, "LogSumExp", lse)
 
-  def fused(r, w):
+  # Context items (images for t2i, captions for i2t) in blocks of 2: several blocks
+  # through lax.map, and for i2t's 5 captions a last block padded with a masked one.
+  n_pos, m_pos = (regions.shape[1], words.shape[1])[::1 if direction == "t2i" else -1]
+  n_query = (words if direction == "t2i" else regions).shape[0]
+  assert xa.context_block(n_pos, m_pos, n_query, 2 * n_pos * m_pos * n_query) == 2
+
+  def fused(r, w, block_elements=xa.BLOCK_ELEMENTS):
     return xa.xattn_scores(r, region_mask, w, word_mask, direction=direction,
-                           lambda_softmax=lam, agg_func="LogSumExp", lambda_lse=lse)
+                           lambda_softmax=lam, agg_func="LogSumExp", lambda_lse=lse,
+                           block_elements=block_elements)
+
+  blocked = functools.partial(fused, block_elements=2 * n_pos * m_pos * n_query)
 
   @jax.jit
-  def run(r, w):  # one compile for both forms, values and gradients
+  def run(r, w):  # one compile for all forms, values and gradients
     loss = lambda f: lambda r, w: jnp.sum(f(r, w) ** 2)
     grads = lambda f: jax.grad(loss(f), argnums=(0, 1))(r, w)
-    return fused(r, w), explicit(r, w), grads(fused), grads(explicit)
+    return ([f(r, w) for f in (fused, blocked, explicit)],
+            [grads(f) for f in (fused, blocked, explicit)])
 
-  s_f, s_e, g_f, g_e = run(jnp.asarray(regions), jnp.asarray(words))
+  (s_f, s_b, s_e), (g_f, g_b, g_e) = run(jnp.asarray(regions), jnp.asarray(words))
   np.testing.assert_allclose(s_f, s_e, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(s_b, s_e, atol=1e-5, rtol=0)
   assert np.ptp(np.asarray(s_f)) > 1e-3
-  for a, b in zip(g_f, g_e):
-    assert np.abs(np.asarray(b)).max() > 1e-4
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+  for a, b, c in zip(g_f, g_b, g_e):
+    assert np.abs(np.asarray(c)).max() > 1e-4
+    np.testing.assert_allclose(a, c, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(b, c, atol=1e-5, rtol=0)
 
 
 def test_blocked_scoring_equals_one_block():

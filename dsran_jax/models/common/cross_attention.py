@@ -28,8 +28,12 @@ raw dot products S already at hand, `q.ctx_q = sum_c A_qc S_cq` and
 t2i, `L x L` per caption for i2t). That is exact algebra, and it leaves one large
 contraction per tile (S, `2 I J k L d` flops; the Gram products add `2 I J k^2 L` or
 `2 I J k L^2`) where SCAN's loop also contracts the contexts (`2 I J k L d` more) and
-their cosines. Every (I, J, k, L) intermediate is laid out context-major, as the S
-product writes it, so no step transposes one. Precision: HIGHEST (full fp32) by
+their cosines. `xattn_scores` lays S out (context item, its position, query position,
+query item), the query items minor: each block of context items is one plain matrix
+product against the queries transposed once per tile, and every reduction (over the
+query positions for the norm, over the context positions for the softmax and the sums)
+runs across rows, vectorised along the query items, with no transpose of S. The blocks
+are sized to stay in the cache (BLOCK_ELEMENTS). Precision: HIGHEST (full fp32) by
 default, since ranks are sensitive to score errors.
 """
 import functools
@@ -57,6 +61,10 @@ EPS = 1e-8         # SCAN's l2norm and cosine_similarity eps
 LEAKY_SLOPE = 0.1  # nn.LeakyReLU(0.1)
 _NEG = -1e30       # finite "minus infinity" for masked logits: a fully masked row stays NaN-free
 HIGHEST = jax.lax.Precision.HIGHEST
+# Floats of S per block of `xattn_scores` (6 MB): a block is scored while its S sits in the
+# last-level cache. Measured on a 2-core EPYC (L2 1 MB per core, L3 32 MB); see
+# docs/benchmarks.md, "Cross-attention scoring against the roofline".
+BLOCK_ELEMENTS = 1 << 20 | 1 << 19
 
 
 def _safe_sqrt(x):
@@ -195,66 +203,98 @@ def region_word_similarities(regions, words, direction: str = "t2i", precision=H
                     preferred_element_type=jnp.float32)
 
 
-def _context_major_scores(s, context, context_mask, query, query_mask, *, lam, agg_func,
-                          lambda_lse, norm, precision):
-  """(n_context_items, n_query_items) scores from S (c, n, q, m) (context item c,
-  position n; query item q, position m); see the module docstring for the algebra."""
-  sn = normalize_over_queries(s, query_mask[None, None], norm, axis=-1)
-  # Padded query positions are never aggregated; zeroing them keeps whatever their reps
-  # hold from overflowing the softmax below (the bound holds for real queries only).
-  sn = jnp.where(query_mask[None, None], sn, 0.0)
-  a = masked_softmax(lam * sn, context_mask[:, :, None, None], axis=1,  # over the context
-                     bound=abs(lam) if norm in _UNIT_NORMS else None)
-  q_dot_ctx = jnp.sum(a * s, axis=1)                                   # (c, q, m)
-  # |ctx|^2 = a^T G a with each context item's Gram matrix G = C C^T (n x n).
+def _query_minor_scores(s, context, context_mask, query, query_mask, *, lam, agg_func,
+                        lambda_lse, norm, precision):
+  """(n_context_items, n_query_items) scores from S laid out (c, n, m, q): context item
+  c, its position n; query position m, query item q (minor). See the module docstring.
+
+  Both reductions over S (the query axis m for the norm, the context axis n for the
+  softmax and the sums) run over non-minor axes, so every pass over S is a vectorised
+  sweep along the query items. The softmax's normaliser is applied to the three (c, m, q)
+  sums, not to the (c, n, m, q) weights: with unnormalised weights e and their sum z,
+  `q.ctx = sum(e s) / z` and `|ctx| = sqrt(e^T G e) / z`.
+  """
+  qm = query_mask.T[None, None]                                        # (1, 1, m, q)
+  sn = jnp.where(qm, normalize_over_queries(s, qm, norm, axis=2), 0.0)
+  # Padded query positions are never aggregated; zeroing them above keeps whatever their
+  # reps hold from overflowing the exponent (the bound holds for real queries only).
+  cm = context_mask[:, :, None, None]
+  logits = lam * sn
+  if norm in _UNIT_NORMS and abs(lam) <= 40.0:
+    shift = abs(lam)  # |logits| <= lam: no overflow, no underflow to 0 (see masked_softmax)
+  else:
+    shift = jax.lax.stop_gradient(
+        jnp.max(jnp.where(cm, logits, _NEG), axis=1, keepdims=True))
+  e = jnp.where(cm, jnp.exp(logits - shift), 0.0)
+  z = jnp.maximum(jnp.sum(e, axis=1), 1e-30)                           # (c, m, q)
+  q_dot_ctx = jnp.sum(e * s, axis=1) / z
   gram = jnp.einsum("cnd,ckd->cnk", context, context, precision=precision)
-  ga = jnp.einsum("cnk,ckqm->cnqm", gram, a, precision=precision)
-  ctx_sq = jnp.maximum(jnp.sum(a * ga, axis=1), 0.0)
-  query_norm = _safe_sqrt(jnp.sum(jnp.square(query), -1))[None]        # (1, q, m)
-  r = q_dot_ctx / jnp.maximum(query_norm * _safe_sqrt(ctx_sq), EPS)
-  scores = aggregate(r, query_mask[None], agg_func, lambda_lse)
+  ge = jnp.einsum("cnk,ckmq->cnmq", gram, e, precision=precision)
+  ctx_norm = _safe_sqrt(jnp.maximum(jnp.sum(e * ge, axis=1), 0.0)) / z
+  query_norm = _safe_sqrt(jnp.sum(jnp.square(query), -1)).T[None]     # (1, m, q)
+  r = q_dot_ctx / jnp.maximum(query_norm * ctx_norm, EPS)
+  scores = aggregate(jnp.swapaxes(r, 1, 2), query_mask[None], agg_func, lambda_lse)
   # An item with nothing to attend to (a padded tile row) scores 0 with everything, not
   # log(n) / lambda_lse, which a LogSumExp of zero similarities would give.
   nonempty = jnp.any(context_mask, -1)[:, None] & jnp.any(query_mask, -1)[None, :]
   return jnp.where(nonempty, scores, 0.0)
 
 
-def scores_from_similarities(s, regions, region_mask, words, word_mask, *, direction: str,
-                             lambda_softmax: float, agg_func: str = "Mean",
-                             lambda_lse: float = 6.0, norm: str = "clipped_l2norm",
-                             precision=HIGHEST):
-  """(I, J) SCAN scores of a tile from its raw region-word dot products `s`.
-
-  Args:
-    s: `region_word_similarities(regions, words, direction)`.
-    regions, region_mask, words, word_mask: the tile (module docstring); masks bool.
-    direction: "t2i" (words attend to regions, aggregated over words) or "i2t" (regions
-      attend to words, aggregated over regions).
-    lambda_softmax, agg_func, lambda_lse, norm: SCAN's options (AGGS, NORMS).
-  """
-  kw = dict(lam=lambda_softmax, agg_func=agg_func, lambda_lse=lambda_lse, norm=norm,
-            precision=precision)
-  region_mask = region_mask.astype(bool)
-  word_mask = word_mask.astype(bool)
-  if direction == "t2i":
-    return _context_major_scores(s, regions, region_mask, words, word_mask, **kw)
-  if direction == "i2t":
-    return _context_major_scores(s, words, word_mask, regions, region_mask, **kw).T
-  raise ValueError(f"cross_attn={direction!r}: expected one of {DIRECTIONS}")
+def context_block(context_positions: int, query_positions: int, query_items: int,
+                  block_elements: int = BLOCK_ELEMENTS) -> int:
+  """Context items per block of `xattn_scores`: as many as keep one (items, n, m, q)
+  block of S within `block_elements` floats (at least one)."""
+  per_item = max(context_positions * query_positions * query_items, 1)
+  return max(int(block_elements) // per_item, 1)
 
 
 def xattn_scores(regions, region_mask, words, word_mask, *, direction: str,
                  lambda_softmax: float, agg_func: str = "Mean", lambda_lse: float = 6.0,
-                 norm: str = "clipped_l2norm", precision=HIGHEST):
+                 norm: str = "clipped_l2norm", precision=HIGHEST,
+                 block_elements: int = BLOCK_ELEMENTS):
   """(I, J) float32 SCAN scores of every image of a tile with every caption of it
-  (SCAN's xattn_score_t2i / xattn_score_i2t without the per-caption loop)."""
+  (SCAN's xattn_score_t2i / xattn_score_i2t without the per-caption loop).
+
+  The context items (images for t2i, captions for i2t) are scored in blocks of
+  `context_block(...)` (`lax.map`; the last block padded with masked items), each one
+  plain matrix product `(items n) x d @ d x (m q)` against the query set transposed once
+  (so no block copies the queries), followed by the passes over its S while that is in
+  the cache.
+  """
+  kw = dict(lam=lambda_softmax, agg_func=agg_func, lambda_lse=lambda_lse, norm=norm,
+            precision=precision)
+  if direction not in DIRECTIONS:
+    raise ValueError(f"cross_attn={direction!r}: expected one of {DIRECTIONS}")
   regions = regions.astype(jnp.float32)
   words = words.astype(jnp.float32)
-  s = region_word_similarities(regions, words, direction, precision)
-  return scores_from_similarities(
-      s, regions, region_mask, words, word_mask, direction=direction,
-      lambda_softmax=lambda_softmax, agg_func=agg_func, lambda_lse=lambda_lse, norm=norm,
-      precision=precision)
+  region_mask = region_mask.astype(bool)
+  word_mask = word_mask.astype(bool)
+  context, context_mask, query, query_mask = (
+      (regions, region_mask, words, word_mask) if direction == "t2i" else
+      (words, word_mask, regions, region_mask))
+  n_ctx, n_pos, dim = context.shape
+  n_query, m_pos = query_mask.shape
+  query_t = jnp.transpose(query, (2, 1, 0)).reshape(dim, m_pos * n_query)  # (d, m q)
+
+  def block(args):
+    ctx, cmask = args
+    s = jnp.dot(ctx.reshape(-1, dim), query_t, precision=precision,
+                preferred_element_type=jnp.float32)
+    s = s.reshape(ctx.shape[:2] + (m_pos, n_query))
+    return _query_minor_scores(s, ctx, cmask, query, query_mask, **kw)
+
+  size = min(context_block(n_pos, m_pos, n_query, block_elements), n_ctx)
+  blocks = -(-n_ctx // size)
+  if blocks == 1:
+    scores = block((context, context_mask))
+  else:
+    size = -(-n_ctx // blocks)  # as even as possible
+    pad = blocks * size - n_ctx
+    ctx_b = jnp.pad(context, ((0, pad), (0, 0), (0, 0))).reshape(
+        (blocks, size) + context.shape[1:])
+    mask_b = jnp.pad(context_mask, ((0, pad), (0, 0))).reshape(blocks, size, n_pos)
+    scores = jax.lax.map(block, (ctx_b, mask_b)).reshape(blocks * size, n_query)[:n_ctx]
+  return scores if direction == "t2i" else scores.T
 
 
 def caption_chunk(num_images: int, num_regions: int, num_words: int,
@@ -303,6 +343,6 @@ def pairwise_xattn_scores(regions, region_mask, words, word_mask, *,
 
 
 __all__ = ["AGGS", "DIRECTIONS", "NORMS", "EPS", "aggregate", "attend", "attended_context",
-           "caption_chunk", "cosine", "map_caption_blocks", "masked_softmax",
-           "normalize_over_queries", "pairwise_xattn_scores", "region_word_similarities",
-           "scores_from_similarities", "xattn_scores"]
+           "caption_chunk", "context_block", "cosine", "map_caption_blocks",
+           "masked_softmax", "normalize_over_queries", "pairwise_xattn_scores",
+           "region_word_similarities", "xattn_scores"]
