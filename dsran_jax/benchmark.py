@@ -75,7 +75,6 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
-import ml_collections
 import numpy as np
 
 from dsran_jax import atomic, cli, evaluation, models, optim, ranking, train, validation
@@ -168,11 +167,11 @@ def make_config(args: argparse.Namespace):
   c.train.optimizer = "bertadam"
   for item in dsran_overrides(args) + args.set:
     _override(c, item)
-  # Every value checked before anything is built (the benchmark reads no dataset, so the
-  # data keys are checked as for the synthetic world).
-  probe = ml_collections.ConfigDict(c.to_dict())
-  probe.data.format = "synthetic"
-  validation.validate_config(probe)
+  # The benchmark reads no dataset: the data keys are the synthetic world's, whose
+  # captions give a word-vocabulary family its vocabulary. Every value is checked before
+  # anything is built.
+  c.data.format = "synthetic"
+  validation.validate_config(c)
   return c
 
 
@@ -218,9 +217,10 @@ def _override(c, item: str) -> None:
 
 
 def random_batch(rng: np.random.Generator, batch_size: int, args, with_text=True,
-                 with_images=True, model=None) -> dict:
+                 with_images=True, model=None, wordpiece=True) -> dict:
   """Random inputs of the model's keys and shapes (DSRAN's when no model is given);
-  captions of random length (>= 8 tokens)."""
+  captions of random length (>= 8 tokens): WordPiece ids of common words for a BERT
+  tokenizer (`wordpiece`), else ids of the `--vocab_size` word vocabulary."""
   dims = model.input_dims if model is not None else {"img_dim": args.img_dim,
                                                      "pos_dim": args.pos_dim}
   image_keys = model.image_keys if model is not None else (
@@ -240,8 +240,7 @@ def random_batch(rng: np.random.Generator, batch_size: int, args, with_text=True
   if with_text:
     lengths = rng.integers(min(8, args.seq_len), args.seq_len + 1, size=batch_size)
     mask = (np.arange(args.seq_len)[None, :] < lengths[:, None]).astype(np.int32)
-    # WordPiece ids of common words for BERT; any word of the vocabulary otherwise.
-    low, high = (1000, 30000) if args.model == "dsran" else (4, args.vocab_size)
+    low, high = (1000, 30000) if wordpiece else (4, args.vocab_size)
     ids = rng.integers(low, high, size=(batch_size, args.seq_len), dtype=np.int32)
     b["input_ids"] = ids * mask
     b["attention_mask"] = mask
@@ -368,6 +367,7 @@ def _shape_info(args) -> dict:
 def benchmark_train(args: argparse.Namespace) -> dict:
   """Times the jitted train step at `args`' shape; returns the result dict."""
   config = make_config(args)
+  wordpiece = models.tokenizer_kind(config) == "bert"
   model = models.build_model(config.model, vocab_size=args.vocab_size)
   mesh = train.make_mesh()
   train.check_batch_size(config, mesh)
@@ -390,8 +390,9 @@ def benchmark_train(args: argparse.Namespace) -> dict:
   rng = np.random.default_rng(args.seed)
   # A family objective reads the images' ids (pairs of one image are positives).
   index = {"image_index": np.arange(args.batch_size, dtype=np.int32)} if objective else {}
-  batches = [train.global_batch({**random_batch(rng, args.batch_size, args, model=model),
-                                 **index}, mesh) for _ in range(2)]
+  batches = [train.global_batch(
+      {**random_batch(rng, args.batch_size, args, model=model, wordpiece=wordpiece), **index},
+      mesh) for _ in range(2)]
 
   t = time.perf_counter()
   compiled = step_fn.lower(state, batches[0]).compile()
@@ -442,7 +443,7 @@ def benchmark_train(args: argparse.Namespace) -> dict:
       "other_load_cores": total.other_cores,
       "loadavg_1m": [load0, os.getloadavg()[0]],
       "loss": loss,
-      "compute_dtype": models.compute_dtype(config.model)[0],
+      "compute_dtype": models.compute_dtype(config.model, jax.default_backend())[0],
       **_device_info(),
       **peak_memory(),
   }
@@ -460,6 +461,7 @@ def _timed_encode(fn, variables, batches) -> float:
 def benchmark_eval(args: argparse.Namespace) -> dict:
   """Times eval-mode encoding (extrapolated to COCO 5K) and full COCO 5K ranking."""
   config = make_config(args)
+  wordpiece = models.tokenizer_kind(config) == "bert"
   model = models.build_model(config.model, vocab_size=args.vocab_size)
   variables = init_variables(model, jax.random.PRNGKey(args.seed))
 
@@ -470,10 +472,9 @@ def benchmark_eval(args: argparse.Namespace) -> dict:
   bs = args.eval_batch_size
   n_img = args.eval_images
   n_cap = CAPTIONS_PER_IMAGE * n_img
-  img_batches = [random_batch(rng, bs, args, with_text=False, model=model)
-                 for _ in range(-(-n_img // bs))]
-  cap_batches = [random_batch(rng, bs, args, with_images=False, model=model)
-                 for _ in range(-(-n_cap // bs))]
+  batch = lambda **kw: random_batch(rng, bs, args, model=model, wordpiece=wordpiece, **kw)
+  img_batches = [batch(with_text=False) for _ in range(-(-n_img // bs))]
+  cap_batches = [batch(with_images=False) for _ in range(-(-n_cap // bs))]
   t = time.perf_counter()
   image_fn.lower(variables, img_batches[0]).compile()
   text_fn.lower(variables, cap_batches[0]).compile()
@@ -531,6 +532,7 @@ def benchmark_score(args: argparse.Namespace) -> dict:
     raise ValueError("--score_images and --score_captions must both be >= 1")
   config = make_config(args)
   config.eval.tile_images, config.eval.tile_captions = args.tile_images, args.tile_captions
+  wordpiece = models.tokenizer_kind(config) == "bert"
   model = models.build_model(config.model, vocab_size=args.vocab_size)
   variables = init_variables(model, jax.random.PRNGKey(args.seed))
   scorer = evaluation.ModelScorer(model, variables, tile=models.eval_tile(config),
@@ -538,7 +540,7 @@ def benchmark_score(args: argparse.Namespace) -> dict:
   rng = np.random.default_rng(args.seed)
   bs = args.eval_batch_size
   encode = lambda fn, n, **kw: evaluation.encode_all(
-      fn, [random_batch(rng, min(bs, n - o), args, model=model, **kw)
+      fn, [random_batch(rng, min(bs, n - o), args, model=model, wordpiece=wordpiece, **kw)
            for o in range(0, n, bs)])
   image_reps = encode(scorer.encode_images, args.score_images, with_text=False)
   text_reps = encode(scorer.encode_texts, args.score_captions, with_images=False)

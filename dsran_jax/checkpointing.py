@@ -57,7 +57,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from absl import logging
 
-from dsran_jax import atomic, integrity, models
+from dsran_jax import atomic, integrity
+from dsran_jax.core.training import model_params
 
 LATEST, BEST = "latest", "best"
 KINDS = (LATEST, BEST)
@@ -620,5 +621,5 @@ def load_variables(workdir: str) -> tuple[dict, dict]:
   less a family objective's parameters)."""
   kind = BEST if latest_step(workdir, BEST) is not None else LATEST
   state, meta = restore(workdir, kind)
-  return {"params": models.model_params(state["params"]),
+  return {"params": model_params(state["params"]),
           "batch_stats": state["batch_stats"]}, meta

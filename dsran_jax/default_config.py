@@ -23,11 +23,12 @@ import inspect
 import math
 import numbers
 import re
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import ml_collections
 
 from dsran_jax import models
+from dsran_jax.core.training import parse_milestones
 
 
 class ConfigError(ValueError):
@@ -139,21 +140,6 @@ def Milestones() -> Rule:
     except ValueError as e:
       return str(e)
   return check
-
-
-def parse_milestones(v) -> Tuple[int, ...]:
-  """The epochs of a `train.lr_milestones` string ("15,25" -> (15, 25); "" -> ()).
-  Raises ValueError saying what a valid value looks like."""
-  msg = "must be a string of comma-separated increasing epochs >= 1, e.g. '15,25'"
-  if not isinstance(v, str):
-    raise ValueError(msg)
-  parts = [p.strip() for p in v.split(",") if p.strip()]
-  if not all(p.isdigit() for p in parts):
-    raise ValueError(msg)
-  epochs = tuple(int(p) for p in parts)
-  if any(e < 1 for e in epochs) or list(epochs) != sorted(set(epochs)):
-    raise ValueError(msg)
-  return epochs
 
 
 def _caption_cap_rule(v) -> Optional[str]:

@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dsran_jax.default_config import parse_milestones
-from dsran_jax.models import OBJECTIVE_KEY as OBJECTIVE
+from dsran_jax.core.training import OBJECTIVE_KEY as OBJECTIVE, parse_milestones
 
 
 def learning_rate_schedule(train_config, steps_per_epoch: int, total_steps: int):

@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsran_jax import checkpointing, data, evaluation, losses, models, optim, validation
+from dsran_jax.core.training import OBJECTIVE_KEY, model_params
 from dsran_jax.data import pipeline
 from dsran_jax.models.variables import example_batch, init_variables
 from dsran_jax.progress import Progress, interactive as progress_interactive
@@ -39,7 +40,7 @@ class TrainState:
   @property
   def variables(self):
     """The model's variables (a family objective's parameters left out)."""
-    return {"params": models.model_params(self.params), "batch_stats": self.batch_stats}
+    return {"params": model_params(self.params), "batch_stats": self.batch_stats}
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
@@ -79,15 +80,15 @@ def create_state(model, tx, config, rng, sharding, workdir=None,
                  objective=None) -> TrainState:
   """Fresh replicated state: random init, then the family's pretrained weights (BERT,
   GloVe, ...); with a family `objective`, its parameters under
-  `params[models.OBJECTIVE_KEY]`."""
+  `params[OBJECTIVE_KEY]`."""
   variables = init_variables(model, rng)
   variables = models.load_pretrained(variables, config, vocab=data.gru_vocabulary(config, workdir))
   params = variables["params"]
   if objective is not None:
-    if models.OBJECTIVE_KEY in params:
-      raise ValueError(f"the model has a top-level module named {models.OBJECTIVE_KEY!r}, "
+    if OBJECTIVE_KEY in params:
+      raise ValueError(f"the model has a top-level module named {OBJECTIVE_KEY!r}, "
                        f"the key of its training objective's parameters")
-    params = {**params, models.OBJECTIVE_KEY: init_objective(
+    params = {**params, OBJECTIVE_KEY: init_objective(
         model, variables, objective, jax.random.fold_in(rng, 1))}
   variables = jax.device_put({**variables, "params": params}, sharding)
   opt_state = jax.jit(tx.init, out_shardings=sharding)(variables["params"])
@@ -102,7 +103,7 @@ def make_train_step(model, tx, config, schedule, frozen=(), objective=None):
   Without a family `objective`, the model's training call gives the (B, B) score matrix
   of the batch and the loss is the VSE++ hinge on it. With one
   (`models.training_objective`), the loss is `objective.loss` of the model's
-  `training_outputs` and the objective's parameters (`params[models.OBJECTIVE_KEY]`).
+  `training_outputs` and the objective's parameters (`params[OBJECTIVE_KEY]`).
   Parameters matching a `frozen` regex get stop_gradient, so XLA drops their backward
   pass.
   """
@@ -114,7 +115,7 @@ def make_train_step(model, tx, config, schedule, frozen=(), objective=None):
 
     def loss_fn(params):
       params = optim.stop_frozen_gradients(params, frozen)
-      variables = {"params": models.model_params(params), "batch_stats": state.batch_stats}
+      variables = {"params": model_params(params), "batch_stats": state.batch_stats}
       if objective is None:
         scores, updates = model.apply(variables, batch, train=True, rngs={"dropout": rng},
                                       mutable=["batch_stats"])
@@ -123,7 +124,7 @@ def make_train_step(model, tx, config, schedule, frozen=(), objective=None):
         outputs, updates = model.apply(variables, batch, train=True,
                                        method="training_outputs", rngs={"dropout": rng},
                                        mutable=["batch_stats"])
-        loss = objective.loss({"params": params[models.OBJECTIVE_KEY]}, outputs, batch,
+        loss = objective.loss({"params": params[OBJECTIVE_KEY]}, outputs, batch,
                               state.step, jax.random.fold_in(rng, 1))
       return loss, updates.get("batch_stats", {})
 
@@ -307,7 +308,7 @@ def _train_and_evaluate(config, wd: Workdir, mesh, stop_at, save_sims) -> dict:
   for note in departures:
     logging.warning("this run departs from the authors' recipe: %s", note)
   config.train.departures = "; ".join(departures)
-  _, dtype_note = models.compute_dtype(config.model)
+  _, dtype_note = models.compute_dtype(config.model, jax.default_backend())
   if dtype_note:
     logging.warning("%s", dtype_note)
   wd.save_config(config)

@@ -46,7 +46,7 @@ def test_build_model_computes_in_the_resolved_dtype(monkeypatch):
   c.model.dtype = "bfloat16"
   c.model.dsran.text_encoder = "gru"
   monkeypatch.setattr(precision, "_proc_cpuinfo", lambda: ZEN3)
-  assert models.compute_dtype(c.model)[0] == "float32"
+  assert models.compute_dtype(c.model, "cpu")[0] == "float32"
   assert models.build_model(c.model, 50).config.dtype == "float32"
   assert c.model.dtype == "bfloat16"  # the user's config is left as written
   monkeypatch.setattr(precision, "_proc_cpuinfo", lambda: ZEN4)

@@ -5,12 +5,12 @@ CPU, XLA's bf16 dots (YNNPACK) are fast on some units and slower than fp32 on ot
 so a bf16 request is honoured only where it was measured to beat fp32
 (docs/benchmarks.md, "bf16 by CPU kind"):
 
-| CPU units (flags in /proc/cpuinfo) | bf16 dot vs fp32 | rule |
-|---|---|---|
-| AMX (`amx_bf16`), Intel Sapphire Rapids and later | ~5x | bf16 |
-| AVX512-BF16 on AMD (Zen 4 and later, `avx512_bf16`) | ~2x (vdpbf16ps at the FMA rate, two products each) | bf16 |
-| AVX512-BF16 on Intel without AMX (Cooper Lake; AMX hidden by a hypervisor) | slower: the DSRAN step 1.07-1.19x slower than fp32 | fp32 |
-| no bf16 units (AVX2 only, AVX-512 without BF16, other ISAs) | emulated, slower | fp32 |
+- AMX (`amx_bf16`; Intel Sapphire Rapids and later): bf16 dots ~5x fp32 -> bf16.
+- AVX512-BF16 on AMD (`avx512_bf16`, Zen 4 and later): ~2x (vdpbf16ps at the FMA rate,
+  two products each); the DSRAN step 1.6x faster than fp32 -> bf16.
+- AVX512-BF16 on Intel without AMX (Cooper Lake, or AMX hidden by a hypervisor): the
+  DSRAN step 1.07-1.19x slower than fp32 -> fp32.
+- No bf16 units (AVX2 only, AVX-512 without BF16, other ISAs): emulated -> fp32.
 
 Where bf16 would be slower, the run computes in fp32 and says so in its first lines;
 `model.bf16_on_cpu="always"` keeps bf16 anyway (to measure it).

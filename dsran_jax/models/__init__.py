@@ -46,9 +46,9 @@ on the (B, B) training scores, as every family had before) is an object with
         got no gradient, e.g. a module used only after a warm-up);
 where `outputs = model.apply(v, batch, train=True, method="training_outputs")`, a dict
 the family's Module defines (its `__call__` stays the (B, B) scores). Training keeps the
-objective's parameters in `TrainState.params[OBJECTIVE_KEY]` beside the model's (so the
-optimiser, the gradient clip and the `latest` checkpoint cover them, and a resumed run
-restores them); `TrainState.variables`, the `best` checkpoint, evaluation, inference and
+objective's parameters in `TrainState.params[OBJECTIVE_KEY]` (`core.training`) beside the
+model's (so the optimiser, the gradient clip and the `latest` checkpoint cover them, and a
+resumed run restores them); `TrainState.variables`, the `best` checkpoint, evaluation, inference and
 the converters see the model's variables only.
 
 Every family's Module implements the `MatchingModel` contract (`common/base.py`):
@@ -65,7 +65,6 @@ from dsran_jax.core import precision
 
 DEFAULT = "dsran"
 # Where a family objective's parameters sit in the trained tree (`TrainState.params`).
-OBJECTIVE_KEY = "objective"
 _NOT_FAMILIES = ("common",)
 
 
@@ -176,22 +175,16 @@ def migrations() -> Tuple[Callable[[dict], dict], ...]:
                if m is not None)
 
 
-def compute_dtype(model_config) -> Tuple[str, str]:
-  """The dtype the model computes in on this backend and a note when that is not
-  `model.dtype` (bf16 asked for on a CPU without native bf16: `core.precision`)."""
-  # Imported here, not at the top: configs and --help import this registry, jax-free.
-  import jax  # pylint: disable=g-import-not-at-top
-  return precision.compute_dtype(model_config.dtype, model_config.bf16_on_cpu,
-                                 jax.default_backend())
+def compute_dtype(model_config, backend: str) -> Tuple[str, str]:
+  """The dtype a model of `config.model` computes in on `backend`
+  (`jax.default_backend()`) and a note when that is not `model.dtype`: bf16 asked for on
+  a CPU without native bf16 (`core.precision`; the families build through
+  `common.layers.compute_dtype`)."""
+  return precision.compute_dtype(model_config.dtype, model_config.bf16_on_cpu, backend)
 
 
 def build_model(model_config, vocab_size: Optional[int] = None):
-  """The Flax module of `config.model` (`vocab_size`: the word vocabulary's, if any),
-  computing in `compute_dtype(model_config)`."""
-  dtype, _ = compute_dtype(model_config)
-  if dtype != model_config.dtype:
-    model_config = model_config.copy_and_resolve_references()
-    model_config.dtype = dtype
+  """The Flax module of `config.model` (`vocab_size`: the word vocabulary's, if any)."""
   return family(model_config.name).build(model_config, vocab_size)
 
 
@@ -216,14 +209,6 @@ def training_objective(config):
   docstring), or None when it trains with the VSE++ hinge on its training scores."""
   hook = getattr(family(config.model.name), "training_objective", None)
   return hook(config) if hook else None
-
-
-def model_params(params):
-  """The model's part of a trained tree (`TrainState.params`): without the family
-  objective's parameters (`OBJECTIVE_KEY`), the tree itself when it has none."""
-  if hasattr(params, "keys") and OBJECTIVE_KEY in params:
-    return {k: v for k, v in params.items() if k != OBJECTIVE_KEY}
-  return params
 
 
 def frozen_paths(model_config) -> Tuple[str, ...]:

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 from jax.experimental.layout import Layout, with_layout_constraint
 import numpy as np
 
+from dsran_jax.core import precision
+
 Dtype = Any
 
 
@@ -61,6 +63,13 @@ def lowp_dense(x, kernel, bias):
 
 
 lowp_dense.defvjp(_lowp_dense_fwd, _lowp_dense_bwd)
+
+
+def compute_dtype(model_config) -> str:
+  """`config.model.dtype` as this backend runs it: float32 where a bf16 request meets a
+  CPU without native bf16 (`core.precision`, `model.bf16_on_cpu`)."""
+  return precision.compute_dtype(str(model_config.dtype), model_config.bf16_on_cpu,
+                                 jax.default_backend())[0]
 
 
 def dense(x, kernel, bias, dtype):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from dsran_jax import models
 from dsran_jax.core.text_policy import TextPolicy
 from dsran_jax.models.common.bert import BertConfig, bert_config_of, with_pretrained_bert
-from dsran_jax.models.common import resnet
+from dsran_jax.models.common import layers, resnet
 from dsran_jax.models.common.glove import load_configured_glove
 from dsran_jax.models.dsran.attention import jsr_attention
 from dsran_jax.models.dsran.config import ONLINE, OPTIONS
@@ -23,7 +23,7 @@ def model_config_from(model_config, vocab_size: Optional[int] = None) -> DSRANCo
   """Turns `config.model` (ml_collections) into the hashable DSRANConfig."""
   m = model_config
   bert = bert_config_from(m) if m.dsran.text_encoder == "bert" else None
-  return OPTIONS.module_config(DSRANConfig, m, vocab_size, dtype=str(m.dtype), bert=bert)
+  return OPTIONS.module_config(DSRANConfig, m, vocab_size, dtype=layers.compute_dtype(m), bert=bert)
 
 
 def build(model_config, vocab_size: Optional[int] = None) -> DSRAN:

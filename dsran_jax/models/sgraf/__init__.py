@@ -2,6 +2,7 @@
 weight hooks. Options: `config.model.sgraf` (see config.py)."""
 from typing import Optional
 
+from dsran_jax.models.common import layers
 from dsran_jax.models.common.glove import load_configured_glove
 from dsran_jax.models.sgraf.similarity import Extensions
 from dsran_jax.models.sgraf.config import OPTIONS
@@ -13,7 +14,7 @@ def model_config_from(model_config, vocab_size: Optional[int] = None,
   """Turns `config.model` (ml_collections) into the hashable SgrafConfig (`ext`: the
   KIDRR per-pair modules, off for SGRAF)."""
   return OPTIONS.module_config(SgrafConfig, model_config, vocab_size,
-                               dtype=str(model_config.dtype), ext=ext)
+                               dtype=layers.compute_dtype(model_config), ext=ext)
 
 
 def build(model_config, vocab_size: Optional[int] = None) -> SGRAF:
