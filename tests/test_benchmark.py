@@ -48,6 +48,16 @@ def test_train_benchmark_prints_one_json_line(capsys, precision):
         printed["achieved_gflops"] / printed["matmul_peak_bf16_gflops"])
 
 
+@pytest.mark.parametrize("family", [["--set", "model.dsran.text_encoder=gru"],
+                                    ["--model=scan"]])
+def test_train_benchmark_of_word_vocabulary_models(capsys, family):
+  # Ids come from the model's own vocabulary (DSRAN's GRU build read WordPiece ids past its
+  # 40 rows: a NaN loss) and a word-vocabulary family gets one without a dataset.
+  benchmark.main(TINY + ["--steps=1", "--vocab_size=40", "--set", "model.word_dim=16"] + family)
+  printed = _last_json_line(capsys)
+  assert np.isfinite(printed["loss"]) and printed["compute_dtype"] == "float32"
+
+
 def test_eval_benchmark(capsys):
   benchmark.main(TINY + ["--eval", "--eval_images=8", "--eval_batch_size=8",
                          "--rank_images=40"])
