@@ -98,7 +98,8 @@ def theirs(autocast: bool, steps: int, warmup: int = 2) -> dict:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
       img = model.embed_images(grid, regions, pos)
       cap = model.embed_texts(ids)
-      loss = dsran_online._contrastive(img.float(), cap.float(), 0.2)  # pylint: disable=protected-access
+      # pylint: disable-next=protected-access
+      loss = dsran_online._contrastive(img.float(), cap.float(), 0.2)
     loss.backward()
     opt.step()
     if k >= warmup:

@@ -64,7 +64,6 @@ from typing import Callable, Optional, Tuple
 from dsran_jax.core import precision
 
 DEFAULT = "dsran"
-# Where a family objective's parameters sit in the trained tree (`TrainState.params`).
 _NOT_FAMILIES = ("common",)
 
 
