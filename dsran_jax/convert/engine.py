@@ -227,6 +227,23 @@ def map_state_dict(state: Mapping[str, np.ndarray], rules: Sequence[Rule],
   return variables
 
 
+def map_state_dict_reporting(state: Mapping[str, np.ndarray], rules: Sequence[Rule],
+                             expected: Mapping[str, Tuple[int, ...]], what: str, model: str,
+                             extra: Optional[Mapping[str, np.ndarray]] = None,
+                             problems: Sequence[str] = ()) -> dict:
+  """`map_state_dict`, its problems reported together with `problems` (what the family
+  found mapping its own subtrees) in one ConversionError naming dsran_jax's `model`
+  ("SCAN", ...)."""
+  problems = list(problems)
+  try:
+    variables = map_state_dict(state, rules, expected, what, extra=extra)
+  except ConversionError as e:
+    problems.append(str(e))
+  if problems:
+    raise ConversionError(f"{what} does not match dsran_jax's {model}:\n" + "\n".join(problems))
+  return variables
+
+
 def check_finite(variables: Mapping[str, Any], what: str) -> None:
   """Raises ConversionError naming every variable that holds NaN or Inf."""
   bad = [f"{path} ({int((~np.isfinite(v)).sum())} of {v.size} values)"

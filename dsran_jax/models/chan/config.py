@@ -8,11 +8,9 @@ widths are the top-level `model.embed_size`, `model.img_dim`, `model.word_dim` a
 their appended `<mask>`). The model's specification: docs/models/chan.md.
 """
 from dsran_jax.hub import minilm_dir
-from dsran_jax.models.common import recipes
-from dsran_jax.models.common.options import (Option, Options, bert_options, greater_than,
-                                              integer_at_least, one_of, within)
-
-TEXT_ENCODERS = ("bert", "bigru")
+from dsran_jax.models.common import recipes, vse_config
+from dsran_jax.models.common.options import Option, Options, bert_options, greater_than, one_of
+from dsran_jax.models.common.vse_config import TEXT_ENCODERS
 # "basic": fc alone (nn.Identity feed-forward); "selfattention": fc + a pre-LN residual
 # nn.MultiheadAttention(E, 8) over the regions. Their "transformer" builds
 # nn.MultiheadAttention without batch_first and feeds it (B, R, E), so it attends across
@@ -53,38 +51,19 @@ OPTIONS = Options("chan", [
     Option("alpha", 0.1, greater_than(0), "VSACoding softmax temperature (their --alpha)"),
     Option("belta", 0.1, greater_than(0),
            "LSEPooling / SoftmaxPooling temperature (their --belta)"),
-    Option("no_imgnorm", False, None, "no l2norm of the region embeddings"),
-    Option("no_txtnorm", False, None, "no l2norm of the word embeddings"),
-    Option("num_layers", 1, integer_at_least(1), "BiGRU layers (their --num_layers)"),
-    Option("region_drop", 0.2, within(0.0, 1.0, high_open=True),
-           "training: each region dropped with this probability (their --obj_drop_rate)"),
-    Option("token_mask", 0.2, within(0.0, 1.0, high_open=True),
-           "training: share of words masked (1/2), randomised (1/10) or deleted (2/5) "
-           "(their process_caption: 0.2)"),
+    *vse_config.norm_options("region embeddings", "word embeddings"),
+    vse_config.bigru_layers_option(),
+    *vse_config.augmentation_options("their --obj_drop_rate"),
     Option("max_block_elements", 1 << 25, recipes.block_elements_rule,
            "floats in the largest (images, captions, k, L) scoring intermediate "
            "(0: no blocking)"),
 ] + bert_options())
 defaults = OPTIONS.defaults
+tokenizer, bert_path = vse_config.text_encoder_hooks("chan")
 
 image_keys = recipes.region_keys
 text_keys = recipes.word_keys
 frozen_paths = recipes.nothing_frozen
-
-
-def _section(model_config):
-  return model_config.chan if "chan" in model_config else model_config
-
-
-def tokenizer(model_config):
-  """"bert" (WordPiece from `model.chan.bert_path`) or "vocab" (BiGRU)."""
-  return "bert" if _section(model_config).text_encoder == "bert" else "vocab"
-
-
-def bert_path(model_config) -> str:
-  """The BERT directory (or hub name) of the BERT build; "" for the BiGRU build."""
-  s = model_config.chan
-  return s.bert_path if s.text_encoder == "bert" else ""
 
 
 def eval_tile(model_config):
@@ -108,17 +87,14 @@ def _training(c, text_encoder: str, learning_rate: float, num_epochs: int, lr_up
   `lr_update`; the hinge at margin 0.05, summed violations for `warmup_steps`, then
   hardest negatives."""
   recipes.adam_clipped(c, learning_rate, num_epochs, lr_update, batch_size)
-  c.train.optimizer = "adamw"
-  c.train.weight_decay = WEIGHT_DECAY[text_encoder]
-  c.train.bert_lr_scale = BERT_LR_FACTOR[text_encoder]
+  vse_config.adamw(c, WEIGHT_DECAY[text_encoder], BERT_LR_FACTOR[text_encoder])
   recipes.hinge_loss(c, max_violation=True, sum_violation_steps=warmup_steps)
   c.train.margin = MARGIN
   return c
 
 
 def _build(c, text_encoder: str):
-  if text_encoder not in TEXT_ENCODERS:
-    raise ValueError(f"text_encoder={text_encoder!r}: expected one of {TEXT_ENCODERS}")
+  vse_config.check_text_encoder(text_encoder)
   s = c.model.chan
   s.text_encoder = text_encoder
   s.precomp_enc_type = PRECOMP[text_encoder]
@@ -178,7 +154,4 @@ def validate(c):
     raise ValueError(f"config.model.embed_size={c.model.embed_size} must be divisible by "
                      f"the {SELF_ATTENTION_HEADS} heads of "
                      f"config.model.chan.precomp_enc_type='selfattention'")
-  b = s.bert
-  if s.text_encoder == "bert" and b.hidden_size % b.num_heads:
-    raise ValueError(f"config.model.chan.bert.hidden_size={b.hidden_size} must be "
-                     f"divisible by config.model.chan.bert.num_heads={b.num_heads}")
+  vse_config.check_bert_heads(c, "chan", s.text_encoder == "bert")

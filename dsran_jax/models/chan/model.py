@@ -17,7 +17,6 @@ Reps are token-level, as SCAN's: images `{"regions", "region_mask"}`, captions
 `{"words", "word_mask"}`; all the cross-modal work is in `score`.
 """
 import functools
-from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -25,11 +24,10 @@ import jax.numpy as jnp
 
 from dsran_jax.models.chan import config as spec
 from dsran_jax.models.common import cross_attention as xattn
-from dsran_jax.models.common.base import RegionWordModel, region_inputs
-from dsran_jax.models.common.bert import BertConfig
+from dsran_jax.models.common.base import RegionWordModel, region_inputs, text_inputs
 from dsran_jax.models.common.layers import Linear, l2norm
-from dsran_jax.models.common.options import WIDTHS
-from dsran_jax.models.common.vse import MaskedWordEmbedding, bert_words, bidirectional_gru
+from dsran_jax.models.common.vse import (MaskedWordEmbedding, bert_words, bidirectional_gru,
+                                         check_text_encoder, config_fields)
 
 EPS = 1e-8    # their l2norm and VSACoding: x / (||x|| + 1e-8)
 MASK = -1.0   # their padding value of the coded similarities
@@ -37,19 +35,13 @@ HIGHEST = jax.lax.Precision.HIGHEST
 _NEG = -1e30  # a finite "minus infinity" for masked logits
 
 
-class ChanConfig(spec.OPTIONS.dataclass(
-    "ChanConfigFields", head=WIDTHS, tail=(("bert", Optional[BertConfig], None),))):
+class ChanConfig(config_fields(spec.OPTIONS, "ChanConfigFields")):
   """Hashable CHAN description: the shared widths, every `config.model.chan` option that
   shapes the Module, and the BERT build's `BertConfig`; built by `chan.build`."""
 
   def __post_init__(self):
     super().__post_init__()
-    if self.text_encoder == "bert" and self.bert is None:
-      raise ValueError("CHAN's BERT build needs a BertConfig (model.chan.bert_path or "
-                       "bert_random_init)")
-    if self.text_encoder == "bigru" and self.vocab_size <= 0:
-      raise ValueError(f"CHAN's BiGRU build needs a word vocabulary: "
-                       f"vocab_size={self.vocab_size}")
+    check_text_encoder(self, "CHAN", "chan")
 
 
 # ------------------------------------------------------------------------ encoders
@@ -236,9 +228,7 @@ class CHAN(RegionWordModel):
     return {"regions": self.img_enc(regions, mask, train), "region_mask": mask}
 
   def encode_texts(self, batch, train: bool = False):
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    mask = (ids != 0) if mask is None else mask.astype(bool)
+    ids, mask = text_inputs(batch)
     return {"words": self.txt_enc(ids, mask, train), "word_mask": mask}
 
   def score(self, image_reps, text_reps, train: bool = False):

@@ -85,6 +85,21 @@ def region_inputs(batch: Dict[str, Any], img_dim: int) -> Tuple[jnp.ndarray, jnp
   return regions, mask
 
 
+def text_inputs(batch: Dict[str, Any]) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """`batch["input_ids"]` (B, L) and its bool (B, L) `attention_mask` (`ids != 0` when
+  the batch has none)."""
+  ids = batch["input_ids"]
+  mask = batch.get("attention_mask")
+  return ids, (ids != 0) if mask is None else mask.astype(bool)
+
+
+def embedding_scores(image_reps: Dict[str, Any], text_reps: Dict[str, Any]) -> jnp.ndarray:
+  """(n_img, n_txt) float32 dot products of an embedding model's `{"embedding": (B,
+  E)}` reps."""
+  return jnp.matmul(image_reps["embedding"], text_reps["embedding"].T,
+                    preferred_element_type=jnp.float32)
+
+
 def select(batch: Dict[str, Any], keys) -> Dict[str, Any]:
   """The entries of `batch` named in `keys` (absent ones skipped)."""
   return {k: batch[k] for k in keys if k in batch}

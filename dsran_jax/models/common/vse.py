@@ -12,6 +12,8 @@ features scored by hard alignment) use them before their own pooling or scoring.
   layer's halves averaged.
 - `MaskedWordEmbedding`: their BiGRU builds' word table with the `<mask>` row train.py
   appends to the vocabulary.
+- `config_fields` / `check_text_encoder`: the Module config every one of these families
+  builds (shared widths, its options, the text encoder's `BertConfig`) and its checks.
 """
 from typing import Optional
 
@@ -21,7 +23,27 @@ import jax.numpy as jnp
 
 from dsran_jax.models.common.bert import BertConfig, BertEncoder
 from dsran_jax.models.common.layers import Linear
+from dsran_jax.models.common.options import WIDTHS
 from dsran_jax.models.common.text import GRU
+
+
+def config_fields(options, name: str) -> type:
+  """The frozen dataclass (named `name`) a family's Module config subclasses: the
+  shared widths, `options`' Module fields, then `bert`, the text encoder's BertConfig
+  (None for a BiGRU build)."""
+  return options.dataclass(name, head=WIDTHS, tail=(("bert", Optional[BertConfig], None),))
+
+
+def check_text_encoder(config, family: str, section: str) -> None:
+  """Raises ValueError when a Module `config` with a BERT / BiGRU `text_encoder` lacks
+  what that build needs: a BertConfig, or a word vocabulary (`family` ("VSE∞") and
+  `section` name it in the message)."""
+  if config.text_encoder == "bert" and config.bert is None:
+    raise ValueError(f"{family}'s BERT build needs a BertConfig (model.{section}.bert_path "
+                     f"or bert_random_init)")
+  if config.text_encoder == "bigru" and config.vocab_size <= 0:
+    raise ValueError(f"{family}'s BiGRU build needs a word vocabulary: "
+                     f"vocab_size={config.vocab_size}")
 
 
 class PaddedBatchNorm(nn.Module):

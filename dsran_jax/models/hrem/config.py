@@ -6,7 +6,7 @@ top-level `model.embed_size` and `model.img_dim`. The model's specification:
 docs/models/hrem.md.
 """
 from dsran_jax.hub import minilm_dir
-from dsran_jax.models.common import recipes
+from dsran_jax.models.common import recipes, vse_config
 from dsran_jax.models.common.options import (Option, Options, bert_options, greater_than,
                                               integer_at_least, one_of, within)
 
@@ -29,14 +29,9 @@ OPTIONS = Options("hrem", [
     Option("residual_weight", 0.8, within(0.0, 1.0),
            "pooled = w * max-2 pool + (1 - w) * mean of the encoder layer (their "
            "--residual_weight)"),
-    Option("no_imgnorm", False, None, "no l2norm of the image embedding"),
-    Option("no_txtnorm", False, None, "no l2norm of the caption embedding"),
-    Option("region_drop", 0.2, within(0.0, 1.0, high_open=True),
-           "training: each region dropped with this probability (their --size_augment 1)",
-           field=False),
-    Option("token_mask", 0.2, within(0.0, 1.0, high_open=True),
-           "training: share of words masked (1/2), randomised (1/10) or deleted (2/5) "
-           "(their process_caption_bert)", field=False),
+    *vse_config.norm_options("image embedding", "caption embedding"),
+    *vse_config.augmentation_options("their --size_augment 1", "their process_caption_bert",
+                                     field=False),
     # graph_lib.extra_parameters: the training objective (GraphLoss), not the Module.
     Option("base_loss", "trip", one_of(*LOSSES),
            "loss of the embeddings: 'trip' (distance-weighted triplet) | 'vse' (hinge)",
@@ -101,9 +96,7 @@ def _training(c, dataset_numbers: str, learning_rate: float, num_epochs: int,
   graph_lr_factor), global-norm clip 2.0 over every group, x0.1 at `milestones`."""
   recipes.adam_clipped(c, learning_rate, num_epochs, lr_update=num_epochs,
                        batch_size=batch_size)
-  c.train.optimizer = "adamw"
-  c.train.weight_decay = WEIGHT_DECAY
-  c.train.bert_lr_scale = BERT_LR_FACTOR
+  vse_config.adamw(c, WEIGHT_DECAY, BERT_LR_FACTOR)
   c.train.lr_milestones = milestones
   # Read by the 'vse' losses only (their ContrastiveLoss): summed violations for
   # --vse_mean_warmup_epochs 1, then hardest negatives.
@@ -154,7 +147,4 @@ def validate(c):
   if c.model.embed_size % s.nhead:
     raise ValueError(f"config.model.embed_size={c.model.embed_size} must be divisible by "
                      f"config.model.hrem.nhead={s.nhead}")
-  b = s.bert
-  if s.bert_random_init and b.hidden_size % b.num_heads:
-    raise ValueError(f"config.model.hrem.bert.hidden_size={b.hidden_size} must be "
-                     f"divisible by config.model.hrem.bert.num_heads={b.num_heads}")
+  vse_config.check_bert_heads(c, "hrem", s.bert_random_init)

@@ -17,25 +17,21 @@ two items (`k = min(k, length)` inside the loop): later items of that batch then
 their single largest value. Only a caption or image of one item triggers it (never in
 their data: captions have [CLS] and [SEP]); here every item pools min(2, its length).
 """
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsran_jax.models.common.base import RegionWordModel, region_inputs
-from dsran_jax.models.common.bert import BertConfig
+from dsran_jax.models.common.base import (RegionWordModel, embedding_scores, region_inputs,
+                                          text_inputs)
 from dsran_jax.models.common.layers import Linear, l2norm, masked_mean
-from dsran_jax.models.common.options import WIDTHS
 from dsran_jax.models.common.transformer import TorchEncoder, padding_bias
-from dsran_jax.models.common.vse import RegionMLP, bert_words
+from dsran_jax.models.common.vse import RegionMLP, bert_words, config_fields
 from dsran_jax.models.hrem import config as spec
 
 EPS = 1e-8  # their l2norm: x / (||x|| + 1e-8)
 
 
-class HremConfig(spec.OPTIONS.dataclass(
-    "HremConfigFields", head=WIDTHS, tail=(("bert", Optional[BertConfig], None),))):
+class HremConfig(config_fields(spec.OPTIONS, "HremConfigFields")):
   """Hashable HREM description: the shared widths, every `config.model.hrem` option
   that shapes the Module, and the text encoder's `BertConfig`; built by `hrem.build`."""
 
@@ -126,10 +122,7 @@ class Hrem(RegionWordModel):
     return self.img_enc(regions, mask, train)
 
   def _text(self, batch, train):
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    mask = (ids != 0) if mask is None else mask.astype(bool)
-    return self.txt_enc(ids, mask, train)
+    return self.txt_enc(*text_inputs(batch), train)
 
   def encode_images(self, batch, train: bool = False):
     return {"embedding": self._image(batch, train)["embedding"]}
@@ -139,8 +132,7 @@ class Hrem(RegionWordModel):
 
   def score(self, image_reps, text_reps, train: bool = False):
     del train
-    return jnp.matmul(image_reps["embedding"], text_reps["embedding"].T,
-                      preferred_element_type=jnp.float32)
+    return embedding_scores(image_reps, text_reps)
 
   def training_outputs(self, batch, train: bool = True):
     """{"image": ..., "text": ...}, each {"embedding", "pooled", "features", "mask"}

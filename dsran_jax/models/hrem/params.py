@@ -20,19 +20,15 @@ no checkpoint: its shape is read off the weights and its heads from `--bert_path
 config.json (else hidden / 64); `--bert_path` also gives the tokenizer (their
 `opt.bert_path` names their machine).
 """
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from dsran_jax import models
-from dsran_jax.convert.engine import (DROP, ConversionError, Converted, flatten,
-                                      map_state_dict, opt_of, state_dicts, strip_prefix,
-                                      to_numpy, validate_workdir_config, workdir_config)
-from dsran_jax.models.common.bert import hf_state_dict_to_params
-from dsran_jax.models.dsran.params import infer_bert_config
+from dsran_jax.convert.engine import (DROP, ConversionError, Converted, map_state_dict,
+                                      state_dicts, strip_prefix, to_numpy,
+                                      validate_workdir_config, workdir_config)
+from dsran_jax.models.common import vse_config, vse_convert
 from dsran_jax.models.hrem import config as hrem_config
-from dsran_jax.models.variables import variable_shapes
-from dsran_jax.models.vse_infty.params import heads_from_bert_dir
 
 FAMILY = "hrem"
 _AGGR = r"^(img_enc|txt_enc)\.aggr\.layers\.(\d+)"
@@ -59,7 +55,6 @@ OBJECTIVE_RULES = [
     (r"^adj_model\.adj_learning\.(mlp_t2i|mlp_i2t)\.0$", r"\1/linear_0", "linear"),
     (r"^adj_model\.adj_learning\.(mlp_t2i|mlp_i2t)\.3$", r"\1/linear_1", "linear"),
 ]
-BERT_PREFIX = "bert."
 _IN_PROJ = "aggr.layers.0.self_attn.in_proj_weight"
 
 # Their opt keys that are `config.model.hrem` options (graph_lib.extra_parameters and
@@ -73,9 +68,7 @@ OPT_OPTIONS = {"nhead": int, "dropout": float, "residual_weight": float,
 
 
 def _states(ckpt: Mapping[str, Any], what: str):
-  img, txt = state_dicts(ckpt, 2, what)
-  return ({k: to_numpy(v) for k, v in strip_prefix(img).items()},
-          {k: to_numpy(v) for k, v in strip_prefix(txt).items()})
+  return vse_convert.encoder_states(*state_dicts(ckpt, 2, what))
 
 
 def detect(ckpt: Mapping[str, Any]) -> bool:
@@ -90,7 +83,7 @@ def detect(ckpt: Mapping[str, Any]) -> bool:
     return False
   img, txt = strip_prefix(img), strip_prefix(txt)
   return (_IN_PROJ in img and _IN_PROJ in txt and "fc.fc.weight" in img
-          and "linear.weight" in txt and any(k.startswith(BERT_PREFIX) for k in txt))
+          and "linear.weight" in txt and any(k.startswith(vse_convert.BERT_PREFIX) for k in txt))
 
 
 def model_options(opt: Mapping[str, Any], img: Mapping[str, np.ndarray],
@@ -112,12 +105,7 @@ def model_options(opt: Mapping[str, Any], img: Mapping[str, np.ndarray],
     out["hrem.region_drop"] = 0.0
   dataset = "coco" if str(opt.get("dataset", "")) == "coco" else "f30k"
   out["hrem.nonzero_loss_cutoff"] = hrem_config.NONZERO_LOSS_CUTOFF[dataset]
-  bert_state = {k[len(BERT_PREFIX):]: v for k, v in txt.items() if k.startswith(BERT_PREFIX)}
-  if "embeddings.word_embeddings.weight" not in bert_state:
-    raise ValueError("missing txt_enc param bert.embeddings.word_embeddings.weight")
-  hidden = int(bert_state["embeddings.word_embeddings.weight"].shape[1])
-  heads = bert_heads or heads_from_bert_dir(bert_path, hidden)
-  out["bert"] = infer_bert_config(bert_state, heads)
+  out["bert"] = vse_convert.bert_config(txt, bert_path, bert_heads)
   return out
 
 
@@ -130,27 +118,7 @@ def convert_state_dicts(img: Mapping[str, np.ndarray], txt: Mapping[str, np.ndar
   Raises:
     ConversionError naming every unexpected key, missing param and shape mismatch.
   """
-  problems: List[str] = []
-  bert_state = {k[len(BERT_PREFIX):]: v for k, v in txt.items() if k.startswith(BERT_PREFIX)}
-  txt = {k: v for k, v in txt.items() if not k.startswith(BERT_PREFIX)}
-  prefix = "params/txt_enc/bert/"
-  extra = {}
-  try:
-    extra.update({prefix + k: v for k, v in
-                  flatten(hf_state_dict_to_params(bert_state, bert)).items()})
-  except ValueError as e:
-    problems.append(f"in txt_enc.bert.* (inferred {bert}): {e}")
-    extra.update({k: np.zeros(s, np.float32) for k, s in expected.items()
-                  if k.startswith(prefix)})
-  state = {**{f"img_enc.{k}": v for k, v in img.items()},
-           **{f"txt_enc.{k}": v for k, v in txt.items()}}
-  try:
-    variables = map_state_dict(state, RULES, expected, what, extra=extra)
-  except ConversionError as e:
-    problems.append(str(e))
-  if problems:
-    raise ConversionError(f"{what} does not match dsran_jax's HREM:\n" + "\n".join(problems))
-  return variables
+  return vse_convert.map_encoders(img, txt, RULES, expected, bert, what, "HREM")
 
 
 def convert_objective(state: Mapping[str, Any], expected: Mapping[str, Tuple[int, ...]],
@@ -175,22 +143,20 @@ def make_config(c, model_opts: Mapping[str, Any], opt: Mapping[str, Any], bert_p
   layout of `opt.dataset`."""
   flat = {k: v for k, v in model_opts.items() if k != "bert"}
   c = workdir_config(c, FAMILY, flat, opt, "precomp")
-  s = c.model.hrem
-  bert = model_opts["bert"]
-  s.bert_random_init = True
-  for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-              "max_position", "type_vocab_size"):
-    s.bert[key] = getattr(bert, key)
-  s.bert_path = bert_path
+  vse_convert.set_bert_shape(c.model.hrem, model_opts["bert"], bert_path)
   if str(opt.get("dataset", "")) == "coco":  # their opt says `dataset`, not `data_name`
     c.data.name, c.eval.protocol, c.data.test_split = "coco", "coco", "testall"
-  c.train.optimizer = "adamw"
-  c.train.weight_decay = hrem_config.WEIGHT_DECAY
-  c.train.bert_lr_scale = hrem_config.BERT_LR_FACTOR
+  vse_config.adamw(c, hrem_config.WEIGHT_DECAY, hrem_config.BERT_LR_FACTOR)
   schedules = opt.get("lr_schedules")
   c.train.lr_milestones = (",".join(str(int(e)) for e in schedules) if schedules
                            else hrem_config.MILESTONES)
   return validate_workdir_config(c, "an HREM", hrem_config.validate)
+
+
+def _summary(config, opt):
+  del opt
+  return {"embed_size": config.model.embed_size, "img_dim": config.model.img_dim,
+          "nhead": config.model.hrem.nhead}, []
 
 
 def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None, *,
@@ -202,28 +168,7 @@ def convert(ckpt: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None
     options: `bert_path` (tokenizer and head count), `bert_heads`, `path` (messages).
     config: the base config, filled in as the workdir's.
   """
-  options = dict(options or {})
-  what = f"HREM checkpoint {options['path']}" if options.get("path") else "HREM checkpoint"
-  img, txt = _states(ckpt, what)
-  opt = opt_of(ckpt)
-  bert_path = options.get("bert_path") or ""
-  if options.get("vocab"):
-    raise ConversionError("--vocab is for word-vocabulary models; HREM's tokenizer (BERT "
-                          "WordPiece) comes from --bert_path")
-  try:
-    model_opts = model_options(opt, img, txt, bert_path, options.get("bert_heads"))
-  except ValueError as e:
-    raise ConversionError(f"{what}: {e}") from None
-  config = make_config(config, model_opts, opt, bert_path)
-  model = models.build_model(config.model)
-  variables = convert_state_dicts(img, txt, variable_shapes(model), model_opts["bert"], what)
-  bert = model_opts["bert"]
-  summary = {"embed_size": config.model.embed_size, "img_dim": config.model.img_dim,
-             "nhead": config.model.hrem.nhead, "bert_path": bert_path,
-             "bert": {k: getattr(bert, k) for k in
-                      ("hidden_size", "num_layers", "num_heads", "intermediate_size")}}
-  if not bert_path:
-    summary["note"] = ("no --bert_path given; encode_texts(texts=...) needs "
-                       "model.hrem.bert_path (a BERT directory with vocab.txt) set in "
-                       "config.json")
-  return Converted(variables, config, None, summary)
+  return vse_convert.convert(ckpt, options, config, name="HREM", section=FAMILY,
+                             split=_states, model_options=model_options,
+                             make_config=make_config, convert_state_dicts=convert_state_dicts,
+                             summary=_summary, word_vocab=False)

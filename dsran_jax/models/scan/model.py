@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from dsran_jax.models.common import cross_attention as xattn
-from dsran_jax.models.common.base import RegionWordModel, region_inputs
+from dsran_jax.models.common.base import RegionWordModel, region_inputs, text_inputs
 from dsran_jax.models.common.layers import Linear, dense, l2norm
 from dsran_jax.models.common.options import WIDTHS
 from dsran_jax.models.common.text import GRU
@@ -119,9 +119,7 @@ class SCAN(RegionWordModel):
 
   def encode_texts(self, batch, train: bool = False):
     del train
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    mask = (ids != 0) if mask is None else mask.astype(bool)
+    ids, mask = text_inputs(batch)
     return {"words": self.txt_enc(ids, mask), "word_mask": mask}
 
   def score(self, image_reps, text_reps, train: bool = False):

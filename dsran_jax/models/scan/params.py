@@ -22,9 +22,9 @@ import numpy as np
 
 from dsran_jax import models
 from dsran_jax.convert import authors_vocab
-from dsran_jax.convert.engine import (ConversionError, Converted, map_state_dict, opt_of,
-                                            state_dicts, to_numpy, validate_workdir_config,
-                                            workdir_config)
+from dsran_jax.convert.engine import (ConversionError, Converted, map_state_dict_reporting,
+                                      opt_of, state_dicts, to_numpy, validate_workdir_config,
+                                      workdir_config)
 from dsran_jax.models.scan import config as scan_config
 from dsran_jax.models.variables import variable_shapes
 
@@ -160,13 +160,7 @@ def convert_state_dicts(img: Mapping[str, np.ndarray], txt: Mapping[str, np.ndar
     ConversionError naming every unexpected key, missing param and shape mismatch.
   """
   flat, problems, rest = _extra(img, txt, expected)
-  try:
-    variables = map_state_dict(rest, RULES, expected, what, extra=flat)
-  except ConversionError as e:
-    problems.append(str(e))
-  if problems:
-    raise ConversionError(f"{what} does not match dsran_jax's SCAN:\n" + "\n".join(problems))
-  return variables
+  return map_state_dict_reporting(rest, RULES, expected, what, "SCAN", flat, problems)
 
 
 def make_config(c, model_opts: Mapping[str, Any], opt: Mapping[str, Any]):

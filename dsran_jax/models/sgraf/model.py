@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dsran_jax.models.sgraf import similarity as sim
-from dsran_jax.models.common.base import RegionWordModel, region_inputs
+from dsran_jax.models.common.base import RegionWordModel, region_inputs, text_inputs
 from dsran_jax.models.common.layers import Linear, l2norm, masked_mean
 from dsran_jax.models.common.options import WIDTHS
 from dsran_jax.models.common.text import recurrent_tokens
@@ -170,9 +170,7 @@ class SGRAF(RegionWordModel):
             "global": self.sim_enc.image_global(v, mask, train)}
 
   def encode_texts(self, batch, train: bool = False):
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    mask = (ids != 0) if mask is None else mask.astype(bool)
+    ids, mask = text_inputs(batch)
     e = self.txt_enc(ids, mask, train)
     return {"words": e, "word_mask": mask, "global": self.sim_enc.text_global(e, mask, train)}
 

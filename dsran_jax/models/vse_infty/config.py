@@ -7,11 +7,9 @@ words of the vocabulary; the embedding has one more row, their appended `<mask>`
 The model's specification: docs/models/vse_infty.md.
 """
 from dsran_jax.hub import minilm_dir
-from dsran_jax.models.common import recipes
-from dsran_jax.models.common.options import (Option, Options, bert_options,
-                                              integer_at_least, one_of, within)
-
-TEXT_ENCODERS = ("bert", "bigru")
+from dsran_jax.models.common import recipes, vse_config
+from dsran_jax.models.common.options import Option, Options, bert_options, one_of
+from dsran_jax.models.common.vse_config import TEXT_ENCODERS
 # "basic": fc + a 2-layer MLP residual (their precomputed-region build); "backbone": fc
 # alone (their grid build's head, here on precomputed features; the CNN is not ported).
 PRECOMP_ENC_TYPES = ("basic", "backbone")
@@ -34,35 +32,16 @@ OPTIONS = Options("vse_infty", [
            '"bert" (master: BERT + Linear + GPO) | "bigru" (branch bigru: BiGRU + GPO)'),
     Option("precomp_enc_type", "basic", one_of(*PRECOMP_ENC_TYPES),
            '"basic" (fc + MLP residual, regions) | "backbone" (fc only)'),
-    Option("no_imgnorm", False, None, "no l2norm of the pooled image embedding"),
-    Option("no_txtnorm", False, None, "no l2norm of the pooled caption embedding"),
-    Option("num_layers", 1, integer_at_least(1), "BiGRU layers (their --num_layers)"),
-    Option("region_drop", 0.2, within(0.0, 1.0, high_open=True),
-           "training: each region dropped with this probability (their loader: 0.2)"),
-    Option("token_mask", 0.2, within(0.0, 1.0, high_open=True),
-           "training: share of words masked (1/2), randomised (1/10) or deleted (2/5) "
-           "(their process_caption: 0.2)"),
+    *vse_config.norm_options("pooled image embedding", "pooled caption embedding"),
+    vse_config.bigru_layers_option(),
+    *vse_config.augmentation_options("their loader: 0.2"),
 ] + bert_options())
 defaults = OPTIONS.defaults
+tokenizer, bert_path = vse_config.text_encoder_hooks("vse_infty")
 
 image_keys = recipes.region_keys
 text_keys = recipes.word_keys
 frozen_paths = recipes.nothing_frozen
-
-
-def _section(model_config):
-  return model_config.vse_infty if "vse_infty" in model_config else model_config
-
-
-def tokenizer(model_config):
-  """"bert" (WordPiece from `model.vse_infty.bert_path`) or "vocab" (BiGRU)."""
-  return "bert" if _section(model_config).text_encoder == "bert" else "vocab"
-
-
-def bert_path(model_config) -> str:
-  """The BERT directory (or hub name) of the BERT build; "" for the BiGRU build."""
-  s = model_config.vse_infty
-  return s.bert_path if s.text_encoder == "bert" else ""
 
 
 def eval_tile(model_config):
@@ -76,9 +55,7 @@ def _training(c, text_encoder: str, learning_rate: float, num_epochs: int, lr_up
   """AdamW (their weight decay and BERT factor), global-norm clip 2.0, x0.1 at
   `lr_update`; summed violations for `warmup_steps`, then hardest negatives."""
   recipes.adam_clipped(c, learning_rate, num_epochs, lr_update, batch_size)
-  c.train.optimizer = "adamw"
-  c.train.weight_decay = WEIGHT_DECAY[text_encoder]
-  c.train.bert_lr_scale = BERT_LR_FACTOR[text_encoder]
+  vse_config.adamw(c, WEIGHT_DECAY[text_encoder], BERT_LR_FACTOR[text_encoder])
   return recipes.hinge_loss(c, max_violation=True, sum_violation_steps=warmup_steps)
 
 
@@ -90,8 +67,7 @@ def recipe(c, dataset: str, text_encoder: str = "bert"):
   `bigru` (word_dim 300, weight decay 0.01)."""
   if dataset not in TRAIN_CAPTIONS:
     raise ValueError(f"dataset {dataset!r}: expected one of {tuple(TRAIN_CAPTIONS)}")
-  if text_encoder not in TEXT_ENCODERS:
-    raise ValueError(f"text_encoder={text_encoder!r}: expected one of {TEXT_ENCODERS}")
+  vse_config.check_text_encoder(text_encoder)
   s = c.model.vse_infty
   s.text_encoder = text_encoder
   s.precomp_enc_type = "basic"
@@ -111,8 +87,7 @@ def demo(c, text_encoder: str = "bigru"):
   trains the BERT build on the MiniLM-L6 weights (BERT at lr x 0.1, as theirs).
   Their augmentation (region dropout, token masking) and one epoch of summed violations
   before hardest negatives, as their recipe."""
-  if text_encoder not in TEXT_ENCODERS:
-    raise ValueError(f"text_encoder={text_encoder!r}: expected one of {TEXT_ENCODERS}")
+  vse_config.check_text_encoder(text_encoder)
   s = c.model.vse_infty
   s.text_encoder = text_encoder
   if text_encoder == "bert":
@@ -128,8 +103,4 @@ def validate(c):
   """Raises ValueError naming the first VSE∞ key out of range."""
   OPTIONS.validate(c.model)
   recipes.validate_widths(c)
-  s = c.model.vse_infty
-  b = s.bert
-  if s.text_encoder == "bert" and b.hidden_size % b.num_heads:
-    raise ValueError(f"config.model.vse_infty.bert.hidden_size={b.hidden_size} must be "
-                     f"divisible by config.model.vse_infty.bert.num_heads={b.num_heads}")
+  vse_config.check_bert_heads(c, "vse_infty", c.model.vse_infty.text_encoder == "bert")

@@ -14,36 +14,28 @@ by a dot product.
 The per-item parts (the region MLP, BERT + Linear, the BiGRU) are the shared blocks of
 `models/common/vse.py`, which the models built on VSE∞'s code reuse.
 """
-from typing import Optional
-
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dsran_jax.models.common.base import RegionWordModel, region_inputs
-from dsran_jax.models.common.bert import BertConfig
+from dsran_jax.models.common.base import (RegionWordModel, embedding_scores, region_inputs,
+                                          text_inputs)
 from dsran_jax.models.common.gpo import GPO
 from dsran_jax.models.common.layers import Linear, l2norm
-from dsran_jax.models.common.options import WIDTHS
 from dsran_jax.models.common.vse import (MaskedWordEmbedding, RegionMLP, bert_words,
-                                         bidirectional_gru)
+                                         bidirectional_gru, check_text_encoder,
+                                         config_fields)
 from dsran_jax.models.vse_infty import config as spec
 
 EPS = 1e-8  # their l2norm: x / (||x|| + 1e-8)
 
 
-class VseInftyConfig(spec.OPTIONS.dataclass(
-    "VseInftyConfigFields", head=WIDTHS, tail=(("bert", Optional[BertConfig], None),))):
+class VseInftyConfig(config_fields(spec.OPTIONS, "VseInftyConfigFields")):
   """Hashable VSE∞ description: the shared widths, every `config.model.vse_infty` option
   that shapes the Module, and the BERT build's `BertConfig`; built by `vse_infty.build`."""
 
   def __post_init__(self):
     super().__post_init__()
-    if self.text_encoder == "bert" and self.bert is None:
-      raise ValueError("VSE∞'s BERT build needs a BertConfig (model.vse_infty.bert_path or "
-                       "bert_random_init)")
-    if self.text_encoder == "bigru" and self.vocab_size <= 0:
-      raise ValueError(f"VSE∞'s BiGRU build needs a word vocabulary: "
-                       f"vocab_size={self.vocab_size}")
+    check_text_encoder(self, "VSE∞", "vse_infty")
 
 
 class ImageEncoder(nn.Module):
@@ -105,12 +97,9 @@ class VseInfty(RegionWordModel):
     return {"embedding": self.img_enc(regions, mask, train)}
 
   def encode_texts(self, batch, train: bool = False):
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    mask = (ids != 0) if mask is None else mask.astype(bool)
+    ids, mask = text_inputs(batch)
     return {"embedding": self.txt_enc(ids, mask, train)}
 
   def score(self, image_reps, text_reps, train: bool = False):
     del train
-    return jnp.matmul(image_reps["embedding"], text_reps["embedding"].T,
-                      preferred_element_type=jnp.float32)
+    return embedding_scores(image_reps, text_reps)
