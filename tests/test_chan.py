@@ -2,16 +2,12 @@
 in a torch-only process) through their checkpoint layout and the converter, the
 training loss (warm-up and hardest negatives, their padded self-attention), every
 coding x pooling of their SimsEncoder, recipes and hooks."""
-import dataclasses
-import json
-import os
-import shutil
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
+from _vse_lineage import (IMG_DIM, TINY_BERT, WORDS, bad_image_keys_named, bert_cli_scores,
+                          images, train_batch, train_step_case, validate_names_the_key,
+                          vocab_captions, word_vocab, workdir_scores)
 
 from dsran_jax import losses, models
 from dsran_jax.convert.engine import ConversionError, load_checkpoint, opt_of
@@ -23,11 +19,6 @@ from dsran_jax.models.variables import init_variables
 from dsran_jax.models.vse_infty import params as vse_params
 
 TOL = 1e-4
-IMG_DIM = 12
-WORDS = 26  # BiGRU vocabulary words; the embedding has one more row (<mask>)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_BERT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                 num_attention_heads=2, intermediate_size=48, max_position_embeddings=64)
 # Their scripts/train.sh rows, at test widths.
 GRU_OPT = dict(embed_size=16, word_dim=8, img_dim=IMG_DIM, data_name="f30k",
                text_enc_type="bigru", precomp_enc_type="selfattention",
@@ -35,46 +26,6 @@ GRU_OPT = dict(embed_size=16, word_dim=8, img_dim=IMG_DIM, data_name="f30k",
                margin=0.05, drop=True)
 BERT_OPT = dict(GRU_OPT, text_enc_type="bert", precomp_enc_type="basic",
                 pooling_type="MeanPooling")
-
-
-def _images(rng, n, r, lengths=None):
-  """(n, r, IMG_DIM) regions, zero past each image's length, and the lengths."""
-  lengths = np.full(n, r) if lengths is None else np.asarray(lengths)
-  x = rng.standard_normal((n, r, IMG_DIM)).astype(np.float32)
-  x *= (np.arange(r)[None] < lengths[:, None])[..., None]
-  return x, lengths
-
-
-def _word_vocab(tmp_path, rng):
-  """Their SCAN-style vocabulary JSON (ids in dict order, not sorted) and its words."""
-  words = [f"w{i}" for i in range(WORDS - 4)]
-  ids_of = dict(zip(["<pad>", "<start>", "<end>", "<unk>"], range(4)))
-  ids_of.update({w: int(i) for w, i in zip(words, 4 + rng.permutation(len(words)))})
-  path = tmp_path / "f30k_precomp_vocab.json"
-  path.write_text(json.dumps({"word2idx": ids_of, "idx": len(ids_of),
-                              "idx2word": {str(i): w for w, i in ids_of.items()}}))
-  return str(path), words, ids_of
-
-
-def _bert_dir(tmp_path, minilm_dir):
-  """A BERT directory: MiniLM's WordPiece files and the tiny model's config.json."""
-  d = tmp_path / "bert"
-  d.mkdir(exist_ok=True)
-  for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-    shutil.copy(os.path.join(minilm_dir, name), d / name)
-  (d / "config.json").write_text(json.dumps({**TINY_BERT, "model_type": "bert",
-                                             "hidden_act": "gelu"}))
-  return str(d)
-
-
-def _convert_cli(ckpt, workdir, **flags):
-  """`python -m dsran_jax.tools.convert_torch` as a user runs it; its JSON summary."""
-  args = [sys.executable, "-m", "dsran_jax.tools.convert_torch", f"--checkpoint={ckpt}",
-          f"--workdir={workdir}"] + [f"--{k}={v}" for k, v in flags.items()]
-  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run(args, check=False, capture_output=True, text=True, env=env, timeout=300)
-  assert out.returncode == 0, out.stderr[-2000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------ parity with the authors
@@ -88,7 +39,7 @@ def test_bigru_workdir_gives_their_similarity_matrix(torch_ref, tmp_path):
   from dsran_jax import inference  # pylint: disable=g-import-not-at-top
   from dsran_jax.tools import convert_torch  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(5)
-  vocab_path, words, ids_of = _word_vocab(tmp_path, rng)
+  vocab_path, words, ids_of = word_vocab(tmp_path, rng)
   ckpt = str(tmp_path / "model_best.pth")
   torch_ref("chan.save_checkpoint", path=ckpt, opt=dict(GRU_OPT, num_layers=2),
             vocab_size=WORDS + 1, seed=1)
@@ -99,24 +50,15 @@ def test_bigru_workdir_gives_their_similarity_matrix(torch_ref, tmp_path):
   assert summary["model"] == "chan" and summary["text_encoder"] == "bigru"
   assert summary["precomp_enc_type"] == "selfattention"
   assert (summary["coding_type"], summary["pooling_type"]) == ("VHACoding", "LSEPooling")
-  texts = [" ".join(rng.choice(words, n)) for n in (5, 1, 3, 9, 4, 2, 7)]
-  texts[2] += " zebra"  # unknown: <unk>
-  rows = [[1] + [ids_of.get(w, 3) for w in t.split()] + [2] for t in texts]
-  lens = np.array([len(r) for r in rows])
-  ids = np.zeros((len(rows), lens.max()), np.int64)
-  for j, row in enumerate(rows):
-    ids[j, :len(row)] = row
+  texts, ids, lens = vocab_captions(rng, words, ids_of)
   # Their test images all have 36 regions: evaluation batches are never padded.
-  images, img_lens = _images(rng, 5, 6)
-  want = torch_ref("chan.sims", path=ckpt, images=images, image_lengths=img_lens,
+  regions, img_lens = images(rng, 5, 6)
+  want = torch_ref("chan.sims", path=ckpt, images=regions, image_lengths=img_lens,
                    captions=ids, lengths=lens)
   matcher = inference.load(str(tmp_path / "wd"))
   assert matcher.config.model.chan.num_layers == 2
   assert matcher.config.train.margin == 0.05
-  np.testing.assert_array_equal(matcher.tokenize(texts)[0][:, :lens.max()], ids)
-  got = matcher.score(matcher.encode_images(regions=images,
-                                            region_mask=np.ones((5, 6), bool)),
-                      matcher.encode_texts(texts))
+  got = workdir_scores(matcher, texts, ids, lens, regions, img_lens)
   assert np.ptp(want) > 1.0
   np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
@@ -126,34 +68,18 @@ def test_bert_cli_workdir_gives_their_similarity_matrix(torch_ref, minilm_dir, t
   the converter CLI with --bert_path -> inference.load: images of 2..5 regions (masks)
   and encode_texts(texts) with the MiniLM WordPiece tokenizer equal their evalrank
   sims."""
-  from dsran_jax import inference  # pylint: disable=g-import-not-at-top
   ckpt = str(tmp_path / "model_best.pth")
   torch_ref("chan.save_checkpoint", path=ckpt, opt=BERT_OPT, bert=TINY_BERT, seed=2)
-  bert_dir = _bert_dir(tmp_path, minilm_dir)
-  summary = _convert_cli(ckpt, str(tmp_path / "wd"), bert_path=bert_dir)
+  summary, _, want, got = bert_cli_scores(torch_ref, "chan", ckpt, tmp_path, minilm_dir,
+                                          [5, 2, 4])
   assert summary["model"] == "chan" and summary["text_encoder"] == "bert"
   assert summary["bert"]["num_heads"] == 2 and summary["pooling_type"] == "MeanPooling"
-  texts = ["A dog runs on the grass.", "two men, playing frisbee", "unbelievably",
-           "a cat sits on the mat next to a child's bicycle"]
-  ids, lens = torch_ref("vse_infty.bert_tokenize", bert_dir=bert_dir, texts=texts)
-  rng = np.random.default_rng(4)
-  images, img_lens = _images(rng, 3, 5, [5, 2, 4])
-  want = torch_ref("chan.sims", path=ckpt, images=images, image_lengths=img_lens,
-                   captions=ids, lengths=lens, bert=TINY_BERT)
-  matcher = inference.load(str(tmp_path / "wd"))
-  np.testing.assert_array_equal(matcher.tokenize(texts)[0][:, :lens.max()], ids)
-  mask = np.arange(5)[None] < img_lens[:, None]
-  got = matcher.score(matcher.encode_images(regions=images, region_mask=mask),
-                      matcher.encode_texts(texts))
   assert np.ptp(want) > 0.05
   np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
 
-def _train_loss(scores_fn, variables, images, img_lens, ids, lens, train_config, step):
-  batch = {"regions": images, "region_mask": np.arange(images.shape[1])[None] < img_lens[:, None],
-           "input_ids": ids.astype(np.int32),
-           "attention_mask": (np.arange(ids.shape[1])[None] < lens[:, None]).astype(np.int32)}
-  scores = scores_fn(variables, batch)
+def _train_loss(scores_fn, variables, regions, img_lens, ids, lens, train_config, step):
+  scores = scores_fn(variables, train_batch(regions, img_lens, ids, lens))
   return float(losses.training_loss(scores, train_config, step))
 
 
@@ -170,38 +96,20 @@ def test_training_step_loss_equals_theirs(torch_ref, tmp_path, build):
   with summed violations during the warm-up (`train.sum_violation_steps`) and hardest
   negatives after it. The BiGRU build's self-attention attends to their zero-padded
   regions; padding our batch wider changes nothing. BERT with dropout 0 on both sides."""
-  rng = np.random.default_rng(8)
-  ckpt = str(tmp_path / "model_best.pth")
-  bert = dict(TINY_BERT, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-  if build == "bert":
-    torch_ref("chan.save_checkpoint", path=ckpt, opt=BERT_OPT, bert=bert, seed=6)
-  else:
-    torch_ref("chan.save_checkpoint", path=ckpt, opt=GRU_OPT, vocab_size=WORDS + 1, seed=6)
-  converted = chan_params.convert(load_checkpoint(ckpt), {"bert_heads": 2},
-                                  config=get_base_config())
-  model = models.build_model(converted.config.model, converted.config.model.vocab_size or None)
-  if build == "bert":
-    cfg = model.config
-    model = type(model)(dataclasses.replace(cfg, bert=dataclasses.replace(cfg.bert, dropout=0.0)))
+  ckpt, converted, model, case = train_step_case(torch_ref, tmp_path, "chan", build, GRU_OPT,
+                                                 BERT_OPT)
+  regions, img_lens, ids, lens = case["regions"], case["img_lens"], case["ids"], case["lens"]
   scores_fn = _train_scores(model)
-  b = 6
-  images, img_lens = _images(rng, b, 6, [6, 2, 4, 5, 3, 6])
-  lens = np.array([7, 3, 5, 6, 4, 2])
-  vocab = 30522 if build == "bert" else WORDS
-  ids = np.zeros((b, 7), np.int64)
-  for j, n in enumerate(lens):
-    ids[j, :n] = rng.integers(1, vocab, n)
   t = converted.config.train
   assert t.margin == 0.05
   t.max_violation, t.sum_violation_steps = True, 5
   for step, max_violation in ((4, False), (5, True)):
-    want = torch_ref("chan.train_loss", path=ckpt, images=images, image_lengths=img_lens,
-                     captions=ids, lengths=lens, max_violation=max_violation,
-                     bert=bert if build == "bert" else None)
-    got = _train_loss(scores_fn, converted.variables, images, img_lens, ids, lens, t, step)
+    want = torch_ref("chan.train_loss", path=ckpt, images=regions, image_lengths=img_lens,
+                     captions=ids, lengths=lens, max_violation=max_violation, bert=case["bert"])
+    got = _train_loss(scores_fn, converted.variables, regions, img_lens, ids, lens, t, step)
     assert want > 0.05
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  wide = np.concatenate([images, np.full((b, 3, IMG_DIM), 7.0, np.float32)], 1)
+  wide = np.concatenate([regions, np.full((6, 3, IMG_DIM), 7.0, np.float32)], 1)
   got_wide = _train_loss(scores_fn, converted.variables, wide, img_lens, ids, lens, t, 5)
   np.testing.assert_allclose(got_wide, got, rtol=1e-5)
 
@@ -298,18 +206,11 @@ def test_self_attention_counts_padding_as_repeated_keys():
 def test_converter_names_bad_layouts(torch_ref, tmp_path):
   """A renamed / reshaped key, a checkpoint whose opt has no coding, and a BERT-less
   checkpoint with the wrong text_enc_type are refused naming the key."""
-  ckpt = str(tmp_path / "model_best.pth")
-  torch_ref("chan.save_checkpoint", path=ckpt, opt=GRU_OPT, vocab_size=WORDS + 1, seed=1)
-  raw = load_checkpoint(ckpt)
-  img = dict(raw["model"][0])
-  img["feedforward.attn.out_proj.weight"] = img["feedforward.attn.out_proj.weight"][:, :5]
-  img["feedforward.lnorm.weight"] = img.pop("feedforward.ln.weight")
-  with pytest.raises(ConversionError) as e:
-    chan_params.convert({**raw, "model": [img] + raw["model"][1:]}, {},
-                        config=get_base_config())
-  for part in ("feedforward.lnorm.weight", "img_enc/feedforward/ln/scale",
-               "img_enc.feedforward.attn.out_proj.weight"):
-    assert part in str(e.value)
+  raw = bad_image_keys_named(
+      torch_ref, tmp_path, "chan", "feedforward.attn.out_proj.weight",
+      ("feedforward.ln.weight", "feedforward.lnorm.weight"),
+      ("feedforward.lnorm.weight", "img_enc/feedforward/ln/scale",
+       "img_enc.feedforward.attn.out_proj.weight"), opt=GRU_OPT, vocab_size=WORDS + 1)
   opt = opt_of(raw)
   for key, value, message in (("coding_type", None, "opt.coding_type is not set"),
                               ("text_enc_type", "bert", "opt.text_enc_type='bert'")):
@@ -342,11 +243,7 @@ def test_recipes_follow_train_sh():
                                        ("precomp_enc_type", "transformer"),
                                        ("coding_type", "SCANCoding"), ("belta", 0.0)])
 def test_validate_names_the_key(key, value):
-  c = get_base_config()
-  c.model.name = "chan"
-  c.model.chan[key] = value
-  with pytest.raises(ValueError, match=f"chan.{key}"):
-    chan_config.validate(c)
+  validate_names_the_key("chan", key, value)
 
 
 def test_glove_fills_the_words_and_keeps_the_mask_row(tmp_path):

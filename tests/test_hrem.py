@@ -10,29 +10,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _vse_lineage import (IMG_DIM, NO_DROPOUT, TINY_BERT, bad_image_keys_named, bert_cli_scores,
+                          images, random_ids)
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsran_jax import checkpointing, models, optim, train
-from dsran_jax.convert.engine import ConversionError, flatten, load_checkpoint
+from dsran_jax.convert.engine import flatten, load_checkpoint
 from dsran_jax.default_config import get_base_config, recipe_config
 from dsran_jax.models.hrem import config as hrem_config
 from dsran_jax.models.hrem import objective as obj_lib
 from dsran_jax.models.hrem import params as hrem_params
 from dsran_jax.models.vse_infty import params as vse_params
-from test_vse_infty import TINY_BERT, _bert_dir, _convert_cli, _images
 
 TOL = 1e-4
-IMG_DIM = 12
 OPT = dict(embed_size=16, img_dim=IMG_DIM, nhead=2, dataset="f30k")
-NO_DROPOUT = dict(TINY_BERT, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
-def _batch(images, img_lens, ids, lens, image_ids, width=None, regions=None):
+def _batch(feats, img_lens, ids, lens, image_ids, width=None, regions=None):
   """Our batch of their inputs, optionally padded wider (`width` tokens, `regions`)."""
   width = width or ids.shape[1]
-  regions = regions or images.shape[1]
-  x = np.zeros((images.shape[0], regions, IMG_DIM), np.float32)
-  x[:, :images.shape[1]] = images
+  regions = regions or feats.shape[1]
+  x = np.zeros((feats.shape[0], regions, IMG_DIM), np.float32)
+  x[:, :feats.shape[1]] = feats
   w = np.zeros((ids.shape[0], width), np.int32)
   w[:, :ids.shape[1]] = ids
   return {"regions": x, "region_mask": np.arange(regions)[None] < img_lens[:, None],
@@ -49,32 +48,19 @@ def test_cli_workdir_gives_their_similarity_matrix(torch_ref, minilm_dir, tmp_pa
   buffer) -> the converter CLI, family detected, with --bert_path -> inference.load:
   encode_images (images of 2..5 regions) / encode_texts(texts) / score equal their
   evalrank sims; their tokenisation equals ours."""
-  from dsran_jax import inference  # pylint: disable=g-import-not-at-top
   ckpt = str(tmp_path / "model_best.pth")
   torch_ref("hrem.save_checkpoint", path=ckpt, opt=OPT, bert=TINY_BERT, seed=2)
   raw = load_checkpoint(ckpt)
   assert "bert.embeddings.position_ids" in raw["model"][1]
   assert hrem_params.detect(raw) and not vse_params.detect(raw)
-  bert_dir = _bert_dir(tmp_path, minilm_dir)
-  summary = _convert_cli(ckpt, str(tmp_path / "wd"), bert_path=bert_dir)
+  summary, matcher, want, got = bert_cli_scores(torch_ref, "hrem", ckpt, tmp_path, minilm_dir,
+                                                [5, 2, 4])
   assert summary["model"] == "hrem" and summary["nhead"] == 2
   assert summary["bert"]["num_heads"] == 2 and summary["step"] == 7000
-  texts = ["A dog runs on the grass.", "two men, playing frisbee", "unbelievably",
-           "a cat sits on the mat next to a child's bicycle"]
-  ids, lens = torch_ref("vse_infty.bert_tokenize", bert_dir=bert_dir, texts=texts)
-  rng = np.random.default_rng(4)
-  images, img_lens = _images(rng, 3, 5, [5, 2, 4])
-  want = torch_ref("hrem.sims", path=ckpt, images=images, image_lengths=img_lens,
-                   captions=ids, lengths=lens, bert=TINY_BERT)
-  matcher = inference.load(str(tmp_path / "wd"))
   assert matcher.config.model.hrem.nhead == 2
   t = matcher.config.train
   assert (t.optimizer, t.weight_decay, t.bert_lr_scale, t.lr_milestones) == (
       "adamw", 1e-4, 0.1, "15,25")
-  np.testing.assert_array_equal(matcher.tokenize(texts)[0][:, :lens.max()], ids)
-  mask = np.arange(5)[None] < img_lens[:, None]
-  got = matcher.score(matcher.encode_images(regions=images, region_mask=mask),
-                      matcher.encode_texts(texts))
   assert np.abs(want).max() > 0.05
   np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
@@ -116,17 +102,15 @@ def test_training_step_loss_equals_theirs(torch_ref, tmp_path, after_warmup, los
   rng = np.random.default_rng(8)
   ckpt, converted, model = _converted(torch_ref, tmp_path)
   b = 6
-  images, img_lens = _images(rng, b, 6, [6, 2, 4, 5, 3, 6])
-  images[1] = images[0]  # captions 0 and 1 describe one image
+  regions, img_lens = images(rng, b, 6, [6, 2, 4, 5, 3, 6])
+  regions[1] = regions[0]  # captions 0 and 1 describe one image
   img_lens[1] = img_lens[0]
   image_ids = np.array([0, 0, 1, 2, 3, 4])
   lens = np.array([7, 3, 5, 6, 4, 2])
-  ids = np.zeros((b, 7), np.int64)
-  for j, n in enumerate(lens):
-    ids[j, :n] = rng.integers(1000, 30000, n)
+  ids = random_ids(rng, lens, 30000, low=1000)
   opt = {"dropout": 0.0, "warmup": 3, "topk": 4, "base_loss": loss, "gnn_loss": loss}
   step = 3 if after_warmup else 2
-  want = torch_ref("hrem.train_loss", path=ckpt, images=images, image_lengths=img_lens,
+  want = torch_ref("hrem.train_loss", path=ckpt, images=regions, image_lengths=img_lens,
                    captions=ids, lengths=lens, img_ids=image_ids, bert=NO_DROPOUT,
                    iter_count=step, opt=opt, graph_seed=1)
   assert ("gnn" in want["parts"]) == after_warmup
@@ -137,7 +121,7 @@ def test_training_step_loss_equals_theirs(torch_ref, tmp_path, after_warmup, los
   objective = models.family("hrem").training_objective(c, sampler=_replay(want["draws"], b))
   variables = dict(converted.variables)
   # After the warm-up our batch is padded wider than theirs (10 tokens, 9 regions).
-  batch = _batch(images, img_lens, ids, lens, image_ids, *((10, 9) if after_warmup else ()))
+  batch = _batch(regions, img_lens, ids, lens, image_ids, *((10, 9) if after_warmup else ()))
   outputs, upd = jax.jit(lambda v, b: model.apply(
       v, b, train=True, method="training_outputs", mutable=["batch_stats"],
       rngs={"dropout": jax.random.key(0)}))(variables, batch)
@@ -155,18 +139,11 @@ def test_training_step_loss_equals_theirs(torch_ref, tmp_path, after_warmup, los
 
 def test_converter_names_bad_layouts(torch_ref, tmp_path):
   """A renamed and a reshaped key are refused naming both the key and our path."""
-  ckpt = str(tmp_path / "model_best.pth")
-  torch_ref("hrem.save_checkpoint", path=ckpt, opt=OPT, bert=TINY_BERT, seed=1)
-  raw = load_checkpoint(ckpt)
-  img = dict(raw["model"][0])
-  img["aggr.layers.0.linear1.weight"] = img["aggr.layers.0.linear1.weight"][:, :5]
-  img["aggr.layers.0.norm_1.weight"] = img.pop("aggr.layers.0.norm1.weight")
-  with pytest.raises(ConversionError) as e:
-    hrem_params.convert({**raw, "model": [img, raw["model"][1]]}, {"bert_heads": 2},
-                        config=get_base_config())
-  for part in ("aggr.layers.0.norm_1.weight", "img_enc/pool/aggr/layers_0/norm1/scale",
-               "img_enc.aggr.layers.0.linear1.weight"):
-    assert part in str(e.value)
+  bad_image_keys_named(
+      torch_ref, tmp_path, "hrem", "aggr.layers.0.linear1.weight",
+      ("aggr.layers.0.norm1.weight", "aggr.layers.0.norm_1.weight"),
+      ("aggr.layers.0.norm_1.weight", "img_enc/pool/aggr/layers_0/norm1/scale",
+       "img_enc.aggr.layers.0.linear1.weight"), {"bert_heads": 2}, opt=OPT, bert=TINY_BERT)
 
 
 # ----------------------------------------------------- the objective in the train state

@@ -2,77 +2,28 @@
 tests/torchref/vse_infty.py in a torch-only process) through their checkpoint layout and
 the converter CLI, the training loss (warm-up and hardest negatives) and BatchNorm step,
 their augmentation rates, AdamW, recipes and hooks."""
-import dataclasses
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import optax
 import pytest
+from _vse_lineage import (IMG_DIM, TINY_BERT, WORDS, bad_image_keys_named, bert_cli_scores,
+                          images, train_batch, train_step_case, validate_names_the_key,
+                          vocab_captions, word_vocab, workdir_scores)
 
 from dsran_jax import losses, models, optim
 from dsran_jax.convert.engine import ConversionError, load_checkpoint
 from dsran_jax.default_config import get_base_config, recipe_config
 from dsran_jax.models.common import gpo
 from dsran_jax.models.common import vse_augment as aug
-from dsran_jax.models.vse_infty import config as vse_config
 from dsran_jax.models.variables import init_variables
 from dsran_jax.models.vse_infty import params as vse_params
 from dsran_jax.models.vse_infty.model import MaskedWordEmbedding
 from dsran_jax.workdir import embedding_rows
 
 TOL = 1e-4
-IMG_DIM = 12
-WORDS = 26  # BiGRU vocabulary words; the embedding has one more row (<mask>)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A tiny random BERT over the MiniLM WordPiece vocabulary.
-TINY_BERT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                 num_attention_heads=2, intermediate_size=48, max_position_embeddings=64)
 OPT = dict(embed_size=16, word_dim=8, img_dim=IMG_DIM, data_name="f30k")
-
-
-def _images(rng, n, r, lengths=None):
-  """(n, r, IMG_DIM) regions, zero past each image's length, and the lengths."""
-  lengths = np.full(n, r) if lengths is None else np.asarray(lengths)
-  x = rng.standard_normal((n, r, IMG_DIM)).astype(np.float32)
-  x *= (np.arange(r)[None] < lengths[:, None])[..., None]
-  return x, lengths
-
-
-def _word_vocab(tmp_path, rng):
-  """Their SCAN-style vocabulary JSON (ids in dict order, not sorted) and its words."""
-  words = [f"w{i}" for i in range(WORDS - 4)]
-  ids_of = dict(zip(["<pad>", "<start>", "<end>", "<unk>"], range(4)))
-  ids_of.update({w: int(i) for w, i in zip(words, 4 + rng.permutation(len(words)))})
-  path = tmp_path / "f30k_precomp_vocab.json"
-  path.write_text(json.dumps({"word2idx": ids_of, "idx": len(ids_of),
-                              "idx2word": {str(i): w for w, i in ids_of.items()}}))
-  return str(path), words, ids_of
-
-
-def _bert_dir(tmp_path, minilm_dir, bert=TINY_BERT):
-  """A BERT directory: MiniLM's WordPiece files and the tiny model's config.json."""
-  d = tmp_path / "bert"
-  d.mkdir(exist_ok=True)
-  for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-    shutil.copy(os.path.join(minilm_dir, name), d / name)
-  (d / "config.json").write_text(json.dumps({**bert, "model_type": "bert",
-                                             "hidden_act": "gelu"}))
-  return str(d)
-
-
-def _convert_cli(ckpt, workdir, **flags):
-  """`python -m dsran_jax.tools.convert_torch` as a user runs it; its JSON summary."""
-  args = [sys.executable, "-m", "dsran_jax.tools.convert_torch", f"--checkpoint={ckpt}",
-          f"--workdir={workdir}"] + [f"--{k}={v}" for k, v in flags.items()]
-  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run(args, check=False, capture_output=True, text=True, env=env, timeout=300)
-  assert out.returncode == 0, out.stderr[-2000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------ parity with the authors
@@ -84,7 +35,7 @@ def bigru_run(torch_ref, tmp_path_factory):
   from dsran_jax.tools import convert_torch  # pylint: disable=g-import-not-at-top
   tmp = tmp_path_factory.mktemp("bigru")
   rng = np.random.default_rng(5)
-  vocab_path, words, ids_of = _word_vocab(tmp, rng)
+  vocab_path, words, ids_of = word_vocab(tmp, rng)
   ckpt = str(tmp / "model_best.pth")
   torch_ref("vse_infty.save_checkpoint", path=ckpt, opt=dict(OPT, num_layers=2),
             vocab_size=WORDS + 1, seed=1)
@@ -101,22 +52,13 @@ def test_bigru_workdir_gives_their_similarity_matrix(torch_ref, bigru_run):
   assert summary["model"] == "vse_infty" and summary["text_encoder"] == "bigru"
   assert summary["vocab_size"] == WORDS and summary["vocab_json"]
   rng = np.random.default_rng(3)
-  texts = [" ".join(rng.choice(words, n)) for n in (5, 1, 3, 9, 4, 2, 7)]
-  texts[2] += " zebra"  # unknown: <unk>
-  rows = [[1] + [ids_of.get(w, 3) for w in t.split()] + [2] for t in texts]
-  lens = np.array([len(r) for r in rows])
-  ids = np.zeros((len(rows), lens.max()), np.int64)
-  for j, row in enumerate(rows):
-    ids[j, :len(row)] = row
-  images, img_lens = _images(rng, 5, 6, [6, 2, 4, 6, 3])
-  want = torch_ref("vse_infty.sims", path=ckpt, images=images, image_lengths=img_lens,
+  texts, ids, lens = vocab_captions(rng, words, ids_of)
+  regions, img_lens = images(rng, 5, 6, [6, 2, 4, 6, 3])
+  want = torch_ref("vse_infty.sims", path=ckpt, images=regions, image_lengths=img_lens,
                    captions=ids, lengths=lens)
   matcher = inference.load(workdir)
   assert matcher.config.model.vse_infty.num_layers == 2
-  np.testing.assert_array_equal(matcher.tokenize(texts)[0][:, :lens.max()], ids)
-  mask = np.arange(6)[None] < img_lens[:, None]
-  got = matcher.score(matcher.encode_images(regions=images, region_mask=mask),
-                      matcher.encode_texts(texts))
+  got = workdir_scores(matcher, texts, ids, lens, regions, img_lens)
   assert np.abs(want).max() > 0.05
   np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
@@ -126,36 +68,21 @@ def test_bert_cli_workdir_gives_their_similarity_matrix(torch_ref, minilm_dir, t
   the converter CLI with --bert_path -> inference.load: encode_texts(texts) (the MiniLM
   WordPiece tokenizer) and encode_images equal their evalrank sims; their tokenisation
   (BasicTokenizer + WordPiece, [CLS] ... [SEP]) equals ours."""
-  from dsran_jax import inference  # pylint: disable=g-import-not-at-top
   ckpt = str(tmp_path / "model_best.pth")
   torch_ref("vse_infty.save_checkpoint", path=ckpt, opt=OPT, bert=TINY_BERT, seed=2)
   raw = load_checkpoint(ckpt)
   assert all(k.startswith("module.") for k in raw["model"][1])
   assert vse_params.detect(raw)
-  bert_dir = _bert_dir(tmp_path, minilm_dir)
-  summary = _convert_cli(ckpt, str(tmp_path / "wd"), bert_path=bert_dir)
+  summary, _, want, got = bert_cli_scores(torch_ref, "vse_infty", ckpt, tmp_path, minilm_dir,
+                                          [5, 3, 4])
   assert summary["model"] == "vse_infty" and summary["text_encoder"] == "bert"
   assert summary["bert"]["num_heads"] == 2
-  texts = ["A dog runs on the grass.", "two men, playing frisbee", "unbelievably",
-           "a cat sits on the mat next to a child's bicycle"]
-  ids, lens = torch_ref("vse_infty.bert_tokenize", bert_dir=bert_dir, texts=texts)
-  rng = np.random.default_rng(4)
-  images, img_lens = _images(rng, 3, 5, [5, 3, 4])
-  want = torch_ref("vse_infty.sims", path=ckpt, images=images, image_lengths=img_lens,
-                   captions=ids, lengths=lens, bert=TINY_BERT)
-  matcher = inference.load(str(tmp_path / "wd"))
-  np.testing.assert_array_equal(matcher.tokenize(texts)[0][:, :lens.max()], ids)
-  mask = np.arange(5)[None] < img_lens[:, None]
-  got = matcher.score(matcher.encode_images(regions=images, region_mask=mask),
-                      matcher.encode_texts(texts))
   assert np.abs(want).max() > 0.05
   np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
 
-def _train_loss(model, variables, images, img_lens, ids, lens, train_config, step):
-  batch = {"regions": images, "region_mask": np.arange(images.shape[1])[None] < img_lens[:, None],
-           "input_ids": ids.astype(np.int32),
-           "attention_mask": (np.arange(ids.shape[1])[None] < lens[:, None]).astype(np.int32)}
+def _train_loss(model, variables, regions, img_lens, ids, lens, train_config, step):
+  batch = train_batch(regions, img_lens, ids, lens)
   scores, updates = model.apply(variables, batch, train=True, mutable=["batch_stats"],
                                 rngs={"dropout": jax.random.PRNGKey(0)})
   loss = losses.training_loss(scores, train_config, step)
@@ -169,39 +96,20 @@ def test_training_step_loss_and_batchnorm_equal_theirs(torch_ref, tmp_path, buil
   warm-up (`train.sum_violation_steps`) and with hardest negatives after it, and the MLP's
   BatchNorm running stats after the step equal theirs (their statistics count the padded
   rows). BERT with dropout 0 on both sides (dropout draws cannot match)."""
-  rng = np.random.default_rng(8)
-  ckpt = str(tmp_path / "model_best.pth")
-  bert = dict(TINY_BERT, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-  if build == "bert":
-    torch_ref("vse_infty.save_checkpoint", path=ckpt, opt=OPT, bert=bert, seed=6)
-  else:
-    torch_ref("vse_infty.save_checkpoint", path=ckpt, opt=OPT, vocab_size=WORDS + 1, seed=6)
-  converted = vse_params.convert(load_checkpoint(ckpt), {"bert_heads": 2},
-                                 config=get_base_config())
-  model = models.build_model(converted.config.model, converted.config.model.vocab_size or None)
-  if build == "bert":
-    cfg = model.config
-    model = type(model)(dataclasses.replace(cfg, bert=dataclasses.replace(cfg.bert, dropout=0.0)))
-  b = 6
-  images, img_lens = _images(rng, b, 6, [6, 2, 4, 5, 3, 6])
-  lens = np.array([7, 3, 5, 6, 4, 2])
-  vocab = 30522 if build == "bert" else WORDS
-  ids = np.zeros((b, 7), np.int64)
-  for j, n in enumerate(lens):
-    ids[j, :n] = rng.integers(1, vocab, n)
+  ckpt, converted, model, case = train_step_case(torch_ref, tmp_path, "vse_infty", build, OPT)
+  regions, img_lens, ids, lens = case["regions"], case["img_lens"], case["ids"], case["lens"]
   t = get_base_config().train
   t.margin, t.max_violation, t.sum_violation_steps = 0.2, True, 5
   for step, max_violation in ((4, False), (5, True)):
-    want = torch_ref("vse_infty.train_loss", path=ckpt, images=images, image_lengths=img_lens,
-                     captions=ids, lengths=lens, max_violation=max_violation,
-                     bert=bert if build == "bert" else None)
-    got, stats = _train_loss(model, converted.variables, images, img_lens, ids, lens, t, step)
+    want = torch_ref("vse_infty.train_loss", path=ckpt, images=regions, image_lengths=img_lens,
+                     captions=ids, lengths=lens, max_violation=max_violation, bert=case["bert"])
+    got, stats = _train_loss(model, converted.variables, regions, img_lens, ids, lens, t, step)
     assert want["loss"] > 0.1
     np.testing.assert_allclose(got, want["loss"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(stats["mean"], want["running_mean"], atol=1e-5)
     np.testing.assert_allclose(stats["var"], want["running_var"], rtol=1e-5, atol=1e-5)
   # Padding our batch wider than theirs changes nothing (the rows are counted their way).
-  wide = np.concatenate([images, np.zeros((b, 3, IMG_DIM), np.float32)], 1)
+  wide = np.concatenate([regions, np.zeros((6, 3, IMG_DIM), np.float32)], 1)
   got_wide, _ = _train_loss(model, converted.variables, wide, img_lens, ids, lens, t, 5)
   np.testing.assert_allclose(got_wide, got, rtol=1e-5)
 
@@ -209,16 +117,11 @@ def test_training_step_loss_and_batchnorm_equal_theirs(torch_ref, tmp_path, buil
 def test_converter_names_bad_layouts(torch_ref, tmp_path):
   """A BERT checkpoint with --vocab, and a renamed / reshaped key, are refused naming the
   key."""
-  ckpt = str(tmp_path / "model_best.pth")
-  torch_ref("vse_infty.save_checkpoint", path=ckpt, opt=OPT, vocab_size=WORDS + 1, seed=1)
-  raw = load_checkpoint(ckpt)
-  img = dict(raw["model"][0])
-  img["mlp.layers.1.weight"] = img["mlp.layers.1.weight"][:, :5]
-  img["gpool.lin.weight"] = img.pop("gpool.linear.weight")
-  with pytest.raises(ConversionError) as e:
-    vse_params.convert({**raw, "model": [img, raw["model"][1]]}, {}, config=get_base_config())
-  for part in ("gpool.lin.weight", "img_enc/gpool/linear/kernel", "img_enc.mlp.layers.1.weight"):
-    assert part in str(e.value)
+  raw = bad_image_keys_named(
+      torch_ref, tmp_path, "vse_infty", "mlp.layers.1.weight",
+      ("gpool.linear.weight", "gpool.lin.weight"),
+      ("gpool.lin.weight", "img_enc/gpool/linear/kernel", "img_enc.mlp.layers.1.weight"),
+      opt=OPT, vocab_size=WORDS + 1)
   words = ["<pad>", "<start>", "<end>", "<unk>", "a", "b"]
   vocab_path = tmp_path / "v.json"
   vocab_path.write_text(json.dumps({"word2idx": {w: i for i, w in enumerate(words)}, "idx": 6,
@@ -374,11 +277,7 @@ def test_recipes_follow_train_region_sh():
 @pytest.mark.parametrize("key,value", [("text_encoder", "lstm"), ("region_drop", 1.0),
                                        ("precomp_enc_type", "weight_norm"), ("num_layers", 0)])
 def test_validate_names_the_key(key, value):
-  c = get_base_config()
-  c.model.name = "vse_infty"
-  c.model.vse_infty[key] = value
-  with pytest.raises(ValueError, match=f"vse_infty.{key}"):
-    vse_config.validate(c)
+  validate_names_the_key("vse_infty", key, value)
 
 
 def test_word_table_has_the_vocabulary_rows():

@@ -292,6 +292,19 @@ def state_dicts(ckpt: Mapping[str, Any], count: int, what: str) -> List[Dict[str
   return [dict(m) for m in model]
 
 
+def detected_state_dicts(ckpt: Any, count: int,
+                         strip: bool = False) -> Optional[List[Dict[str, Any]]]:
+  """For a family's `detect`: the `count` state dicts of `ckpt` (`strip`: each with
+  DataParallel's `module.` stripped), None when `ckpt` is no checkpoint of `count`."""
+  if not isinstance(ckpt, Mapping):
+    return None
+  try:
+    found = state_dicts(ckpt, count, "checkpoint")
+  except ConversionError:
+    return None
+  return [strip_prefix(sd) for sd in found] if strip else found
+
+
 class Converted:
   """What a family's `params.convert(ckpt, options, config=base config)` returns.
 

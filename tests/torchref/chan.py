@@ -7,9 +7,8 @@ import numpy as np
 import torch
 import transformers
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from torchref import common
+from torchref import common, vse_infty
 
 EPS = 1e-8
 MASK = -1
@@ -195,44 +194,30 @@ class EncoderTextBigru(nn.Module):
     nn.init.xavier_uniform_(self.embed.weight)
 
   def forward(self, x, lengths):
-    packed = pack_padded_sequence(self.embed(x), lengths.cpu(), batch_first=True)
-    out, _ = self.rnn(packed)
-    cap_emb, _ = pad_packed_sequence(out, batch_first=True)
-    half = cap_emb.size(2) // 2
-    cap_emb = (cap_emb[:, :, :half] + cap_emb[:, :, half:]) / 2
+    cap_emb, _ = vse_infty.bigru_words(self.embed, self.rnn, x, lengths)
     return cap_emb if self.no_txtnorm else l2norm(cap_emb, dim=-1)
 
 
-class EncoderTextBert(nn.Module):
-  """Their BERT text encoder, its BertModel built from `bert_config` (theirs loads
-  bert-base-uncased; the weights are random here either way)."""
+class EncoderTextBert(vse_infty.EncoderTextBert):
+  """Their BERT text encoder: VSE∞'s BERT -> Linear (its BertModel built from
+  `bert_config`; theirs loads bert-base-uncased) without the GPO, each token a word."""
 
   def __init__(self, embed_size, bert_config, no_txtnorm=False):
-    super().__init__()
-    self.no_txtnorm = no_txtnorm
-    self.bert = transformers.BertModel(bert_config, add_pooling_layer=True)
-    self.linear = nn.Linear(bert_config.hidden_size, embed_size)
+    super().__init__(embed_size, bert_config, no_txtnorm, pool=False)
 
   def forward(self, x, lengths):
-    bert_emb = self.bert(x, (x != 0).float())[0]
-    cap_emb = self.linear(bert_emb)
+    cap_emb = self.words(x)
     return cap_emb if self.no_txtnorm else l2norm(cap_emb, dim=-1)
 
 
-class ContrastiveLoss(nn.Module):
+class ContrastiveLoss(vse_infty.ContrastiveLoss):
+  """VSE∞'s hinge, on the (B, B) sims of their SimsEncoder."""
+
   def __init__(self, margin=0.2, max_violation=False):
-    super().__init__()
-    self.margin, self.max_violation = margin, max_violation
+    super().__init__(margin, max_violation)
 
   def forward(self, sims):
-    diagonal = sims.diag().view(sims.size(0), 1)
-    cost_s = (self.margin + sims - diagonal.expand_as(sims)).clamp(min=0)
-    cost_im = (self.margin + sims - diagonal.t().expand_as(sims)).clamp(min=0)
-    eye = torch.eye(sims.size(0)) > .5
-    cost_s, cost_im = cost_s.masked_fill_(eye, 0), cost_im.masked_fill_(eye, 0)
-    if self.max_violation:
-      cost_s, cost_im = cost_s.max(1)[0], cost_im.max(0)[0]
-    return cost_s.sum() + cost_im.sum()
+    return self.hinge(sims)
 
 
 def _modules(opt, bert):

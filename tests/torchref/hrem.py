@@ -17,6 +17,8 @@ import transformers
 from torch import nn
 
 from torchref import common
+# lib/mlp.py's MLP and lib/encoders.py's l2norm are VSE∞'s (the code HREM starts from).
+from torchref.vse_infty import MLP, l2norm
 
 # arguments.py + graph_lib.extra_parameters defaults (the options these modules read).
 DEFAULTS = dict(dataset="f30k", margin=0.2, num_epochs=30, batch_size=128, embed_size=1024,
@@ -45,10 +47,6 @@ def init_weights(m):
     m.bias.data.fill_(0.)
 
 
-def l2norm(x, dim, eps=1e-8):
-  return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
-
-
 def maxk_pool1d_var(x, dim, k, lengths):
   results = []
   for idx in range(x.size(0)):
@@ -64,22 +62,6 @@ def avg_pool1d_var(x, dim, lengths):
     tmp = torch.split(x[idx], split_size_or_sections=int(lengths[idx]), dim=dim - 1)[0]
     results.append(tmp.mean(dim - 1))
   return torch.stack(results, dim=0)
-
-
-class MLP(nn.Module):
-  def __init__(self, input_dim, hidden_dim, output_dim, num_layers):
-    super().__init__()
-    self.output_dim, self.num_layers = output_dim, num_layers
-    h = [hidden_dim] * (num_layers - 1)
-    self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip([input_dim] + h, h + [output_dim]))
-    self.bns = nn.ModuleList(nn.BatchNorm1d(k) for k in h + [output_dim])
-
-  def forward(self, x):
-    b, n, d = x.size()
-    x = x.reshape(b * n, d)
-    for i, (bn, layer) in enumerate(zip(self.bns, self.layers)):
-      x = F.relu(bn(layer(x))) if i < self.num_layers - 1 else layer(x)
-    return x.view(b, n, self.output_dim)
 
 
 class FC_MLP(nn.Module):  # pylint: disable=invalid-name

@@ -192,66 +192,51 @@ def func_attention(query, context, smooth):
   return torch.transpose(weightedContext, 1, 2)
 
 
-def xattn_score_t2i(images, captions, cap_lens):
-  """Scores (n_image, n_caption) and the diagonal t2i contexts averaged over words."""
+def _xattn(images, captions, cap_lens, t2i: bool):
+  """The loop of their xattn_score_t2i / _i2t (and the `1` variants): (n_image,
+  n_caption) scores and the contexts averaged over words (t2i) or regions (i2t),
+  (n_image, n_caption, d)."""
   similarities, wei = [], []
-  n_image, n_caption, d = images.size(0), captions.size(0), images.size(2)
+  n_image, n_caption = images.size(0), captions.size(0)
   for i in range(n_caption):
     n_word = cap_lens[i]
     cap_i = captions[i, :n_word, :].unsqueeze(0).contiguous()
     cap_i_expand = cap_i.repeat(n_image, 1, 1)
-    weiContext = func_attention(cap_i_expand, images, smooth=9.).contiguous()
-    row_sim = cosine_similarity(cap_i_expand.contiguous(), weiContext, dim=2)
+    if t2i:
+      query = cap_i_expand.contiguous()
+      weiContext = func_attention(cap_i_expand, images, smooth=9.).contiguous()
+    else:
+      query = images
+      weiContext = func_attention(images, cap_i_expand, smooth=4.)
+    row_sim = cosine_similarity(query, weiContext, dim=2)
     similarities.append(row_sim.mean(dim=1, keepdim=True))
     wei.append(weiContext.mean(dim=1, keepdim=True))
-  similarities = torch.cat(similarities, 1)
-  wei = torch.cat(wei, 1)
-  wei = torch.cat([wei[i, i, :].view(1, d) for i in range(n_image)], 0)
-  return similarities, wei
+  return torch.cat(similarities, 1), torch.cat(wei, 1)
+
+
+def _diagonal(wei):
+  """Their `torch.cat([wei[i, i, :].view(1, d) ...])`: each image's own context."""
+  return torch.cat([wei[i, i, :].view(1, wei.size(2)) for i in range(wei.size(0))], 0)
+
+
+def xattn_score_t2i(images, captions, cap_lens):
+  """Scores (n_image, n_caption) and the diagonal t2i contexts averaged over words."""
+  similarities, wei = _xattn(images, captions, cap_lens, t2i=True)
+  return similarities, _diagonal(wei)
 
 
 def xattn_score_i2t(images, captions, cap_lens):
   """Scores (n_image, n_caption) and the diagonal i2t contexts averaged over regions."""
-  similarities, wei = [], []
-  n_image, n_caption, d = images.size(0), captions.size(0), images.size(2)
-  for i in range(n_caption):
-    n_word = cap_lens[i]
-    cap_i = captions[i, :n_word, :].unsqueeze(0).contiguous()
-    cap_i_expand = cap_i.repeat(n_image, 1, 1)
-    weiContext = func_attention(images, cap_i_expand, smooth=4.)
-    row_sim = cosine_similarity(images, weiContext, dim=2)
-    similarities.append(row_sim.mean(dim=1, keepdim=True))
-    wei.append(weiContext.mean(dim=1, keepdim=True))
-  similarities = torch.cat(similarities, 1)
-  wei = torch.cat(wei, 1)
-  wei = torch.cat([wei[i, i, :].view(1, d) for i in range(n_image)], 0)
-  return similarities, wei
+  similarities, wei = _xattn(images, captions, cap_lens, t2i=False)
+  return similarities, _diagonal(wei)
 
 
 def xattn_score_t2i1(images, captions, cap_lens):
-  similarities = []
-  n_image, n_caption = images.size(0), captions.size(0)
-  for i in range(n_caption):
-    n_word = cap_lens[i]
-    cap_i = captions[i, :n_word, :].unsqueeze(0).contiguous()
-    cap_i_expand = cap_i.repeat(n_image, 1, 1)
-    weiContext = func_attention(cap_i_expand, images, smooth=9.).contiguous()
-    row_sim = cosine_similarity(cap_i_expand.contiguous(), weiContext, dim=2)
-    similarities.append(row_sim.mean(dim=1, keepdim=True))
-  return torch.cat(similarities, 1)
+  return _xattn(images, captions, cap_lens, t2i=True)[0]
 
 
 def xattn_score_i2t1(images, captions, cap_lens):
-  similarities = []
-  n_image, n_caption = images.size(0), captions.size(0)
-  for i in range(n_caption):
-    n_word = cap_lens[i]
-    cap_i = captions[i, :n_word, :].unsqueeze(0).contiguous()
-    cap_i_expand = cap_i.repeat(n_image, 1, 1)
-    weiContext = func_attention(images, cap_i_expand, smooth=4.)
-    row_sim = cosine_similarity(images, weiContext, dim=2)
-    similarities.append(row_sim.mean(dim=1, keepdim=True))
-  return torch.cat(similarities, 1)
+  return _xattn(images, captions, cap_lens, t2i=False)[0]
 
 
 class JZK:

@@ -194,8 +194,9 @@ def _aggregate(row_sim, opt):
   return row_sim
 
 
-def xattn_score_t2i(images, captions, cap_lens, opt):
-  """images (n_image, n_regions, d), captions (n_caption, max_n_word, d) -> (n_image, n_caption)."""
+def _xattn_score(images, captions, cap_lens, opt, t2i: bool):
+  """The loop of their xattn_score_t2i (words attend to regions) / xattn_score_i2t
+  (regions attend to words)."""
   similarities = []
   n_image = images.size(0)
   n_caption = captions.size(0)
@@ -203,25 +204,24 @@ def xattn_score_t2i(images, captions, cap_lens, opt):
     n_word = int(cap_lens[i])
     cap_i = captions[i, :n_word, :].unsqueeze(0).contiguous()
     cap_i_expand = cap_i.repeat(n_image, 1, 1)
-    weiContext, _ = func_attention(cap_i_expand, images, opt, smooth=opt.lambda_softmax)
-    row_sim = cosine_similarity(cap_i_expand.contiguous(), weiContext.contiguous(), dim=2)
+    if t2i:
+      weiContext, _ = func_attention(cap_i_expand, images, opt, smooth=opt.lambda_softmax)
+      row_sim = cosine_similarity(cap_i_expand.contiguous(), weiContext.contiguous(), dim=2)
+    else:
+      weiContext, _ = func_attention(images, cap_i_expand, opt, smooth=opt.lambda_softmax)
+      row_sim = cosine_similarity(images, weiContext, dim=2)
     similarities.append(_aggregate(row_sim, opt))
   return torch.cat(similarities, 1)
+
+
+def xattn_score_t2i(images, captions, cap_lens, opt):
+  """images (n_image, n_regions, d), captions (n_caption, max_n_word, d) -> (n_image, n_caption)."""
+  return _xattn_score(images, captions, cap_lens, opt, t2i=True)
 
 
 def xattn_score_i2t(images, captions, cap_lens, opt):
   """images (n_image, n_regions, d), captions (n_caption, max_n_word, d) -> (n_image, n_caption)."""
-  similarities = []
-  n_image = images.size(0)
-  n_caption = captions.size(0)
-  for i in range(n_caption):
-    n_word = int(cap_lens[i])
-    cap_i = captions[i, :n_word, :].unsqueeze(0).contiguous()
-    cap_i_expand = cap_i.repeat(n_image, 1, 1)
-    weiContext, _ = func_attention(images, cap_i_expand, opt, smooth=opt.lambda_softmax)
-    row_sim = cosine_similarity(images, weiContext, dim=2)
-    similarities.append(_aggregate(row_sim, opt))
-  return torch.cat(similarities, 1)
+  return _xattn_score(images, captions, cap_lens, opt, t2i=False)
 
 
 # ---------------------------------------------------------------------- evaluation.py

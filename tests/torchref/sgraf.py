@@ -111,7 +111,20 @@ def _init_bn(bn: nn.BatchNorm1d) -> None:
   bn.bias.data.zero_()
 
 
-class VisualSA(nn.Module):
+class _SelfAttentionPool(nn.Module):
+  """The forward their VisualSA and TextSA share (they differ in their layers): local
+  features weighted by their agreement with the global one, summed, l2-normalised."""
+
+  def forward(self, local, raw_global):
+    l_emb = self.embedding_local(local)
+    g_emb = self.embedding_global(raw_global)
+    g_emb = g_emb.unsqueeze(1).repeat(1, l_emb.size(1), 1)
+    weights = self.embedding_common(l_emb.mul(g_emb)).squeeze(2)
+    weights = torch.softmax(weights, dim=1)
+    return l2norm((weights.unsqueeze(2) * local).sum(dim=1), dim=-1)
+
+
+class VisualSA(_SelfAttentionPool):
 
   def __init__(self, embed_dim, dropout_rate, num_region):
     super().__init__()
@@ -129,16 +142,8 @@ class VisualSA(nn.Module):
         elif isinstance(m, nn.BatchNorm1d):
           _init_bn(m)
 
-  def forward(self, local, raw_global):
-    l_emb = self.embedding_local(local)
-    g_emb = self.embedding_global(raw_global)
-    g_emb = g_emb.unsqueeze(1).repeat(1, l_emb.size(1), 1)
-    weights = self.embedding_common(l_emb.mul(g_emb)).squeeze(2)
-    weights = torch.softmax(weights, dim=1)
-    return l2norm((weights.unsqueeze(2) * local).sum(dim=1), dim=-1)
 
-
-class TextSA(nn.Module):
+class TextSA(_SelfAttentionPool):
 
   def __init__(self, embed_dim, dropout_rate):
     super().__init__()
@@ -151,14 +156,6 @@ class TextSA(nn.Module):
       for m in seq:
         if isinstance(m, nn.Linear):
           _xavier(m)
-
-  def forward(self, local, raw_global):
-    l_emb = self.embedding_local(local)
-    g_emb = self.embedding_global(raw_global)
-    g_emb = g_emb.unsqueeze(1).repeat(1, l_emb.size(1), 1)
-    weights = self.embedding_common(l_emb.mul(g_emb)).squeeze(2)
-    weights = torch.softmax(weights, dim=1)
-    return l2norm((weights.unsqueeze(2) * local).sum(dim=1), dim=-1)
 
 
 class GraphReasoning(nn.Module):

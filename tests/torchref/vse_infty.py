@@ -104,20 +104,35 @@ class EncoderImageAggr(nn.Module):
 
 class EncoderTextBert(nn.Module):
   """master's EncoderText, with a BertModel built from `bert_config` (theirs loads
-  bert-base-uncased; the weights are random here either way)."""
+  bert-base-uncased; the weights are random here either way). `pool=False`: no GPO
+  (CHAN's, torchref/chan.py, which scores the words)."""
 
-  def __init__(self, embed_size, bert_config, no_txtnorm=False):
+  def __init__(self, embed_size, bert_config, no_txtnorm=False, pool=True):
     super().__init__()
     self.no_txtnorm = no_txtnorm
     self.bert = transformers.BertModel(bert_config, add_pooling_layer=True)
     self.linear = nn.Linear(bert_config.hidden_size, embed_size)
-    self.gpool = GPO(32, 32)
+    if pool:
+      self.gpool = GPO(32, 32)
+
+  def words(self, x):
+    """BERT (attention mask `x != 0`) -> Linear, per token."""
+    bert_emb = self.bert(x, (x != 0).float())[0]
+    return self.linear(bert_emb)
 
   def forward(self, x, lengths):
-    bert_emb = self.bert(x, (x != 0).float())[0]
-    cap_emb = self.linear(bert_emb)
-    pooled, _ = self.gpool(cap_emb, lengths)
+    pooled, _ = self.gpool(self.words(x), lengths)
     return pooled if self.no_txtnorm else l2norm(pooled, dim=-1)
+
+
+def bigru_words(embed, rnn, x, lengths):
+  """Their BiGRU text path before any pooling: embed -> packed bidirectional GRU, the
+  two halves averaged; `(words (B, max_len, E), lengths)`."""
+  packed = pack_padded_sequence(embed(x), lengths.cpu(), batch_first=True)
+  out, _ = rnn(packed)
+  cap_emb, cap_len = pad_packed_sequence(out, batch_first=True)
+  half = cap_emb.size(2) // 2
+  return (cap_emb[:, :, :half] + cap_emb[:, :, half:]) / 2, cap_len
 
 
 class EncoderTextBiGRU(nn.Module):
@@ -132,11 +147,7 @@ class EncoderTextBiGRU(nn.Module):
     self.embed.weight.data.uniform_(-0.1, 0.1)
 
   def forward(self, x, lengths):
-    packed = pack_padded_sequence(self.embed(x), lengths.cpu(), batch_first=True)
-    out, _ = self.rnn(packed)
-    cap_emb, cap_len = pad_packed_sequence(out, batch_first=True)
-    half = cap_emb.size(2) // 2
-    cap_emb = (cap_emb[:, :, :half] + cap_emb[:, :, half:]) / 2
+    cap_emb, cap_len = bigru_words(self.embed, self.rnn, x, lengths)
     pooled, _ = self.gpool(cap_emb, cap_len)
     return pooled if self.no_txtnorm else l2norm(pooled, dim=-1)
 
@@ -147,8 +158,11 @@ class ContrastiveLoss(nn.Module):
     self.margin, self.max_violation = margin, max_violation
 
   def forward(self, im, s):
-    scores = im.mm(s.t())
-    diagonal = scores.diag().view(im.size(0), 1)
+    return self.hinge(im.mm(s.t()))
+
+  def hinge(self, scores):
+    """The loss of a (B, B) score matrix (CHAN's ContrastiveLoss takes one)."""
+    diagonal = scores.diag().view(scores.size(0), 1)
     cost_s = (self.margin + scores - diagonal.expand_as(scores)).clamp(min=0)
     cost_im = (self.margin + scores - diagonal.t().expand_as(scores)).clamp(min=0)
     eye = torch.eye(scores.size(0)) > .5

@@ -7,10 +7,11 @@ widths are the top-level `model.embed_size`, `model.img_dim`, `model.word_dim` a
 `model.vocab_size` (BiGRU: the words of the vocabulary; the embedding has one more row,
 their appended `<mask>`). The model's specification: docs/models/chan.md.
 """
-from dsran_jax.hub import minilm_dir
 from dsran_jax.models.common import recipes, vse_config
 from dsran_jax.models.common.options import Option, Options, bert_options, greater_than, one_of
-from dsran_jax.models.common.vse_config import TEXT_ENCODERS
+# Their optimiser per build (lib/model.py: VSE∞'s) and the precomp releases' training
+# captions: the lineage's (`common.vse_config`).
+from dsran_jax.models.common.vse_config import TEXT_ENCODERS, TRAIN_CAPTIONS
 # "basic": fc alone (nn.Identity feed-forward); "selfattention": fc + a pre-LN residual
 # nn.MultiheadAttention(E, 8) over the regions. Their "transformer" builds
 # nn.MultiheadAttention without batch_first and feeds it (B, R, E), so it attends across
@@ -30,13 +31,6 @@ EPOCHS, LR_UPDATE, LEARNING_RATE, MARGIN = 25, 15, 5e-4, 0.05
 BATCH = {"bert": 128, "bigru": 384}
 POOLING = {"bert": "MeanPooling", "bigru": "LSEPooling"}
 PRECOMP = {"bert": "basic", "bigru": "selfattention"}
-# Training captions of the precomp releases (5 per image); their loader drops the last
-# partial batch, so one warm-up epoch is captions // batch steps.
-TRAIN_CAPTIONS = {"f30k": 145_000, "coco": 566_435}
-# lib/model.py: BERT build AdamW(weight_decay=1e-4) with BERT at lr x 0.1; BiGRU build
-# AdamW(params, lr), torch's default weight_decay 0.01, one group.
-WEIGHT_DECAY = {"bert": 1e-4, "bigru": 0.01}
-BERT_LR_FACTOR = {"bert": 0.1, "bigru": 1.0}
 
 OPTIONS = Options("chan", [
     Option("text_encoder", "bigru", one_of(*TEXT_ENCODERS),
@@ -59,11 +53,7 @@ OPTIONS = Options("chan", [
            "(0: no blocking)"),
 ] + bert_options())
 defaults = OPTIONS.defaults
-tokenizer, bert_path = vse_config.text_encoder_hooks("chan")
-
-image_keys = recipes.region_keys
-text_keys = recipes.word_keys
-frozen_paths = recipes.nothing_frozen
+image_keys, text_keys, frozen_paths, tokenizer, bert_path = vse_config.config_hooks("chan")
 
 
 def eval_tile(model_config):
@@ -79,18 +69,6 @@ def departures(config):
   if s.text_encoder != "bigru":
     return []
   return recipes.glove_departure(config, "Xavier-uniform (their init without GloVe)")
-
-
-def _training(c, text_encoder: str, learning_rate: float, num_epochs: int, lr_update: int,
-              batch_size: int, warmup_steps: int):
-  """AdamW (their weight decay and BERT factor), global-norm clip 2.0, x0.1 at
-  `lr_update`; the hinge at margin 0.05, summed violations for `warmup_steps`, then
-  hardest negatives."""
-  recipes.adam_clipped(c, learning_rate, num_epochs, lr_update, batch_size)
-  vse_config.adamw(c, WEIGHT_DECAY[text_encoder], BERT_LR_FACTOR[text_encoder])
-  recipes.hinge_loss(c, max_violation=True, sum_violation_steps=warmup_steps)
-  c.train.margin = MARGIN
-  return c
 
 
 def _build(c, text_encoder: str):
@@ -125,8 +103,10 @@ def recipe(c, dataset: str, text_encoder: str = "bert"):
   c.eval.max_dev_images = 1000
   c.data.vocab_splits = "train+dev"
   batch = BATCH[text_encoder]
-  return _training(c, text_encoder, LEARNING_RATE, EPOCHS, LR_UPDATE, batch,
-                   TRAIN_CAPTIONS[dataset] // batch)
+  vse_config.hinge_adamw(c, text_encoder, LEARNING_RATE, EPOCHS, LR_UPDATE, batch,
+                         TRAIN_CAPTIONS[dataset] // batch)
+  c.train.margin = MARGIN  # the hinge at their --margin=0.05
+  return c
 
 
 def demo(c, text_encoder: str = "bigru"):
@@ -135,14 +115,10 @@ def demo(c, text_encoder: str = "bigru"):
   text_encoder=bert` trains the BERT build (MeanPooling) on the MiniLM-L6 weights.
   Their augmentation, margin 0.05 and one epoch of summed violations before hardest
   negatives, as their recipe."""
-  s = _build(c, text_encoder)
-  if text_encoder == "bert":
-    s.bert_path = minilm_dir()
-  recipes.joint_space(c, embed_size=256, word_dim=128)
-  recipes.demo_training(c)
-  c.train.lr_update = 10  # no decay in 3 epochs
-  return _training(c, text_encoder, c.train.learning_rate, c.train.num_epochs,
-                   c.train.lr_update, c.train.batch_size, recipes.synthetic_epoch_steps(c))
+  _build(c, text_encoder)
+  vse_config.demo(c, "chan", text_encoder)
+  c.train.margin = MARGIN
+  return c
 
 
 def validate(c):

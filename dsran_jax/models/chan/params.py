@@ -25,8 +25,8 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
-from dsran_jax.convert.engine import (DROP, ConversionError, Converted, state_dicts,
-                                      strip_prefix, validate_workdir_config, workdir_config)
+from dsran_jax.convert.engine import (DROP, ConversionError, Converted, detected_state_dicts,
+                                      state_dicts, validate_workdir_config, workdir_config)
 from dsran_jax.models.chan import config as chan_config
 from dsran_jax.models.common import vse_config, vse_convert
 from dsran_jax.models.common.vse_convert import need
@@ -57,13 +57,10 @@ def _states(ckpt: Mapping[str, Any], what: str):
 def detect(ckpt: Mapping[str, Any]) -> bool:
   """True for a CHAN train.py checkpoint: four state dicts, the last two empty, the
   image side `fc` without GPO, the text side BERT + `linear` or `embed` + `rnn`."""
-  if not isinstance(ckpt, Mapping):
+  found = detected_state_dicts(ckpt, 4, strip=True)
+  if found is None:
     return False
-  try:
-    img, txt, sim, crit = state_dicts(ckpt, 4, "checkpoint")
-  except ConversionError:
-    return False
-  img, txt = strip_prefix(img), strip_prefix(txt)
+  img, txt, sim, crit = found
   return ("fc.weight" in img and not any(k.startswith("gpool.") for k in img)
           and vse_convert.has_text_encoder(txt) and not sim and not crit)
 
@@ -126,8 +123,7 @@ def make_config(c, model_opts: Mapping[str, Any], opt: Mapping[str, Any], bert_p
     vse_convert.set_bert_shape(s, model_opts["bert"], bert_path)
   if "obj_drop_rate" in opt and opt["obj_drop_rate"] is not None:
     s.region_drop = float(opt["obj_drop_rate"])
-  vse_config.adamw(c, chan_config.WEIGHT_DECAY[s.text_encoder],
-                   chan_config.BERT_LR_FACTOR[s.text_encoder])
+  vse_config.text_encoder_adamw(c, s.text_encoder)
   c.train.max_violation = True  # their train.py turns it on after the warm-up epochs
   return validate_workdir_config(c, "a CHAN", chan_config.validate)
 

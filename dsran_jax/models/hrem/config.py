@@ -9,6 +9,7 @@ from dsran_jax.hub import minilm_dir
 from dsran_jax.models.common import recipes, vse_config
 from dsran_jax.models.common.options import (Option, Options, bert_options, greater_than,
                                               integer_at_least, one_of, within)
+from dsran_jax.models.common.vse_config import TRAIN_CAPTIONS
 
 LOSSES = ("trip", "vse")
 # arguments.py and the README's commands: 30 epochs, lr 5e-4 x0.1 at epochs 15 and 25
@@ -19,7 +20,6 @@ BATCH = {"f30k": 128, "coco": 256}
 MASK_WEIGHT = {"f30k": 1.0, "coco": 1.5}
 # lib/loss.py TripletLoss: `nonzero_loss_cutoff` 1.9 when opt.dataset == 'coco', else 1.7.
 NONZERO_LOSS_CUTOFF = {"f30k": 1.7, "coco": 1.9}
-TRAIN_CAPTIONS = {"f30k": 145_000, "coco": 566_435}
 
 OPTIONS = Options("hrem", [
     Option("nhead", 16, integer_at_least(1),

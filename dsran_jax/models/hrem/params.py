@@ -24,9 +24,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from dsran_jax.convert.engine import (DROP, ConversionError, Converted, map_state_dict,
-                                      state_dicts, strip_prefix, to_numpy,
-                                      validate_workdir_config, workdir_config)
+from dsran_jax.convert.engine import (DROP, Converted, detected_state_dicts, map_state_dict,
+                                      state_dicts, strip_prefix, to_numpy, validate_workdir_config,
+                                      workdir_config)
 from dsran_jax.models.common import vse_config, vse_convert
 from dsran_jax.models.hrem import config as hrem_config
 
@@ -75,13 +75,10 @@ def detect(ckpt: Mapping[str, Any]) -> bool:
   """True for an HREM train.py checkpoint: two state dicts whose encoders both end in
   a TransformerEncoderLayer (`aggr.layers.0.*`), the image side with `fc.fc` (FC_MLP),
   the text side BERT + `linear`."""
-  if not isinstance(ckpt, Mapping):
+  found = detected_state_dicts(ckpt, 2, strip=True)
+  if found is None:
     return False
-  try:
-    img, txt = state_dicts(ckpt, 2, "checkpoint")
-  except ConversionError:
-    return False
-  img, txt = strip_prefix(img), strip_prefix(txt)
+  img, txt = found
   return (_IN_PROJ in img and _IN_PROJ in txt and "fc.fc.weight" in img
           and "linear.weight" in txt and any(k.startswith(vse_convert.BERT_PREFIX) for k in txt))
 

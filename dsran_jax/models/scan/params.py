@@ -22,9 +22,9 @@ import numpy as np
 
 from dsran_jax import models
 from dsran_jax.convert import authors_vocab
-from dsran_jax.convert.engine import (ConversionError, Converted, map_state_dict_reporting,
-                                      opt_of, state_dicts, to_numpy, validate_workdir_config,
-                                      workdir_config)
+from dsran_jax.convert.engine import (ConversionError, Converted, detected_state_dicts,
+                                      map_state_dict_reporting, opt_of, state_dicts, to_numpy,
+                                      validate_workdir_config, workdir_config)
 from dsran_jax.models.scan import config as scan_config
 from dsran_jax.models.variables import variable_shapes
 
@@ -57,12 +57,10 @@ def detect(ckpt: Mapping[str, Any]) -> bool:
   """True for a SCAN train.py checkpoint: its `model` is the two state dicts
   [img_enc (fc.*), txt_enc (embed.*, rnn.*)] and its `opt`, when present, has SCAN's
   cross-attention flags."""
-  if not isinstance(ckpt, Mapping):
+  found = detected_state_dicts(ckpt, 2)
+  if found is None:
     return False
-  try:
-    img, txt = state_dicts(ckpt, 2, "checkpoint")
-  except ConversionError:
-    return False
+  img, txt = found
   layout = (bool(img) and all(k.startswith("fc.") for k in img)
             and "embed.weight" in txt and any(k.startswith("rnn.") for k in txt))
   opt = opt_of(ckpt)

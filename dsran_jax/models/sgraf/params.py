@@ -26,9 +26,9 @@ import numpy as np
 
 from dsran_jax import models
 from dsran_jax.convert import authors_vocab
-from dsran_jax.convert.engine import (ConversionError, Converted, map_state_dict, opt_of,
-                                            state_dicts, to_numpy, validate_workdir_config,
-                                            workdir_config)
+from dsran_jax.convert.engine import (ConversionError, Converted, detected_state_dicts,
+                                      map_state_dict, opt_of, state_dicts, to_numpy,
+                                      validate_workdir_config, workdir_config)
 from dsran_jax.models.variables import variable_shapes
 
 FAMILY = "sgraf"
@@ -69,12 +69,10 @@ def detect(ckpt: Mapping[str, Any]) -> bool:
   """True for an SGRAF train.py checkpoint: `model` is three state dicts [img_enc
   (fc.*), txt_enc (embed.*, cap_rnn.*), sim_enc (v_global_w.*, sim_eval_w.*)], and its
   `opt`, when present, has SGRAF's module_name and sim_dim."""
-  if not isinstance(ckpt, Mapping):
+  found = detected_state_dicts(ckpt, 3)
+  if found is None:
     return False
-  try:
-    img, txt, sim = state_dicts(ckpt, 3, "checkpoint")
-  except ConversionError:
-    return False
+  img, txt, sim = found
   layout = (bool(img) and all(k.startswith("fc.") for k in img)
             and "embed.weight" in txt and any(k.startswith("cap_rnn.") for k in txt)
             and "sim_eval_w.weight" in sim and any(k.startswith("v_global_w.") for k in sim))

@@ -6,10 +6,11 @@ change the model or its training-time augmentation. Shared widths are the top-le
 words of the vocabulary; the embedding has one more row, their appended `<mask>`).
 The model's specification: docs/models/vse_infty.md.
 """
-from dsran_jax.hub import minilm_dir
 from dsran_jax.models.common import recipes, vse_config
 from dsran_jax.models.common.options import Option, Options, bert_options, one_of
-from dsran_jax.models.common.vse_config import TEXT_ENCODERS
+# Their optimiser per build (vse.py) and the precomp releases' training captions: the
+# lineage's (`common.vse_config`).
+from dsran_jax.models.common.vse_config import TEXT_ENCODERS, TRAIN_CAPTIONS
 # "basic": fc + a 2-layer MLP residual (their precomputed-region build); "backbone": fc
 # alone (their grid build's head, here on precomputed features; the CNN is not ported).
 PRECOMP_ENC_TYPES = ("basic", "backbone")
@@ -18,14 +19,6 @@ PRECOMP_ENC_TYPES = ("basic", "backbone")
 # --learning_rate=.0005 --vse_mean_warmup_epochs 1 --embed_size 1024; arguments.py
 # defaults: batch 128, margin 0.2, grad_clip 2.0, AdamW.
 EPOCHS, LR_UPDATE, LEARNING_RATE, BATCH = 25, 15, 5e-4, 128
-# Training captions of the precomp releases (5 per image: F30K 29,000 images, COCO
-# 113,287); their loader drops the last partial batch, so one warm-up epoch is
-# captions // batch steps.
-TRAIN_CAPTIONS = {"f30k": 145_000, "coco": 566_435}
-# vse.py: BERT build AdamW(weight_decay=1e-4) with BERT at lr x 0.1; BiGRU branch
-# AdamW(params, lr) with torch's default weight_decay 0.01 and no groups.
-WEIGHT_DECAY = {"bert": 1e-4, "bigru": 0.01}
-BERT_LR_FACTOR = {"bert": 0.1, "bigru": 1.0}
 
 OPTIONS = Options("vse_infty", [
     Option("text_encoder", "bert", one_of(*TEXT_ENCODERS),
@@ -37,26 +30,13 @@ OPTIONS = Options("vse_infty", [
     *vse_config.augmentation_options("their loader: 0.2"),
 ] + bert_options())
 defaults = OPTIONS.defaults
-tokenizer, bert_path = vse_config.text_encoder_hooks("vse_infty")
-
-image_keys = recipes.region_keys
-text_keys = recipes.word_keys
-frozen_paths = recipes.nothing_frozen
+image_keys, text_keys, frozen_paths, tokenizer, bert_path = vse_config.config_hooks("vse_infty")
 
 
 def eval_tile(model_config):
   """An embedding model scores with one dot product: the whole F30K test in one tile."""
   del model_config
   return (1000, 5000)
-
-
-def _training(c, text_encoder: str, learning_rate: float, num_epochs: int, lr_update: int,
-              batch_size: int, warmup_steps: int):
-  """AdamW (their weight decay and BERT factor), global-norm clip 2.0, x0.1 at
-  `lr_update`; summed violations for `warmup_steps`, then hardest negatives."""
-  recipes.adam_clipped(c, learning_rate, num_epochs, lr_update, batch_size)
-  vse_config.adamw(c, WEIGHT_DECAY[text_encoder], BERT_LR_FACTOR[text_encoder])
-  return recipes.hinge_loss(c, max_violation=True, sum_violation_steps=warmup_steps)
 
 
 def recipe(c, dataset: str, text_encoder: str = "bert"):
@@ -77,8 +57,8 @@ def recipe(c, dataset: str, text_encoder: str = "bert"):
   recipes.joint_space(c, embed_size=1024, word_dim=300)
   # Their captions are never cut: data.max_len=-1 (the default) keeps them whole.
   c.eval.batch_size = 128
-  return _training(c, text_encoder, LEARNING_RATE, EPOCHS, LR_UPDATE, BATCH,
-                   TRAIN_CAPTIONS[dataset] // BATCH)
+  return vse_config.hinge_adamw(c, text_encoder, LEARNING_RATE, EPOCHS, LR_UPDATE, BATCH,
+                                TRAIN_CAPTIONS[dataset] // BATCH)
 
 
 def demo(c, text_encoder: str = "bigru"):
@@ -88,15 +68,8 @@ def demo(c, text_encoder: str = "bigru"):
   Their augmentation (region dropout, token masking) and one epoch of summed violations
   before hardest negatives, as their recipe."""
   vse_config.check_text_encoder(text_encoder)
-  s = c.model.vse_infty
-  s.text_encoder = text_encoder
-  if text_encoder == "bert":
-    s.bert_path = minilm_dir()
-  recipes.joint_space(c, embed_size=256, word_dim=128)
-  recipes.demo_training(c)
-  c.train.lr_update = 10  # no decay in 3 epochs
-  return _training(c, text_encoder, c.train.learning_rate, c.train.num_epochs,
-                   c.train.lr_update, c.train.batch_size, recipes.synthetic_epoch_steps(c))
+  c.model.vse_infty.text_encoder = text_encoder
+  return vse_config.demo(c, "vse_infty", text_encoder)
 
 
 def validate(c):

@@ -93,8 +93,7 @@ class VseInfty(RegionWordModel):
                     else BiGruTextEncoder(self.config))
 
   def encode_images(self, batch, train: bool = False):
-    regions, mask = region_inputs(batch, self.config.img_dim)
-    return {"embedding": self.img_enc(regions, mask, train)}
+    return {"embedding": self.img_enc(*region_inputs(batch, self.config.img_dim), train)}
 
   def encode_texts(self, batch, train: bool = False):
     ids, mask = text_inputs(batch)

@@ -24,8 +24,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from dsran_jax.convert.engine import (DROP, ConversionError, Converted, state_dicts,
-                                      strip_prefix, validate_workdir_config, workdir_config)
+from dsran_jax.convert.engine import (DROP, Converted, detected_state_dicts, state_dicts,
+                                      validate_workdir_config, workdir_config)
 from dsran_jax.models.common import vse_config, vse_convert
 from dsran_jax.models.common.vse_convert import need
 from dsran_jax.models.vse_infty import config as vse_infty_config
@@ -52,13 +52,10 @@ def detect(ckpt: Mapping[str, Any]) -> bool:
   """True for a VSE∞ train.py checkpoint: two state dicts whose encoders both end in
   GPO (`gpool.*`), the image side with `fc`, the text side BERT + `linear` or
   `embed` + `rnn`."""
-  if not isinstance(ckpt, Mapping):
+  found = detected_state_dicts(ckpt, 2, strip=True)
+  if found is None:
     return False
-  try:
-    img, txt = state_dicts(ckpt, 2, "checkpoint")
-  except ConversionError:
-    return False
-  img, txt = strip_prefix(img), strip_prefix(txt)
+  img, txt = found
   gpo = "gpool.gru.weight_ih_l0"
   return (gpo in img and gpo in txt and "fc.weight" in img
           and vse_convert.has_text_encoder(txt))
@@ -108,8 +105,7 @@ def make_config(c, model_opts: Mapping[str, Any], opt: Mapping[str, Any], bert_p
   s = c.model.vse_infty
   if model_opts.get("bert") is not None:
     vse_convert.set_bert_shape(s, model_opts["bert"], bert_path)
-  vse_config.adamw(c, vse_infty_config.WEIGHT_DECAY[s.text_encoder],
-                   vse_infty_config.BERT_LR_FACTOR[s.text_encoder])
+  vse_config.text_encoder_adamw(c, s.text_encoder)
   c.train.max_violation = True  # their train.py turns it on after the warm-up epochs
   return validate_workdir_config(c, "a VSE∞", vse_infty_config.validate)
 
