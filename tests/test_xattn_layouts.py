@@ -94,6 +94,12 @@ def test_mlasm_blocked_tile_equals_per_pair_formulas():
     assert np.abs(np.asarray(g_want)).max() > 1e-3
     np.testing.assert_allclose(got_one, g_want, atol=1e-5, rtol=0)
     np.testing.assert_allclose(got_blocked, g_want, atol=1e-5, rtol=0)
+  # The global branch in blocks of 3 captions equals it over the whole tile.
+  abar = rng.random((N_IMG, K, N_CAP)).astype(np.float32)
+  bbar = rng.random((N_IMG, N_CAP, L)).astype(np.float32)
+  glob = lambda block: np.asarray(mlasm_model.pairwise_global(
+      abar, bbar, images, texts, block_elements=block))
+  np.testing.assert_allclose(glob(3 * N_IMG * D), glob(1 << 30), atol=1e-6, rtol=0)
 
 
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs several (host) devices")

@@ -69,6 +69,10 @@ EPS = 1e-8          # their l2norm adds 1e-8 to the norm; cosine_similarity clam
 NORM = "clipped_l2norm"  # their func_attention: LeakyReLU(0.1), then l2 over the queries
 HIGHEST = jax.lax.Precision.HIGHEST
 PAIRWISE_LEAVES = ("attn_proj", "gate_proj", "gate_base")
+# Floats per (I, captions, E) vector of a block of `pairwise_global` (16 MB: 32 captions at
+# I = 128, E = 1024). Measured at that shape on the 2-core EPYC, global branch alone, CPU
+# s: 2^18 0.30, 2^19 0.22, 1.5 x 2^20 0.17, 2^22 0.13, 2^24 0.29, whole tile 0.32.
+GLOBAL_BLOCK_ELEMENTS = 1 << 22
 
 
 class MlasmConfig(spec.OPTIONS.dataclass("MlasmConfigFields", head=WIDTHS)):
@@ -265,39 +269,55 @@ def tile_scores(image_reps, text_reps, *, ratio: float = 1.0, pairwise: bool = F
                 block_elements: int = xattn.BLOCK_ELEMENTS, precision=HIGHEST):
   """(I, J) `ratio S_local` of a tile, plus `(1 - ratio)` times the pairwise global
   scores with `pairwise`: images in cache-sized blocks (`xattn.map_item_blocks`), each
-  against every caption transposed once per tile."""
+  against every caption transposed once per tile. The global branch runs once over the
+  whole tile from the blocks' averaged weights: its per-caption products
+  `(images, L) @ (L, E)` want all the tile's images, not a block's."""
   words, word_mask = text_reps["words"], text_reps["word_mask"].astype(bool)
   words_t = xattn.columns_minor(words)
   word_norm = _sqrt(jnp.sum(jnp.square(words), -1)).T                  # (L, J)
   word_gram = xattn.column_grams(words, precision)
-  keys = ("regions", "region_mask") + (("global",) + PAIRWISE_LEAVES if pairwise else ())
 
   def block(img):
-    out = local_alignment(img["regions"], img["region_mask"], words_t, word_mask,
-                          word_norm, word_gram, pooled=pairwise, precision=precision)
-    local = 0.5 * out[0] + 0.5 * out[1]
-    if not pairwise:
-      return ratio * local
-    return ratio * local + (1 - ratio) * pairwise_global(out[2], out[3], img, text_reps,
-                                                         precision)
+    out = local_alignment(img[0], img[1], words_t, word_mask, word_norm, word_gram,
+                          pooled=pairwise, precision=precision)
+    return (0.5 * out[0] + 0.5 * out[1],) + tuple(out[2:])
 
   size = xattn.context_block(image_reps["regions"].shape[1], word_mask.shape[1],
                              word_mask.shape[0], block_elements)
-  return xattn.map_item_blocks(block, {n: image_reps[n] for n in keys}, size)
+  out = xattn.map_item_blocks(block, (image_reps["regions"], image_reps["region_mask"]),
+                              size)
+  if not pairwise:
+    return ratio * out[0]
+  return ratio * out[0] + (1 - ratio) * pairwise_global(out[1], out[2], image_reps,
+                                                        text_reps, precision)
 
 
-def pairwise_global(abar, bbar, image_reps, text_reps, precision=HIGHEST):
+def pairwise_global(abar, bbar, image_reps, text_reps, precision=HIGHEST,
+                    block_elements: int = GLOBAL_BLOCK_ELEMENTS):
   """(I, J) global scores img_emb(i | j) . cap_emb(j | i) of every pair of a tile, from
-  the attention averages of `local_alignment` and the pairwise reps (module docstring)."""
-  v_g = image_reps["global"]
-  vl = jnp.einsum("irj,ire->ije", abar, image_reps["attn_proj"], precision=precision)
-  gate = image_reps["gate_base"][:, None] + jnp.einsum(
-      "irj,ire->ije", abar, image_reps["gate_proj"], precision=precision)
-  t = jax.nn.sigmoid(gate)
-  img = l2norm(t * v_g[:, None] + (1 - t) * vl, eps=EPS)
-  cap = l2norm(jnp.einsum("ijt,jte->ije", bbar, text_reps["text_proj"],
-                          precision=precision), eps=EPS)
-  return jnp.sum(img * cap, -1)
+  the attention averages of `local_alignment` (abar (I, k, J), bbar (I, J, L)) and the
+  pairwise reps (module docstring).
+
+  The captions go in blocks (`xattn.map_item_blocks`) of `block_elements` floats per
+  (I, captions, E) vector: over a whole tile each of them is I J E floats (134 MB at
+  128 x 256 and E = 1024), and the elementwise gate and the two l2 norms stream them from
+  memory several times."""
+  v_g, gate_base = image_reps["global"], image_reps["gate_base"]
+  attn_proj, gate_proj = image_reps["attn_proj"], image_reps["gate_proj"]
+
+  def block(args):
+    ab, bb, text_proj = args                      # (j, I, k), (j, I, L), (j, L, E)
+    vl = jnp.einsum("jir,ire->ije", ab, attn_proj, precision=precision)
+    t = jax.nn.sigmoid(gate_base[:, None] + jnp.einsum("jir,ire->ije", ab, gate_proj,
+                                                       precision=precision))
+    img = l2norm(t * v_g[:, None] + (1 - t) * vl, eps=EPS)
+    cap = l2norm(jnp.einsum("jit,jte->ije", bb, text_proj, precision=precision), eps=EPS)
+    return jnp.sum(img * cap, -1).T               # (j, I)
+
+  size = max(int(block_elements) // max(v_g.shape[0] * v_g.shape[1], 1), 1)
+  return xattn.map_item_blocks(
+      block, (jnp.transpose(abar, (2, 0, 1)), jnp.swapaxes(bbar, 0, 1),
+              text_reps["text_proj"]), size).T
 
 
 def caption_block(num_images: int, per_pair: int, max_elements: int) -> int:
