@@ -33,8 +33,11 @@ query item), the query items minor: each block of context items is one plain mat
 product against the queries transposed once per tile, and every reduction (over the
 query positions for the norm, over the context positions for the softmax and the sums)
 runs across rows, vectorised along the query items, with no transpose of S. The blocks
-are sized to stay in the cache (BLOCK_ELEMENTS). Precision: HIGHEST (full fp32) by
-default, since ranks are sensitive to score errors.
+are sized to stay in the cache (BLOCK_ELEMENTS). `attention_cosines` is that block step
+for either axis of S as the context, so a model that needs both directions (MLASM)
+reads one S twice, and one whose logits and cosine numerators are different products
+(BSSAN) passes both. Precision: HIGHEST (full fp32) by default, since ranks are sensitive
+to score errors.
 """
 import functools
 from typing import Optional
