@@ -184,9 +184,49 @@ def _masked_pool(weights, mask, axis: int):
 # ------------------------------------------------------------- pure tile functions
 
 
+def _blocked_attention(rows, row_mask, rows_proj, columns, columns_proj, column_mask, *,
+                       lam: float, agg: str, lambda_lse: float, pooled: bool,
+                       block_elements: int):
+  """(R, C) scores of every row item (the contexts) against every column item (the
+  queries), each query position attending over the row's positions with the bilinear
+  logits `lam rows . columns` and scored by `cos(Q columns_proj, sum alpha rows_proj)`,
+  aggregated over the query positions; with `pooled` also the weights averaged over the
+  valid query positions, (R, C, n).
+
+  The rows go in cache-sized blocks (`xattn.map_item_blocks`); each block's logits and
+  projected dots are two plain products against the columns transposed once per tile,
+  laid out (row, n, m, column) as SCAN's (`xattn.attention_cosines`, no raw-feature
+  norm)."""
+  row_mask, column_mask = row_mask.astype(bool), column_mask.astype(bool)
+  m_pos = column_mask.shape[1]
+  columns_t = xattn.columns_minor(columns)
+  proj_t = xattn.columns_minor(columns_proj)
+  column_norm = _safe_sqrt(jnp.sum(jnp.square(columns_proj), -1)).T[None]  # (1, m, C)
+  cm = column_mask.T[None, None]                                         # (1, 1, m, C)
+
+  def block(args):
+    ctx, mask, ctx_proj = args
+    s = xattn.query_minor_products(ctx, columns_t, m_pos, HIGHEST)        # (c, n, m, C)
+    dots = xattn.query_minor_products(ctx_proj, proj_t, m_pos, HIGHEST)
+    gram = jnp.einsum("ind,imd->inm", ctx_proj, ctx_proj, precision=HIGHEST)
+    r, e, z = xattn.attention_cosines(s, mask[:, :, None, None], cm, column_norm, gram,
+                                      context_axis=1, lam=lam, norm="no_norm", dots=dots)
+    scores = xattn.aggregate(jnp.swapaxes(r, 1, 2), column_mask[None], agg, lambda_lse)
+    scores = jnp.where(xattn.nonempty_pairs(mask, column_mask), scores, 0.0)
+    if not pooled:
+      return scores
+    return scores, jnp.swapaxes(_masked_pool(e / z[:, None], cm, axis=2), 1, 2)
+
+  # Two products of S's size per block: half of SCAN's block keeps them both cached.
+  size = xattn.context_block(row_mask.shape[1], m_pos, column_mask.shape[0],
+                             block_elements // 2)
+  return xattn.map_item_blocks(block, (rows, row_mask, rows_proj), size)
+
+
 def w2r_decoupled(ctx, ctx_mask, ctx_proj, queries, words_proj, word_mask, *, lam: float,
-                  agg: str, lambda_lse: float, pooled: bool = False):
-  """(I, J) decoupled W2R scores of a tile.
+                  agg: str, lambda_lse: float, pooled: bool = False,
+                  block_elements: int = xattn.BLOCK_ELEMENTS):
+  """(I, J) decoupled W2R scores of a tile (`_blocked_attention`, images as the rows).
 
   Args:
     ctx: (I, n, d) W2R context (regions or grid cells); ctx_mask (I, n) bool.
@@ -196,26 +236,16 @@ def w2r_decoupled(ctx, ctx_mask, ctx_proj, queries, words_proj, word_mask, *, la
     pooled: also return the attention weights averaged over the valid words, (I, J, n)
       (`mean_t ctx_t = sum_n pooled_n c_n`).
   """
-  ctx_mask, word_mask = ctx_mask.astype(bool), word_mask.astype(bool)
-  logits = lam * jnp.einsum("ind,jtd->injt", ctx, queries, precision=HIGHEST)
-  alpha = xattn.masked_softmax(logits, ctx_mask[:, :, None, None], axis=1)
-  dots = jnp.einsum("ind,jtd->injt", ctx_proj, words_proj, precision=HIGHEST)
-  num = jnp.sum(alpha * dots, axis=1)                                   # (I, J, L)
-  gram = jnp.einsum("ind,imd->inm", ctx_proj, ctx_proj, precision=HIGHEST)
-  ga = jnp.einsum("inm,imjt->injt", gram, alpha, precision=HIGHEST)
-  ctx_sq = jnp.maximum(jnp.sum(alpha * ga, axis=1), 0.0)
-  word_norm = _safe_sqrt(jnp.sum(jnp.square(words_proj), -1))[None]   # (1, J, L)
-  r = num / jnp.maximum(word_norm * _safe_sqrt(ctx_sq), EPS)
-  s = xattn.aggregate(r, word_mask[None], agg, lambda_lse)
-  s = jnp.where(jnp.any(ctx_mask, -1)[:, None] & jnp.any(word_mask, -1)[None], s, 0.0)
-  if not pooled:
-    return s
-  return s, jnp.moveaxis(_masked_pool(alpha, word_mask[None, None], axis=-1), 1, 2)
+  return _blocked_attention(ctx, ctx_mask, ctx_proj, queries, words_proj, word_mask,
+                            lam=lam, agg=agg, lambda_lse=lambda_lse, pooled=pooled,
+                            block_elements=block_elements)
 
 
 def o2w(regions, region_mask, regions_proj, keys, words_proj, word_mask, *, lam: float,
-        agg: str, lambda_lse: float, pooled: bool = False):
-  """(I, J) O2W scores of a tile: every region attends to the caption's words.
+        agg: str, lambda_lse: float, pooled: bool = False,
+        block_elements: int = xattn.BLOCK_ELEMENTS):
+  """(I, J) O2W scores of a tile: every region attends to the caption's words
+  (`_blocked_attention`, captions as the rows).
 
   Args:
     regions: (I, k, d) o_r; region_mask (I, k); regions_proj (I, k, d) `Q_o o_r` (or o_r).
@@ -223,21 +253,12 @@ def o2w(regions, region_mask, regions_proj, keys, words_proj, word_mask, *, lam:
     pooled: also return the attention weights averaged over the valid regions, (I, J, L)
       (`mean_r u_r = sum_t pooled_t h_t`).
   """
-  region_mask, word_mask = region_mask.astype(bool), word_mask.astype(bool)
-  logits = lam * jnp.einsum("jtd,ird->jtir", keys, regions, precision=HIGHEST)
-  beta = xattn.masked_softmax(logits, word_mask[:, :, None, None], axis=1)
-  dots = jnp.einsum("jtd,ird->jtir", words_proj, regions_proj, precision=HIGHEST)
-  num = jnp.sum(beta * dots, axis=1)                                    # (J, I, k)
-  gram = jnp.einsum("jtd,jsd->jts", words_proj, words_proj, precision=HIGHEST)
-  gb = jnp.einsum("jts,jsir->jtir", gram, beta, precision=HIGHEST)
-  ctx_sq = jnp.maximum(jnp.sum(beta * gb, axis=1), 0.0)
-  region_norm = _safe_sqrt(jnp.sum(jnp.square(regions_proj), -1))[None]  # (1, I, k)
-  r = num / jnp.maximum(region_norm * _safe_sqrt(ctx_sq), EPS)
-  s = xattn.aggregate(r, region_mask[None], agg, lambda_lse).T          # (I, J)
-  s = jnp.where(jnp.any(region_mask, -1)[:, None] & jnp.any(word_mask, -1)[None], s, 0.0)
+  out = _blocked_attention(keys, word_mask, words_proj, regions, regions_proj, region_mask,
+                           lam=lam, agg=agg, lambda_lse=lambda_lse, pooled=pooled,
+                           block_elements=block_elements)
   if not pooled:
-    return s
-  return s, jnp.transpose(_masked_pool(beta, region_mask[None, None], axis=-1), (2, 0, 1))
+    return out.T
+  return out[0].T, jnp.swapaxes(out[1], 0, 1)
 
 
 def w2r_coupled(ctx, ctx_mask, ctx_proj, ctx_gates, word_gates, word_mask, *, w_b, w_hh,

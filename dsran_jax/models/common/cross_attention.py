@@ -33,8 +33,11 @@ query item), the query items minor: each block of context items is one plain mat
 product against the queries transposed once per tile, and every reduction (over the
 query positions for the norm, over the context positions for the softmax and the sums)
 runs across rows, vectorised along the query items, with no transpose of S. The blocks
-are sized to stay in the cache (BLOCK_ELEMENTS). Precision: HIGHEST (full fp32) by
-default, since ranks are sensitive to score errors.
+are sized to stay in the cache (BLOCK_ELEMENTS). `attention_cosines` is that block step
+for either axis of S as the context, so a model that needs both directions (MLASM)
+reads one S twice, and one whose logits and cosine numerators are different products
+(BSSAN) passes both. Precision: HIGHEST (full fp32) by default, since ranks are sensitive
+to score errors.
 """
 import functools
 from typing import Optional
@@ -203,41 +206,97 @@ def region_word_similarities(regions, words, direction: str = "t2i", precision=H
                     preferred_element_type=jnp.float32)
 
 
-def _query_minor_scores(s, context, context_mask, query, query_mask, *, lam, agg_func,
-                        lambda_lse, norm, precision):
-  """(n_context_items, n_query_items) scores from S laid out (c, n, m, q): context item
-  c, its position n; query position m, query item q (minor). See the module docstring.
+def _quadratic_form(gram, e, context_axis: int, precision):
+  """`sum_n e_n (G e)_n` over the context axis of a (c, n, m, q) block of weights e.
 
-  Both reductions over S (the query axis m for the norm, the context axis n for the
-  softmax and the sums) run over non-minor axes, so every pass over S is a vectorised
-  sweep along the query items. The softmax's normaliser is applied to the three (c, m, q)
-  sums, not to the (c, n, m, q) weights: with unnormalised weights e and their sum z,
+  context_axis 1 (the rows are the contexts): gram (c, n, n), one per row item, applied
+  as a batched matrix product. context_axis 2 (the columns are): gram (m, m', q), the
+  query items minor like e, applied as a product batched over q (its m'^2 work per entry
+  is small next to S's d). Not as a broadcast product summed over m': that is as fast on
+  one device, but XLA CPU (jax 0.10.2) computes it wrongly when e's rows are sharded
+  over several devices (ModelScorer's tiles are)."""
+  if context_axis == 1:
+    ge = jnp.einsum("cnk,ckmq->cnmq", gram, e, precision=precision)
+  else:
+    ge = jnp.einsum("cnpq,mpq->cnmq", e, gram, precision=precision)
+  return jnp.sum(e * ge, axis=context_axis)
+
+
+def attention_cosines(s, context_mask, query_mask, query_norm, gram, *,
+                      context_axis: int, lam: float, norm: str = "clipped_l2norm",
+                      dots=None, precision=HIGHEST):
+  """Per-query cosines of one direction of attention over a block S laid out (c, n, m, q):
+  row item c, its position n; column position m, column item q (minor).
+
+  `context_axis` 1: the rows are the contexts (SCAN t2i with image rows) and the result
+  is (c, m, q); 2: the columns are (i2t on the same S) and the result is (c, n, q).
+  Every reduction runs over a non-minor axis, so each pass over S is a vectorised sweep
+  along the column items, with no transpose of S. The softmax's normaliser z is applied
+  to the per-query sums, not to the weights: with unnormalised weights e,
   `q.ctx = sum(e s) / z` and `|ctx| = sqrt(e^T G e) / z`.
+
+  Args:
+    s: (c, n, m, q) raw dot products that the attention logits come from.
+    context_mask, query_mask: bool, broadcastable to s (the positions of the context and
+      of the query axis).
+    query_norm: |q|, broadcastable to the result.
+    gram: the contexts' Gram matrices, (c, n, n) for context_axis 1 and (m, m', q) for 2
+      (see `_quadratic_form`).
+    lam, norm: softmax temperature and raw-feature normalisation (one of NORMS).
+    dots: (c, n, m, q) products the cosine's numerator sums (BSSAN's projected
+      features), or None: `s` itself (SCAN).
+
+  Returns:
+    (r, e, z): the cosines, the unnormalised weights (zero at padded contexts) and their
+    sums over the context axis (at least 1e-30), for callers that pool the weights.
   """
-  qm = query_mask.T[None, None]                                        # (1, 1, m, q)
-  sn = jnp.where(qm, normalize_over_queries(s, qm, norm, axis=2), 0.0)
+  query_axis = 3 - context_axis
+  sn = jnp.where(query_mask, normalize_over_queries(s, query_mask, norm, axis=query_axis),
+                 0.0)
   # Padded query positions are never aggregated; zeroing them above keeps whatever their
   # reps hold from overflowing the exponent (the bound holds for real queries only).
-  cm = context_mask[:, :, None, None]
   logits = lam * sn
   if norm in _UNIT_NORMS and abs(lam) <= 40.0:
     shift = abs(lam)  # |logits| <= lam: no overflow, no underflow to 0 (see masked_softmax)
   else:
-    shift = jax.lax.stop_gradient(
-        jnp.max(jnp.where(cm, logits, _NEG), axis=1, keepdims=True))
-  e = jnp.where(cm, jnp.exp(logits - shift), 0.0)
-  z = jnp.maximum(jnp.sum(e, axis=1), 1e-30)                           # (c, m, q)
-  q_dot_ctx = jnp.sum(e * s, axis=1) / z
+    # Masked logits become a huge negative number before exp (as in masked_softmax): a
+    # padded context's logit above the row's max would overflow, and a fully masked row
+    # would exponentiate +1e30, either making an inf * 0 gradient.
+    logits = jnp.where(context_mask, logits, _NEG)
+    shift = jax.lax.stop_gradient(jnp.max(logits, axis=context_axis, keepdims=True))
+  e = jnp.where(context_mask, jnp.exp(logits - shift), 0.0)
+  z = jnp.maximum(jnp.sum(e, axis=context_axis), 1e-30)
+  q_dot_ctx = jnp.sum(e * (s if dots is None else dots), axis=context_axis) / z
+  ctx_norm = _safe_sqrt(jnp.maximum(_quadratic_form(gram, e, context_axis, precision),
+                                    0.0)) / z
+  return q_dot_ctx / jnp.maximum(query_norm * ctx_norm, EPS), e, z
+
+
+def _query_minor_scores(s, context, context_mask, query, query_mask, *, lam, agg_func,
+                        lambda_lse, norm, precision):
+  """(n_context_items, n_query_items) scores from S laid out (c, n, m, q): context item
+  c, its position n; query position m, query item q (minor). See `attention_cosines`."""
   gram = jnp.einsum("cnd,ckd->cnk", context, context, precision=precision)
-  ge = jnp.einsum("cnk,ckmq->cnmq", gram, e, precision=precision)
-  ctx_norm = _safe_sqrt(jnp.maximum(jnp.sum(e * ge, axis=1), 0.0)) / z
   query_norm = _safe_sqrt(jnp.sum(jnp.square(query), -1)).T[None]     # (1, m, q)
-  r = q_dot_ctx / jnp.maximum(query_norm * ctx_norm, EPS)
+  r, _, _ = attention_cosines(s, context_mask[:, :, None, None], query_mask.T[None, None],
+                              query_norm, gram, context_axis=1, lam=lam, norm=norm,
+                              precision=precision)
   scores = aggregate(jnp.swapaxes(r, 1, 2), query_mask[None], agg_func, lambda_lse)
   # An item with nothing to attend to (a padded tile row) scores 0 with everything, not
   # log(n) / lambda_lse, which a LogSumExp of zero similarities would give.
-  nonempty = jnp.any(context_mask, -1)[:, None] & jnp.any(query_mask, -1)[None, :]
-  return jnp.where(nonempty, scores, 0.0)
+  return jnp.where(nonempty_pairs(context_mask, query_mask), scores, 0.0)
+
+
+def nonempty_pairs(row_mask, column_mask):
+  """(rows, columns) bool: both items have a valid position. A pair without one scores
+  0 (a padded tile row)."""
+  return jnp.any(row_mask, -1)[:, None] & jnp.any(column_mask, -1)[None, :]
+
+
+def column_grams(columns, precision=HIGHEST):
+  """(m, m', q) Gram matrices of every column item's positions, the items minor: the
+  `gram` of `attention_cosines` when the columns are the contexts."""
+  return jnp.einsum("qmd,qpd->mpq", columns, columns, precision=precision)
 
 
 def context_block(context_positions: int, query_positions: int, query_items: int,
@@ -248,6 +307,38 @@ def context_block(context_positions: int, query_positions: int, query_items: int
   return max(int(block_elements) // per_item, 1)
 
 
+def columns_minor(x):
+  """(items, positions, d) -> (d, positions x items): the right-hand side of every
+  block's product, transposed once per tile so that no block copies it."""
+  return jnp.transpose(x, (2, 1, 0)).reshape(x.shape[2], x.shape[1] * x.shape[0])
+
+
+def query_minor_products(rows, columns_t, column_positions: int, precision=HIGHEST):
+  """(c, n, m, q) float32 products of a block of row items (c, n, d) with every column
+  item, `columns_t = columns_minor(columns)`: one plain matrix product."""
+  s = jnp.dot(rows.reshape(-1, rows.shape[-1]), columns_t, precision=precision,
+              preferred_element_type=jnp.float32)
+  return s.reshape(rows.shape[:2] + (column_positions, -1))
+
+
+def map_item_blocks(fn, items, size: int):
+  """`fn(block)` over blocks of `size` leading items of the pytree `items` (`lax.map`;
+  the blocks as even as possible, the last padded with zeros, i.e. masked items, whose
+  rows are dropped). fn returns a pytree of arrays with the block's items leading; so
+  does this, with all the items."""
+  n = jax.tree.leaves(items)[0].shape[0]
+  size = max(min(int(size), n), 1)
+  blocks = -(-n // size)
+  if blocks == 1:
+    return fn(items)
+  size = -(-n // blocks)
+  pad = blocks * size - n
+  split = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(
+      (blocks, size) + x.shape[1:])
+  out = jax.lax.map(fn, jax.tree.map(split, items))
+  return jax.tree.map(lambda o: o.reshape((blocks * size,) + o.shape[2:])[:n], out)
+
+
 def xattn_scores(regions, region_mask, words, word_mask, *, direction: str,
                  lambda_softmax: float, agg_func: str = "Mean", lambda_lse: float = 6.0,
                  norm: str = "clipped_l2norm", precision=HIGHEST,
@@ -256,10 +347,9 @@ def xattn_scores(regions, region_mask, words, word_mask, *, direction: str,
   (SCAN's xattn_score_t2i / xattn_score_i2t without the per-caption loop).
 
   The context items (images for t2i, captions for i2t) are scored in blocks of
-  `context_block(...)` (`lax.map`; the last block padded with masked items), each one
-  plain matrix product `(items n) x d @ d x (m q)` against the query set transposed once
-  (so no block copies the queries), followed by the passes over its S while that is in
-  the cache.
+  `context_block(...)` (`map_item_blocks`), each one plain matrix product
+  `(items n) x d @ d x (m q)` against the query set transposed once (so no block copies
+  the queries), followed by the passes over its S while that is in the cache.
   """
   kw = dict(lam=lambda_softmax, agg_func=agg_func, lambda_lse=lambda_lse, norm=norm,
             precision=precision)
@@ -272,28 +362,17 @@ def xattn_scores(regions, region_mask, words, word_mask, *, direction: str,
   context, context_mask, query, query_mask = (
       (regions, region_mask, words, word_mask) if direction == "t2i" else
       (words, word_mask, regions, region_mask))
-  n_ctx, n_pos, dim = context.shape
+  n_pos = context.shape[1]
   n_query, m_pos = query_mask.shape
-  query_t = jnp.transpose(query, (2, 1, 0)).reshape(dim, m_pos * n_query)  # (d, m q)
+  query_t = columns_minor(query)                                       # (d, m q)
 
   def block(args):
     ctx, cmask = args
-    s = jnp.dot(ctx.reshape(-1, dim), query_t, precision=precision,
-                preferred_element_type=jnp.float32)
-    s = s.reshape(ctx.shape[:2] + (m_pos, n_query))
+    s = query_minor_products(ctx, query_t, m_pos, precision)
     return _query_minor_scores(s, ctx, cmask, query, query_mask, **kw)
 
-  size = min(context_block(n_pos, m_pos, n_query, block_elements), n_ctx)
-  blocks = -(-n_ctx // size)
-  if blocks == 1:
-    scores = block((context, context_mask))
-  else:
-    size = -(-n_ctx // blocks)  # as even as possible
-    pad = blocks * size - n_ctx
-    ctx_b = jnp.pad(context, ((0, pad), (0, 0), (0, 0))).reshape(
-        (blocks, size) + context.shape[1:])
-    mask_b = jnp.pad(context_mask, ((0, pad), (0, 0))).reshape(blocks, size, n_pos)
-    scores = jax.lax.map(block, (ctx_b, mask_b)).reshape(blocks * size, n_query)[:n_ctx]
+  scores = map_item_blocks(block, (context, context_mask),
+                           context_block(n_pos, m_pos, n_query, block_elements))
   return scores if direction == "t2i" else scores.T
 
 
@@ -343,6 +422,8 @@ def pairwise_xattn_scores(regions, region_mask, words, word_mask, *,
 
 
 __all__ = ["AGGS", "DIRECTIONS", "NORMS", "EPS", "aggregate", "attend", "attended_context",
-           "caption_chunk", "context_block", "cosine", "map_caption_blocks",
-           "masked_softmax", "normalize_over_queries", "pairwise_xattn_scores",
-           "region_word_similarities", "xattn_scores"]
+           "attention_cosines", "caption_chunk", "column_grams", "columns_minor",
+           "context_block", "cosine", "map_caption_blocks", "map_item_blocks",
+           "masked_softmax", "nonempty_pairs", "normalize_over_queries",
+           "pairwise_xattn_scores", "query_minor_products", "region_word_similarities",
+           "xattn_scores"]

@@ -69,6 +69,10 @@ EPS = 1e-8          # their l2norm adds 1e-8 to the norm; cosine_similarity clam
 NORM = "clipped_l2norm"  # their func_attention: LeakyReLU(0.1), then l2 over the queries
 HIGHEST = jax.lax.Precision.HIGHEST
 PAIRWISE_LEAVES = ("attn_proj", "gate_proj", "gate_base")
+# Floats per (I, captions, E) vector of a block of `pairwise_global` (16 MB: 32 captions at
+# I = 128, E = 1024). Measured at that shape on the 2-core EPYC, global branch alone, CPU
+# s: 2^18 0.30, 2^19 0.22, 1.5 x 2^20 0.17, 2^22 0.13, 2^24 0.29, whole tile 0.32.
+GLOBAL_BLOCK_ELEMENTS = 1 << 22
 
 
 class MlasmConfig(spec.OPTIONS.dataclass("MlasmConfigFields", head=WIDTHS)):
@@ -211,73 +215,109 @@ class WordEncoder(nn.Module):
 # ------------------------------------------------------------------ tile computations
 
 
-def local_alignment(regions, region_mask, words, word_mask, precision=HIGHEST):
-  """Both SCAN directions of a tile from one region-word product, and the attention
-  averages the global branch needs.
+def local_alignment(regions, region_mask, words_t, word_mask, word_norm, word_gram, *,
+                    pooled: bool = False, precision=HIGHEST):
+  """Both SCAN directions of a block of images against every caption of the tile, from
+  one region-word product, and (pooled) the attention averages of the global branch.
 
   Args:
-    regions (I, k, E), region_mask (I, k) bool, words (J, L, E), word_mask (J, L) bool.
+    regions (c, k, E), region_mask (c, k) bool: a block of images.
+    words_t (E, L J): the tile's words, `xattn.columns_minor(words)`; word_mask (J, L);
+    word_norm (L, J): |e_t|; word_gram (L, L, J): `xattn.column_grams(words)`.
 
   Returns:
-    (s_t2i (I, J), s_i2t (I, J), abar (I, k, J), bbar (I, J, L)): the two mean-aggregated
-    SCAN scores (0 for an item with no valid position), the t2i weights of each region
-    averaged over the caption's words and the i2t weights of each word averaged over the
-    image's regions.
+    (s_t2i (c, J), s_i2t (c, J)), the two mean-aggregated SCAN scores (0 for an item
+    with no valid position), and with `pooled` also abar (c, k, J), the t2i weights of
+    each region averaged over the caption's words, and bbar (c, J, L), the i2t weights of
+    each word averaged over the image's regions.
 
-  Everything is laid out as the single product S (I, k, J, L) that `xattn` computes, so
-  neither direction transposes it; the cosines use the Gram-matrix algebra of
-  `common/cross_attention.py` (no attended context is materialised).
+  S is laid out (image, region, word, caption), the captions minor
+  (`xattn.query_minor_products`): t2i attends over its rows (the regions), i2t over its
+  columns (the words), and neither transposes it (docs/models/mlasm.md).
   """
   region_mask = region_mask.astype(bool)
   word_mask = word_mask.astype(bool)
-  s = xattn.region_word_similarities(regions, words, "t2i", precision)  # (I, k, J, L)
-  rm = region_mask[:, :, None, None]
-  wm = word_mask[None, None]
-  n_words = jnp.sum(word_mask, -1).astype(jnp.float32)          # (J,)
-  n_regions = jnp.sum(region_mask, -1).astype(jnp.float32)      # (I,)
-
-  # t2i: the words query, the regions are the context (softmax over axis 1).
-  sn = jnp.where(wm, xattn.normalize_over_queries(s, wm, NORM, axis=-1), 0.0)
-  a = xattn.masked_softmax(LAMBDA_T2I * sn, rm, axis=1, bound=LAMBDA_T2I)
-  e_dot_c = jnp.sum(a * s, axis=1)                                       # (I, J, L)
+  s = xattn.query_minor_products(regions, words_t, word_mask.shape[1], precision)
+  rm = region_mask[:, :, None, None]                                    # (c, k, 1, 1)
+  wm = word_mask.T[None, None]                                          # (1, 1, L, J)
+  kw = dict(norm=NORM, precision=precision)
+  # t2i: the words query, the regions are the context.
   gram_v = jnp.einsum("ird,isd->irs", regions, regions, precision=precision)
-  c_sq = jnp.maximum(jnp.sum(a * jnp.einsum("irs,isjt->irjt", gram_v, a,
-                                            precision=precision), axis=1), 0.0)
-  e_norm = _sqrt(jnp.sum(jnp.square(words), -1))[None]                   # (1, J, L)
-  r_t2i = e_dot_c / jnp.maximum(e_norm * _sqrt(c_sq), EPS)
-  s_t2i = xattn.aggregate(r_t2i, word_mask[None], "Mean")
-
-  # i2t: the regions query, the words are the context (softmax over the last axis).
-  sn2 = jnp.where(rm, xattn.normalize_over_queries(s, rm, NORM, axis=1), 0.0)
-  b = xattn.masked_softmax(LAMBDA_I2T * sn2, wm, axis=-1, bound=LAMBDA_I2T)
-  v_dot_u = jnp.sum(b * s, axis=-1)                                      # (I, k, J)
-  gram_w = jnp.einsum("jtd,jud->jtu", words, words, precision=precision)
-  u_sq = jnp.maximum(jnp.sum(b * jnp.einsum("jtu,irju->irjt", gram_w, b,
-                                            precision=precision), axis=-1), 0.0)
-  v_norm = _sqrt(jnp.sum(jnp.square(regions), -1))[:, :, None]           # (I, k, 1)
-  r_i2t = v_dot_u / jnp.maximum(v_norm * _sqrt(u_sq), EPS)
+  r_t2i, a, za = xattn.attention_cosines(s, rm, wm, word_norm[None], gram_v,
+                                         context_axis=1, lam=LAMBDA_T2I, **kw)
+  s_t2i = xattn.aggregate(jnp.swapaxes(r_t2i, 1, 2), word_mask[None], "Mean")
+  # i2t: the regions query, the words are the context.
+  v_norm = _sqrt(jnp.sum(jnp.square(regions), -1))[:, :, None]          # (c, k, 1)
+  r_i2t, b, zb = xattn.attention_cosines(s, wm, rm, v_norm, word_gram,
+                                         context_axis=2, lam=LAMBDA_I2T, **kw)
   s_i2t = xattn.aggregate(jnp.swapaxes(r_i2t, 1, 2), region_mask[:, None, :], "Mean")
-
-  nonempty = (n_regions > 0)[:, None] & (n_words > 0)[None, :]
+  nonempty = xattn.nonempty_pairs(region_mask, word_mask)
   s_t2i = jnp.where(nonempty, s_t2i, 0.0)
   s_i2t = jnp.where(nonempty, s_i2t, 0.0)
-  abar = jnp.sum(jnp.where(wm, a, 0.0), -1) / jnp.maximum(n_words, 1.0)[None, None, :]
-  bbar = jnp.sum(jnp.where(rm, b, 0.0), 1) / jnp.maximum(n_regions, 1.0)[:, None, None]
-  return s_t2i, s_i2t, abar, bbar
+  if not pooled:
+    return s_t2i, s_i2t
+  n_words = jnp.sum(word_mask, -1).astype(jnp.float32)                  # (J,)
+  n_regions = jnp.sum(region_mask, -1).astype(jnp.float32)              # (c,)
+  abar = (jnp.sum(jnp.where(wm, a / za[:, None], 0.0), 2)
+          / jnp.maximum(n_words, 1.0)[None, None, :])
+  bbar = (jnp.sum(jnp.where(rm, b / zb[:, :, None], 0.0), 1)
+          / jnp.maximum(n_regions, 1.0)[:, None, None])                # (c, L, J)
+  return s_t2i, s_i2t, abar, jnp.swapaxes(bbar, 1, 2)
 
 
-def pairwise_global(abar, bbar, image_reps, text_reps, precision=HIGHEST):
+def tile_scores(image_reps, text_reps, *, ratio: float = 1.0, pairwise: bool = False,
+                block_elements: int = xattn.BLOCK_ELEMENTS, precision=HIGHEST):
+  """(I, J) `ratio S_local` of a tile, plus `(1 - ratio)` times the pairwise global
+  scores with `pairwise`: images in cache-sized blocks (`xattn.map_item_blocks`), each
+  against every caption transposed once per tile. The global branch runs once over the
+  whole tile from the blocks' averaged weights: its per-caption products
+  `(images, L) @ (L, E)` want all the tile's images, not a block's."""
+  words, word_mask = text_reps["words"], text_reps["word_mask"].astype(bool)
+  words_t = xattn.columns_minor(words)
+  word_norm = _sqrt(jnp.sum(jnp.square(words), -1)).T                  # (L, J)
+  word_gram = xattn.column_grams(words, precision)
+
+  def block(img):
+    out = local_alignment(img[0], img[1], words_t, word_mask, word_norm, word_gram,
+                          pooled=pairwise, precision=precision)
+    return (0.5 * out[0] + 0.5 * out[1],) + tuple(out[2:])
+
+  size = xattn.context_block(image_reps["regions"].shape[1], word_mask.shape[1],
+                             word_mask.shape[0], block_elements)
+  out = xattn.map_item_blocks(block, (image_reps["regions"], image_reps["region_mask"]),
+                              size)
+  if not pairwise:
+    return ratio * out[0]
+  return ratio * out[0] + (1 - ratio) * pairwise_global(out[1], out[2], image_reps,
+                                                        text_reps, precision)
+
+
+def pairwise_global(abar, bbar, image_reps, text_reps, precision=HIGHEST,
+                    block_elements: int = GLOBAL_BLOCK_ELEMENTS):
   """(I, J) global scores img_emb(i | j) . cap_emb(j | i) of every pair of a tile, from
-  the attention averages of `local_alignment` and the pairwise reps (module docstring)."""
-  v_g = image_reps["global"]
-  vl = jnp.einsum("irj,ire->ije", abar, image_reps["attn_proj"], precision=precision)
-  gate = image_reps["gate_base"][:, None] + jnp.einsum(
-      "irj,ire->ije", abar, image_reps["gate_proj"], precision=precision)
-  t = jax.nn.sigmoid(gate)
-  img = l2norm(t * v_g[:, None] + (1 - t) * vl, eps=EPS)
-  cap = l2norm(jnp.einsum("ijt,jte->ije", bbar, text_reps["text_proj"],
-                          precision=precision), eps=EPS)
-  return jnp.sum(img * cap, -1)
+  the attention averages of `local_alignment` (abar (I, k, J), bbar (I, J, L)) and the
+  pairwise reps (module docstring).
+
+  The captions go in blocks (`xattn.map_item_blocks`) of `block_elements` floats per
+  (I, captions, E) vector: over a whole tile each of them is I J E floats (134 MB at
+  128 x 256 and E = 1024), and the elementwise gate and the two l2 norms stream them from
+  memory several times."""
+  v_g, gate_base = image_reps["global"], image_reps["gate_base"]
+  attn_proj, gate_proj = image_reps["attn_proj"], image_reps["gate_proj"]
+
+  def block(args):
+    ab, bb, text_proj = args                      # (j, I, k), (j, I, L), (j, L, E)
+    vl = jnp.einsum("jir,ire->ije", ab, attn_proj, precision=precision)
+    t = jax.nn.sigmoid(gate_base[:, None] + jnp.einsum("jir,ire->ije", ab, gate_proj,
+                                                       precision=precision))
+    img = l2norm(t * v_g[:, None] + (1 - t) * vl, eps=EPS)
+    cap = l2norm(jnp.einsum("jit,jte->ije", bb, text_proj, precision=precision), eps=EPS)
+    return jnp.sum(img * cap, -1).T               # (j, I)
+
+  size = max(int(block_elements) // max(v_g.shape[0] * v_g.shape[1], 1), 1)
+  return xattn.map_item_blocks(
+      block, (jnp.transpose(abar, (2, 0, 1)), jnp.swapaxes(bbar, 0, 1),
+              text_reps["text_proj"]), size).T
 
 
 def caption_block(num_images: int, per_pair: int, max_elements: int) -> int:
@@ -406,17 +446,10 @@ class MLASM(RegionWordModel):
   # ------------------------------------------------------------------- scoring
 
   def _local(self, image_reps, text_reps):
-    s_t2i, s_i2t, _, _ = local_alignment(image_reps["regions"], image_reps["region_mask"],
-                                         text_reps["words"], text_reps["word_mask"])
-    return 0.5 * s_i2t + 0.5 * s_t2i
+    return tile_scores(image_reps, text_reps)
 
   def _local_and_pairwise_global(self, image_reps, text_reps):
-    s_t2i, s_i2t, abar, bbar = local_alignment(
-        image_reps["regions"], image_reps["region_mask"], text_reps["words"],
-        text_reps["word_mask"])
-    r = self.config.ratio
-    return r * (0.5 * s_i2t + 0.5 * s_t2i) + (1 - r) * pairwise_global(
-        abar, bbar, image_reps, text_reps)
+    return tile_scores(image_reps, text_reps, ratio=self.config.ratio, pairwise=True)
 
   def score(self, image_reps, text_reps, train: bool = False):
     del train
