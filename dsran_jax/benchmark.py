@@ -33,6 +33,10 @@ prints one JSON line:
   matmul_flops_per_step, matmul_mfu
                       the same with only the compiled step's dot products counted
                       (cost analysis also counts elementwise work, e.g. dropout hashing)
+  dot_mix_s, dot_mix_gflops, dot_mix_bound
+                      with --dot_mix: the step's dots each timed alone, summed
+                      (`dot_mix_seconds`), their rate, and the mfu the step would have if
+                      it took only that long: what its matmul shapes allow at best
   step_cpu_s          median process CPU time (all threads) per step
   other_load_cores    CPU used by other processes during the timed steps, in cores:
                       on a shared machine, timings are only comparable when it is ~0
@@ -108,6 +112,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--bf16", action="store_true",
                  help="model.dtype='bfloat16' (float32 on a CPU without native bf16 unless "
                       "--set model.bf16_on_cpu=always; the output's compute_dtype says which)")
+  p.add_argument("--dot_mix", action="store_true",
+                 help="train mode: also time every dot of the step alone (dot_mix_s)")
   p.add_argument("--peak_size", type=int, default=0,
                  help="matmul size for the peak; 0: best of 2048 and 4096")
   p.add_argument("--eval", action="store_true", help="time encoding + COCO 5K ranking")
@@ -254,28 +260,72 @@ def _flops(compiled) -> float:
   return float((cost or {}).get("flops", 0.0))
 
 
-_SHAPE_RE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\w+\[([\d,]*)\]")
-_DOT_RE = re.compile(r"\bdot\(%([\w.\-]+),")
+_SHAPE_RE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\w+)\[([\d,]*)\]")
+_DOT_RE = re.compile(r"\bdot\(%([\w.\-]+), %([\w.\-]+)\)")
+_HLO_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64"}
 
 
-def dot_flops(hlo_text: str) -> float:
-  """2 * M * N * K summed over every `dot` of an (optimised) HLO module's text."""
+def _dims(line: str, key: str) -> tuple:
+  m = re.search(key + r"=\{([\d,]*)\}", line)
+  return tuple(int(i) for i in m.group(1).split(",") if i) if m else ()
+
+
+def hlo_dots(hlo_text: str) -> list:
+  """Every `dot` of an (optimised) HLO module's text, fused ones included, as
+  (lhs_shape, rhs_shape, dimension_numbers, lhs dtype name, flops) tuples."""
   shapes = {}
   for line in hlo_text.splitlines():
     m = _SHAPE_RE.match(line)
     if m:
-      shapes[m.group(1)] = tuple(int(d) for d in m.group(2).split(",") if d)
-  total = 0.0
+      shapes[m.group(1)] = (m.group(2), tuple(int(d) for d in m.group(3).split(",") if d))
+  dots = []
   for line in hlo_text.splitlines():
     m, dot = _SHAPE_RE.match(line), _DOT_RE.search(line)
-    if not (m and dot):
+    if not (m and dot) or dot.group(1) not in shapes or dot.group(2) not in shapes:
       continue
-    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
-    lhs = shapes.get(dot.group(1))
-    if lhs is None or contracting is None:
-      continue
-    k = math.prod(lhs[int(i)] for i in contracting.group(1).split(",") if i)
-    total += 2.0 * math.prod(shapes[m.group(1)]) * k
+    (ltype, lhs), (_, rhs) = shapes[dot.group(1)], shapes[dot.group(2)]
+    numbers = ((_dims(line, "lhs_contracting_dims"), _dims(line, "rhs_contracting_dims")),
+               (_dims(line, "lhs_batch_dims"), _dims(line, "rhs_batch_dims")))
+    out = math.prod(int(d) for d in m.group(3).split(",") if d)
+    flops = 2.0 * out * math.prod(lhs[i] for i in numbers[0][0])
+    dots.append((lhs, rhs, numbers, _HLO_DTYPES.get(ltype, ltype), flops))
+  return dots
+
+
+def dot_flops(hlo_text: str) -> float:
+  """2 * M * N * K summed over every `dot` of an (optimised) HLO module's text."""
+  return sum(d[-1] for d in hlo_dots(hlo_text))
+
+
+def dot_mix_seconds(dots: Sequence[tuple], min_time_s: float = 0.05) -> float:
+  """The time `dots` (from `hlo_dots`) take when each runs alone on the whole device:
+  every distinct dot is jitted by itself and timed (median of repeats covering
+  `min_time_s`), times how often it occurs.
+
+  Why: a step's dots are smaller and differently laid out than the square matmul of the
+  peak, so flops / this time is the rate its matmul mix can reach at best, and
+  flops / (this time x peak) the share of the roofline the step would reach if every
+  dot ran as fast as alone and nothing else took time.
+  """
+  counts = {}
+  for lhs, rhs, numbers, dtype, flops in dots:
+    key = (lhs, rhs, numbers, dtype)
+    counts[key] = (counts.get(key, (0, flops))[0] + 1, flops)
+  total = 0.0
+  for (lhs, rhs, numbers, dtype), (n, flops) in counts.items():
+    a, b = jnp.ones(lhs, dtype), jnp.ones(rhs, dtype)
+    fn = jax.jit(lambda a, b, numbers=numbers: jax.lax.dot_general(
+        a, b, numbers, preferred_element_type=jnp.float32))
+    fn(a, b).block_until_ready()
+    t = time.perf_counter()
+    fn(a, b).block_until_ready()
+    reps = max(3, min(50, int(min_time_s / max(time.perf_counter() - t, 1e-6))))
+    times = []
+    for _ in range(reps):
+      t = time.perf_counter()
+      fn(a, b).block_until_ready()
+      times.append(time.perf_counter() - t)
+    total += n * statistics.median(times)
   return total
 
 
@@ -364,8 +414,9 @@ def _shape_info(args) -> dict:
   return {k: getattr(args, k) for k in keys}
 
 
-def benchmark_train(args: argparse.Namespace) -> dict:
-  """Times the jitted train step at `args`' shape; returns the result dict."""
+def compile_train_step(args: argparse.Namespace):
+  """The jitted train step at `args`' shape, compiled: (compiled, state, batches, config,
+  compile_s), with two random batches placed over a mesh of every device."""
   config = make_config(args)
   wordpiece = models.tokenizer_kind(config) == "bert"
   model = models.build_model(config.model, vocab_size=args.vocab_size)
@@ -393,10 +444,14 @@ def benchmark_train(args: argparse.Namespace) -> dict:
   batches = [train.global_batch(
       {**random_batch(rng, args.batch_size, args, model=model, wordpiece=wordpiece), **index},
       mesh) for _ in range(2)]
-
   t = time.perf_counter()
   compiled = step_fn.lower(state, batches[0]).compile()
-  compile_s = time.perf_counter() - t
+  return compiled, state, batches, config, time.perf_counter() - t
+
+
+def benchmark_train(args: argparse.Namespace) -> dict:
+  """Times the jitted train step at `args`' shape; returns the result dict."""
+  compiled, state, batches, config, compile_s = compile_train_step(args)
   flops = _flops(compiled)
 
   for i in range(args.warmup_steps):
@@ -420,7 +475,12 @@ def benchmark_train(args: argparse.Namespace) -> dict:
   sizes = (args.peak_size,) if args.peak_size else (2048, 4096)
   peak = matmul_peak_gflops(sizes)
   achieved = flops / step_s / 1e9
-  mm_flops = dot_flops(compiled.as_text())
+  dots = hlo_dots(compiled.as_text())
+  mm_flops = sum(d[-1] for d in dots)
+  if args.dot_mix:
+    mix_s = dot_mix_seconds(dots)
+    peak.update(dot_mix_s=mix_s, dot_mix_gflops=mm_flops / mix_s / 1e9,
+                dot_mix_bound=flops / mix_s / 1e9 / peak["matmul_peak_gflops"])
   if args.bf16:
     peak.update(matmul_peak_gflops(sizes, dtype="bfloat16"))
     peak["mfu_bf16"] = achieved / peak["matmul_peak_bf16_gflops"]

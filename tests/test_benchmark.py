@@ -28,7 +28,7 @@ def _last_json_line(capsys):
 @pytest.mark.parametrize("precision", [[], pytest.param(["--bf16"], marks=pytest.mark.slow)])
 def test_train_benchmark_prints_one_json_line(capsys, precision):
   # Runs the real sharded step over the 8 fake devices (bf16: through layers.lowp_dense).
-  result = benchmark.main(TINY + ["--steps=2"] + precision)
+  result = benchmark.main(TINY + ["--steps=2", "--dot_mix"] + precision)
   printed = _last_json_line(capsys)
   assert printed == json.loads(json.dumps(result))
   for key in TRAIN_KEYS:
@@ -42,6 +42,9 @@ def test_train_benchmark_prints_one_json_line(capsys, precision):
   assert printed["pairs_per_s"] == pytest.approx(8 / printed["step_s"])
   assert printed["bf16"] == bool(precision)
   assert ("mfu_bf16" in printed) == bool(precision)
+  assert printed["dot_mix_s"] > 0
+  assert printed["dot_mix_bound"] == pytest.approx(
+      printed["flops_per_step"] / printed["dot_mix_s"] / 1e9 / printed["matmul_peak_gflops"])
   if precision:
     assert printed["matmul_peak_bf16_gflops"] > 0
     assert printed["mfu_bf16"] == pytest.approx(
@@ -72,6 +75,22 @@ def test_dot_flops_counts_matmuls():
   f = jax.jit(lambda a, b: jnp.tanh(a @ b) @ b)
   a, b = jnp.ones((16, 32)), jnp.ones((32, 32))
   assert benchmark.dot_flops(f.lower(a, b).compile().as_text()) == 2 * (2 * 16 * 32 * 32)
+
+
+def test_hlo_dots_keep_layouts_and_batches_and_time_alone():
+  # A weight gradient (contracting the rows of both) and a batched attention product.
+  f = jax.jit(lambda x, g, q: (jnp.tanh(x).T @ g, jnp.einsum("bqd,bkd->bqk", q, q)))
+  x, g, q = jnp.ones((48, 16)), jnp.ones((48, 8)), jnp.ones((3, 5, 4))
+  dots = benchmark.hlo_dots(f.lower(x, g, q).compile().as_text())
+  flops = sorted(d[-1] for d in dots)
+  assert flops == [2 * 3 * 5 * 5 * 4, 2 * 16 * 8 * 48]
+  wgrad = next(d for d in dots if d[-1] == 2 * 16 * 8 * 48)
+  contract = wgrad[2][0]
+  assert [wgrad[0][i] for i in contract[0]] == [48] == [wgrad[1][i] for i in contract[1]]
+  batched = next(d for d in dots if d[-1] == 2 * 3 * 5 * 5 * 4)
+  assert [batched[0][i] for i in batched[2][1][0]] == [3] and batched[3] == "float32"
+  one = benchmark.dot_mix_seconds(dots[:1], min_time_s=0.01)
+  assert 0 < one < 1
 
 
 @pytest.mark.parametrize("key", [jax.random.PRNGKey(3), jax.random.key(7)])

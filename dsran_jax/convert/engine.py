@@ -244,6 +244,21 @@ def map_state_dict_reporting(state: Mapping[str, np.ndarray], rules: Sequence[Ru
   return variables
 
 
+def require(state_dict: Mapping[str, Any], key: str, why: str):
+  """`state_dict[key]`, else a ConversionError naming the key and what it was needed for."""
+  if key not in state_dict:
+    raise ConversionError(f"missing param {key} (needed to infer {why})")
+  return state_dict[key]
+
+
+def layer_count(keys, prefix: str) -> int:
+  """How many numbered layers `prefix`N. the keys hold; they must be 0..n-1."""
+  found = {int(m.group(1)) for k in keys for m in [re.match(prefix + r"(\d+)\.", k)] if m}
+  if found != set(range(len(found))):
+    raise ValueError(f"{prefix}N: layers {sorted(found)} are not numbered 0..n-1")
+  return len(found)
+
+
 def check_finite(variables: Mapping[str, Any], what: str) -> None:
   """Raises ConversionError naming every variable that holds NaN or Inf."""
   bad = [f"{path} ({int((~np.isfinite(v)).sum())} of {v.size} values)"

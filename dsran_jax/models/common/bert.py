@@ -30,6 +30,7 @@ from flax import traverse_util
 
 from dsran_jax import hub
 from dsran_jax.convert import torch_pickle
+from dsran_jax.convert.engine import layer_count, require
 from dsran_jax.models.common.layers import Dropout, Linear
 
 
@@ -241,6 +242,31 @@ IGNORED_KEYS = (_P + r"pooler\.", r"^cls\.", _P + r"embeddings\.position_ids$")
 
 _COMPILED_MAP = tuple((re.compile(p), t, f) for p, t, f in WEIGHT_MAP)
 _COMPILED_IGNORED = tuple(re.compile(p) for p in IGNORED_KEYS)
+
+
+def infer_bert_config(bert_state: Mapping[str, np.ndarray], heads: Optional[int] = None):
+  """The `BertConfig` whose weights these are (keys without the `txt_enc.bert.` prefix).
+
+  The number of attention heads leaves no trace in the weights: `heads`, else
+  hidden / 64 (every released BERT's head width).
+  """
+  words = require(bert_state, "embeddings.word_embeddings.weight", "the BERT vocabulary/width")
+  pos = require(bert_state, "embeddings.position_embeddings.weight", "BERT max positions")
+  types = require(bert_state, "embeddings.token_type_embeddings.weight", "BERT token types")
+  inter = require(bert_state, "encoder.layer.0.intermediate.dense.weight",
+                "the BERT intermediate width")
+  hidden = int(words.shape[1])
+  if heads is None:
+    if hidden % 64:
+      raise ValueError(f"BERT hidden size {hidden} is not a multiple of 64: give the number "
+                       f"of attention heads with --bert_heads")
+    heads = hidden // 64
+  if heads <= 0 or hidden % heads:
+    raise ValueError(f"--bert_heads={heads} does not divide the BERT hidden size {hidden}")
+  return BertConfig(vocab_size=int(words.shape[0]), hidden_size=hidden,
+                    num_layers=layer_count(bert_state, r"encoder\.layer\."),
+                    num_heads=heads, intermediate_size=int(inter.shape[0]),
+                    max_position=int(pos.shape[0]), type_vocab_size=int(types.shape[0]))
 
 
 def param_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:

@@ -22,9 +22,8 @@ from dsran_jax.convert import authors_vocab
 from dsran_jax.convert.engine import (ConversionError, Converted, flatten,
                                       map_state_dict_reporting, opt_of, strip_prefix,
                                       to_numpy)
-from dsran_jax.models.common.bert import hf_state_dict_to_params
+from dsran_jax.models.common.bert import hf_state_dict_to_params, infer_bert_config
 from dsran_jax.models.common.options import BERT_SHAPE
-from dsran_jax.models.dsran.params import infer_bert_config
 from dsran_jax.models.variables import variable_shapes
 
 BERT_PREFIX = "bert."

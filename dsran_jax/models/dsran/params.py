@@ -27,9 +27,10 @@ import numpy as np
 from dsran_jax.convert import authors_vocab
 from dsran_jax.convert.engine import (DROP, ConversionError, Converted, Rule,
                                       apply_recipe_from_opt, flatten, map_state_dict, opt_of,
-                                      safetensors_file, state_dicts, strip_prefix, to_numpy)
+                                      require, safetensors_file, state_dicts, strip_prefix,
+                                      to_numpy)
 from dsran_jax.models.common import recipes, resnet
-from dsran_jax.models.common.bert import BertConfig, hf_state_dict_to_params
+from dsran_jax.models.common.bert import hf_state_dict_to_params, infer_bert_config
 from dsran_jax.models.dsran.model import DSRAN, DSRANConfig
 from dsran_jax.models.variables import variable_shapes
 
@@ -127,61 +128,23 @@ def infer_K(state_dict: Mapping[str, Any], build: str) -> int:
                    f"has {wanted[1]} (K=1), {wanted[2]} (K=2) or {wanted[4]} (K=4)")
 
 
-def _need(state_dict, key: str, why: str) -> np.ndarray:
-  if key not in state_dict:
-    raise ConversionError(f"missing param {key} (needed to infer {why})")
-  return state_dict[key]
-
-
-def _layer_count(keys, prefix: str) -> int:
-  found = {int(m.group(1)) for k in keys for m in [re.match(prefix + r"(\d+)\.", k)] if m}
-  if found != set(range(len(found))):
-    raise ValueError(f"{prefix}N: layers {sorted(found)} are not numbered 0..n-1")
-  return len(found)
-
-
-def infer_bert_config(bert_state: Mapping[str, np.ndarray], heads: Optional[int] = None):
-  """The `BertConfig` whose weights these are (keys without the `txt_enc.bert.` prefix).
-
-  The number of attention heads leaves no trace in the weights: `heads`, else
-  hidden / 64 (every released BERT's head width).
-  """
-  words = _need(bert_state, "embeddings.word_embeddings.weight", "the BERT vocabulary/width")
-  pos = _need(bert_state, "embeddings.position_embeddings.weight", "BERT max positions")
-  types = _need(bert_state, "embeddings.token_type_embeddings.weight", "BERT token types")
-  inter = _need(bert_state, "encoder.layer.0.intermediate.dense.weight",
-                "the BERT intermediate width")
-  hidden = int(words.shape[1])
-  if heads is None:
-    if hidden % 64:
-      raise ValueError(f"BERT hidden size {hidden} is not a multiple of 64: give the number "
-                       f"of attention heads with --bert_heads")
-    heads = hidden // 64
-  if heads <= 0 or hidden % heads:
-    raise ValueError(f"--bert_heads={heads} does not divide the BERT hidden size {hidden}")
-  return BertConfig(vocab_size=int(words.shape[0]), hidden_size=hidden,
-                    num_layers=_layer_count(bert_state, r"encoder\.layer\."),
-                    num_heads=heads, intermediate_size=int(inter.shape[0]),
-                    max_position=int(pos.shape[0]), type_vocab_size=int(types.shape[0]))
-
-
 def infer_overrides(state_dict: Mapping[str, np.ndarray], build: str,
                     bert_heads: Optional[int] = None) -> Dict[str, Any]:
   """The model values the weights imply, flat (`embed_size`, `img_dim`, ... of
   `config.model`; `K`, `text_encoder`, ... of `config.model.dsran`; `bert`: a
   BertConfig)."""
   grid_fc = "img_enc.fc.0.weight" if build == "bert" else "img_enc.fc.weight"
-  w = _need(state_dict, grid_fc, "embed_size and img_dim")
+  w = require(state_dict, grid_fc, "embed_size and img_dim")
   out = {"text_encoder": build, "embed_size": int(w.shape[0]), "img_dim": int(w.shape[1]),
          "K": infer_K(state_dict, build), "text_padding": "reference"}
   if build == "bert":
-    out["pos_dim"] = int(_need(state_dict, "rcnn_enc.fc_pos.0.weight", "pos_dim").shape[1])
+    out["pos_dim"] = int(require(state_dict, "rcnn_enc.fc_pos.0.weight", "pos_dim").shape[1])
     out["use_region_pos"] = True
     bert_state = {k[len("txt_enc.bert."):]: v for k, v in state_dict.items()
                   if k.startswith("txt_enc.bert.")}
     out["bert"] = infer_bert_config(bert_state, bert_heads)
   else:
-    emb = _need(state_dict, "txt_enc.embed.weight", "the vocabulary size and word_dim")
+    emb = require(state_dict, "txt_enc.embed.weight", "the vocabulary size and word_dim")
     out.update(vocab_size=int(emb.shape[0]), word_dim=int(emb.shape[1]),
                use_region_pos=False)
   return out
