@@ -116,6 +116,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help="train mode: also time every dot of the step alone (dot_mix_s)")
   p.add_argument("--peak_size", type=int, default=0,
                  help="matmul size for the peak; 0: best of 2048 and 4096")
+  p.add_argument("--peak_min_time", type=float, default=1.0,
+                 help="seconds each size of the peak matmul is timed for (3 calls at least)")
   p.add_argument("--eval", action="store_true", help="time encoding + COCO 5K ranking")
   p.add_argument("--eval_images", type=int, default=COCO5K_IMAGES)
   p.add_argument("--eval_batch_size", type=int, default=128)
@@ -473,7 +475,7 @@ def benchmark_train(args: argparse.Namespace) -> dict:
   del state, batches
 
   sizes = (args.peak_size,) if args.peak_size else (2048, 4096)
-  peak = matmul_peak_gflops(sizes)
+  peak = matmul_peak_gflops(sizes, args.peak_min_time)
   achieved = flops / step_s / 1e9
   dots = hlo_dots(compiled.as_text())
   mm_flops = sum(d[-1] for d in dots)
@@ -482,7 +484,7 @@ def benchmark_train(args: argparse.Namespace) -> dict:
     peak.update(dot_mix_s=mix_s, dot_mix_gflops=mm_flops / mix_s / 1e9,
                 dot_mix_bound=flops / mix_s / 1e9 / peak["matmul_peak_gflops"])
   if args.bf16:
-    peak.update(matmul_peak_gflops(sizes, dtype="bfloat16"))
+    peak.update(matmul_peak_gflops(sizes, args.peak_min_time, dtype="bfloat16"))
     peak["mfu_bf16"] = achieved / peak["matmul_peak_bf16_gflops"]
   return {
       "mode": "train",
@@ -625,7 +627,8 @@ def benchmark_score(args: argparse.Namespace) -> dict:
   score_s = statistics.median(times)
   pairs = args.score_images * args.score_captions
   achieved = flops_per_pair * pairs / score_s / 1e9
-  peak = matmul_peak_gflops((args.peak_size,) if args.peak_size else (2048, 4096))
+  peak = matmul_peak_gflops((args.peak_size,) if args.peak_size else (2048, 4096),
+                            args.peak_min_time)
   return {
       "mode": "score", "model": args.model, "embed_size": args.embed_size,
       "regions": args.regions, "seq_len": args.seq_len,
@@ -664,10 +667,11 @@ _SUITE_SHAPES = {
                       "--eval_batch_size=256"]},
     "tiny": {"train": ["--batch_size=8", "--embed_size=32", "--bert_layers=1",
                        "--bert_hidden=32", "--bert_heads=2", "--K=1", "--regions=4",
-                       "--seq_len=8", "--steps=2", "--peak_size=256", "--bf16"],
+                       "--seq_len=8", "--steps=2", "--peak_size=256",
+                       "--peak_min_time=0.05", "--bf16"],
              "score": ["--score_images=8", "--score_captions=16", "--regions=4",
                        "--embed_size=32", "--seq_len=8", "--score_repeats=1",
-                       "--peak_size=256"],
+                       "--peak_size=256", "--peak_min_time=0.05"],
              "eval": ["--eval", "--embed_size=32", "--bert_layers=1", "--bert_hidden=32",
                       "--bert_heads=2", "--regions=4", "--seq_len=8", "--eval_images=8",
                       "--eval_batch_size=8", "--rank_images=40"]},

@@ -24,13 +24,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Tests run tiny shapes: compile time dominates, so skip most XLA optimisation passes, in
+# this process and in the subprocesses (CLI runs, multi-host and crash workers, notebooks)
+# alike: their compiles cost less, and they compile what this process does (cache hits).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
-# Tests run tiny shapes: compile time dominates, so skip most XLA optimisation passes.
-jax.config.update("jax_disable_most_optimizations", True)
+jax.config.update("jax_disable_most_optimizations", True)  # even if the variable said 0
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,8 @@ from dsran_jax import benchmark
 from dsran_jax.models.common import layers
 
 TINY = ["--batch_size=8", "--embed_size=64", "--bert_layers=1", "--bert_hidden=32",
-        "--bert_heads=2", "--K=1", "--regions=4", "--seq_len=8", "--peak_size=256"]
+        "--bert_heads=2", "--K=1", "--regions=4", "--seq_len=8", "--peak_size=256",
+        "--peak_min_time=0.05"]
 
 TRAIN_KEYS = ("pairs_per_s", "step_s", "compile_s", "flops_per_step", "matmul_peak_gflops",
               "mfu", "matmul_flops_per_step", "matmul_mfu", "step_cpu_s", "device_kind",

@@ -28,12 +28,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 TIMEOUT_S = 420
 @pytest.fixture
-def compile_cache(tmp_path_factory):
-  """A persistent compilation cache shared by every tiny-run subprocess of the session
-  (test_multihost.py uses the same directory)."""
-  path = tmp_path_factory.getbasetemp() / "jax_compile_cache"
-  path.mkdir(exist_ok=True)
-  return str(path)
+def compile_cache():
+  """The session's persistent compilation cache (conftest.py), shared by every tiny-run
+  subprocess (test_multihost.py too) and by the test processes: the `trained_workdir`
+  fixture trains the same config with the same flags, so even the first run finds its
+  compiles there."""
+  return os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
 def run(workdir, crash_at=None, cache=None, timeout=TIMEOUT_S):
