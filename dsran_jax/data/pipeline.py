@@ -19,6 +19,7 @@ batches are as wide as the split's longest caption (one width, so the caption re
 every batch concatenate and one compiled encoder serves the split).
 """
 import atexit
+import functools
 import gc
 import threading
 import weakref
@@ -26,19 +27,29 @@ from typing import Callable, Optional
 
 import jax
 import numpy as np
-import tensorflow as tf
 
 from dsran_jax import models
 from dsran_jax.core import batch, text_policy
 from dsran_jax.data.base import Split
 
-try:
-  # TensorFlow only feeds numpy to JAX: it must never take the accelerator's memory.
-  tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF devices already initialised by someone else: nothing we can do
-  pass
-
 TRAIN_INDEX_KEYS = ("image_index", "caption_index")
+
+
+@functools.lru_cache(maxsize=None)
+def _tf():
+  """TensorFlow, imported when the first pipeline is built, with its GPUs hidden.
+
+  Why not at the top: TensorFlow is an edge dependency of this one module (tf.data feeds
+  numpy to JAX), and its import is most of a CLI's start: a run that stops at a flag or
+  config error, inference and search never build a pipeline and never pay it.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    # TensorFlow only feeds numpy to JAX: it must never take the accelerator's memory.
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF devices already initialised by someone else: nothing to do
+    pass
+  return tf
 
 _LIVE_ITERATORS = weakref.WeakSet()
 
@@ -51,7 +62,7 @@ class Batches:
   Python (tf.numpy_function) otherwise deadlocks the exit.
   """
 
-  def __init__(self, ds: tf.data.Dataset):
+  def __init__(self, ds):  # a tf.data.Dataset
     self._it = ds.as_numpy_iterator()
     _LIVE_ITERATORS.add(self)
 
@@ -231,6 +242,8 @@ def _numpy_map(ds, fn, specs: dict, num_parallel_calls):
     out = fn(x)
     return tuple(out[k] for k in keys)
 
+  tf = _tf()
+
   def tf_fn(x):
     values = tf.numpy_function(
         wrapped, [x], [tf.as_dtype(specs[k][1]) for k in keys], stateful=False)
@@ -240,7 +253,7 @@ def _numpy_map(ds, fn, specs: dict, num_parallel_calls):
 
 
 def _options(ds):
-  options = tf.data.Options()
+  options = _tf().data.Options()
   options.deterministic = True
   return ds.with_options(options)
 
@@ -318,6 +331,7 @@ def train_batches(split: Split, config, start_step: int = 0,
           (int(config.train.seed), int(step), int(process_index))))
     return out
 
+  tf = _tf()
   ds = tf.data.Dataset.counter(start=int(start_step), dtype=tf.int64)
   ds = _numpy_map(ds, read, specs, num_parallel_calls or tf.data.AUTOTUNE)
   ds = _options(ds.prefetch(int(config.data.prefetch)))
@@ -343,6 +357,7 @@ def _eval_batches(num_examples: int, batch_size: int, read, specs: dict,
     return out
 
   num_batches = -(-num_examples // batch_size)
+  tf = _tf()
   ds = tf.data.Dataset.range(num_batches)
   ds = _numpy_map(ds, block, specs, tf.data.AUTOTUNE)
   ds = _options(ds.prefetch(prefetch))
