@@ -41,7 +41,8 @@ def _tf():
 
   Why not at the top: TensorFlow is an edge dependency of this one module (tf.data feeds
   numpy to JAX), and its import is most of a CLI's start: a run that stops at a flag or
-  config error, inference and search never build a pipeline and never pay it.
+  config error, or `inference.load` with its own arrays, never builds a pipeline and never
+  pays it.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
