@@ -395,22 +395,11 @@ def map_caption_blocks(score, regions, region_mask, words, word_mask, *,
   intermediate exceeds `max_elements` floats. `max_elements=None` scores the whole
   (I, J) at once.
   """
-  n_img, n_reg = regions.shape[:2]
-  n_cap, n_words = words.shape[:2]
   if max_elements is None:
     return score(regions, region_mask, words, word_mask)
-  chunk = caption_chunk(n_img, n_reg, n_words, max_elements)
-  if chunk >= n_cap:
-    return score(regions, region_mask, words, word_mask)
-  blocks = -(-n_cap // chunk)
-  chunk = -(-n_cap // blocks)  # as even as possible: padding wastes at most blocks - 1
-  pad = blocks * chunk - n_cap
-  words_b = jnp.pad(words, ((0, pad), (0, 0), (0, 0))).reshape(
-      (blocks, chunk) + words.shape[1:])
-  mask_b = jnp.pad(word_mask.astype(bool), ((0, pad), (0, 0))).reshape(
-      (blocks, chunk, n_words))
-  out = jax.lax.map(lambda wm: score(regions, region_mask, wm[0], wm[1]), (words_b, mask_b))
-  return jnp.moveaxis(out, 0, 1).reshape(n_img, blocks * chunk)[:, :n_cap]
+  chunk = caption_chunk(regions.shape[0], regions.shape[1], words.shape[1], max_elements)
+  return map_item_blocks(lambda wm: score(regions, region_mask, *wm).T,
+                         (words, word_mask.astype(bool)), chunk).T
 
 
 def pairwise_xattn_scores(regions, region_mask, words, word_mask, *,

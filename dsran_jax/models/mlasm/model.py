@@ -328,24 +328,12 @@ def caption_block(num_images: int, per_pair: int, max_elements: int) -> int:
 
 def blocked_over_captions(fn, image_reps, text_reps, per_pair: int,
                           max_elements: Optional[int]):
-  """`fn(image_reps, text_reps) -> (I, J)` over caption blocks (`lax.map`, static shapes:
+  """`fn(image_reps, text_reps) -> (I, J)` over caption blocks (`xattn.map_item_blocks`:
   the last block is padded with masked captions, whose columns are dropped)."""
-  n_img = image_reps["regions"].shape[0]
-  n_cap = text_reps["words"].shape[0]
   if not max_elements:
     return fn(image_reps, text_reps)
-  chunk = caption_block(n_img, per_pair, max_elements)
-  if chunk >= n_cap:
-    return fn(image_reps, text_reps)
-  blocks = -(-n_cap // chunk)
-  pad = blocks * chunk - n_cap
-
-  def split(x):
-    x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
-    return x.reshape((blocks, chunk) + x.shape[1:])
-
-  out = jax.lax.map(lambda t: fn(image_reps, t), jax.tree.map(split, text_reps))
-  return jnp.moveaxis(out, 0, 1).reshape(n_img, blocks * chunk)[:, :n_cap]
+  chunk = caption_block(image_reps["regions"].shape[0], per_pair, max_elements)
+  return xattn.map_item_blocks(lambda t: fn(image_reps, t).T, text_reps, chunk).T
 
 
 MISUSE = (
