@@ -66,6 +66,7 @@ items/s and the time extrapolated to COCO 5K (5000 images, 25000 captions), then
 and ranks a full 5000 x 25000 matrix with `dsran_jax.ranking` (i2t and t2i ranks, R@K).
 """
 import argparse
+import collections
 import json
 import math
 import os
@@ -294,11 +295,6 @@ def hlo_dots(hlo_text: str) -> list:
   return dots
 
 
-def dot_flops(hlo_text: str) -> float:
-  """2 * M * N * K summed over every `dot` of an (optimised) HLO module's text."""
-  return sum(d[-1] for d in hlo_dots(hlo_text))
-
-
 def dot_mix_seconds(dots: Sequence[tuple], min_time_s: float = 0.05) -> float:
   """The time `dots` (from `hlo_dots`) take when each runs alone on the whole device:
   every distinct dot is jitted by itself and timed (median of repeats covering
@@ -309,12 +305,8 @@ def dot_mix_seconds(dots: Sequence[tuple], min_time_s: float = 0.05) -> float:
   flops / (this time x peak) the share of the roofline the step would reach if every
   dot ran as fast as alone and nothing else took time.
   """
-  counts = {}
-  for lhs, rhs, numbers, dtype, flops in dots:
-    key = (lhs, rhs, numbers, dtype)
-    counts[key] = (counts.get(key, (0, flops))[0] + 1, flops)
   total = 0.0
-  for (lhs, rhs, numbers, dtype), (n, flops) in counts.items():
+  for (lhs, rhs, numbers, dtype), n in collections.Counter(d[:4] for d in dots).items():
     a, b = jnp.ones(lhs, dtype), jnp.ones(rhs, dtype)
     fn = jax.jit(lambda a, b, numbers=numbers: jax.lax.dot_general(
         a, b, numbers, preferred_element_type=jnp.float32))

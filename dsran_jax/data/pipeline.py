@@ -52,6 +52,7 @@ def _tf():
     pass
   return tf
 
+
 _LIVE_ITERATORS = weakref.WeakSet()
 
 

@@ -254,7 +254,7 @@ def infer_bert_config(bert_state: Mapping[str, np.ndarray], heads: Optional[int]
   pos = require(bert_state, "embeddings.position_embeddings.weight", "BERT max positions")
   types = require(bert_state, "embeddings.token_type_embeddings.weight", "BERT token types")
   inter = require(bert_state, "encoder.layer.0.intermediate.dense.weight",
-                "the BERT intermediate width")
+                  "the BERT intermediate width")
   hidden = int(words.shape[1])
   if heads is None:
     if hidden % 64:
