@@ -4,7 +4,9 @@ import json
 import os
 import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from _xla_flags import FULL_XLA, xla_flags
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,13 +29,14 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Tests run tiny shapes: compile time dominates, so skip most XLA optimisation passes, in
 # this process and in the subprocesses (CLI runs, multi-host and crash workers, notebooks)
 # alike: their compiles cost less, and they compile what this process does (cache hits).
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# Not under DSRAN_FULL_XLA=1 (tests/_xla_flags.py).
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0" if FULL_XLA else "1"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
-jax.config.update("jax_disable_most_optimizations", True)  # even if the variable said 0
+jax.config.update("jax_disable_most_optimizations", not FULL_XLA)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 import pytest
+from _xla_flags import subprocess_env
 
 from dsran_jax import data as data_lib
 from dsran_jax import default_config, models
@@ -79,12 +80,11 @@ def _write_precomp(root, images, texts, grid=None):
 
 def _main_eval(workdir, root):
   """`python -m dsran_jax.main --mode=eval --save_sims` on `workdir`, data under `root`."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  env.pop("XLA_FLAGS", None)
   proc = subprocess.run(
       [sys.executable, "-m", "dsran_jax.main", "--mode=eval", f"--workdir={workdir}",
        "--save_sims", f"--config.data.root={root}"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600,
+      check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from _xla_flags import subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,10 +24,8 @@ CLIS = {
 
 
 def _python(args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
-                        cwd=REPO, timeout=300, check=False)
+  return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                        env=subprocess_env(), cwd=REPO, timeout=300, check=False)
 
 
 def test_all_clis_import_in_one_process():

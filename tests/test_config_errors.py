@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from _xla_flags import subprocess_env
 
 from dsran_jax import cli, default_config, models, validation
 from dsran_jax import workdir as workdir_lib
@@ -23,11 +24,10 @@ MAX_SECONDS = 60
 
 def _main(args):
   """Runs `python -m dsran_jax.main ARGS`; returns (process, wall seconds)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  env.pop("XLA_FLAGS", None)
   t = time.time()
-  proc = subprocess.run([sys.executable, "-m", "dsran_jax.main", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300, check=False)
+  proc = subprocess.run([sys.executable, "-m", "dsran_jax.main", *args], cwd=REPO,
+                        env=subprocess_env(), capture_output=True, text=True, timeout=300,
+                        check=False)
   return proc, time.time() - t
 
 

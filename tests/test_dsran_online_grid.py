@@ -23,6 +23,7 @@ import numpy as np
 import optax
 import pytest
 from PIL import Image
+from _xla_flags import subprocess_env
 
 from dsran_jax import extract, models, optim, train
 from dsran_jax.data import images as images_lib
@@ -237,10 +238,8 @@ def test_online_demo_trains_and_evaluates_through_main(tmp_path):
           "--config.train.batch_size=8", "--config.train.num_steps=4",
           "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
           "--config.eval.batch_size=8"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  env.pop("XLA_FLAGS", None)
   r = subprocess.run([sys.executable, "-m", "dsran_jax.main", *args], capture_output=True,
-                     text=True, env=env, cwd=REPO, timeout=900, check=False)
+                     text=True, env=subprocess_env(), cwd=REPO, timeout=900, check=False)
   assert r.returncode == 0, r.stderr[-4000:]
   results = json.loads((workdir / "eval_results.json").read_text())
   assert "rsum" in json.dumps(results)

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+from _xla_flags import subprocess_env
 
 from dsran_jax import extract
 from dsran_jax.data import global_feat, grid as grid_lib, raw
@@ -213,11 +214,8 @@ def test_errors_name_the_file_or_key(images_dir, ref, tmp_path):
 
 
 def _python(args, timeout=300):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             JAX_DISABLE_MOST_OPTIMIZATIONS="1")  # tiny shapes: compile time dominates
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable] + args, capture_output=True, text=True, env=env,
-                        cwd=ROOT, timeout=timeout, check=False)
+  return subprocess.run([sys.executable] + args, capture_output=True, text=True,
+                        env=subprocess_env(), cwd=ROOT, timeout=timeout, check=False)
 
 
 def test_cli_help_and_pth_weights(images_dir, ref, tmp_path):

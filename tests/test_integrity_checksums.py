@@ -61,7 +61,7 @@ def workdir(trained_workdir, tmp_path):
 
 
 def run_main(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "dsran_jax.main", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300, check=False)
 

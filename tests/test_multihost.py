@@ -21,6 +21,7 @@ import sys
 
 import numpy as np
 import pytest
+from _xla_flags import xla_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -38,7 +39,7 @@ def _free_port() -> int:
 def launch(workdir: str, stop_at: int = 0, timeout: float = TIMEOUT_S):
   """Runs the 2-process training on `workdir`; returns the processes' outputs."""
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(LOCAL_DEVICES),
              PYTHONPATH=os.pathsep.join([REPO, HERE, os.environ.get("PYTHONPATH", "")]))
   procs = [subprocess.Popen(
       [sys.executable, os.path.abspath(__file__), str(i), str(port), workdir, str(stop_at)],
@@ -122,7 +123,7 @@ def test_two_processes_match_one_process_and_read_disjoint_shards(
 
 @pytest.mark.slow
 def test_checkpoint_written_once_and_resumed_by_one_process(
-    two_process_run, trained_workdir, compile_cache):
+    two_process_run, trained_workdir, compile_cache):  # noqa: F811  (the fixture above)
   from dsran_jax import checkpointing
   from test_reliability_crash import run as run_one_process
   workdir, _ = two_process_run

@@ -2,6 +2,7 @@
 import os
 
 import pytest
+from _xla_flags import xla_flags
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -37,7 +38,7 @@ def test_notebooks_run_in_smoke_mode(tmp_path, monkeypatch, minilm_dir):
   # The second notebook restores what the first trained instead of training again.
   monkeypatch.setenv("DSRAN_WORKDIR", workdir)
   # One CPU device is enough for the kernel (the tests' 8 fake devices only slow it).
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", xla_flags())
 
   nb = execute("train_tpu.ipynb")
   assert not errors(nb)

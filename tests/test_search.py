@@ -24,7 +24,7 @@ def encoder(workdir):
 
 
 def run_cli(workdir, *args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run(
       [sys.executable, "-m", "dsran_jax.search", f"--workdir={workdir}", *args],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
