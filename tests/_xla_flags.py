@@ -14,6 +14,10 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL_XLA = os.environ.get("DSRAN_FULL_XLA") == "1"
 FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
+# `jax.jit(..., compiler_options=USER_COMPILE)`: one function compiled as a user's run
+# compiles it, inside the suite's settings.
+USER_COMPILE = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False,
+                "xla_cpu_use_fusion_emitters": True}
 # The probe's answer, inherited by every process of a session.
 _PROBED = "DSRAN_TESTS_FAST_COMPILE"
 
