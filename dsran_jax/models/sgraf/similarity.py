@@ -321,8 +321,12 @@ def _sparsify(a, k: int):
   """Keeps each row's entries >= its k-th largest (ties kept), renormalised."""
   if k <= 0 or k >= a.shape[-1]:
     return a
-  thr = jax.lax.stop_gradient(jax.lax.top_k(a, k)[0][..., -1:])
-  a = jnp.where(a >= thr, a, 0.0)
+  values, chosen = jax.lax.top_k(jax.lax.stop_gradient(a), k)
+  # The k entries top_k chose are kept whatever `a >= thr` says: XLA may compute `a` again
+  # for the comparison, rounded differently, and drop the k-th entry (HREM's threshold
+  # did under full optimisation, docs/models/hrem.md).
+  kept = jnp.any(chosen[..., None] == jnp.arange(a.shape[-1]), axis=-2)
+  a = jnp.where(kept | (a >= values[..., -1:]), a, 0.0)
   return a / jnp.maximum(jnp.sum(a, axis=-1, keepdims=True), 1e-30)
 
 
