@@ -42,8 +42,7 @@ def xla_flags(devices: int = 1) -> str:
   return " ".join(flags + ([FAST_COMPILE_FLAG] if fast_compile() else []))
 
 
-def subprocess_env(devices: int = 1, **extra) -> dict:
+def subprocess_env(devices: int = 1) -> dict:
   """The environment of a `python` subprocess that runs this checkout on `devices` CPU
-  devices (a user's run has one), with `extra` variables."""
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS=xla_flags(devices),
-              **extra)
+  devices (a user's run has one)."""
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS=xla_flags(devices))
