@@ -14,10 +14,6 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL_XLA = os.environ.get("DSRAN_FULL_XLA") == "1"
 FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
-# `jax.jit(..., compiler_options=USER_COMPILE)`: one function compiled as a user's run
-# compiles it, inside the suite's settings.
-USER_COMPILE = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False,
-                "xla_cpu_use_fusion_emitters": True}
 # The probe's answer, inherited by every process of a session.
 _PROBED = "DSRAN_TESTS_FAST_COMPILE"
 
@@ -40,6 +36,16 @@ def xla_flags(devices: int = 1) -> str:
   """XLA_FLAGS for a test process with `devices` CPU devices."""
   flags = [f"--xla_force_host_platform_device_count={devices}"] if devices > 1 else []
   return " ".join(flags + ([FAST_COMPILE_FLAG] if fast_compile() else []))
+
+
+def user_compile() -> dict:
+  """`jax.jit(..., compiler_options=user_compile())`: one function compiled as a user's
+  run compiles it, inside the suite's settings (the emitters' option only where the suite
+  changed them, i.e. where this jaxlib has it)."""
+  options = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
+  if fast_compile():
+    options["xla_cpu_use_fusion_emitters"] = True
+  return options
 
 
 def subprocess_env(devices: int = 1) -> dict:

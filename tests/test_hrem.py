@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from _vse_lineage import (IMG_DIM, NO_DROPOUT, TINY_BERT, bad_image_keys_named, bert_cli_scores,
                           images, random_ids)
-from _xla_flags import USER_COMPILE
+from _xla_flags import user_compile
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsran_jax import checkpointing, models, optim, train
@@ -132,7 +132,7 @@ def test_training_step_loss_equals_theirs(torch_ref, tmp_path, after_warmup, los
   graph = hrem_params.convert_objective(want["graph"], shapes)
   # Compiled as a user's run compiles it: XLA once fused their connection threshold into a
   # multiply-add there, and the loss moved 0.3 % (docs/models/hrem.md).
-  got = float(jax.jit(objective.loss, compiler_options=USER_COMPILE)(
+  got = float(jax.jit(objective.loss, compiler_options=user_compile())(
       graph, outputs, batch, jnp.int32(step), jax.random.key(1)))
   assert want["loss"] > 0.1
   np.testing.assert_allclose(got, want["loss"], rtol=1e-5, atol=TOL)
